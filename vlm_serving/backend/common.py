@@ -1,0 +1,43 @@
+"""Helpers shared by the Python-backend adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """The model config's `parameters`, each overridable by `VLM_<MODEL>_<KEY>` in the environment.
+
+    For example `VLM_QWEN2_5_VL_GENERATE_CHECKPOINT=/weights/qwen2.5-vl-7b` points
+    `qwen2_5_vl_generate` at real weights without editing the repository.
+    """
+    config = json.loads(args["model_config"])
+    values = {key: entry["string_value"] for key, entry in config.get("parameters", {}).items()}
+    prefix = f"VLM_{config['name'].upper()}_"
+    for key in values:
+        override = os.environ.get(prefix + key.upper())
+        if override:
+            values[key] = override
+    return values
+
+
+def optional_input(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def required_input(request, name: str) -> np.ndarray:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise ValueError(f"input {name} is required")
+    return tensor.as_numpy()
+
+
+def error_response(exc: Exception, code=None) -> "pb_utils.InferenceResponse":
+    """A per-request error, so one bad request never fails its batch-mates."""
+    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))

@@ -1,0 +1,107 @@
+"""Triton adapter for `vlm_serving.generation` (decoupled): a batch of requests in, responses out
+through each request's response sender, as text deltas (STREAM true) or one whole answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
+from vlm_serving.generation import BatchGenerator, GenerationRequest, RequestUpdate
+from vlm_serving.loading import load_model, load_tokenizer
+from vlm_serving.sampling import ParameterError, SamplingParams
+
+IMAGE_INPUTS = {"qwen2_5_vl": ("pixel_values", "image_grid_thw"), "pixtral": ("pixel_values", "image_sizes")}
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _scalar(request, name: str, default):
+    value = optional_input(request, name)
+    return default if value is None else value.reshape(-1)[0].item()
+
+
+def read_params(request) -> SamplingParams:
+    defaults = SamplingParams()
+    stop = optional_input(request, "STOP")
+    seed = _scalar(request, "SEED", None)
+    return SamplingParams(
+        max_tokens=int(_scalar(request, "MAX_TOKENS", defaults.max_tokens)),
+        temperature=float(_scalar(request, "TEMPERATURE", defaults.temperature)),
+        top_p=float(_scalar(request, "TOP_P", defaults.top_p)),
+        top_k=int(_scalar(request, "TOP_K", defaults.top_k)),
+        seed=None if seed is None else int(seed),
+        stop=() if stop is None else tuple(s.decode("utf-8") for s in stop.reshape(-1)),
+        repetition_penalty=float(_scalar(request, "REPETITION_PENALTY", defaults.repetition_penalty)),
+        stream=bool(_scalar(request, "STREAM", defaults.stream)),
+    )
+
+
+def to_response(update: RequestUpdate) -> "pb_utils.InferenceResponse":
+    tensors = {
+        "TEXT": np.array([[update.text.encode("utf-8")]], dtype=np.object_),
+        "TOKEN_IDS": np.array([update.token_ids], dtype=np.int64).reshape(1, -1),
+        "FINISH_REASON": np.array([[update.finish_reason.encode()]], dtype=np.object_),
+        "PROMPT_TOKENS": np.array([[update.prompt_tokens]], dtype=np.int32),
+        "COMPLETION_TOKENS": np.array([[update.completion_tokens]], dtype=np.int32),
+        "IMAGE_TOKENS": np.array([[update.image_tokens]], dtype=np.int32),
+        "CONFIDENCE": np.array([[update.confidence]], dtype=np.float32),
+    }
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(args)
+        self.family = parameters["family"]
+        device = "cpu"
+        if args["model_instance_kind"] == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.max_tokens_limit = int(parameters["max_tokens_limit"])
+        model = load_model(parameters["checkpoint"], parameters["quantization"], device)
+        self.generator = BatchGenerator(self.family, model, load_tokenizer(parameters["checkpoint"]), device)
+        self.logger = pb_utils.Logger
+
+    def _read(self, request) -> GenerationRequest:
+        input_ids = required_input(request, "INPUT_IDS").reshape(-1)
+        params = read_params(request)
+        params.validate(self.max_tokens_limit)
+        if len(input_ids) + params.max_tokens > self.generator.max_context:
+            raise ParameterError(
+                f"prompt of {len(input_ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
+                f"context of {self.generator.max_context} tokens; shorten the prompt or lower max_tokens"
+            )
+        image_tensors = {name: required_input(request, name.upper())[0] for name in IMAGE_INPUTS[self.family]}
+        return GenerationRequest(
+            input_ids=input_ids.astype(np.int64),
+            image_tensors=image_tensors,
+            image_tokens=int(_scalar(request, "IMAGE_TOKENS", 0)),
+            params=params,
+        )
+
+    def execute(self, requests):
+        accepted, senders = [], []
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                accepted.append(self._read(request))
+            except (ParameterError, ValueError) as exc:
+                sender.send(error_response(exc), flags=FINAL)
+                continue
+            senders.append((request, sender))
+        if not accepted:
+            return None
+        finished = set()
+
+        def on_update(index: int, update: RequestUpdate) -> None:
+            if update.finished:
+                finished.add(index)
+            senders[index][1].send(to_response(update), flags=FINAL if update.finished else 0)
+
+        try:
+            self.generator.generate(accepted, on_update, lambda index: senders[index][0].is_cancelled())
+        except Exception as exc:  # a failed batch must still close every request's stream
+            self.logger.log_error(f"{self.family} generation failed: {exc!r}")
+            for index, (_, sender) in enumerate(senders):
+                if index not in finished:
+                    sender.send(error_response(exc, pb_utils.TritonError.INTERNAL), flags=FINAL)
+        return None

@@ -1,0 +1,41 @@
+"""Triton adapter for `vlm_serving.preprocess`: IMAGES + MESSAGES in, model tensors out."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
+from vlm_serving.chat import MessageError
+from vlm_serving.images import ImageError, ImageLimits
+from vlm_serving.preprocess import load_preprocessor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(args)
+        limits = ImageLimits(
+            max_bytes=int(parameters["max_image_bytes"]), max_pixels=int(parameters["max_image_pixels"])
+        )
+        self.preprocessor = load_preprocessor(
+            parameters["family"], parameters["checkpoint"], limits=limits, max_images=int(parameters["max_images"])
+        )
+
+    def execute(self, requests):
+        return [self._preprocess(request) for request in requests]
+
+    def _preprocess(self, request):
+        try:
+            messages = required_input(request, "MESSAGES").reshape(-1)[0]
+            images = optional_input(request, "IMAGES")
+            encoded = [] if images is None else [bytes(image) for image in images.reshape(-1)]
+            result = self.preprocessor(encoded, messages)
+        except (ImageError, MessageError, ValueError) as exc:
+            return error_response(exc)
+        outputs = [pb_utils.Tensor("INPUT_IDS", result.input_ids[None])]
+        outputs += [
+            pb_utils.Tensor(name.upper(), np.ascontiguousarray(value)[None])
+            for name, value in result.image_tensors.items()
+        ]
+        outputs.append(pb_utils.Tensor("IMAGE_TOKENS", np.array([[result.image_tokens]], dtype=np.int32)))
+        return pb_utils.InferenceResponse(output_tensors=outputs)

@@ -1,0 +1,201 @@
+"""Render the model repository's `config.pbtxt` files for a deployment profile.
+
+    python -m vlm_serving.deploy.render --profile cpu
+    python -m vlm_serving.deploy.render --profile gpu --gpus 0,1 --quantization bnb-nf4
+
+One template per model role (`templates/{preprocess,generate,ensemble}.pbtxt`) is filled in for
+each family and profile, so the CPU and GPU repositories can never drift apart. The rendered
+files are build outputs (git-ignored) beside the committed `model.py` files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from string import Template
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+FAMILIES = ("qwen2_5_vl", "pixtral")
+
+# name, Triton type, dims
+IMAGE_TENSORS = {
+    "qwen2_5_vl": [("PIXEL_VALUES", "TYPE_FP32", "-1, -1"), ("IMAGE_GRID_THW", "TYPE_INT64", "-1, 3")],
+    "pixtral": [("PIXEL_VALUES", "TYPE_FP32", "-1, 3, -1, -1"), ("IMAGE_SIZES", "TYPE_INT64", "-1, 2")],
+}
+# Every generation parameter is optional; the defaults are `SamplingParams`'.
+GENERATION_PARAMETERS = [
+    ("MAX_TOKENS", "TYPE_INT32", "1"),
+    ("TEMPERATURE", "TYPE_FP32", "1"),
+    ("TOP_P", "TYPE_FP32", "1"),
+    ("TOP_K", "TYPE_INT32", "1"),
+    ("SEED", "TYPE_INT64", "1"),
+    ("STOP", "TYPE_STRING", "-1"),
+    ("REPETITION_PENALTY", "TYPE_FP32", "1"),
+    ("STREAM", "TYPE_BOOL", "1"),
+]
+RESPONSE_TENSORS = [
+    ("TEXT", "TYPE_STRING", "1"),
+    ("TOKEN_IDS", "TYPE_INT64", "-1"),
+    ("FINISH_REASON", "TYPE_STRING", "1"),
+    ("PROMPT_TOKENS", "TYPE_INT32", "1"),
+    ("COMPLETION_TOKENS", "TYPE_INT32", "1"),
+    ("IMAGE_TOKENS", "TYPE_INT32", "1"),
+    ("CONFIDENCE", "TYPE_FP32", "1"),
+]
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_delay_us: int
+    # Requests beyond this many waiting are refused at once (overload is an error, not a wait).
+    max_queue_size: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where and how many instances of each model run."""
+
+    name: str
+    kind: str  # KIND_CPU or KIND_GPU for the generation models
+    gpus: tuple[int, ...] = ()
+    preprocess_instances: int = 2
+    generate_instances: int = 1  # per GPU on the GPU profile
+    quantization: str = "none"
+    preprocess_batching: Batching = Batching(16, (4, 8, 16), 1000, 128)
+    generate_batching: Batching = Batching(8, (4, 8), 5000, 64)
+    checkpoints_dir: Path = field(default=REPO_ROOT / "build" / "models")
+    max_tokens_limit: int = 4096
+    max_images: int = 16
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+
+
+PROFILES = {
+    "cpu": Profile(name="cpu", kind="KIND_CPU"),
+    "gpu": Profile(
+        name="gpu",
+        kind="KIND_GPU",
+        gpus=(0,),
+        preprocess_instances=4,
+        generate_batching=Batching(32, (8, 16, 32), 5000, 256),
+    ),
+}
+
+
+def _tensors(tensors, optional: bool = False, ragged: bool = False) -> str:
+    blocks = []
+    for name, dtype, dims in tensors:
+        lines = [f'    name: "{name}"', f"    data_type: {dtype}", f"    dims: [ {dims} ]"]
+        if optional:
+            lines.append("    optional: true")
+        if ragged:
+            lines.append("    allow_ragged_batch: true")
+        blocks.append("  {\n" + "\n".join(lines) + "\n  }")
+    return ",\n".join(blocks)
+
+
+def _maps(kind: str, tensors, internal: bool) -> str:
+    prefix = "_" if internal else ""
+    return "\n".join(f'      {kind} {{ key: "{name}" value: "{prefix}{name}" }}' for name, _, _ in tensors)
+
+
+def _dynamic_batching(batching: Batching) -> str:
+    sizes = ", ".join(str(size) for size in batching.preferred_batch_sizes)
+    return (
+        "dynamic_batching {\n"
+        f"  preferred_batch_size: [ {sizes} ]\n"
+        f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n"
+        f"  default_queue_policy {{ max_queue_size: {batching.max_queue_size} }}\n"
+        "}"
+    )
+
+
+def _instance_group(count: int, kind: str, gpus: tuple[int, ...] = ()) -> str:
+    gpu_list = f" gpus: [ {', '.join(str(g) for g in gpus)} ]" if kind == "KIND_GPU" else ""
+    return f"instance_group [ {{ count: {count} kind: {kind}{gpu_list} }} ]"
+
+
+def render_family(family: str, profile: Profile) -> dict[str, str]:
+    """{model name: config.pbtxt text} for one family's three models."""
+    image_tensors = IMAGE_TENSORS[family]
+    checkpoint = str(profile.checkpoints_dir / family)
+    common = {"family": family, "checkpoint": checkpoint}
+    preprocess = Template((TEMPLATES / "preprocess.pbtxt").read_text()).substitute(
+        common,
+        name=f"{family}_preprocess",
+        max_batch_size=profile.preprocess_batching.max_batch_size,
+        image_tensors=_tensors(image_tensors) + ",",
+        max_images=profile.max_images,
+        max_image_bytes=profile.max_image_bytes,
+        max_image_pixels=profile.max_image_pixels,
+        dynamic_batching=_dynamic_batching(profile.preprocess_batching),
+        # Image decoding and tokenization are CPU work on every profile.
+        instance_group=_instance_group(profile.preprocess_instances, "KIND_CPU"),
+    )
+    generate = Template((TEMPLATES / "generate.pbtxt").read_text()).substitute(
+        common,
+        name=f"{family}_generate",
+        max_batch_size=profile.generate_batching.max_batch_size,
+        image_tensors=_tensors(image_tensors, ragged=True) + ",",
+        generation_parameters=_tensors(GENERATION_PARAMETERS, optional=True, ragged=True),
+        response_tensors=_tensors(RESPONSE_TENSORS),
+        quantization=profile.quantization,
+        max_tokens_limit=profile.max_tokens_limit,
+        dynamic_batching=_dynamic_batching(profile.generate_batching),
+        instance_group=_instance_group(profile.generate_instances, profile.kind, profile.gpus),
+    )
+    ensemble = Template((TEMPLATES / "ensemble.pbtxt").read_text()).substitute(
+        name=family,
+        # The ensemble can take no larger batch than its smallest step.
+        max_batch_size=min(profile.preprocess_batching.max_batch_size, profile.generate_batching.max_batch_size),
+        generation_parameters=_tensors(GENERATION_PARAMETERS, optional=True),
+        response_tensors=_tensors(RESPONSE_TENSORS),
+        image_output_map=_maps("output_map", image_tensors, internal=True),
+        image_input_map=_maps("input_map", image_tensors, internal=True),
+        parameter_input_map=_maps("input_map", GENERATION_PARAMETERS, internal=False),
+        response_output_map=_maps("output_map", RESPONSE_TENSORS, internal=False),
+    )
+    return {f"{family}_preprocess": preprocess, f"{family}_generate": generate, family: ensemble}
+
+
+def render_repository(repository: Path, profile: Profile) -> list[Path]:
+    written = []
+    for family in FAMILIES:
+        for model, text in render_family(family, profile).items():
+            path = repository / model / "config.pbtxt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render model_repository/*/config.pbtxt for a profile.")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
+    parser.add_argument("--checkpoints", type=Path, help="folder holding one checkpoint folder per family")
+    parser.add_argument("--gpus", help="comma-separated GPU ids for the gpu profile, e.g. 0,1")
+    parser.add_argument("--quantization", help="none, int8 (CPU), bnb-int8, bnb-nf4 or awq (GPU)")
+    parser.add_argument("--generate-instances", type=int, help="generation instances (per GPU on gpu)")
+    args = parser.parse_args(argv)
+    profile = PROFILES[args.profile]
+    if args.checkpoints:
+        profile = replace(profile, checkpoints_dir=args.checkpoints.resolve())
+    if args.gpus:
+        profile = replace(profile, gpus=tuple(int(g) for g in args.gpus.split(",")))
+    if args.quantization:
+        profile = replace(profile, quantization=args.quantization)
+    if args.generate_instances:
+        profile = replace(profile, generate_instances=args.generate_instances)
+    for path in render_repository(args.repository, profile):
+        print(f"rendered {path.relative_to(args.repository.parent) if path.is_relative_to(args.repository.parent) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Start, wait for and stop the real Triton Inference Server on the model repository.
+
+    python -m vlm_serving.deploy.triton_server run     # foreground, Ctrl-C stops it
+    python -m vlm_serving.deploy.triton_server up      # background; pid and log under build/
+    python -m vlm_serving.deploy.triton_server down
+
+On these machines the `tritonserver` binary comes from the `nvidia-pytriton` wheel; in production
+it is the one in NVIDIA's Triton container, on the same model repository. Three environment facts
+make the wheel's binary work (see README "How Triton runs here"): its bundled libraries and
+libpython on LD_LIBRARY_PATH, the Python-backend stub for this interpreter beside the backend
+library, and this virtualenv first on PATH so that the stub imports from its site-packages.
+The server runs in its own process group, so stopping it also ends every Python stub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD = REPO_ROOT / "build"
+
+
+class TritonError(RuntimeError):
+    pass
+
+
+@dataclass
+class TritonServer:
+    repository: Path = REPO_ROOT / "model_repository"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    address: str = "127.0.0.1"
+    model_control: str = "explicit"  # or "poll"
+    # Models to load at start in explicit mode; "*" is every model of the repository.
+    load_models: tuple[str, ...] = ("*",)
+    log_path: Path = BUILD / "triton.log"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.address}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.address}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        server, backends = locate_triton()
+        args = [
+            str(server),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.address}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.address}",
+            f"--metrics-port={self.metrics_port}",
+            f"--model-control-mode={self.model_control}",
+            "--strict-readiness=true",
+        ]
+        if self.model_control == "explicit":
+            args += [f"--load-model={name}" for name in self.load_models]
+        else:
+            args.append("--repository-poll-secs=2")
+        return args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = [str(site_packages() / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = ":".join(libs)
+        # The stub embeds Python and finds its prefix through `python3` on PATH: this venv's.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        # Bytecode written into a version folder looks like a change to the repository poller.
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TritonError(
+                    f"tritonserver exited with code {self.process.returncode} while loading; "
+                    f"the cause is at the end of {self.log_path}:\n{tail(self.log_path)}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        raise TritonError(f"tritonserver not ready after {timeout:.0f}s; see {self.log_path}:\n{tail(self.log_path)}")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.process is None:
+            return
+        stop_process_group(self.process.pid, timeout)
+        self.process.wait()
+        self.process = None
+
+
+def site_packages() -> Path:
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def locate_triton() -> tuple[Path, Path]:
+    """(tritonserver binary, backend directory holding a Python backend with this interpreter's stub)."""
+    root = site_packages() / "pytriton" / "tritonserver"
+    server = root / "bin" / "tritonserver"
+    if not server.is_file():
+        raise TritonError(f"no tritonserver at {server}: run `make setup` (installs nvidia-pytriton)")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonError(f"nvidia-pytriton ships no Python-backend stub for Python {version}")
+    backends = BUILD / "triton" / "backends"
+    python_backend = backends / "python"
+    python_backend.mkdir(parents=True, exist_ok=True)
+    for source in (root / "backends" / "python" / "libtriton_python.so",
+                   root / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        target = python_backend / source.name
+        if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+            shutil.copy2(source, target)
+    return server, backends
+
+
+def stop_process_group(pid: int, timeout: float = 60.0) -> None:
+    """SIGTERM the group (server and stubs), then SIGKILL whatever is left after `timeout`."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap the leader if it is our child, so the group can disappear
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+PID_FILE = BUILD / "triton.pid"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the Triton Inference Server on model_repository/.")
+    parser.add_argument("action", choices=["run", "up", "down"])
+    parser.add_argument("--model-control", choices=["explicit", "poll"], default="explicit")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    args = parser.parse_args(argv)
+    if args.action == "down":
+        if not PID_FILE.is_file():
+            print("triton: not running (no build/triton.pid)")
+            return 0
+        stop_process_group(int(PID_FILE.read_text()))
+        PID_FILE.unlink()
+        print("triton: stopped")
+        return 0
+    if PID_FILE.is_file():
+        try:
+            os.killpg(int(PID_FILE.read_text()), 0)
+            print(f"triton: already running (pid {PID_FILE.read_text().strip()}); `make down` stops it")
+            return 1
+        except ProcessLookupError:
+            PID_FILE.unlink()
+    server = TritonServer(model_control=args.model_control)
+    server.start()
+    PID_FILE.write_text(str(server.process.pid))
+    started = time.monotonic()
+    try:
+        server.wait_ready(args.timeout)
+    except (TritonError, KeyboardInterrupt) as exc:
+        server.stop()
+        PID_FILE.unlink(missing_ok=True)
+        print(f"triton: {exc}", file=sys.stderr)
+        return 1
+    print(f"triton: ready in {time.monotonic() - started:.1f}s (gRPC {server.grpc_url}, HTTP {server.http_url}, "
+          f"metrics {server.address}:{server.metrics_port}; log {server.log_path})")
+    print("try:  .venv/bin/python -m vlm_serving.ask --model qwen2_5_vl --image docs/example.png "
+          "'What is in this picture?' --stream")
+    if args.action == "up":
+        return 0
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        server.process.wait()
+        print(f"triton: exited with code {server.process.returncode}; see {server.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("triton: stopping")
+        server.stop()
+        return 0
+    finally:
+        PID_FILE.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Decode untrusted image bytes into RGB pictures, refusing bad input before any heavy work.
+
+The checks run in the order of their cost: empty data, then the magic bytes, then the header
+(format and pixel count, so a decompression bomb is refused before a single pixel is decoded),
+then the full decode (truncated or corrupt data). Every refusal is an `ImageError` whose message
+says what was wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+# A truncated file must fail, never decode as a half-grey picture.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Formats by magic bytes, checked before Pillow parses anything.
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+
+class ImageError(ValueError):
+    """An image that cannot be served; the message is meant for the caller."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds applied to every image before it is decoded."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    # Checked against the header's width x height before decoding (decompression-bomb guard).
+    max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 200.0
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format that `data` starts with, or None for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> Image.Image:
+    """Decode one encoded image into an upright RGB picture.
+
+    `index` only names the image in error messages ("image 2: ...").
+    """
+    where = f"image {index}"
+    if len(data) == 0:
+        raise ImageError(f"{where}: empty image data (0 bytes); send the encoded file's bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"{where}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageError(
+            f"{where}: not a supported image file (first bytes {data[:8]!r}); "
+            f"supported formats: {', '.join(SUPPORTED_FORMATS)}"
+        )
+    try:
+        # Image.open reads only the header: size and mode are known, no pixel is decoded yet.
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+    except Exception as exc:
+        raise ImageError(f"{where}: cannot read the {fmt} header ({exc})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{where}: {fmt} header gives an empty size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"{where}: {width}x{height} = {width * height} pixels is over the limit of "
+            f"{limits.max_pixels} pixels (decompression-bomb guard); downscale the image"
+        )
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise ImageError(
+            f"{where}: aspect ratio {width}x{height} is more extreme than "
+            f"{limits.max_aspect_ratio:g}:1; crop or pad the image"
+        )
+    try:
+        image.seek(0)  # first frame of an animated GIF or WebP
+        image.load()
+    except Exception as exc:
+        raise ImageError(f"{where}: truncated or corrupt {fmt} data ({exc})") from None
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited over white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) greyscale: keep the top 8 bits rather than clipping at 255.
+        values = np.asarray(image, dtype=np.uint32)
+        shift = 8 if mode.startswith("I;16") or values.max(initial=0) <= 0xFFFF else 24
+        grey = (values >> shift).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "F":
+        grey = np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    # Same rule as transformers' convert_to_rgb, so both give the same pixels.
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,231 @@
+"""Per-family preprocessing: encoded images + chat messages -> the tensors the model consumes.
+
+Each family reproduces its transformers processor exactly (same resize, same float32 arithmetic,
+same placeholder expansion), only faster: normalization is a per-channel lookup table on the uint8
+pixels, patchify is one transpose, and image placeholders are expanded in token ids rather than by
+tokenizing a string with thousands of repeated placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vlm_serving.chat import count_images, load_chat_template, parse_messages, render_prompt
+from vlm_serving.images import ImageError, ImageLimits, decode_image
+
+FAMILIES = ("qwen2_5_vl", "pixtral")
+
+
+@dataclass
+class PreprocessedRequest:
+    """What one request becomes: prompt token ids plus the family's image tensors."""
+
+    input_ids: np.ndarray  # int64 [prompt_len]
+    image_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    image_tokens: int = 0
+
+
+def normalization_table(rescale_factor: float, mean: list[float], std: list[float]) -> np.ndarray:
+    """float32 [3, 256]: the normalized value of every uint8 level per channel.
+
+    Computed with transformers' own arithmetic (rescale in float64, cast to float32, then
+    (x - mean) / std in float32), so a lookup gives bit-identical values.
+    """
+    levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    return (levels[None, :] - mean32) / std32
+
+
+def normalize_hwc(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [H, W, 3] through the per-channel table."""
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for channel in range(3):
+        out[..., channel] = table[channel][pixels[..., channel]]
+    return out
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, dict):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+class FamilyPreprocessor:
+    """Shared flow; subclasses define the image tensors and the placeholder expansion."""
+
+    family: str
+
+    def __init__(self, checkpoint_dir: str | Path, limits: ImageLimits = ImageLimits(), max_images: int = 16):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.limits = limits
+        self.max_images = max_images
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir, local_files_only=True)
+        self.chat_template = load_chat_template(self.tokenizer, self.checkpoint_dir)
+        self.image_processor = AutoImageProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)
+        processor = self.image_processor
+        self.table = normalization_table(processor.rescale_factor, processor.image_mean, processor.image_std)
+        processor_config = self.checkpoint_dir / "processor_config.json"
+        self.processor_config = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
+
+    def __call__(self, encoded_images: list[bytes], messages_json: bytes | str) -> PreprocessedRequest:
+        messages = parse_messages(messages_json)
+        expected = count_images(messages)
+        if expected != len(encoded_images):
+            raise ImageError(
+                f"messages hold {expected} image part(s) but {len(encoded_images)} image(s) were sent; "
+                "send one encoded image per {'type': 'image'} part, in order"
+            )
+        if len(encoded_images) > self.max_images:
+            raise ImageError(f"{len(encoded_images)} images is over the limit of {self.max_images} per request")
+        # Decode every image first: a bad one fails the request before any resize or tokenization.
+        pictures = [decode_image(data, self.limits, index=i) for i, data in enumerate(encoded_images)]
+        prompt = render_prompt(self.tokenizer, self.chat_template, messages)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self.build(pictures, np.asarray(ids, dtype=np.int64))
+
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
+        raise NotImplementedError
+
+    def _expand(self, prompt_ids: np.ndarray, placeholder_id: int, expansions: list[np.ndarray]) -> np.ndarray:
+        """Replace the k-th placeholder token by expansions[k]."""
+        positions = np.flatnonzero(prompt_ids == placeholder_id)
+        if len(positions) != len(expansions):
+            raise ImageError(
+                f"the chat template produced {len(positions)} image placeholder(s) for {len(expansions)} image(s)"
+            )
+        pieces, start = [], 0
+        for position, expansion in zip(positions, expansions):
+            pieces += [prompt_ids[start:position], expansion]
+            start = position + 1
+        pieces.append(prompt_ids[start:])
+        return np.concatenate(pieces).astype(np.int64)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: multiples of `factor`, pixel count within bounds, aspect kept."""
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
+    """Tensors: pixel_values float32 [patches, 3*T*p*p], image_grid_thw int64 [images, 3]."""
+
+    family = "qwen2_5_vl"
+
+    def __init__(self, checkpoint_dir: str | Path, **kwargs: Any):
+        super().__init__(checkpoint_dir, **kwargs)
+        processor = self.image_processor
+        self.patch = int(processor.patch_size)
+        self.merge = int(processor.merge_size)
+        self.temporal = int(processor.temporal_patch_size)
+        self.min_pixels = int(_get(processor.size, "shortest_edge"))
+        self.max_pixels = int(_get(processor.size, "longest_edge"))
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def patchify(self, picture: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        height, width = smart_resize(
+            picture.height, picture.width, self.patch * self.merge, self.min_pixels, self.max_pixels
+        )
+        resized = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC))
+        pixels = normalize_hwc(resized, self.table)
+        p, m = self.patch, self.merge
+        grid_h, grid_w = height // p, width // p
+        blocks = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, 3)
+        # -> [merge-block row, merge-block col, row in block, col in block, channel, py, px]
+        blocks = blocks.transpose(0, 3, 1, 4, 6, 2, 5)
+        # A still image fills every temporal slot of the patch with the same frame.
+        patches = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], self.temporal, p, p))
+        patches = patches.reshape(grid_h * grid_w, 3 * self.temporal * p * p)
+        return patches, np.array([1, grid_h, grid_w], dtype=np.int64)
+
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
+        patch_dim = 3 * self.temporal * self.patch * self.patch
+        results = [self.patchify(picture) for picture in pictures]
+        pixel_values = (
+            np.concatenate([patches for patches, _ in results])
+            if results
+            else np.zeros((0, patch_dim), dtype=np.float32)
+        )
+        grids = np.stack([grid for _, grid in results]) if results else np.zeros((0, 3), dtype=np.int64)
+        counts = [int(grid.prod()) // self.merge**2 for grid in grids]
+        expansions = [np.full(count, self.image_pad_id, dtype=np.int64) for count in counts]
+        return PreprocessedRequest(
+            input_ids=self._expand(prompt_ids, self.image_pad_id, expansions),
+            image_tensors={"pixel_values": pixel_values, "image_grid_thw": grids},
+            image_tokens=sum(counts),
+        )
+
+
+class PixtralPreprocessor(FamilyPreprocessor):
+    """Tensors: pixel_values float32 [images, 3, H, W] (zero-padded to the largest), image_sizes int64 [images, 2]."""
+
+    family = "pixtral"
+
+    def __init__(self, checkpoint_dir: str | Path, **kwargs: Any):
+        super().__init__(checkpoint_dir, **kwargs)
+        processor = self.image_processor
+        patch = processor.patch_size
+        self.patch = int(_get(patch, "height")) if not isinstance(patch, int) else patch
+        self.longest_edge = int(_get(processor.size, "longest_edge"))
+        self.merge = int(self.processor_config.get("spatial_merge_size", 1))
+        token = self.tokenizer.convert_tokens_to_ids
+        self.image_id = token(self.processor_config.get("image_token", "[IMG]"))
+        self.break_id = token(self.processor_config.get("image_break_token", "[IMG_BREAK]"))
+        self.end_id = token(self.processor_config.get("image_end_token", "[IMG_END]"))
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        ratio = max(height / self.longest_edge, width / self.longest_edge)
+        if ratio > 1:
+            height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))
+        return ((height - 1) // self.patch + 1) * self.patch, ((width - 1) // self.patch + 1) * self.patch
+
+    def placeholder_ids(self, height: int, width: int) -> np.ndarray:
+        rows, cols = height // (self.patch * self.merge), width // (self.patch * self.merge)
+        grid = np.full((rows, cols + 1), self.image_id, dtype=np.int64)
+        grid[:, -1] = self.break_id
+        grid[-1, -1] = self.end_id
+        return grid.reshape(-1)
+
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
+        sizes = [self.target_size(picture.height, picture.width) for picture in pictures]
+        max_h = max((h for h, _ in sizes), default=0)
+        max_w = max((w for _, w in sizes), default=0)
+        pixel_values = np.zeros((len(pictures), 3, max_h, max_w), dtype=np.float32)
+        for i, (picture, (height, width)) in enumerate(zip(pictures, sizes)):
+            resized = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC))
+            pixel_values[i, :, :height, :width] = normalize_hwc(resized, self.table).transpose(2, 0, 1)
+        expansions = [self.placeholder_ids(h, w) for h, w in sizes]
+        return PreprocessedRequest(
+            input_ids=self._expand(prompt_ids, self.image_id, expansions),
+            image_tensors={
+                "pixel_values": pixel_values,
+                "image_sizes": np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+            },
+            image_tokens=sum(len(expansion) for expansion in expansions),
+        )
+
+
+def load_preprocessor(family: str, checkpoint_dir: str | Path, **kwargs: Any) -> FamilyPreprocessor:
+    classes = {cls.family: cls for cls in (Qwen2_5_VLPreprocessor, PixtralPreprocessor)}
+    if family not in classes:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    return classes[family](checkpoint_dir, **kwargs)

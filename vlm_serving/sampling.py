@@ -1,0 +1,91 @@
+"""Per-request generation parameters, their bounds, and the text they turn tokens into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ParameterError(ValueError):
+    """A generation parameter out of bounds; the message names it and the bound."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. Defaults are the service's documented defaults."""
+
+    max_tokens: int = 64
+    # 0 means greedy decoding (and makes top_p, top_k and seed irrelevant).
+    temperature: float = 0.0
+    top_p: float = 1.0
+    # 0 means no top-k cut.
+    top_k: int = 0
+    # None draws a fresh seed; a fixed seed with the same inputs repeats the same sample.
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    repetition_penalty: float = 1.0
+    stream: bool = False
+
+    def validate(self, max_tokens_limit: int) -> None:
+        checks = [
+            (1 <= self.max_tokens <= max_tokens_limit, f"max_tokens must be in [1, {max_tokens_limit}]"),
+            (0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2] (0 = greedy)"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
+            (len(self.stop) <= 8, "at most 8 stop sequences"),
+            (all(0 < len(s) <= 64 for s in self.stop), "each stop sequence must be 1 to 64 characters"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ParameterError(f"{'; '.join(problems)} (got {self})")
+
+
+class TextAssembler:
+    """Turns one request's tokens into text deltas that are safe to send.
+
+    A delta is held back while the text ends in an incomplete UTF-8 sequence or in a prefix of
+    a stop sequence, so the joined deltas always equal the final text and a stop sequence is
+    never half-sent.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the new text that may be sent now (possibly empty)."""
+        self.token_ids.append(token_id)
+        self.text = self.tokenizer.decode(
+            self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self._emit(len(self.text))
+        if self.text.endswith("\ufffd"):
+            return ""
+        return self._emit(len(self.text) - self._held_suffix())
+
+    def flush(self) -> str:
+        """The rest of the text, at the end of generation."""
+        return self._emit(len(self.text))
+
+    def _held_suffix(self) -> int:
+        longest = 0
+        for s in self.stop:
+            for size in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _emit(self, end: int) -> str:
+        end = max(end, self.emitted)
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return delta

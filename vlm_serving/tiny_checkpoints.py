@@ -1,0 +1,260 @@
+"""Build tiny random-weight checkpoints of the real architectures, fully offline.
+
+    python -m vlm_serving.tiny_checkpoints build/models
+
+writes `build/models/qwen2_5_vl` (Qwen2_5_VLForConditionalGeneration) and `build/models/pixtral`
+(LlavaForConditionalGeneration with a Pixtral vision tower and a Mistral text model), each with its
+image processor, a byte-level BPE tokenizer trained here with `tokenizers`, and the family's chat
+template. They load through the same `from_pretrained(path, local_files_only=True)` code as real
+weights, so tests and the demo exercise the production path. Fixed seed: same files every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SEED = 1234
+
+# Enough text for a few hundred merges; the output of a random model is gibberish either way.
+_CORPUS = [
+    "A photo of a cat sitting on a red chair next to the window.",
+    "Describe the image in one sentence. What colour is the car?",
+    "The quick brown fox jumps over the lazy dog; 0123456789.",
+    "Vision language models answer questions about pictures, charts and documents.",
+    "There are three apples, two bananas and one orange on the wooden table.",
+    "Hello! How can I help you today? Please look at this picture carefully.",
+] * 20
+
+QWEN_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+PIXTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+# Qwen2-VL's chat template (as shipped with Qwen2.5-VL checkpoints).
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Pixtral's chat template ([INST] turns, one [IMG] placeholder per image).
+PIXTRAL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}{{- '[INST]' + system_message + '\\n\\n' }}"
+    "{%- else %}{{- '[INST]' }}{%- endif %}"
+    "{%- if message['content'] is not string %}{%- for chunk in message['content'] %}"
+    "{%- if chunk['type'] == 'text' %}{{- chunk['text'] }}{%- elif chunk['type'] == 'image' %}{{- '[IMG]' }}"
+    "{%- else %}{{- raise_exception('Unrecognized content type!') }}{%- endif %}{%- endfor %}"
+    "{%- else %}{{- message['content'] }}{%- endif %}{{- '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- if message['content'] is not string %}{%- for chunk in message['content'] %}"
+    "{{- chunk['text'] }}{%- endfor %}{%- else %}{{- message['content'] }}{%- endif %}{{- eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported after the system message') }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+def train_tokenizer(special_tokens: list[str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return tokenizer
+
+
+def _spread_init(model: torch.nn.Module) -> None:
+    """Re-draw weights with a wide spread so that different inputs give different tokens.
+
+    A default-initialized tiny model tends to emit one token forever, which would make
+    token-equality tests pass for the wrong reason.
+    """
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.35)
+            elif name.endswith("bias"):
+                parameter.zero_()
+
+
+def build_qwen2_5_vl(out: Path) -> None:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessorPil,
+    )
+
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=train_tokenizer(QWEN_SPECIAL),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=QWEN_SPECIAL[1:],
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            tie_word_embeddings=False,
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _spread_init(model)
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Small bounds keep a tiny image at a few dozen tokens; real checkpoints bring their own.
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64).save_pretrained(out)
+
+
+def build_pixtral(out: Path) -> None:
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+        PixtralImageProcessorPil,
+        PixtralVisionConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(PIXTRAL_SPECIAL),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=PIXTRAL_SPECIAL[4:],
+    )
+    tokenizer.chat_template = PIXTRAL_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlavaConfig(
+        vision_config=PixtralVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            head_dim=16,
+            image_size=128,
+            patch_size=16,
+        ),
+        text_config=MistralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=ids("<s>"),
+            eos_token_id=ids("</s>"),
+            pad_token_id=ids("<pad>"),
+        ),
+        image_token_index=ids("[IMG]"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        multimodal_projector_bias=True,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    model = LlavaForConditionalGeneration(config).eval()
+    _spread_init(model)
+    model.generation_config.bos_token_id = ids("<s>")
+    model.generation_config.eos_token_id = ids("</s>")
+    model.generation_config.pad_token_id = ids("<pad>")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    PixtralImageProcessorPil(size={"longest_edge": 128}, patch_size={"height": 16, "width": 16}).save_pretrained(out)
+
+
+BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "pixtral": build_pixtral}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write one checkpoint folder per family into")
+    parser.add_argument("--force", action="store_true", help="rebuild checkpoints that already exist")
+    args = parser.parse_args(argv)
+    for family, build in BUILDERS.items():
+        target = args.out_dir / family
+        if (target / "config.json").is_file() and not args.force:
+            print(f"{target}: exists (use --force to rebuild)")
+            continue
+        start = time.perf_counter()
+        target.mkdir(parents=True, exist_ok=True)
+        build(target)
+        print(f"{target}: built in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
