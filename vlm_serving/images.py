@@ -71,6 +71,10 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
     try:
         # Image.open reads only the header: size and mode are known, no pixel is decoded yet.
         image = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as exc:  # Pillow's own, looser guard tripped first
+        raise ImageError(
+            f"{where}: {exc}; the limit here is {limits.max_pixels} pixels (decompression-bomb guard)"
+        ) from None
     except Exception as exc:
         raise ImageError(f"{where}: cannot read the {fmt} header ({exc})") from None
     width, height = image.size

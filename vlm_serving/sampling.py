@@ -27,17 +27,20 @@ class SamplingParams:
 
     def validate(self, max_tokens_limit: int) -> None:
         checks = [
-            (1 <= self.max_tokens <= max_tokens_limit, f"max_tokens must be in [1, {max_tokens_limit}]"),
-            (0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2] (0 = greedy)"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
-            (len(self.stop) <= 8, "at most 8 stop sequences"),
+            (1 <= self.max_tokens <= max_tokens_limit, f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}]"),
+            (0.0 <= self.temperature <= 2.0, f"temperature={self.temperature:g} must be in [0, 2] (0 = greedy)"),
+            (0.0 < self.top_p <= 1.0, f"top_p={self.top_p:g} must be in (0, 1]"),
+            (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)"),
+            (
+                0.0 < self.repetition_penalty <= 2.0,
+                f"repetition_penalty={self.repetition_penalty:g} must be in (0, 2] (1 = off)",
+            ),
+            (len(self.stop) <= 8, f"{len(self.stop)} stop sequences is over the limit of 8"),
             (all(0 < len(s) <= 64 for s in self.stop), "each stop sequence must be 1 to 64 characters"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
-            raise ParameterError(f"{'; '.join(problems)} (got {self})")
+            raise ParameterError("; ".join(problems))
 
 
 class TextAssembler:

@@ -236,6 +236,17 @@ def build_pixtral(out: Path) -> None:
     PixtralImageProcessorPil(size={"longest_edge": 128}, patch_size={"height": 16, "width": 16}).save_pretrained(out)
 
 
+def write_example_image(path: Path) -> None:
+    """A small picture for the demo command (a sun over the sea)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (320, 240), (120, 180, 240))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 150, 320, 240), fill=(20, 70, 160))
+    draw.ellipse((120, 50, 200, 130), fill=(250, 200, 30))
+    image.save(path)
+
+
 BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "pixtral": build_pixtral}
 
 
@@ -253,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         target.mkdir(parents=True, exist_ok=True)
         build(target)
         print(f"{target}: built in {time.perf_counter() - start:.1f}s")
+    write_example_image(args.out_dir / "example.png")
     return 0
 
 

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"triton: ready in {time.monotonic() - started:.1f}s (gRPC {server.grpc_url}, HTTP {server.http_url}, "
           f"metrics {server.address}:{server.metrics_port}; log {server.log_path})")
-    print("try:  .venv/bin/python -m vlm_serving.ask --model qwen2_5_vl --image docs/example.png "
+    print("try:  .venv/bin/python -m vlm_serving.ask --model qwen2_5_vl --image build/models/example.png "
           "'What is in this picture?' --stream")
     if args.action == "up":
         return 0

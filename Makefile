@@ -1,0 +1,49 @@
+# Everything a newcomer needs: `make run` (serve the tiny models) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PROFILE ?= cpu
+TRITON_WHEEL := nvidia-pytriton==0.7.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup models configs up down run test test-unit test-integration clean
+
+setup: $(STAMP)
+
+# Re-run only when the pins change; `make setup` on an installed tree does nothing.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check -q -r requirements.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps $(TRITON_WHEEL)
+	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Tiny random-weight checkpoints of both architectures (build/models/<family>).
+models: setup
+	$(PY) -m vlm_serving.tiny_checkpoints build/models
+
+# model_repository/*/config.pbtxt for PROFILE=cpu|gpu (more options: python -m vlm_serving.deploy.render -h).
+configs: setup
+	$(PY) -m vlm_serving.deploy.render --profile $(PROFILE)
+
+run: models configs
+	$(PY) -m vlm_serving.deploy.triton_server run
+
+up: models configs
+	$(PY) -m vlm_serving.deploy.triton_server up
+
+down:
+	$(PY) -m vlm_serving.deploy.triton_server down
+
+test: models configs
+	$(PY) -m pytest -q
+
+test-unit: models
+	$(PY) -m pytest -q tests/unit
+
+test-integration: models configs
+	$(PY) -m pytest -q tests/integration
+
+clean:
+	rm -rf build model_repository/*/config.pbtxt

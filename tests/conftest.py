@@ -1,0 +1,39 @@
+"""Shared fixtures: the tiny checkpoints (built on first use) and test images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_serving import tiny_checkpoints
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("qwen2_5_vl", "pixtral")
+
+
+@pytest.fixture(scope="session")
+def checkpoints() -> Path:
+    """build/models with one tiny checkpoint per family (what `make models` writes)."""
+    directory = REPO_ROOT / "build" / "models"
+    tiny_checkpoints.main([str(directory)])
+    return directory
+
+
+def picture(width: int, height: int, seed: int = 0, mode: str = "RGB", noise: int = 40) -> Image.Image:
+    """A noisy picture with structure (gradients + noise), so resizing has real work to do."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
+    noisy = np.clip(base + rng.integers(-noise, noise + 1, base.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(noisy, "RGB")
+    return image if mode == "RGB" else image.convert(mode)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()

@@ -1,0 +1,123 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import encode, picture
+from vlm_serving.images import ImageError, ImageLimits, decode_image, sniff_format
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+def test_decodes_every_supported_format_to_rgb(fmt):
+    data = encode(picture(37, 23), fmt)
+    assert sniff_format(data) == fmt
+    image = decode_image(data)
+    assert image.mode == "RGB" and image.size == (37, 23)
+
+
+def test_png_pixels_are_exact():
+    source = picture(16, 9)
+    assert np.array_equal(np.asarray(decode_image(encode(source))), np.asarray(source))
+
+
+def test_gif_takes_the_first_frame():
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    buffer = io.BytesIO()
+    red.save(buffer, "GIF", save_all=True, append_images=[blue])
+    assert decode_image(buffer.getvalue()).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_exif_orientation_is_applied():
+    source = picture(40, 20, noise=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display turned 90 degrees clockwise
+    upright = decode_image(encode(source, "JPEG", exif=exif.tobytes(), quality=95))
+    assert upright.size == (20, 40)
+    pixels = np.asarray(upright, dtype=np.int16)
+    right = np.abs(pixels - np.asarray(source.transpose(Image.Transpose.ROTATE_270), dtype=np.int16)).mean()
+    wrong = np.abs(pixels - np.asarray(source.transpose(Image.Transpose.ROTATE_90), dtype=np.int16)).mean()
+    assert right < 6 and wrong > 4 * right  # JPEG loss only, and turned the right way
+
+
+def test_rgba_is_composited_over_white():
+    rgba = Image.new("RGBA", (2, 1))
+    rgba.putpixel((0, 0), (255, 0, 0, 0))  # fully transparent red -> white
+    rgba.putpixel((1, 0), (255, 0, 0, 128))  # half red over white
+    rgb = decode_image(encode(rgba))
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 0))[0] == 255 and 125 <= rgb.getpixel((1, 0))[1] <= 129
+
+
+def test_palette_with_transparency_uses_white():
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    rgb = decode_image(encode(palette, "PNG", transparency=0))
+    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (255, 0, 0)
+
+
+def test_cmyk_jpeg_converts_to_rgb():
+    rgb = decode_image(encode(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "JPEG"))
+    red, green, blue = rgb.getpixel((1, 1))
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_sixteen_bit_greyscale_keeps_the_high_byte():
+    values = np.array([[0, 0x8000, 0xFFFF]], dtype=np.uint16)
+    data = encode(Image.fromarray(values))
+    rgb = np.asarray(decode_image(data))
+    assert rgb[0, :, 0].tolist() == [0, 0x80, 0xFF] and rgb.shape == (1, 3, 3)
+
+
+def test_empty_data_is_refused():
+    with pytest.raises(ImageError, match="empty image data"):
+        decode_image(b"")
+
+
+def test_non_image_is_refused_naming_the_formats():
+    with pytest.raises(ImageError, match="not a supported image file.*JPEG, PNG, WEBP, GIF, BMP"):
+        decode_image(b"%PDF-1.7 this is a document")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_data_is_refused(fmt):
+    data = encode(picture(64, 64), fmt)
+    with pytest.raises(ImageError, match="truncated or corrupt|cannot read"):
+        decode_image(data[: len(data) // 2], index=3)
+
+
+def test_corrupt_header_is_refused():
+    with pytest.raises(ImageError, match="image 0: cannot read the PNG header"):
+        decode_image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge size, with one tiny IDAT: decoding it would explode."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    with pytest.raises(ImageError, match="image 0: .*3600000000 pixels.*decompression-bomb guard"):
+        decode_image(_png_header_only(60000, 60000))
+
+
+def test_pixel_limit_is_configurable():
+    with pytest.raises(ImageError, match="over the limit of 1000 pixels"):
+        decode_image(encode(picture(50, 50)), ImageLimits(max_pixels=1000))
+
+
+def test_byte_limit():
+    with pytest.raises(ImageError, match="bytes is over the limit of 100 bytes"):
+        decode_image(encode(picture(50, 50)), ImageLimits(max_bytes=100))
+
+
+def test_extreme_aspect_ratio_is_refused():
+    with pytest.raises(ImageError, match="aspect ratio"):
+        decode_image(encode(picture(1000, 2)))

@@ -1,0 +1,132 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from tests.conftest import FAMILIES, encode, picture
+from tests.reference import processor_inputs
+from vlm_serving.chat import MessageError
+from vlm_serving.images import ImageError
+from vlm_serving.preprocess import load_preprocessor
+
+# (width, height, mode, format): small (upscaled to the minimum), large (downscaled to the
+# maximum), odd sizes, extreme aspect, and every mode conversion.
+CASES = [
+    (200, 120, "RGB", "PNG"),
+    (13, 9, "RGB", "PNG"),
+    (1031, 617, "RGB", "PNG"),
+    (40, 700, "RGB", "PNG"),
+    (97, 64, "RGBA", "PNG"),
+    (64, 97, "L", "PNG"),
+    (120, 80, "P", "PNG"),
+    (150, 100, "RGB", "JPEG"),
+    (90, 90, "CMYK", "JPEG"),
+    (77, 51, "RGB", "WEBP"),
+]
+
+
+def user(images: int, text: str = "Describe the picture.") -> list:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, checkpoints):
+    return request.param, checkpoints / request.param, load_preprocessor(request.param, checkpoints / request.param)
+
+
+@pytest.mark.parametrize("width,height,mode,fmt", CASES)
+def test_single_image_tensors_equal_transformers(family, width, height, mode, fmt):
+    name, checkpoint, preprocessor = family
+    source = picture(width, height, seed=width, mode=mode)
+    data = encode(source, fmt)
+    ours = preprocessor([data], json.dumps(user(1)))
+    # transformers gets the same decoded file and does its own RGB conversion.
+    reference = processor_inputs(name, checkpoint, user(1), [Image.open(io.BytesIO(data))])
+    for key, value in ours.image_tensors.items():
+        assert value.shape == reference[key].shape, key
+        assert np.abs(value - reference[key]).max() <= 1e-5, key
+    assert np.array_equal(ours.input_ids, reference["input_ids"])
+
+
+def test_exif_rotated_image_equals_transformers_on_the_upright_picture(family):
+    name, checkpoint, preprocessor = family
+    source = picture(160, 90, seed=5)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    data = encode(source, "JPEG", exif=exif.tobytes(), quality=95)
+    ours = preprocessor([data], json.dumps(user(1)))
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    reference = processor_inputs(name, checkpoint, user(1), [upright])
+    for key, value in ours.image_tensors.items():
+        assert np.abs(value - reference[key]).max() <= 1e-5, key
+    assert np.array_equal(ours.input_ids, reference["input_ids"])
+
+
+def test_several_images_of_different_sizes_in_one_request(family):
+    name, checkpoint, preprocessor = family
+    sources = [picture(200, 120, seed=1), picture(64, 64, seed=2), picture(33, 180, seed=3)]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]},
+        {"role": "assistant", "content": "two pictures"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "compare all three"}]},
+    ]
+    ours = preprocessor([encode(s) for s in sources], json.dumps(messages))
+    reference = processor_inputs(name, checkpoint, messages, sources)
+    for key, value in ours.image_tensors.items():
+        assert value.shape == reference[key].shape, key
+        assert np.abs(value - reference[key]).max() <= 1e-5, key
+    assert np.array_equal(ours.input_ids, reference["input_ids"])
+    placeholders = {"qwen2_5_vl": ["<|image_pad|>"], "pixtral": ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]}[name]
+    ids = [preprocessor.tokenizer.convert_tokens_to_ids(token) for token in placeholders]
+    assert ours.image_tokens == int(np.isin(ours.input_ids, ids).sum()) > 0
+
+
+def test_text_only_request_has_empty_image_tensors(family):
+    name, checkpoint, preprocessor = family
+    messages = [{"role": "user", "content": "Hello there"}]
+    ours = preprocessor([], json.dumps(messages))
+    assert ours.image_tokens == 0 and ours.image_tensors["pixel_values"].shape[0] == 0
+    assert np.array_equal(ours.input_ids, processor_inputs(name, checkpoint, messages, [])["input_ids"])
+
+
+def test_image_count_must_match_image_parts(family):
+    _, _, preprocessor = family
+    with pytest.raises(ImageError, match="hold 2 image part\\(s\\) but 1 image\\(s\\) were sent"):
+        preprocessor([encode(picture(20, 20))], json.dumps(user(2)))
+
+
+def test_a_bad_image_is_named_by_its_position(family):
+    _, _, preprocessor = family
+    with pytest.raises(ImageError, match="image 1: empty image data"):
+        preprocessor([encode(picture(20, 20)), b""], json.dumps(user(2)))
+
+
+def test_too_many_images(checkpoints):
+    preprocessor = load_preprocessor("qwen2_5_vl", checkpoints / "qwen2_5_vl", max_images=2)
+    with pytest.raises(ImageError, match="3 images is over the limit of 2"):
+        preprocessor([encode(picture(20, 20))] * 3, json.dumps(user(3)))
+
+
+@pytest.mark.parametrize(
+    "messages,error",
+    [
+        (b"not json", "not valid UTF-8 JSON"),
+        (b"[]", "non-empty JSON list"),
+        (b'[{"role": "robot", "content": "x"}]', "'robot' is not one of"),
+        (b'[{"role": "user", "content": [{"type": "audio"}]}]', "messages\\[0\\].content\\[0\\]"),
+        (b'[{"role": "user"}]', "'role' and 'content'"),
+    ],
+)
+def test_bad_messages_are_refused(family, messages, error):
+    _, _, preprocessor = family
+    with pytest.raises(MessageError, match=error):
+        preprocessor([], messages)
+
+
+def test_pixtral_template_refuses_out_of_order_roles(checkpoints):
+    preprocessor = load_preprocessor("pixtral", checkpoints / "pixtral")
+    messages = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hello"}]
+    with pytest.raises(MessageError, match="chat template refused"):
+        preprocessor([], json.dumps(messages))

@@ -1,0 +1,113 @@
+"""Call a family's Triton ensemble through `tritonclient` (the gRPC stream API it needs).
+
+Used by the `ask` command, the tests and the benchmarks; the public gRPC gateway builds the same
+tensors. Messages follow `vlm_serving.chat`; images are encoded files, one per image part.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+_PARAMETER_TENSORS = {
+    "max_tokens": ("MAX_TOKENS", "INT32", np.int32),
+    "temperature": ("TEMPERATURE", "FP32", np.float32),
+    "top_p": ("TOP_P", "FP32", np.float32),
+    "top_k": ("TOP_K", "INT32", np.int32),
+    "seed": ("SEED", "INT64", np.int64),
+    "repetition_penalty": ("REPETITION_PENALTY", "FP32", np.float32),
+    "stream": ("STREAM", "BOOL", np.bool_),
+}
+
+
+@dataclass
+class EnsembleResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int = 0
+    confidence: float = 0.0
+    # The text of each response in arrival order (one when not streaming).
+    deltas: list[str] = field(default_factory=list)
+
+
+def user_message(prompt: str, image_count: int) -> list[dict[str, Any]]:
+    """One user turn: the images first, then the text."""
+    return [{"role": "user", "content": [{"type": "image"}] * image_count + [{"type": "text", "text": prompt}]}]
+
+
+def build_inputs(messages: list[dict[str, Any]], images: list[bytes], **params: Any) -> list[grpcclient.InferInput]:
+    def tensor(name: str, dtype: str, array: np.ndarray) -> grpcclient.InferInput:
+        item = grpcclient.InferInput(name, list(array.shape), dtype)
+        item.set_data_from_numpy(array)
+        return item
+
+    inputs = [tensor("MESSAGES", "BYTES", np.array([[json.dumps(messages).encode()]], dtype=np.object_))]
+    if images:
+        inputs.append(tensor("IMAGES", "BYTES", np.array([images], dtype=np.object_)))
+    stop = params.pop("stop", None)
+    if stop:
+        inputs.append(tensor("STOP", "BYTES", np.array([[s.encode() for s in stop]], dtype=np.object_)))
+    for key, value in params.items():
+        if value is None:
+            continue
+        name, dtype, numpy_type = _PARAMETER_TENSORS[key]
+        inputs.append(tensor(name, dtype, np.array([[value]], dtype=numpy_type)))
+    return inputs
+
+
+def _merge(result: EnsembleResult, response) -> bool:
+    """Fold one response into the result; True when it was the last."""
+    delta = response.as_numpy("TEXT").reshape(-1)[0].decode("utf-8")
+    result.deltas.append(delta)
+    result.text += delta
+    result.token_ids += response.as_numpy("TOKEN_IDS").reshape(-1).tolist()
+    final = response.get_response().parameters["triton_final_response"].bool_param
+    if final:
+        result.finish_reason = response.as_numpy("FINISH_REASON").reshape(-1)[0].decode()
+        result.prompt_tokens = int(response.as_numpy("PROMPT_TOKENS").reshape(-1)[0])
+        result.completion_tokens = int(response.as_numpy("COMPLETION_TOKENS").reshape(-1)[0])
+        result.image_tokens = int(response.as_numpy("IMAGE_TOKENS").reshape(-1)[0])
+        result.confidence = float(response.as_numpy("CONFIDENCE").reshape(-1)[0])
+    return final
+
+
+def generate(
+    url: str,
+    model: str,
+    messages: list[dict[str, Any]],
+    images: list[bytes] = (),
+    timeout: float = 120.0,
+    on_delta=None,
+    **params: Any,
+) -> EnsembleResult:
+    """One request on its own stream; raises `InferenceServerException` with Triton's error."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer(model, build_inputs(messages, list(images), **params), enable_empty_final_response=False)
+        result = EnsembleResult()
+        while True:
+            try:
+                response, error = responses.get(timeout=timeout)
+            except queue.Empty:
+                raise InferenceServerException(f"no response from {model} within {timeout:.0f}s") from None
+            if error is not None:
+                raise error
+            final = _merge(result, response)
+            if on_delta is not None and result.deltas[-1]:
+                on_delta(result.deltas[-1])
+            if final:
+                return result
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
