@@ -1,0 +1,148 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import FAMILIES, encode, picture
+from tests.reference import transformers_generate
+from vlm_serving.generation import BatchGenerator, GenerationRequest
+from vlm_serving.loading import load_model
+from vlm_serving.preprocess import load_preprocessor
+from vlm_serving.sampling import SamplingParams
+
+
+class Family:
+    def __init__(self, name, checkpoint):
+        self.name, self.checkpoint = name, checkpoint
+        self.preprocessor = load_preprocessor(name, checkpoint)
+        self.model = load_model(checkpoint)
+        self.generator = BatchGenerator(name, self.model, self.preprocessor.tokenizer)
+        self.eos = self.generator.eos_ids
+
+    def request(self, messages, pictures, **params) -> GenerationRequest:
+        pre = self.preprocessor([encode(p) for p in pictures], json.dumps(messages))
+        return GenerationRequest(pre.input_ids, pre.image_tensors, pre.image_tokens, SamplingParams(**params))
+
+    def run(self, requests, is_cancelled=lambda index: False):
+        updates = {}
+        self.generator.generate(requests, lambda i, u: updates.setdefault(i, []).append(u), is_cancelled)
+        return [updates[i] for i in range(len(requests))]
+
+    def until_eos(self, tokens):
+        for i, token in enumerate(tokens):
+            if token in self.eos:
+                return tokens[:i]
+        return tokens
+
+
+def ask(text, images=0):
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, checkpoints):
+    return Family(request.param, checkpoints / request.param)
+
+
+def test_batched_greedy_equals_plain_generate_per_request(family):
+    cases = [
+        (ask("What is in the picture?", 1), [picture(200, 120, seed=1)]),
+        (ask("Describe it.", 1), [picture(64, 64, seed=2)]),
+        (ask("Hello there, no picture"), []),
+        (ask("Compare these two images", 2), [picture(90, 140, seed=3), picture(120, 40, seed=4)]),
+    ]
+    outputs = family.run([family.request(m, p, max_tokens=12) for m, p in cases])
+    served = []
+    for (messages, pictures), updates in zip(cases, outputs):
+        assert len(updates) == 1 and updates[0].finished
+        expected = family.until_eos(transformers_generate(family.name, family.checkpoint, messages, pictures, 12))
+        assert updates[0].token_ids == expected
+        served.append(tuple(updates[0].token_ids))
+    assert len(set(served)) == len(served), "different inputs must give different tokens"
+
+
+def test_stream_deltas_join_to_the_unary_text(family):
+    messages, pictures = ask("What is in the picture?", 1), [picture(150, 100, seed=7)]
+    [unary] = family.run([family.request(messages, pictures, max_tokens=20)])
+    [stream] = family.run([family.request(messages, pictures, max_tokens=20, stream=True)])
+    assert len(stream) > 1 and stream[-1].finished and not any(u.finished for u in stream[:-1])
+    assert "".join(u.text for u in stream) == unary[0].text
+    assert sum((u.token_ids for u in stream), []) == unary[0].token_ids
+    assert stream[-1].completion_tokens == unary[0].completion_tokens == 20
+
+
+def test_each_request_keeps_its_own_max_tokens_and_usage(family):
+    requests = [family.request(ask("one", 1), [picture(64, 64)], max_tokens=n) for n in (3, 9, 5)]
+    outputs = family.run(requests)
+    for request, n, [final] in zip(requests, (3, 9, 5), outputs):
+        assert final.finish_reason == "length" and final.completion_tokens == n == len(final.token_ids)
+        assert final.prompt_tokens == len(request.input_ids) and final.image_tokens == request.image_tokens > 0
+
+
+def test_stop_sequence_ends_the_text_before_it(family):
+    messages = ask("Tell me a story")
+    [[full]] = family.run([family.request(messages, [], max_tokens=24)])
+    text = full.text
+    stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    [[stopped]] = family.run([family.request(messages, [], max_tokens=24, stop=(stop,))])
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(stop)]
+    assert stopped.completion_tokens < 24
+
+
+def test_seeded_sampling_repeats_and_greedy_neighbours_are_untouched(family):
+    pictures = [picture(100, 100, seed=9)]
+    messages = ask("Sample something", 1)
+    sampled = dict(max_tokens=16, temperature=1.0, top_p=0.95, top_k=100)
+    first = family.run([family.request(messages, pictures, seed=1, **sampled), family.request(messages, pictures, max_tokens=16)])
+    again = family.run([family.request(messages, pictures, seed=1, **sampled)])
+    other = family.run([family.request(messages, pictures, seed=2, **sampled)])
+    assert first[0][0].token_ids == again[0][0].token_ids
+    assert first[0][0].token_ids != other[0][0].token_ids
+    greedy = family.until_eos(transformers_generate(family.name, family.checkpoint, messages, pictures, 16))
+    assert first[1][0].token_ids == greedy
+    assert first[0][0].token_ids != greedy
+
+
+def test_repetition_penalty_matches_transformers(family):
+    messages = ask("Repeat repeat repeat")
+    [[penalized]] = family.run([family.request(messages, [], max_tokens=16, repetition_penalty=1.5)])
+    request = family.request(messages, [])
+    ids = torch.from_numpy(request.input_ids)[None]
+    with torch.inference_mode():
+        out = family.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, repetition_penalty=1.5
+        )
+    assert penalized.token_ids == family.until_eos(out[0, ids.shape[1] :].tolist())
+
+
+def test_confidence_is_the_mean_token_log_probability(family):
+    request = family.request(ask("How confident are you?"), [], max_tokens=8)
+    [[final]] = family.run([request])
+    sequence = torch.tensor([request.input_ids.tolist() + final.token_ids])
+    with torch.inference_mode():
+        logits = family.model(input_ids=sequence).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    start = len(request.input_ids) - 1
+    chosen = [logprobs[start + i, token].item() for i, token in enumerate(final.token_ids)]
+    assert final.confidence == pytest.approx(float(np.mean(chosen)), abs=1e-4)
+    assert final.confidence < 0
+
+
+def test_cancelled_request_finishes_early_and_its_neighbour_completes(family):
+    requests = [family.request(ask("long answer"), [], max_tokens=30, stream=True),
+                family.request(ask("keep going"), [], max_tokens=30)]
+    outputs = family.run(requests, is_cancelled=lambda index: index == 0)
+    assert outputs[0][-1].finish_reason == "cancelled" and outputs[0][-1].completion_tokens == 1
+    assert outputs[1][-1].finish_reason == "length" and outputs[1][-1].completion_tokens == 30
+
+
+def test_int8_model_quantizes_linear_layers_and_answers(family):
+    quantized = load_model(family.checkpoint, "int8")
+    modules = list(quantized.modules())
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in modules)
+    assert not any(type(m) is torch.nn.Linear for m in modules), "every nn.Linear is quantized"
+    generator = BatchGenerator(family.name, quantized, family.preprocessor.tokenizer)
+    updates = []
+    generator.generate([family.request(ask("int8?", 1), [picture(64, 64)], max_tokens=6)], lambda i, u: updates.append(u))
+    assert updates[-1].finished and updates[-1].completion_tokens == 6
