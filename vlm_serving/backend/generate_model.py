@@ -3,6 +3,8 @@ through each request's response sender, as text deltas (STREAM true) or one whol
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -57,9 +59,14 @@ class TritonPythonModel:
         if args["model_instance_kind"] == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
         self.max_tokens_limit = int(parameters["max_tokens_limit"])
+        self.logger = pb_utils.Logger
+        started = time.perf_counter()
         model = load_model(parameters["checkpoint"], parameters["quantization"], device)
         self.generator = BatchGenerator(self.family, model, load_tokenizer(parameters["checkpoint"]), device)
-        self.logger = pb_utils.Logger
+        self.logger.log_info(
+            f"{args['model_name']}: loaded {parameters['checkpoint']} quantization={parameters['quantization']} "
+            f"on {device} in {time.perf_counter() - started:.1f}s"
+        )
 
     def _read(self, request) -> GenerationRequest:
         input_ids = required_input(request, "INPUT_IDS").reshape(-1)

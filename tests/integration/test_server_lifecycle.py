@@ -1,0 +1,56 @@
+"""Starting Triton with environment overrides, and stopping it without leaving stub processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import encode, picture
+from tests.integration.conftest import make_repository, start_server
+from vlm_serving.ensemble_client import generate, user_message
+
+pytestmark = pytest.mark.integration
+
+
+def stub_processes(repository: Path) -> list[int]:
+    """Python-backend stubs still running for models of `repository`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "triton_python_backend_stub" in cmdline and str(repository) in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def test_int8_by_environment_override_answers_and_stop_leaves_no_stubs(tmp_path, checkpoints):
+    repository = make_repository(tmp_path / "model_repository", checkpoints)
+    server = start_server(
+        repository,
+        load_models=("qwen2_5_vl", "pixtral"),  # ensembles load their composing models
+        extra_env={
+            "VLM_QWEN2_5_VL_GENERATE_QUANTIZATION": "int8",
+            "VLM_PIXTRAL_GENERATE_QUANTIZATION": "int8",
+        },
+    )
+    try:
+        assert len(stub_processes(repository)) >= 4
+        for family in ("qwen2_5_vl", "pixtral"):
+            result = generate(server.grpc_url, family, user_message("int8?", 1), [encode(picture(96, 64))], max_tokens=8)
+            assert result.completion_tokens == 8 and result.token_ids
+        log = server.log_path.read_text()
+        assert "quantization=int8" in log
+    finally:
+        server.stop()
+    assert stub_processes(repository) == []
+
+
+def test_a_missing_checkpoint_fails_start_up_with_the_reason(tmp_path):
+    repository = make_repository(tmp_path / "model_repository", tmp_path / "no-weights")
+    with pytest.raises(RuntimeError, match="no checkpoint at .*make models"):
+        start_server(repository, load_models=("pixtral_generate",))
+    assert stub_processes(repository) == []
