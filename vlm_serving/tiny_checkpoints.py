@@ -78,6 +78,18 @@ PIXTRAL_CHAT_TEMPLATE = (
 )
 
 
+# Both text models: 2 layers, 64 wide, 4 query heads of 16 over 2 key/value heads, untied embeddings.
+TINY_TEXT_MODEL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
 def train_tokenizer(special_tokens: list[str], vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -129,15 +141,9 @@ def build_qwen2_5_vl(out: Path) -> None:
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(
+            **TINY_TEXT_MODEL,
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-            tie_word_embeddings=False,
             bos_token_id=ids("<|endoftext|>"),
             eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
@@ -205,15 +211,9 @@ def build_pixtral(out: Path) -> None:
             patch_size=16,
         ),
         text_config=MistralConfig(
+            **TINY_TEXT_MODEL,
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             head_dim=16,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
             bos_token_id=ids("<s>"),
             eos_token_id=ids("</s>"),
             pad_token_id=ids("<pad>"),

@@ -54,3 +54,33 @@ def test_a_missing_checkpoint_fails_start_up_with_the_reason(tmp_path):
     with pytest.raises(RuntimeError, match="no checkpoint at .*make models"):
         start_server(repository, load_models=("pixtral_generate",))
     assert stub_processes(repository) == []
+
+
+def test_overload_is_refused_at_once_not_queued_forever(tmp_path, checkpoints):
+    """With a queue of one, a burst gets some answers and clear refusals, and nothing hangs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tritonclient.utils import InferenceServerException
+
+    from vlm_serving.deploy.render import Batching
+
+    repository = make_repository(
+        tmp_path / "model_repository", checkpoints, generate_batching=Batching(1, (1,), 100, 1)
+    )
+    server = start_server(repository, load_models=("pixtral",))
+
+    def call(_):
+        try:
+            return generate(server.grpc_url, "pixtral", user_message("busy?", 0), [], max_tokens=48, timeout=60)
+        except InferenceServerException as exc:
+            return exc
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(call, range(12)))
+    finally:
+        server.stop()
+    refused = [r for r in results if isinstance(r, Exception)]
+    answered = [r for r in results if not isinstance(r, Exception)]
+    assert answered and all(r.completion_tokens == 48 for r in answered)
+    assert refused and all("Exceeds maximum queue size" in r.message() for r in refused)
