@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["run", "up", "down"])
     parser.add_argument("--model-control", choices=["explicit", "poll"], default="explicit")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
     args = parser.parse_args(argv)
     if args.action == "down":
         if not PID_FILE.is_file():
@@ -210,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         except ProcessLookupError:
             PID_FILE.unlink()
-    server = TritonServer(model_control=args.model_control)
+    server = TritonServer(
+        model_control=args.model_control,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+    )
     server.start()
     PID_FILE.write_text(str(server.process.pid))
     started = time.monotonic()
