@@ -7,9 +7,20 @@ PROFILE ?= cpu
 TRITON_WHEEL := nvidia-pytriton==0.7.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models configs up down run test test-unit test-integration clean
+GEN := build/gen/python
+PROTO := protos/vlm/v1/vlm.proto
 
-setup: $(STAMP)
+.PHONY: setup protos models configs up down run test test-unit test-integration clean
+
+setup: $(STAMP) protos
+
+# Python stubs of the public API (build outputs, never committed), importable as `vlm.v1`.
+protos: $(GEN)/vlm/v1/vlm_pb2_grpc.py
+
+$(GEN)/vlm/v1/vlm_pb2_grpc.py: $(PROTO) $(STAMP)
+	mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTO)
+	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'vlm-protos.pth').write_text(str(pathlib.Path('$(GEN)').resolve()) + '\n')"
 
 # Re-run only when the pins change; `make setup` on an installed tree does nothing.
 $(STAMP): requirements.txt pyproject.toml

@@ -27,6 +27,42 @@ _PARAMETER_TENSORS = {
 
 
 @dataclass
+class ResponseChunk:
+    """One response of an ensemble: a text delta, or the last one with usage."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int = 0
+    confidence: float = 0.0
+
+
+def parse_response(result) -> ResponseChunk:
+    """A tritonclient InferResult (sync or asyncio client) as a chunk."""
+    text = result.as_numpy("TEXT").reshape(-1)[0].decode("utf-8")
+    token_ids = result.as_numpy("TOKEN_IDS").reshape(-1).tolist()
+    if not result.get_response().parameters["triton_final_response"].bool_param:
+        return ResponseChunk(text=text, token_ids=token_ids, finished=False)
+
+    def scalar(name):
+        return result.as_numpy(name).reshape(-1)[0]
+
+    return ResponseChunk(
+        text=text,
+        token_ids=token_ids,
+        finished=True,
+        finish_reason=scalar("FINISH_REASON").decode(),
+        prompt_tokens=int(scalar("PROMPT_TOKENS")),
+        completion_tokens=int(scalar("COMPLETION_TOKENS")),
+        image_tokens=int(scalar("IMAGE_TOKENS")),
+        confidence=float(scalar("CONFIDENCE")),
+    )
+
+
+@dataclass
 class EnsembleResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -66,18 +102,17 @@ def build_inputs(messages: list[dict[str, Any]], images: list[bytes], **params: 
 
 def _merge(result: EnsembleResult, response) -> bool:
     """Fold one response into the result; True when it was the last."""
-    delta = response.as_numpy("TEXT").reshape(-1)[0].decode("utf-8")
-    result.deltas.append(delta)
-    result.text += delta
-    result.token_ids += response.as_numpy("TOKEN_IDS").reshape(-1).tolist()
-    final = response.get_response().parameters["triton_final_response"].bool_param
-    if final:
-        result.finish_reason = response.as_numpy("FINISH_REASON").reshape(-1)[0].decode()
-        result.prompt_tokens = int(response.as_numpy("PROMPT_TOKENS").reshape(-1)[0])
-        result.completion_tokens = int(response.as_numpy("COMPLETION_TOKENS").reshape(-1)[0])
-        result.image_tokens = int(response.as_numpy("IMAGE_TOKENS").reshape(-1)[0])
-        result.confidence = float(response.as_numpy("CONFIDENCE").reshape(-1)[0])
-    return final
+    chunk = parse_response(response)
+    result.deltas.append(chunk.text)
+    result.text += chunk.text
+    result.token_ids += chunk.token_ids
+    if chunk.finished:
+        result.finish_reason = chunk.finish_reason
+        result.prompt_tokens = chunk.prompt_tokens
+        result.completion_tokens = chunk.completion_tokens
+        result.image_tokens = chunk.image_tokens
+        result.confidence = chunk.confidence
+    return chunk.finished
 
 
 def generate(

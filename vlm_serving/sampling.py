@@ -25,22 +25,26 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stream: bool = False
 
-    def validate(self, max_tokens_limit: int) -> None:
+    def violations(self, max_tokens_limit: int) -> list[tuple[str, str]]:
+        """(field, what is wrong) for every parameter out of bounds."""
         checks = [
-            (1 <= self.max_tokens <= max_tokens_limit, f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}]"),
-            (0.0 <= self.temperature <= 2.0, f"temperature={self.temperature:g} must be in [0, 2] (0 = greedy)"),
-            (0.0 < self.top_p <= 1.0, f"top_p={self.top_p:g} must be in (0, 1]"),
-            (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)"),
-            (
-                0.0 < self.repetition_penalty <= 2.0,
-                f"repetition_penalty={self.repetition_penalty:g} must be in (0, 2] (1 = off)",
-            ),
-            (len(self.stop) <= 8, f"{len(self.stop)} stop sequences is over the limit of 8"),
-            (all(0 < len(s) <= 64 for s in self.stop), "each stop sequence must be 1 to 64 characters"),
+            ("max_tokens", 1 <= self.max_tokens <= max_tokens_limit,
+             f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}]"),
+            ("temperature", 0.0 <= self.temperature <= 2.0,
+             f"temperature={self.temperature:g} must be in [0, 2] (0 = greedy)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, f"top_p={self.top_p:g} must be in (0, 1]"),
+            ("top_k", 0 <= self.top_k <= 1000, f"top_k={self.top_k} must be in [0, 1000] (0 = off)"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 2.0,
+             f"repetition_penalty={self.repetition_penalty:g} must be in (0, 2] (1 = off)"),
+            ("stop", len(self.stop) <= 8, f"{len(self.stop)} stop sequences is over the limit of 8"),
+            ("stop", all(0 < len(s) <= 64 for s in self.stop), "each stop sequence must be 1 to 64 characters"),
         ]
-        problems = [message for ok, message in checks if not ok]
+        return [(name, message) for name, ok, message in checks if not ok]
+
+    def validate(self, max_tokens_limit: int) -> None:
+        problems = self.violations(max_tokens_limit)
         if problems:
-            raise ParameterError("; ".join(problems))
+            raise ParameterError("; ".join(message for _, message in problems))
 
 
 class TextAssembler:

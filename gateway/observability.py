@@ -1,0 +1,85 @@
+"""Prometheus metrics and JSON logs carrying the request id."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of its own (served on the metrics port)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "vlm_requests", "Finished RPCs by model, method and status code", ["model", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "vlm_request_latency_seconds", "RPC latency", ["model", "method"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "vlm_time_to_first_token_seconds", "Time to the first streamed text", ["model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.tokens = Counter("vlm_tokens", "Tokens by model and kind", ["model", "kind"], registry=self.registry)
+        self.in_flight = Gauge("vlm_requests_in_flight", "RPCs being served", ["model"], registry=self.registry)
+
+    @contextmanager
+    def track(self, model: str, method: str):
+        """Count the RPC, time it and keep it in flight; the caller sets `outcome["code"]`."""
+        outcome = {"code": grpc.StatusCode.OK}
+        start = time.perf_counter()
+        self.in_flight.labels(model).inc()
+        try:
+            yield outcome
+        except BaseException:
+            if outcome["code"] == grpc.StatusCode.OK:
+                outcome["code"] = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.in_flight.labels(model).dec()
+            self.latency.labels(model, method).observe(time.perf_counter() - start)
+            self.requests.labels(model, method, outcome["code"].name).inc()
+
+    def count_usage(self, model: str, prompt: int, completion: int, image: int) -> None:
+        self.tokens.labels(model, "prompt").inc(prompt)
+        self.tokens.labels(model, "completion").inc(completion)
+        self.tokens.labels(model, "image").inc(image)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,106 @@
+"""Wire the gateway: servicer, auth, health, reflection, metrics; run until stopped.
+
+    VLM_API_KEYS=dev-local-key python -m gateway
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from vlm.v1 import vlm_pb2, vlm_pb2_grpc
+
+from gateway.auth import AuthInterceptor
+from gateway.observability import Metrics, configure_logging
+from gateway.servicer import VisionLanguageServicer
+from gateway.settings import Settings
+from gateway.triton_backend import TritonBackend
+
+log = logging.getLogger("gateway")
+SERVICE_NAME = vlm_pb2.DESCRIPTOR.services_by_name["VisionLanguageService"].full_name
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    backend: TritonBackend
+    health: health.aio.HealthServicer
+    metrics: Metrics
+    metrics_http: object  # prometheus_client's HTTP server
+    health_watcher: asyncio.Task
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics_http.server_port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.health_watcher.cancel()
+        await self.server.stop(grace)
+        await self.backend.close()
+        self.metrics_http.shutdown()
+        self.metrics_http.server_close()
+
+
+async def watch_health(settings: Settings, backend: TritonBackend, servicer: health.aio.HealthServicer) -> None:
+    """SERVING only while Triton and every served model are ready; re-checked every few seconds."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    last = None
+    while True:
+        states = {}
+        server_ready = await backend.server_ready()
+        for name, ensemble in settings.models.items():
+            states[name] = server_ready and await backend.model_ready(ensemble)
+        overall = server_ready and all(states.values())
+        for name, ready in states.items():
+            await servicer.set(f"{SERVICE_NAME}/{name}", serving if ready else not_serving)
+        for service in ("", SERVICE_NAME):
+            await servicer.set(service, serving if overall else not_serving)
+        if (overall, states) != last:
+            log.info("health", extra={"fields": {"serving": overall, "models": states}})
+            last = (overall, states)
+        await asyncio.sleep(settings.health_poll_s)
+
+
+async def start(settings: Settings) -> Gateway:
+    backend = TritonBackend(settings.triton_url)
+    metrics = Metrics()
+    server = grpc.aio.server(interceptors=[AuthInterceptor(settings.api_keys)])
+    vlm_pb2_grpc.add_VisionLanguageServiceServicer_to_server(
+        VisionLanguageServicer(settings, backend, metrics), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.listen_address)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.listen_address}")
+    metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
+    await server.start()
+    watcher = asyncio.get_running_loop().create_task(watch_health(settings, backend, health_servicer))
+    log.info("listening", extra={"fields": {"address": settings.listen_address, "port": port,
+                                            "triton": settings.triton_url,
+                                            "metrics": f"{settings.metrics_address}:{metrics_server.server_port}"}})
+    return Gateway(server, port, backend, health_servicer, metrics, metrics_server, watcher)
+
+
+async def main() -> None:
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    gateway = await start(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping")
+    await gateway.stop()

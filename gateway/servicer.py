@@ -1,0 +1,125 @@
+"""`vlm.v1.VisionLanguageService`: validate, fetch allowlisted images, call the family's ensemble."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from tritonclient.utils import InferenceServerException
+from vlm.v1 import vlm_pb2, vlm_pb2_grpc
+
+from gateway import image_urls
+from gateway.errors import ApiError
+from gateway.observability import Metrics, request_id_var
+from gateway.settings import Settings
+from gateway.triton_backend import TritonBackend, to_api_error
+from gateway.validation import ValidatedRequest, validate
+
+log = logging.getLogger("gateway")
+
+FINISH_REASONS = {
+    "stop": vlm_pb2.FINISH_REASON_STOP,
+    "length": vlm_pb2.FINISH_REASON_LENGTH,
+    "cancelled": vlm_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
+    def __init__(self, settings: Settings, backend: TritonBackend, metrics: Metrics):
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+
+    async def Generate(self, request, context):
+        answer = vlm_pb2.GenerateResponse(model=request.model)
+        async for chunk, call in self._run(request, context, "Generate", stream=False):
+            answer.text += chunk.text
+            answer.request_id = call.request_id
+            if chunk.finished:
+                answer.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
+                answer.usage.CopyFrom(_usage(chunk))
+                answer.confidence = chunk.confidence
+        return answer
+
+    async def GenerateStream(self, request, context):
+        async for chunk, call in self._run(request, context, "GenerateStream", stream=True):
+            message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=request.model, request_id=call.request_id)
+            if chunk.finished:
+                message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
+                message.usage.CopyFrom(_usage(chunk))
+                message.confidence = chunk.confidence
+            yield message
+
+    async def ListModels(self, request, context):
+        try:
+            index = await self.backend.repository_index()
+        except InferenceServerException as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the inference server is unavailable ({exc.message()})")
+        response = vlm_pb2.ListModelsResponse()
+        for name, ensemble in sorted(self.settings.models.items()):
+            info = vlm_pb2.ModelInfo(name=name, family=ensemble)
+            # What serves is the generation model behind the ensemble; its versions are the model's.
+            for entry in index:
+                if entry.get("name") == f"{ensemble}_generate":
+                    info.versions.add(
+                        version=entry.get("version", ""), state=entry.get("state", ""), reason=entry.get("reason", "")
+                    )
+            info.ready = await self.backend.model_ready(ensemble)
+            if info.ready:
+                parameters = await self.backend.model_parameters(f"{ensemble}_generate")
+                info.quantization = parameters.get("quantization", "")
+            response.models.append(info)
+        return response
+
+    async def _run(self, request, context, method: str, stream: bool):
+        """Yield (chunk, validated call) for one request, with metrics, logs and error mapping."""
+        model = request.model if request.model in self.settings.models else "unknown"
+        with self.metrics.track(model, method) as outcome:
+            try:
+                call = validate(request, self.settings, stream)
+                request_id_var.set(call.request_id)
+                context.set_trailing_metadata((("x-request-id", call.request_id),))
+                async for item in self._generate(call, context):
+                    yield item, call
+            except ApiError as error:
+                outcome["code"] = error.code
+                log.info("request refused", extra={"fields": {"model": model, "method": method,
+                                                               "code": error.code.name, "error": error.message}})
+                await context.abort_with_status(error.to_status())
+
+    async def _generate(self, call: ValidatedRequest, context):
+        images = [await image_urls.fetch(source, self.settings) for source in call.images]
+        remaining = context.time_remaining()
+        timeout = min(remaining, self.settings.default_timeout_s) if remaining else self.settings.default_timeout_s
+        started, first = time.perf_counter(), None
+        log.info("request", extra={"fields": {"model": call.model, "images": len(images),
+                                              "max_tokens": call.params.max_tokens, "stream": call.params.stream}})
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in self.backend.generate(
+                    call.ensemble, call.messages, images, call.params, call.request_id, timeout
+                ):
+                    if first is None and chunk.text:
+                        first = time.perf_counter() - started
+                        self.metrics.first_token.labels(call.model).observe(first)
+                    if chunk.finished:
+                        self.metrics.count_usage(call.model, chunk.prompt_tokens, chunk.completion_tokens,
+                                                 chunk.image_tokens)
+                        log.info("done", extra={"fields": {
+                            "model": call.model, "finish_reason": chunk.finish_reason,
+                            "completion_tokens": chunk.completion_tokens,
+                            "latency_s": round(time.perf_counter() - started, 4)}})
+                    yield chunk
+        except TimeoutError:
+            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"no complete answer within the deadline of {timeout:.1f}s") from None
+        except InferenceServerException as exc:
+            raise to_api_error(exc, call.model, call.ensemble, [image.field for image in call.images]) from None
+
+
+def _usage(chunk) -> vlm_pb2.Usage:
+    return vlm_pb2.Usage(
+        prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens, image_tokens=chunk.image_tokens
+    )

@@ -1,0 +1,86 @@
+"""All gateway configuration in one typed object, read from the environment once at start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Gateway settings; `from_env` documents the variable behind each field."""
+
+    listen_address: str = "localhost:50051"
+    triton_url: str = "localhost:8001"
+    # Public model name -> Triton ensemble (named after its family).
+    models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral"})
+    api_keys: frozenset[str] = frozenset()
+    # Keys allowed to call admin RPCs (model loading); each must also be in api_keys.
+    admin_api_keys: frozenset[str] = frozenset()
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9090
+    max_images: int = 16
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_prompt_chars: int = 32_768
+    max_messages: int = 256
+    max_tokens_limit: int = 4096
+    image_url_allowlist: tuple[str, ...] = ()
+    image_url_timeout_s: float = 10.0
+    # Applied when the caller sets no deadline, so no request can hold capacity forever.
+    default_timeout_s: float = 300.0
+    health_poll_s: float = 2.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        defaults = cls()
+
+        def number(name: str, default, kind=int):
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+        models = defaults.models
+        if env.get("VLM_MODELS"):
+            pairs = [item.split("=", 1) for item in _list(env["VLM_MODELS"])]
+            if any(len(pair) != 2 or not all(pair) for pair in pairs):
+                raise SettingsError("VLM_MODELS must look like 'qwen2.5-vl=qwen2_5_vl,pixtral=pixtral'")
+            models = {name: ensemble for name, ensemble in pairs}
+        api_keys = frozenset(_list(env.get("VLM_API_KEYS", "")))
+        if not api_keys:
+            raise SettingsError("VLM_API_KEYS is empty: set at least one API key (e.g. VLM_API_KEYS=dev-local-key)")
+        admin_keys = frozenset(_list(env.get("VLM_ADMIN_API_KEYS", "")))
+        return cls(
+            listen_address=env.get("VLM_LISTEN_ADDRESS", defaults.listen_address),
+            triton_url=env.get("VLM_TRITON_URL", defaults.triton_url),
+            models=models,
+            api_keys=api_keys | admin_keys,
+            admin_api_keys=admin_keys,
+            metrics_address=env.get("VLM_METRICS_ADDRESS", defaults.metrics_address),
+            metrics_port=number("VLM_METRICS_PORT", defaults.metrics_port),
+            max_images=number("VLM_MAX_IMAGES", defaults.max_images),
+            max_image_bytes=number("VLM_MAX_IMAGE_BYTES", defaults.max_image_bytes),
+            max_prompt_chars=number("VLM_MAX_PROMPT_CHARS", defaults.max_prompt_chars),
+            max_tokens_limit=number("VLM_MAX_TOKENS_LIMIT", defaults.max_tokens_limit),
+            image_url_allowlist=_list(env.get("VLM_IMAGE_URL_ALLOWLIST", "")),
+            image_url_timeout_s=number("VLM_IMAGE_URL_TIMEOUT_S", defaults.image_url_timeout_s, float),
+            default_timeout_s=number("VLM_DEFAULT_TIMEOUT_S", defaults.default_timeout_s, float),
+            health_poll_s=number("VLM_HEALTH_POLL_S", defaults.health_poll_s, float),
+            log_level=env.get("VLM_LOG_LEVEL", defaults.log_level),
+        )
+
+    def family_of(self, model: str) -> str:
+        return self.models[model]

@@ -1,0 +1,115 @@
+"""The gateway's only contact with Triton: ensemble calls on the gRPC stream API, model state.
+
+Triton's errors become `ApiError`s with the status code a caller can act on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import grpc
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from gateway.errors import ApiError, invalid_argument
+from vlm_serving.ensemble_client import ResponseChunk, build_inputs, parse_response
+from vlm_serving.sampling import SamplingParams
+
+_IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
+# Errors the preprocessing and generation models raise for bad input (see vlm_serving).
+_CALLER_ERRORS = ("messages", "must be in", "stop sequence", "exceeds the model's context", "image part")
+
+
+def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image_fields: list[str]) -> ApiError:
+    message = exc.message() or str(exc)
+    status = str(exc.status() or "")
+    text = message.split(f"in ensemble '{ensemble}', ", 1)[-1]
+    if "UNAVAILABLE" in status or "failed to connect" in message or "Connection refused" in message:
+        return ApiError(grpc.StatusCode.UNAVAILABLE, f"the inference server is unavailable ({message}); retry with backoff")
+    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in message or "stream timeout" in message.lower():
+        return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer was complete")
+    if "Exceeds maximum queue size" in message:
+        return ApiError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {model!r} is at capacity (queue full); retry with backoff"
+        )
+    if "unknown model" in message or "is not ready" in message or "not found" in message or "unavailable" in message:
+        return ApiError(grpc.StatusCode.UNAVAILABLE, f"model {model!r} is not ready on the inference server ({text})")
+    image = _IMAGE_ERROR.match(text)
+    if image and int(image.group(1)) < len(image_fields):
+        return invalid_argument([(image_fields[int(image.group(1))], image.group(2))])
+    if any(marker in text for marker in _CALLER_ERRORS):
+        return invalid_argument([("messages", text)])
+    return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text}")
+
+
+class TritonBackend:
+    def __init__(self, url: str):
+        self.url = url
+        self.client = triton_aio.InferenceServerClient(url)
+
+    async def generate(
+        self,
+        ensemble: str,
+        messages: list[dict],
+        images: list[bytes],
+        params: SamplingParams,
+        request_id: str,
+        timeout_s: float,
+    ) -> AsyncIterator[ResponseChunk]:
+        """The ensemble's responses as chunks; cancelling the consumer cancels the Triton stream.
+
+        Raises InferenceServerException for Triton's errors (see `to_api_error`).
+        """
+        inputs = build_inputs(
+            messages,
+            images,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=list(params.stop),
+            repetition_penalty=params.repetition_penalty,
+            stream=params.stream,
+        )
+
+        async def one_request():
+            yield {"model_name": ensemble, "inputs": inputs, "request_id": request_id,
+                   "enable_empty_final_response": False}
+
+        responses = self.client.stream_infer(inputs_iterator=one_request(), stream_timeout=timeout_s)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise error
+                chunk = parse_response(result)
+                yield chunk
+                if chunk.finished:
+                    return
+        finally:
+            responses.cancel()
+
+    async def server_ready(self) -> bool:
+        try:
+            return await self.client.is_server_ready()
+        except InferenceServerException:
+            return False
+
+    async def model_ready(self, name: str) -> bool:
+        try:
+            return await self.client.is_model_ready(name)
+        except InferenceServerException:
+            return False
+
+    async def repository_index(self) -> list[dict]:
+        index = await self.client.get_model_repository_index(as_json=True)
+        return index.get("models", [])
+
+    async def model_parameters(self, name: str) -> dict[str, str]:
+        config = (await self.client.get_model_config(name, as_json=True))["config"]
+        return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+    async def close(self) -> None:
+        await self.client.close()
+

@@ -1,0 +1,155 @@
+"""Check a GenerateRequest before Triton is called; every problem becomes a named field violation."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import grpc
+
+from gateway.errors import ApiError, invalid_argument
+from gateway.settings import Settings
+from vlm_serving.images import SUPPORTED_FORMATS, sniff_format
+from vlm_serving.sampling import SamplingParams
+
+ROLES = ("system", "user", "assistant")
+_REQUEST_ID = re.compile(r"^[\w.:/-]{1,128}$")
+
+
+@dataclass
+class ImageSource:
+    """One image of the request: its bytes, or a URL still to fetch; `field` names it for errors."""
+
+    field: str
+    data: bytes | None = None
+    url: str | None = None
+
+
+@dataclass
+class ValidatedRequest:
+    model: str
+    ensemble: str
+    request_id: str
+    # Chat messages as the preprocessor takes them ({"type": "image"} parts in image order).
+    messages: list[dict] = field(default_factory=list)
+    images: list[ImageSource] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+def sampling_params(config, stream: bool) -> SamplingParams:
+    """The proto's config with zero values replaced by the documented defaults."""
+    defaults = SamplingParams()
+    return SamplingParams(
+        max_tokens=config.max_tokens or defaults.max_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p or defaults.top_p,
+        top_k=config.top_k,
+        seed=config.seed if config.HasField("seed") else None,
+        stop=tuple(config.stop),
+        repetition_penalty=config.repetition_penalty or defaults.repetition_penalty,
+        stream=stream,
+    )
+
+
+def check_image_url(url: str, settings: Settings) -> str | None:
+    """Why `url` may not be fetched, or None when it may."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return f"only http(s) image URLs are fetched, got scheme {parts.scheme!r}"
+    if parts.username or parts.password:
+        return "image URLs may not carry credentials"
+    host = parts.hostname or ""
+    allowed = {entry.lower() for entry in settings.image_url_allowlist}
+    if host.lower() not in allowed and (parts.netloc.lower() not in allowed):
+        return (
+            f"host {host!r} is not on this service's image URL allowlist "
+            f"({', '.join(sorted(allowed)) or 'empty'}); send the image bytes in image.data instead"
+        )
+    return None
+
+
+def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
+    if not request.model:
+        raise invalid_argument([("model", f"required; one of {', '.join(sorted(settings.models))}")])
+    if request.model not in settings.models:
+        raise ApiError(
+            grpc.StatusCode.NOT_FOUND,
+            f"model {request.model!r} is not served here; available: {', '.join(sorted(settings.models))}",
+        )
+    violations: list[tuple[str, str]] = []
+    if request.request_id and not _REQUEST_ID.match(request.request_id):
+        violations.append(("request_id", "1 to 128 characters of letters, digits and _.:/-"))
+    if not request.messages:
+        violations.append(("messages", "at least one message is required"))
+    if len(request.messages) > settings.max_messages:
+        violations.append(("messages", f"{len(request.messages)} messages is over the limit of {settings.max_messages}"))
+    messages, images, text_chars = [], [], 0
+    for i, message in enumerate(request.messages):
+        where = f"messages[{i}]"
+        if message.role not in ROLES:
+            violations.append((f"{where}.role", f"{message.role!r} is not one of {', '.join(ROLES)}"))
+        if not message.parts:
+            violations.append((f"{where}.parts", "at least one part (text or image) is required"))
+        content = []
+        for j, part in enumerate(message.parts):
+            path = f"{where}.parts[{j}]"
+            kind = part.WhichOneof("kind")
+            if kind == "text":
+                text_chars += len(part.text)
+                content.append({"type": "text", "text": part.text})
+            elif kind == "image":
+                source = image_source(part.image, f"{path}.image", settings, violations)
+                if source is not None:
+                    images.append(source)
+                content.append({"type": "image"})
+            else:
+                violations.append((path, "set either text or image"))
+        messages.append({"role": message.role, "content": content})
+    if text_chars > settings.max_prompt_chars:
+        violations.append(("messages", f"{text_chars} characters of text is over the limit of {settings.max_prompt_chars}"))
+    image_parts = sum(1 for m in messages for c in m["content"] if c["type"] == "image")
+    if image_parts > settings.max_images:
+        violations.append(("messages", f"{image_parts} images is over the limit of {settings.max_images} per request"))
+    params = sampling_params(request.config, stream)
+    violations += [(f"config.{name}", message) for name, message in params.violations(settings.max_tokens_limit)]
+    if violations:
+        raise invalid_argument(violations)
+    return ValidatedRequest(
+        model=request.model,
+        ensemble=settings.models[request.model],
+        request_id=request.request_id or uuid.uuid4().hex,
+        messages=messages,
+        images=images,
+        params=params,
+    )
+
+
+def check_image_bytes(data: bytes, settings: Settings) -> str | None:
+    """Why these bytes cannot be an image here, or None (full decoding happens in Triton)."""
+    if not data:
+        return "empty image data; send the encoded file's bytes"
+    if len(data) > settings.max_image_bytes:
+        return f"{len(data)} bytes is over the limit of {settings.max_image_bytes} bytes"
+    if sniff_format(data) is None:
+        return f"not a supported image file (first bytes {data[:8]!r}); supported: {', '.join(SUPPORTED_FORMATS)}"
+    return None
+
+
+def image_source(image, path: str, settings: Settings, violations: list) -> ImageSource | None:
+    source = image.WhichOneof("source")
+    if source == "data":
+        problem = check_image_bytes(image.data, settings)
+        if problem:
+            violations.append((f"{path}.data", problem))
+            return None
+        return ImageSource(field=f"{path}.data", data=image.data)
+    if source == "url":
+        problem = check_image_url(image.url, settings)
+        if problem:
+            violations.append((f"{path}.url", problem))
+            return None
+        return ImageSource(field=f"{path}.url", url=image.url)
+    violations.append((path, "set either data or url"))
+    return None
