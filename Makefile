@@ -39,13 +39,13 @@ configs: setup
 	$(PY) -m vlm_serving.deploy.render --profile $(PROFILE)
 
 run: models configs
-	$(PY) -m vlm_serving.deploy.triton_server run
+	$(PY) -m vlm_serving.deploy.stack run
 
 up: models configs
-	$(PY) -m vlm_serving.deploy.triton_server up
+	$(PY) -m vlm_serving.deploy.stack up
 
 down:
-	$(PY) -m vlm_serving.deploy.triton_server down
+	$(PY) -m vlm_serving.deploy.stack down
 
 test: models configs
 	$(PY) -m pytest -q

@@ -5,17 +5,22 @@ Triton's errors become `ApiError`s with the status code a caller can act on.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 import tritonclient.grpc.aio as triton_aio
+import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import ApiError, invalid_argument
 from vlm_serving.ensemble_client import ResponseChunk, build_inputs, parse_response
 from vlm_serving.sampling import SamplingParams
 
+log = logging.getLogger("gateway")
 _IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
 # Errors the preprocessing and generation models raise for bad input (see vlm_serving).
 _CALLER_ERRORS = ("messages", "must be in", "stop sequence", "exceeds the model's context", "image part")
@@ -47,6 +52,7 @@ class TritonBackend:
     def __init__(self, url: str):
         self.url = url
         self.client = triton_aio.InferenceServerClient(url)
+        self._pending: set[asyncio.Task] = set()
 
     async def generate(
         self,
@@ -57,10 +63,14 @@ class TritonBackend:
         request_id: str,
         timeout_s: float,
     ) -> AsyncIterator[ResponseChunk]:
-        """The ensemble's responses as chunks; cancelling the consumer cancels the Triton stream.
+        """The ensemble's responses as chunks.
 
+        A consumer that stops early (client cancel, deadline) cancels the Triton stream and puts
+        the request on the cancellation board, which frees its row in the running batch.
         Raises InferenceServerException for Triton's errors (see `to_api_error`).
         """
+        # Triton-side id: unique per call, so no caller can name (and cancel) another's request.
+        triton_id = f"{request_id}.{uuid.uuid4().hex}"
         inputs = build_inputs(
             messages,
             images,
@@ -72,6 +82,7 @@ class TritonBackend:
             stop=list(params.stop),
             repetition_penalty=params.repetition_penalty,
             stream=params.stream,
+            request_id=triton_id,
         )
 
         async def one_request():
@@ -79,16 +90,32 @@ class TritonBackend:
                    "enable_empty_final_response": False}
 
         responses = self.client.stream_infer(inputs_iterator=one_request(), stream_timeout=timeout_s)
+        finished = False
         try:
             async for result, error in responses:
                 if error is not None:
+                    finished = True  # Triton ended the request itself
                     raise error
                 chunk = parse_response(result)
+                finished = chunk.finished
                 yield chunk
-                if chunk.finished:
+                if finished:
                     return
         finally:
             responses.cancel()
+            if not finished:
+                # Not awaited: the caller is gone; the board write must not hold up the cancellation.
+                task = asyncio.get_running_loop().create_task(self.cancel(triton_id))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+
+    async def cancel(self, triton_id: str) -> None:
+        ids = triton_aio.InferInput("REQUEST_IDS", [1], "BYTES")
+        ids.set_data_from_numpy(np.array([triton_id.encode()], dtype=np.object_))
+        try:
+            await self.client.infer("cancel", [ids], client_timeout=5.0)
+        except InferenceServerException as exc:
+            log.warning("could not cancel in Triton", extra={"fields": {"triton_id": triton_id, "error": exc.message()}})
 
     async def server_ready(self) -> bool:
         try:

@@ -24,6 +24,7 @@ _PARAMETER_TENSORS = {
     "repetition_penalty": ("REPETITION_PENALTY", "FP32", np.float32),
     "stream": ("STREAM", "BOOL", np.bool_),
 }
+_STRING_TENSORS = {"request_id": "REQUEST_ID"}
 
 
 @dataclass
@@ -94,6 +95,9 @@ def build_inputs(messages: list[dict[str, Any]], images: list[bytes], **params: 
         inputs.append(tensor("STOP", "BYTES", np.array([[s.encode() for s in stop]], dtype=np.object_)))
     for key, value in params.items():
         if value is None:
+            continue
+        if key in _STRING_TENSORS:
+            inputs.append(tensor(_STRING_TENSORS[key], "BYTES", np.array([[value.encode()]], dtype=np.object_)))
             continue
         name, dtype, numpy_type = _PARAMETER_TENSORS[key]
         inputs.append(tensor(name, dtype, np.array([[value]], dtype=numpy_type)))

@@ -9,6 +9,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
+from vlm_serving.cancellation import CancellationBoard
 from vlm_serving.generation import BatchGenerator, GenerationRequest, RequestUpdate
 from vlm_serving.loading import load_model, load_tokenizer
 from vlm_serving.sampling import ParameterError, SamplingParams
@@ -60,6 +61,7 @@ class TritonPythonModel:
             device = f"cuda:{args['model_instance_device_id']}"
         self.max_tokens_limit = int(parameters["max_tokens_limit"])
         self.logger = pb_utils.Logger
+        self.cancellations = CancellationBoard()
         started = time.perf_counter()
         model = load_model(parameters["checkpoint"], parameters["quantization"], device)
         self.generator = BatchGenerator(self.family, model, load_tokenizer(parameters["checkpoint"]), device)
@@ -86,7 +88,7 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        accepted, senders = [], []
+        accepted, senders, request_ids = [], [], []
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -95,6 +97,8 @@ class TritonPythonModel:
                 sender.send(error_response(exc), flags=FINAL)
                 continue
             senders.append((request, sender))
+            request_id = optional_input(request, "REQUEST_ID")
+            request_ids.append("" if request_id is None else request_id.reshape(-1)[0].decode("utf-8"))
         if not accepted:
             return None
         finished = set()
@@ -104,8 +108,11 @@ class TritonPythonModel:
                 finished.add(index)
             senders[index][1].send(to_response(update), flags=FINAL if update.finished else 0)
 
+        def is_cancelled(index: int) -> bool:
+            return senders[index][0].is_cancelled() or self.cancellations.is_cancelled(request_ids[index])
+
         try:
-            self.generator.generate(accepted, on_update, lambda index: senders[index][0].is_cancelled())
+            self.generator.generate(accepted, on_update, is_cancelled)
         except Exception as exc:  # a failed batch must still close every request's stream
             self.logger.log_error(f"{self.family} generation failed: {exc!r}")
             for index, (_, sender) in enumerate(senders):

@@ -25,8 +25,9 @@ IMAGE_TENSORS = {
     "qwen2_5_vl": [("PIXEL_VALUES", "TYPE_FP32", "-1, -1"), ("IMAGE_GRID_THW", "TYPE_INT64", "-1, 3")],
     "pixtral": [("PIXEL_VALUES", "TYPE_FP32", "-1, 3, -1, -1"), ("IMAGE_SIZES", "TYPE_INT64", "-1, 2")],
 }
-# Every generation parameter is optional; the defaults are `SamplingParams`'.
-GENERATION_PARAMETERS = [
+# Every per-request parameter is optional; the defaults are `SamplingParams`'. REQUEST_ID names
+# the request for cancellation (see vlm_serving/cancellation.py).
+REQUEST_PARAMETERS = [
     ("MAX_TOKENS", "TYPE_INT32", "1"),
     ("TEMPERATURE", "TYPE_FP32", "1"),
     ("TOP_P", "TYPE_FP32", "1"),
@@ -35,6 +36,7 @@ GENERATION_PARAMETERS = [
     ("STOP", "TYPE_STRING", "-1"),
     ("REPETITION_PENALTY", "TYPE_FP32", "1"),
     ("STREAM", "TYPE_BOOL", "1"),
+    ("REQUEST_ID", "TYPE_STRING", "1"),
 ]
 RESPONSE_TENSORS = [
     ("TEXT", "TYPE_STRING", "1"),
@@ -142,7 +144,7 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         name=f"{family}_generate",
         max_batch_size=profile.generate_batching.max_batch_size,
         image_tensors=_tensors(image_tensors, ragged=True) + ",",
-        generation_parameters=_tensors(GENERATION_PARAMETERS, optional=True, ragged=True),
+        request_parameters=_tensors(REQUEST_PARAMETERS, optional=True, ragged=True),
         response_tensors=_tensors(RESPONSE_TENSORS),
         quantization=profile.quantization,
         max_tokens_limit=profile.max_tokens_limit,
@@ -153,11 +155,11 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         name=family,
         # The ensemble can take no larger batch than its smallest step.
         max_batch_size=min(profile.preprocess_batching.max_batch_size, profile.generate_batching.max_batch_size),
-        generation_parameters=_tensors(GENERATION_PARAMETERS, optional=True),
+        request_parameters=_tensors(REQUEST_PARAMETERS, optional=True),
         response_tensors=_tensors(RESPONSE_TENSORS),
         image_output_map=_maps("output_map", image_tensors, internal=True),
         image_input_map=_maps("input_map", image_tensors, internal=True),
-        parameter_input_map=_maps("input_map", GENERATION_PARAMETERS, internal=False),
+        parameter_input_map=_maps("input_map", REQUEST_PARAMETERS, internal=False),
         response_output_map=_maps("output_map", RESPONSE_TENSORS, internal=False),
     )
     return {f"{family}_preprocess": preprocess, f"{family}_generate": generate, family: ensemble}
@@ -165,12 +167,14 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
 
 def render_repository(repository: Path, profile: Profile) -> list[Path]:
     written = []
+    configs = {"cancel": (TEMPLATES / "cancel.pbtxt").read_text()}
     for family in FAMILIES:
-        for model, text in render_family(family, profile).items():
-            path = repository / model / "config.pbtxt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            written.append(path)
+        configs.update(render_family(family, profile))
+    for model, text in configs.items():
+        path = repository / model / "config.pbtxt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
     return written
 
 

@@ -1,9 +1,6 @@
 """Start, wait for and stop the real Triton Inference Server on the model repository.
 
-    python -m vlm_serving.deploy.triton_server run     # foreground, Ctrl-C stops it
-    python -m vlm_serving.deploy.triton_server up      # background; pid and log under build/
-    python -m vlm_serving.deploy.triton_server down
-
+`vlm_serving.deploy.stack` runs it with the gateway (`make run`, `make up`, `make down`).
 On these machines the `tritonserver` binary comes from the `nvidia-pytriton` wheel; in production
 it is the one in NVIDIA's Triton container, on the same model repository. Three environment facts
 make the wheel's binary work (see README "How Triton runs here"): its bundled libraries and
@@ -14,7 +11,6 @@ The server runs in its own process group, so stopping it also ends every Python 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -25,6 +21,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vlm_serving.cancellation import board_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD = REPO_ROOT / "build"
@@ -128,6 +126,7 @@ class TritonServer:
             return
         stop_process_group(self.process.pid, timeout)
         self.process.wait()
+        board_path(self.process.pid).unlink(missing_ok=True)
         self.process = None
 
 
@@ -184,69 +183,3 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-PID_FILE = BUILD / "triton.pid"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the Triton Inference Server on model_repository/.")
-    parser.add_argument("action", choices=["run", "up", "down"])
-    parser.add_argument("--model-control", choices=["explicit", "poll"], default="explicit")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
-    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
-    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
-    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
-    args = parser.parse_args(argv)
-    if args.action == "down":
-        if not PID_FILE.is_file():
-            print("triton: not running (no build/triton.pid)")
-            return 0
-        stop_process_group(int(PID_FILE.read_text()))
-        PID_FILE.unlink()
-        print("triton: stopped")
-        return 0
-    if PID_FILE.is_file():
-        try:
-            os.killpg(int(PID_FILE.read_text()), 0)
-            print(f"triton: already running (pid {PID_FILE.read_text().strip()}); `make down` stops it")
-            return 1
-        except ProcessLookupError:
-            PID_FILE.unlink()
-    server = TritonServer(
-        model_control=args.model_control,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-    )
-    server.start()
-    PID_FILE.write_text(str(server.process.pid))
-    started = time.monotonic()
-    try:
-        server.wait_ready(args.timeout)
-    except (TritonError, KeyboardInterrupt) as exc:
-        server.stop()
-        PID_FILE.unlink(missing_ok=True)
-        print(f"triton: {exc}", file=sys.stderr)
-        return 1
-    print(f"triton: ready in {time.monotonic() - started:.1f}s (gRPC {server.grpc_url}, HTTP {server.http_url}, "
-          f"metrics {server.address}:{server.metrics_port}; log {server.log_path})")
-    print("try:  .venv/bin/python -m vlm_serving.ask --model qwen2_5_vl --image build/models/example.png "
-          "'What is in this picture?' --stream")
-    if args.action == "up":
-        return 0
-    try:
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        server.process.wait()
-        print(f"triton: exited with code {server.process.returncode}; see {server.log_path}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("triton: stopping")
-        server.stop()
-        return 0
-    finally:
-        PID_FILE.unlink(missing_ok=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,3 @@
+"""cancel: Triton adapter in vlm_serving/backend/cancel_model.py, logic in vlm_serving/cancellation.py."""
+
+from vlm_serving.backend.cancel_model import TritonPythonModel  # noqa: F401

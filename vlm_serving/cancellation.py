@@ -1,0 +1,54 @@
+"""Cancellation that reaches a generation step already running inside an ensemble.
+
+Triton does not tell a running ensemble step that its caller went away (the ensemble scheduler
+checks cancellation only between steps), so a cancelled stream would keep its batch row busy
+until max_tokens. The gateway therefore names the request it gives up on to the `cancel` model,
+which writes it onto this board, and every generation instance of the same server checks the
+board at each step. The board is a small ring of request-id hashes in a file in /dev/shm, named
+after the Triton server process that all the Python stubs share as parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+SLOTS = 4096
+
+
+def board_path(server_pid: int | None = None) -> Path:
+    directory = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+    return directory / f"vlm-cancel-{os.getppid() if server_pid is None else server_pid}"
+
+
+def _hash(request_id: str) -> np.uint64:
+    # 0 marks an empty slot, so no id may hash to it.
+    value = int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
+    return np.uint64(value or 1)
+
+
+class CancellationBoard:
+    """The last `SLOTS` cancelled request ids; one writer (the cancel model), many readers."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or board_path()
+        size = (SLOTS + 1) * 8
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        # slots[SLOTS] counts writes; the ring is slots[:SLOTS].
+        self.slots = np.memmap(self.path, dtype=np.uint64, mode="r+", shape=(SLOTS + 1,))
+
+    def cancel(self, request_id: str) -> None:
+        written = int(self.slots[SLOTS])
+        self.slots[written % SLOTS] = _hash(request_id)
+        self.slots[SLOTS] = written + 1
+
+    def is_cancelled(self, request_id: str) -> bool:
+        return bool(request_id) and bool((self.slots[:SLOTS] == _hash(request_id)).any())
