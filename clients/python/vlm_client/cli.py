@@ -1,0 +1,71 @@
+"""vlm: the command-line client.
+
+    VLM_API_KEY=dev-local-key vlm generate --model qwen2.5-vl --image photo.jpg "What is this?" --stream
+    VLM_API_KEY=dev-local-key vlm models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from vlm.v1 import vlm_pb2
+
+from vlm_client.client import VLMClient
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm", description="Call the vision-language model service.")
+    parser.add_argument("--address", default="localhost:50051", help="gateway host:port")
+    parser.add_argument("--api-key", help="API key (default: $VLM_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="ask about images")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", required=True, help="e.g. qwen2.5-vl or pixtral (see `vlm models`)")
+    generate.add_argument("--image", action="append", default=[], help="image path or http(s) URL (repeatable)")
+    generate.add_argument("--stream", action="store_true", help="print text as it is generated")
+    generate.add_argument("--max-tokens", type=int, default=0)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=0.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[])
+    commands.add_parser("models", help="list served models")
+    args = parser.parse_args(argv)
+    try:
+        with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+            if args.command == "models":
+                for model in client.list_models():
+                    versions = ", ".join(f"{v.version}:{v.state}" for v in model.versions)
+                    print(f"{model.name}\tfamily={model.family}\tready={model.ready}\t"
+                          f"quantization={model.quantization}\tversions={versions}")
+                return 0
+            config = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=args.stop)
+            if args.seed is None:
+                config.pop("seed")
+            if args.stream:
+                last = None
+                for message in client.stream(args.model, args.prompt, args.image, **config):
+                    print(message.text, end="", flush=True)
+                    last = message
+                print()
+            else:
+                last = client.generate(args.model, args.prompt, args.image, **config)
+                print(last.text)
+            print(f"[model={last.model} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
+                  f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
+                  f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}]", file=sys.stderr)
+            return 0
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
