@@ -72,7 +72,10 @@ async def watch_health(settings: Settings, backend: TritonBackend, servicer: hea
 async def start(settings: Settings) -> Gateway:
     backend = TritonBackend(settings.triton_url)
     metrics = Metrics()
-    server = grpc.aio.server(interceptors=[AuthInterceptor(settings.api_keys)])
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(settings.api_keys)],
+        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+    )
     vlm_pb2_grpc.add_VisionLanguageServiceServicer_to_server(
         VisionLanguageServicer(settings, backend, metrics), server
     )

@@ -29,6 +29,8 @@ class Settings:
     metrics_port: int = 9090
     max_images: int = 16
     max_image_bytes: int = 20 * 1024 * 1024
+    # Largest request message accepted at all (gRPC refuses bigger ones with RESOURCE_EXHAUSTED).
+    max_request_bytes: int = 64 * 1024 * 1024
     max_prompt_chars: int = 32_768
     max_messages: int = 256
     max_tokens_limit: int = 4096
@@ -73,6 +75,7 @@ class Settings:
             metrics_port=number("VLM_METRICS_PORT", defaults.metrics_port),
             max_images=number("VLM_MAX_IMAGES", defaults.max_images),
             max_image_bytes=number("VLM_MAX_IMAGE_BYTES", defaults.max_image_bytes),
+            max_request_bytes=number("VLM_MAX_REQUEST_BYTES", defaults.max_request_bytes),
             max_prompt_chars=number("VLM_MAX_PROMPT_CHARS", defaults.max_prompt_chars),
             max_tokens_limit=number("VLM_MAX_TOKENS_LIMIT", defaults.max_tokens_limit),
             image_url_allowlist=_list(env.get("VLM_IMAGE_URL_ALLOWLIST", "")),

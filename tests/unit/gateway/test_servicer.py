@@ -1,0 +1,178 @@
+"""The gateway's gRPC surface in-process, over a scripted stand-in for the Triton backend.
+
+(grpcio-testing drives only synchronous servicers; this one is grpc.aio, so the tests run a real
+aio server on a loopback port. The real Triton path is covered end to end in tests/integration.)
+"""
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+from vlm.v1 import vlm_pb2, vlm_pb2_grpc
+
+from gateway import server as gateway_server
+from gateway.errors import field_violations
+from gateway.settings import Settings
+from vlm_serving.ensemble_client import ResponseChunk
+
+KEY = (("authorization", "Bearer secret"),)
+
+
+class ScriptedBackend:
+    """Answers every call with the chunks (or the error) the test put in `script`."""
+
+    def __init__(self, url):
+        self.script = [ResponseChunk("Hel", [1], False), ResponseChunk("lo", [2], True, "length", 12, 2, 4, -0.5)]
+        self.calls = []
+        self.ready = True
+
+    async def generate(self, ensemble, messages, images, params, request_id, timeout_s):
+        self.calls.append((ensemble, messages, images, params))
+        for item in self.script:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    async def server_ready(self):
+        return self.ready
+
+    async def model_ready(self, name):
+        return self.ready
+
+    async def repository_index(self):
+        return [{"name": "pixtral_generate", "version": "1", "state": "READY"}]
+
+    async def model_parameters(self, name):
+        return {"quantization": "int8"}
+
+    async def close(self):
+        pass
+
+
+def run(test):
+    """Start a gateway on a free port with the scripted backend and run `test(stub, backend, gw)`."""
+
+    async def main():
+        settings = Settings(listen_address="127.0.0.1:0", api_keys=frozenset({"secret"}), metrics_port=0,
+                            health_poll_s=0.05)
+        original = gateway_server.TritonBackend
+        gateway_server.TritonBackend = ScriptedBackend
+        try:
+            gw = await gateway_server.start(settings)
+        finally:
+            gateway_server.TritonBackend = original
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+                await test(vlm_pb2_grpc.VisionLanguageServiceStub(channel), gw.backend, gw, channel)
+        finally:
+            await gw.stop(0)
+
+    asyncio.run(main())
+
+
+def request(model="pixtral", text="hi"):
+    return vlm_pb2.GenerateRequest(model=model, messages=[vlm_pb2.Message(role="user", parts=[vlm_pb2.Part(text=text)])],
+                                   request_id="req-1")
+
+
+def test_generate_joins_the_chunks_and_reports_usage():
+    async def test(stub, backend, gw, channel):
+        call = stub.Generate(request(), metadata=KEY)
+        answer = await call
+        assert (answer.text, answer.finish_reason, answer.model, answer.request_id) == (
+            "Hello", vlm_pb2.FINISH_REASON_LENGTH, "pixtral", "req-1")
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.image_tokens) == (12, 2, 4)
+        assert answer.confidence == pytest.approx(-0.5)
+        assert ("x-request-id", "req-1") in tuple(await call.trailing_metadata())
+        ensemble, messages, images, params = backend.calls[0]
+        assert ensemble == "pixtral" and not params.stream and images == []
+        assert messages == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+
+    run(test)
+
+
+def test_stream_sends_deltas_and_finishes_on_the_last():
+    async def test(stub, backend, gw, channel):
+        messages = [m async for m in stub.GenerateStream(request(), metadata=KEY)]
+        assert [m.text for m in messages] == ["Hel", "lo"]
+        assert [m.finish_reason for m in messages] == [vlm_pb2.FINISH_REASON_UNSPECIFIED, vlm_pb2.FINISH_REASON_LENGTH]
+        assert messages[0].usage.completion_tokens == 0 and messages[1].usage.completion_tokens == 2
+        assert backend.calls[0][3].stream
+
+    run(test)
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong"),), (("authorization", "secret"),)])
+def test_every_rpc_needs_a_valid_key(metadata):
+    async def test(stub, backend, gw, channel):
+        for call in (stub.Generate(request(), metadata=metadata),
+                     stub.ListModels(vlm_pb2.ListModelsRequest(), metadata=metadata)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer <key>" in caught.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.GenerateStream(request(), metadata=metadata):
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert backend.calls == []
+
+    run(test)
+
+
+def test_health_needs_no_key_and_follows_triton():
+    async def test(stub, backend, gw, channel):
+        health = health_pb2_grpc.HealthStub(channel)
+        await asyncio.sleep(0.2)
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+        backend.ready = False
+        await asyncio.sleep(0.2)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="vlm.v1.VisionLanguageService"))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    run(test)
+
+
+def test_validation_errors_carry_field_violations_and_skip_triton():
+    async def test(stub, backend, gw, channel):
+        bad = request()
+        bad.config.temperature = 7
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(bad, metadata=KEY)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(caught.value) == [("config.temperature", "temperature=7 must be in [0, 2] (0 = greedy)")]
+        assert backend.calls == []
+
+    run(test)
+
+
+def test_triton_errors_become_status_codes_and_metrics_count_them():
+    async def test(stub, backend, gw, channel):
+        backend.script = [InferenceServerException("in ensemble 'pixtral', Exceeds maximum queue size")]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(request(), metadata=KEY)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        backend.script = [InferenceServerException("failed to connect", status="StatusCode.UNAVAILABLE")]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.GenerateStream(request(), metadata=KEY):
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        sample = gw.metrics.registry.get_sample_value
+        assert sample("vlm_requests_total", {"model": "pixtral", "method": "Generate", "code": "RESOURCE_EXHAUSTED"}) == 1
+        assert sample("vlm_requests_total", {"model": "pixtral", "method": "GenerateStream", "code": "UNAVAILABLE"}) == 1
+        assert sample("vlm_requests_in_flight", {"model": "pixtral"}) == 0
+
+    run(test)
+
+
+def test_list_models_reports_versions_readiness_and_quantization():
+    async def test(stub, backend, gw, channel):
+        models = {m.name: m for m in (await stub.ListModels(vlm_pb2.ListModelsRequest(), metadata=KEY)).models}
+        assert set(models) == {"pixtral", "qwen2.5-vl"}
+        pixtral = models["pixtral"]
+        assert (pixtral.family, pixtral.ready, pixtral.quantization) == ("pixtral", True, "int8")
+        assert [(v.version, v.state) for v in pixtral.versions] == [("1", "READY")]
+
+    run(test)

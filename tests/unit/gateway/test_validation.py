@@ -1,0 +1,122 @@
+import grpc
+import pytest
+from vlm.v1 import vlm_pb2
+
+from gateway.errors import ApiError
+from gateway.settings import Settings, SettingsError
+from gateway.validation import validate
+from tests.conftest import encode, picture
+
+SETTINGS = Settings(api_keys=frozenset({"k"}), max_images=2, max_image_bytes=50_000, max_prompt_chars=100,
+                    image_url_allowlist=("images.internal",))
+PNG = encode(picture(20, 20))
+
+
+def request(*parts, role="user", model="pixtral", **config):
+    return vlm_pb2.GenerateRequest(
+        model=model, messages=[vlm_pb2.Message(role=role, parts=list(parts))], config=vlm_pb2.GenerationConfig(**config)
+    )
+
+
+def text(value):
+    return vlm_pb2.Part(text=value)
+
+
+def image(**source):
+    return vlm_pb2.Part(image=vlm_pb2.Image(**source))
+
+
+def violations(req):
+    with pytest.raises(ApiError) as caught:
+        validate(req, SETTINGS, stream=False)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    return dict(caught.value.violations)
+
+
+def test_valid_request_becomes_chat_messages_with_defaults():
+    call = validate(request(image(data=PNG), text("What is it?")), SETTINGS, stream=True)
+    assert call.ensemble == "pixtral" and len(call.request_id) == 32
+    assert call.messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert call.images[0].data == PNG and call.images[0].field == "messages[0].parts[0].image.data"
+    params = call.params
+    assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.repetition_penalty,
+            params.seed, params.stream) == (64, 0.0, 1.0, 0, 1.0, None, True)
+
+
+def test_seed_zero_is_a_seed_not_unset():
+    assert validate(request(text("x"), seed=0), SETTINGS, stream=False).params.seed == 0
+
+
+def test_unknown_model_is_not_found_and_lists_the_models():
+    with pytest.raises(ApiError) as caught:
+        validate(request(text("x"), model="gpt-4"), SETTINGS, stream=False)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND and "pixtral, qwen2.5-vl" in caught.value.message
+
+
+def test_missing_model_names_the_field():
+    assert "model" in violations(request(text("x"), model=""))
+
+
+@pytest.mark.parametrize(
+    "req,field,message",
+    [
+        (request(image(data=b"")), "messages[0].parts[0].image.data", "empty image data"),
+        (request(image(data=b"\x00" * 10)), "messages[0].parts[0].image.data", "not a supported image file"),
+        (request(image(data=b"\x89PNG\r\n\x1a\n" + b"0" * 60_000)), "messages[0].parts[0].image.data",
+         "over the limit of 50000 bytes"),
+        (request(image(url="ftp://images.internal/a.png")), "messages[0].parts[0].image.url", "only http(s)"),
+        (request(image(url="http://evil.example/a.png")), "messages[0].parts[0].image.url", "not on this service's image URL allowlist"),
+        (request(image(url="http://user:pw@images.internal/a.png")), "messages[0].parts[0].image.url", "credentials"),
+        (request(vlm_pb2.Part(image=vlm_pb2.Image())), "messages[0].parts[0].image", "set either data or url"),
+        (request(vlm_pb2.Part()), "messages[0].parts[0]", "set either text or image"),
+        (request(text("x"), role="robot"), "messages[0].role", "'robot' is not one of"),
+        (request(), "messages[0].parts", "at least one part"),
+        (request(text("y" * 101)), "messages", "101 characters of text is over the limit of 100"),
+        (request(*[image(data=PNG)] * 3), "messages", "3 images is over the limit of 2"),
+        (request(text("x"), max_tokens=5000), "config.max_tokens", "max_tokens=5000 must be in [1, 4096]"),
+        (request(text("x"), temperature=2.5), "config.temperature", "must be in [0, 2]"),
+        (request(text("x"), top_p=1.5), "config.top_p", "must be in (0, 1]"),
+        (request(text("x"), top_k=5000), "config.top_k", "must be in [0, 1000]"),
+        (request(text("x"), repetition_penalty=3), "config.repetition_penalty", "must be in (0, 2]"),
+        (request(text("x"), stop=[""]), "config.stop", "1 to 64 characters"),
+    ],
+)
+def test_each_bad_field_is_named_with_what_to_fix(req, field, message):
+    found = violations(req)
+    assert field in found and message in found[field], found
+
+
+def test_all_violations_are_reported_at_once():
+    found = violations(request(image(data=b""), text("x"), role="robot", temperature=9))
+    assert set(found) == {"messages[0].parts[0].image.data", "messages[0].role", "config.temperature"}
+
+
+def test_empty_messages_and_bad_request_id():
+    found = violations(vlm_pb2.GenerateRequest(model="pixtral", request_id="bad id with spaces"))
+    assert set(found) == {"messages", "request_id"}
+
+
+def test_allowlisted_url_passes_validation_unfetched():
+    call = validate(request(image(url="https://images.internal/cat.png")), SETTINGS, stream=False)
+    assert call.images[0].url == "https://images.internal/cat.png" and call.images[0].data is None
+
+
+def test_settings_from_env():
+    settings = Settings.from_env({
+        "VLM_API_KEYS": "a, b", "VLM_ADMIN_API_KEYS": "root", "VLM_MODELS": "small=pixtral",
+        "VLM_MAX_IMAGE_BYTES": "1000", "VLM_IMAGE_URL_ALLOWLIST": "cdn.internal,127.0.0.1:9000",
+    })
+    assert settings.api_keys == {"a", "b", "root"} and settings.admin_api_keys == {"root"}
+    assert settings.models == {"small": "pixtral"} and settings.max_image_bytes == 1000
+    assert settings.image_url_allowlist == ("cdn.internal", "127.0.0.1:9000")
+    assert settings.listen_address == "localhost:50051"
+
+
+@pytest.mark.parametrize("env,message", [
+    ({}, "VLM_API_KEYS is empty"),
+    ({"VLM_API_KEYS": "k", "VLM_MAX_IMAGES": "many"}, "VLM_MAX_IMAGES='many' is not a valid int"),
+    ({"VLM_API_KEYS": "k", "VLM_MODELS": "nonsense"}, "VLM_MODELS must look like"),
+])
+def test_bad_settings_say_what_to_fix(env, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
