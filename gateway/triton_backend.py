@@ -101,6 +101,9 @@ class TritonBackend:
                 yield chunk
                 if finished:
                     return
+        except grpc.RpcError as exc:  # the stream itself failed (Triton down, connection lost)
+            finished = True
+            raise InferenceServerException(exc.details() or str(exc), status=str(exc.code())) from None
         finally:
             responses.cancel()
             if not finished:

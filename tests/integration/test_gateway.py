@@ -1,0 +1,237 @@
+"""The public API end to end: the real gateway process in front of the real Triton server."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from vlm.v1 import vlm_pb2
+
+from gateway.errors import field_violations
+from tests.conftest import encode, picture
+from tests.integration.conftest import free_ports, make_repository, start_server
+from vlm_client import VLMClient
+from vlm_serving.deploy.stack import GatewayProcess
+
+pytestmark = pytest.mark.integration
+KEY = "e2e-key"
+PUBLIC = {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral"}
+PNG = encode(picture(120, 90, seed=3))
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PNG)))
+        self.end_headers()
+        self.wfile.write(PNG)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
+    port, metrics = free_ports(2)
+    gateway = GatewayProcess(
+        triton_url=triton_url, address=f"127.0.0.1:{port}", metrics_port=metrics, log_path=log_dir / "gateway.log",
+        extra_env={"VLM_API_KEYS": KEY, "VLM_HEALTH_POLL_S": "0.5", "VLM_METRICS_ADDRESS": "127.0.0.1", **env},
+    )
+    gateway.start()
+    try:
+        gateway.wait_serving(60)
+    except Exception:
+        gateway.stop()
+        raise
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(triton, image_host, tmp_path_factory):
+    gateway = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway"),
+                            VLM_MAX_IMAGE_BYTES="300000", VLM_IMAGE_URL_ALLOWLIST=image_host)
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def client(gateway):
+    with VLMClient(gateway.address, api_key=KEY, timeout=60) as client:
+        yield client
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        result = call()
+        if hasattr(result, "__next__"):
+            list(result)
+    return caught.value.code(), caught.value.details()
+
+
+@pytest.mark.parametrize("model", sorted(PUBLIC))
+def test_unary_and_stream_agree_and_match_triton(client, triton, model):
+    from vlm_serving.ensemble_client import generate, user_message
+
+    answer = client.generate(model, "What is in the picture?", [PNG], max_tokens=20)
+    deltas = list(client.stream(model, "What is in the picture?", [PNG], max_tokens=20))
+    assert len(deltas) > 1 and "".join(d.text for d in deltas) == answer.text
+    last = deltas[-1]
+    assert (last.finish_reason, last.usage, last.model) == (answer.finish_reason, answer.usage, model)
+    assert answer.usage.image_tokens > 0 and answer.usage.completion_tokens == 20
+    direct = generate(triton.grpc_url, PUBLIC[model], user_message("What is in the picture?", 1), [PNG], max_tokens=20)
+    assert answer.text == direct.text and answer.confidence == pytest.approx(direct.confidence, abs=1e-5)
+
+
+def test_image_by_url_from_an_allowlisted_host(client, image_host):
+    by_url = client.generate("pixtral", "Describe", [f"http://{image_host}/cat.png"], max_tokens=8)
+    by_bytes = client.generate("pixtral", "Describe", [PNG], max_tokens=8)
+    assert by_url.text == by_bytes.text and by_url.usage.image_tokens > 0
+
+
+def test_list_models(client):
+    models = {m.name: m for m in client.list_models()}
+    assert set(models) == set(PUBLIC)
+    for name, model in models.items():
+        assert model.ready and model.family == PUBLIC[name] and model.quantization == "none"
+        assert [(v.version, v.state) for v in model.versions] == [("1", "READY")]
+
+
+@pytest.mark.parametrize(
+    "build,code,field,fragment",
+    [
+        (lambda: dict(model="gpt-4", prompt="x"), grpc.StatusCode.NOT_FOUND, None, "not served here"),
+        (lambda: dict(model="pixtral", prompt="x", images=[b"GIF89a" + b"\0" * 400_000]),
+         grpc.StatusCode.INVALID_ARGUMENT, "messages[0].parts[0].image.data", "over the limit of 300000 bytes"),
+        (lambda: dict(model="pixtral", prompt="x", images=[b"%PDF-1.4"]),
+         grpc.StatusCode.INVALID_ARGUMENT, "messages[0].parts[0].image.data", "not a supported image file"),
+        (lambda: dict(model="pixtral", prompt="x", images=[PNG[:200]]),
+         grpc.StatusCode.INVALID_ARGUMENT, "messages[0].parts[0].image.data", "truncated or corrupt PNG"),
+        (lambda: dict(model="pixtral", prompt="x", images=[PNG] * 17),
+         grpc.StatusCode.INVALID_ARGUMENT, "messages", "17 images is over the limit of 16"),
+        (lambda: dict(model="pixtral", prompt="x" * 40_000),
+         grpc.StatusCode.INVALID_ARGUMENT, "messages", "over the limit of 32768"),
+        (lambda: dict(model="pixtral", prompt="x", images=["http://metadata.internal/secret"]),
+         grpc.StatusCode.INVALID_ARGUMENT, "messages[0].parts[0].image.url", "allowlist"),
+        (lambda: dict(model="pixtral", prompt="x", max_tokens=100_000),
+         grpc.StatusCode.INVALID_ARGUMENT, "config.max_tokens", "must be in [1, 4096]"),
+        (lambda: dict(model="qwen2.5-vl", prompt="x", top_p=3.0),
+         grpc.StatusCode.INVALID_ARGUMENT, "config.top_p", "must be in (0, 1]"),
+    ],
+)
+@pytest.mark.parametrize("rpc", ["generate", "stream"])
+def test_every_bad_input_gets_its_code_and_field(client, build, code, field, fragment, rpc):
+    args = build()
+    with pytest.raises(grpc.RpcError) as caught:
+        result = getattr(client, rpc)(args.pop("model"), args.pop("prompt"), args.pop("images", []), **args)
+        list(result) if rpc == "stream" else None
+    assert caught.value.code() == code and fragment in caught.value.details()
+    if field:
+        assert any(f == field and fragment in d for f, d in field_violations(caught.value)), field_violations(caught.value)
+
+
+def test_pixtral_template_order_error_is_invalid_argument(client):
+    messages = [vlm_pb2.Message(role="assistant", parts=[vlm_pb2.Part(text="hi")])]
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate("pixtral", messages=messages)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chat template" in caught.value.details()
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_missing_or_wrong_key_is_unauthenticated(gateway, key):
+    with VLMClient(gateway.address, api_key=key or "", timeout=10) as anonymous:
+        for call in (lambda: anonymous.generate("pixtral", "x"), lambda: anonymous.list_models(),
+                     lambda: anonymous.stream("pixtral", "x")):
+            code, details = code_of(call)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
+
+
+def test_health_is_open_and_reflection_needs_the_key(gateway):
+    with grpc.insecure_channel(gateway.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as caught:
+            list(reflection.ServerReflectionInfo(iter([ask]), timeout=5))
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        [reply] = list(reflection.ServerReflectionInfo(iter([ask]), timeout=5, metadata=(("authorization", f"Bearer {KEY}"),)))
+        services = {s.name for s in reply.list_services_response.service}
+        assert "vlm.v1.VisionLanguageService" in services and "grpc.health.v1.Health" in services
+
+
+LONG = dict(model="qwen2.5-vl", prompt="Tell me a long story", max_tokens=4000)
+
+
+def test_cancelled_stream_frees_capacity_in_triton(client):
+    started = time.perf_counter()
+    whole = client.generate(**LONG)
+    uncancelled = time.perf_counter() - started
+    assert whole.usage.completion_tokens == 4000, "this prompt must run long on the tiny model"
+    stream = client.stub.GenerateStream(
+        client_request := __import__("vlm_client").build_request(LONG["model"], LONG["prompt"], max_tokens=4000),
+        metadata=client.metadata, timeout=60,
+    )
+    assert next(stream).text is not None
+    stream.cancel()
+    started = time.perf_counter()
+    client.generate("qwen2.5-vl", "short", max_tokens=4)
+    waited = time.perf_counter() - started
+    # With one generation instance, a still-running cancelled row would hold this request for most
+    # of `uncancelled`; freed, it answers at once.
+    assert waited < uncancelled / 3, (waited, uncancelled)
+
+
+def test_deadline_becomes_deadline_exceeded_and_frees_capacity(client):
+    code, details = code_of(lambda: client.generate(**LONG, timeout=0.5))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    started = time.perf_counter()
+    client.generate("qwen2.5-vl", "short", max_tokens=4)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_metrics_count_requests_tokens_and_latency(client, gateway):
+    import urllib.request
+
+    client.generate("pixtral", "count me", [PNG], max_tokens=5)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5).read().decode()
+    for needle in ('vlm_requests_total{code="OK",method="Generate",model="pixtral"}',
+                   'vlm_tokens_total{kind="completion",model="pixtral"}',
+                   'vlm_request_latency_seconds_bucket', 'vlm_requests_in_flight{model="pixtral"} 0.0',
+                   'vlm_requests_total{code="INVALID_ARGUMENT"'):
+        assert needle in text, needle
+
+
+def test_triton_down_is_unavailable_and_the_gateway_recovers(tmp_path, checkpoints):
+    repository = make_repository(tmp_path / "model_repository", checkpoints)
+    triton = start_server(repository, load_models=("pixtral", "cancel"))
+    gateway = start_gateway(triton.grpc_url, tmp_path, VLM_MODELS="pixtral=pixtral")
+    try:
+        with VLMClient(gateway.address, api_key=KEY, timeout=20, retries=0) as client:
+            assert client.generate("pixtral", "before", max_tokens=3).usage.completion_tokens == 3
+            triton.stop()
+            code, details = code_of(lambda: client.generate("pixtral", "during", max_tokens=3))
+            assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details
+            deadline = time.monotonic() + 10
+            while gateway.health() == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert gateway.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+            triton.start()
+            triton.wait_ready(240)
+            gateway.wait_serving(30)
+        with VLMClient(gateway.address, api_key=KEY, timeout=20, retries=5, backoff=0.5) as client:
+            assert client.generate("pixtral", "after", max_tokens=3).usage.completion_tokens == 3
+    finally:
+        gateway.stop()
+        triton.stop()
