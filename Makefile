@@ -10,9 +10,16 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/python
 PROTO := protos/vlm/v1/vlm.proto
 
-.PHONY: setup protos models configs up down run test test-unit test-integration clean
+.PHONY: setup protos node models configs up down run test test-unit test-integration clean
 
-setup: $(STAMP) protos
+setup: $(STAMP) protos node
+
+# The Node.js client's dependencies (skipped, with a note, where Node.js is not installed).
+node: clients/node/node_modules/.package-lock.json
+
+clients/node/node_modules/.package-lock.json: clients/node/package-lock.json
+	@if command -v npm >/dev/null; then cd clients/node && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: skipping the Node.js client (its test will be skipped)"; fi
 
 # Python stubs of the public API (build outputs, never committed), importable as `vlm.v1`.
 protos: $(GEN)/vlm/v1/vlm_pb2_grpc.py

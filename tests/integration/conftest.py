@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import http.server
 import shutil
 import socket
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, encode, picture
 from vlm_serving.deploy.render import PROFILES, render_repository
+from vlm_serving.deploy.stack import GatewayProcess
 from vlm_serving.deploy.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
+KEY = "e2e-key"
+PNG = encode(picture(120, 90, seed=3))
 
 
 def free_ports(count: int) -> list[int]:
@@ -54,3 +59,45 @@ def triton(tmp_path_factory, checkpoints):
     server = start_server(repository)
     yield server
     server.stop()
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PNG)))
+        self.end_headers()
+        self.wfile.write(PNG)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def image_host():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
+    port, metrics = free_ports(2)
+    gateway = GatewayProcess(
+        triton_url=triton_url, address=f"127.0.0.1:{port}", metrics_port=metrics, log_path=log_dir / "gateway.log",
+        extra_env={"VLM_API_KEYS": KEY, "VLM_HEALTH_POLL_S": "0.5", "VLM_METRICS_ADDRESS": "127.0.0.1", **env},
+    )
+    gateway.start()
+    try:
+        gateway.wait_serving(60)
+    except Exception:
+        gateway.stop()
+        raise
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, image_host, tmp_path_factory):
+    gateway = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway"),
+                            VLM_MAX_IMAGE_BYTES="300000", VLM_IMAGE_URL_ALLOWLIST=image_host)
+    yield gateway
+    gateway.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 import time
 
 import grpc
@@ -13,57 +11,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from vlm.v1 import vlm_pb2
 
 from gateway.errors import field_violations
-from tests.conftest import encode, picture
-from tests.integration.conftest import free_ports, make_repository, start_server
+from tests.integration.conftest import KEY, PNG, make_repository, start_gateway, start_server
 from vlm_client import VLMClient
-from vlm_serving.deploy.stack import GatewayProcess
 
 pytestmark = pytest.mark.integration
-KEY = "e2e-key"
 PUBLIC = {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral"}
-PNG = encode(picture(120, 90, seed=3))
-
-
-class _Images(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(PNG)))
-        self.end_headers()
-        self.wfile.write(PNG)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def image_host():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
-    port, metrics = free_ports(2)
-    gateway = GatewayProcess(
-        triton_url=triton_url, address=f"127.0.0.1:{port}", metrics_port=metrics, log_path=log_dir / "gateway.log",
-        extra_env={"VLM_API_KEYS": KEY, "VLM_HEALTH_POLL_S": "0.5", "VLM_METRICS_ADDRESS": "127.0.0.1", **env},
-    )
-    gateway.start()
-    try:
-        gateway.wait_serving(60)
-    except Exception:
-        gateway.stop()
-        raise
-    return gateway
-
-
-@pytest.fixture(scope="module")
-def gateway(triton, image_host, tmp_path_factory):
-    gateway = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway"),
-                            VLM_MAX_IMAGE_BYTES="300000", VLM_IMAGE_URL_ALLOWLIST=image_host)
-    yield gateway
-    gateway.stop()
 
 
 @pytest.fixture

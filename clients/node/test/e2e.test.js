@@ -1,0 +1,53 @@
+// Runs against a live gateway: VLM_GATEWAY_ADDRESS, VLM_API_KEY and VLM_TEST_IMAGE (a PNG path).
+'use strict';
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const { createClient, userRequest, status } = require('../client');
+
+const address = process.env.VLM_GATEWAY_ADDRESS;
+const apiKey = process.env.VLM_API_KEY;
+const image = fs.readFileSync(process.env.VLM_TEST_IMAGE);
+const client = createClient(address, apiKey);
+
+test.after(() => client.close());
+
+test('lists both models as ready', async () => {
+  const models = await client.listModels();
+  assert.deepEqual(models.map((m) => m.name).sort(), ['pixtral', 'qwen2.5-vl']);
+  assert.ok(models.every((m) => m.ready));
+});
+
+for (const model of ['qwen2.5-vl', 'pixtral']) {
+  test(`${model}: the joined stream equals the unary answer`, async () => {
+    const request = userRequest(model, 'What is in the picture?', [image], { max_tokens: 16 });
+    const answer = await client.generate(request);
+    assert.equal(answer.finish_reason, 'FINISH_REASON_LENGTH');
+    assert.equal(answer.usage.completion_tokens, 16);
+    assert.ok(answer.usage.image_tokens > 0);
+    let joined = '';
+    let last;
+    for await (const message of client.generateStream(request)) {
+      joined += message.text;
+      last = message;
+    }
+    assert.equal(joined, answer.text);
+    assert.equal(last.finish_reason, 'FINISH_REASON_LENGTH');
+  });
+}
+
+test('a bad parameter is INVALID_ARGUMENT naming the field', async () => {
+  const request = userRequest('pixtral', 'hi', [], { temperature: 9 });
+  await assert.rejects(client.generate(request), (error) => {
+    assert.equal(error.code, status.INVALID_ARGUMENT);
+    assert.match(error.details, /config\.temperature/);
+    return true;
+  });
+});
+
+test('a wrong key is UNAUTHENTICATED', async () => {
+  const stranger = createClient(address, 'not-a-key');
+  await assert.rejects(stranger.listModels(), (error) => error.code === status.UNAUTHENTICATED);
+  stranger.close();
+});
