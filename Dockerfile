@@ -1,0 +1,17 @@
+# The gateway: the public vlm.v1 gRPC API in front of Triton (see docker-compose.yml).
+FROM python:3.11-slim
+WORKDIR /app
+COPY requirements-gateway.txt .
+RUN pip install --no-cache-dir -r requirements-gateway.txt
+COPY protos protos
+RUN python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/vlm/v1/vlm.proto
+# The gateway uses the light modules of vlm_serving only (parameter bounds, image sniffing, tensors).
+COPY vlm_serving/__init__.py vlm_serving/sampling.py vlm_serving/images.py vlm_serving/ensemble_client.py vlm_serving/
+COPY gateway gateway
+ENV VLM_LISTEN_ADDRESS=0.0.0.0:50051 \
+    VLM_METRICS_ADDRESS=0.0.0.0 \
+    PYTHONUNBUFFERED=1
+EXPOSE 50051 9090
+USER 65532
+HEALTHCHECK --interval=10s --timeout=5s --retries=3 CMD ["python", "-m", "gateway.healthcheck"]
+CMD ["python", "-m", "gateway"]

@@ -1,0 +1,11 @@
+# Triton: NVIDIA's image plus the Python packages the model repository's Python models import.
+# The model repository itself is mounted at /models (see docker-compose.yml), not baked in.
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
+FROM ${TRITON_IMAGE}
+WORKDIR /opt/vlm
+COPY requirements-triton.txt .
+RUN pip install --no-cache-dir -r requirements-triton.txt
+COPY pyproject.toml .
+COPY vlm_serving vlm_serving
+RUN pip install --no-cache-dir --no-deps .
+ENV PYTHONDONTWRITEBYTECODE=1

@@ -1,0 +1,84 @@
+"""docker-compose.yml and the Dockerfiles: structure always, `docker compose config` where it exists."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+
+def pins(path) -> dict[str, str]:
+    found = {}
+    for line in (REPO_ROOT / path).read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s#]+)", line)
+        if match:
+            found[match.group(1).lower().replace("_", "-")] = match.group(3)
+    return found
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+
+
+def test_triton_reserves_gpus_mounts_the_repository_and_has_a_health_check(compose):
+    triton = compose["services"]["triton"]
+    [device] = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "./model_repository:/models" in triton["volumes"]
+    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    assert "--model-control-mode=explicit" in " ".join(triton["command"])
+
+
+def test_gateway_waits_for_a_healthy_triton_and_needs_keys(compose):
+    gateway = compose["services"]["gateway"]
+    assert gateway["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert gateway["environment"]["VLM_TRITON_URL"] == "triton:8001"
+    assert ":?" in gateway["environment"]["VLM_API_KEYS"], "compose must refuse to start without API keys"
+    assert "gateway.healthcheck" in " ".join(gateway["healthcheck"]["test"])
+
+
+def test_published_ports_are_loopback_only(compose):
+    for service in compose["services"].values():
+        assert all(port.startswith("127.0.0.1:") for port in service.get("ports", []))
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/triton.Dockerfile"])
+def test_dockerfiles_copy_only_what_exists(dockerfile):
+    text = (REPO_ROOT / dockerfile).read_text()
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO_ROOT / source).exists(), f"{dockerfile}: {source} does not exist"
+    if "triton" in dockerfile:
+        assert "nvcr.io/nvidia/tritonserver" in text
+
+
+@pytest.mark.parametrize("image_requirements", ["requirements-gateway.txt", "requirements-triton.txt"])
+def test_container_pins_agree_with_the_development_pins(image_requirements):
+    development = pins("requirements.txt")
+    for name, version in pins(image_requirements).items():
+        if name in development:
+            assert development[name] == version, f"{image_requirements}: {name}=={version} but requirements.txt pins {development[name]}"
+
+
+def _compose_command():
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+@pytest.mark.skipif(_compose_command() is None, reason="neither docker-compose nor the docker compose plugin is installed")
+def test_compose_file_validates():
+    env = dict(os.environ, VLM_API_KEYS="test-key")
+    result = subprocess.run([*_compose_command(), "config", "--quiet"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
