@@ -187,3 +187,35 @@ def test_triton_down_is_unavailable_and_the_gateway_recovers(tmp_path, checkpoin
     finally:
         gateway.stop()
         triton.stop()
+
+
+@pytest.mark.parametrize("model", sorted(PUBLIC))
+def test_cli_answers_from_both_families(gateway, checkpoints, model):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLM_API_KEY=KEY)
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm_client.cli", "--address", gateway.address, "generate", "--model", model,
+         "--image", str(checkpoints / "example.png"), "What is in this picture?", "--stream", "--max-tokens", "12"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"[model={model} finish_reason=FINISH_REASON_" in result.stderr and "completion_tokens=" in result.stderr
+    assert result.stdout.strip()
+
+
+def test_async_client_end_to_end(gateway):
+    import asyncio
+
+    from vlm_client import AsyncVLMClient
+
+    async def main():
+        async with AsyncVLMClient(gateway.address, api_key=KEY) as client:
+            whole = await client.generate("pixtral", "async?", [PNG], max_tokens=10)
+            parts = [m.text async for m in client.stream("pixtral", "async?", [PNG], max_tokens=10)]
+        return whole, parts
+
+    whole, parts = asyncio.run(main())
+    assert "".join(parts) == whole.text and whole.usage.completion_tokens == 10

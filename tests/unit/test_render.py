@@ -58,5 +58,7 @@ def test_ensemble_wires_preprocess_into_generate():
 def test_render_repository_writes_one_config_per_model(tmp_path):
     written = render_repository(tmp_path, PROFILES["cpu"])
     assert sorted(p.parent.name for p in written) == sorted(
-        [f for f in FAMILIES] + [f"{f}_preprocess" for f in FAMILIES] + [f"{f}_generate" for f in FAMILIES]
+        ["cancel"] + list(FAMILIES) + [f"{f}_preprocess" for f in FAMILIES] + [f"{f}_generate" for f in FAMILIES]
     )
+    cancel = parse((tmp_path / "cancel" / "config.pbtxt").read_text())
+    assert cancel.input[0].name == "REQUEST_IDS" and cancel.instance_group[0].count == 1
