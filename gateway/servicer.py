@@ -38,18 +38,14 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
             answer.text += chunk.text
             answer.request_id = call.request_id
             if chunk.finished:
-                answer.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
-                answer.usage.CopyFrom(_usage(chunk))
-                answer.confidence = chunk.confidence
+                _finish(answer, chunk)
         return answer
 
     async def GenerateStream(self, request, context):
         async for chunk, call in self._run(request, context, "GenerateStream", stream=True):
             message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=request.model, request_id=call.request_id)
             if chunk.finished:
-                message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
-                message.usage.CopyFrom(_usage(chunk))
-                message.confidence = chunk.confidence
+                _finish(message, chunk)
             yield message
 
     async def ListModels(self, request, context):
@@ -119,7 +115,10 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
             raise to_api_error(exc, call.model, call.ensemble, [image.field for image in call.images]) from None
 
 
-def _usage(chunk) -> vlm_pb2.Usage:
-    return vlm_pb2.Usage(
+def _finish(message, chunk) -> None:
+    """Finish reason, usage and confidence onto a GenerateResponse or the last stream message."""
+    message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
+    message.usage.CopyFrom(vlm_pb2.Usage(
         prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens, image_tokens=chunk.image_tokens
-    )
+    ))
+    message.confidence = chunk.confidence

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import io
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +40,14 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
+
+
+@contextmanager
+def http_host(handler_class):
+    """A loopback HTTP server with `handler_class`; yields its "127.0.0.1:port"."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import http.server
 import shutil
 import socket
-import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, encode, picture
+from tests.conftest import REPO_ROOT, encode, http_host, picture
 from vlm_serving.deploy.render import PROFILES, render_repository
 from vlm_serving.deploy.stack import GatewayProcess
 from vlm_serving.deploy.triton_server import TritonServer
@@ -74,10 +73,8 @@ class _Images(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def image_host():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with http_host(_Images) as host:
+        yield host
 
 
 def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:

@@ -13,7 +13,7 @@ from gateway.image_urls import fetch
 from gateway.settings import Settings
 from gateway.triton_backend import to_api_error
 from gateway.validation import ImageSource
-from tests.conftest import encode, picture
+from tests.conftest import encode, http_host, picture
 
 PNG = encode(picture(12, 12, noise=0))
 
@@ -73,10 +73,8 @@ class _Images(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def image_host():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with http_host(_Images) as host:
+        yield host
 
 
 def fetch_url(url, host, **settings):
