@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PROFILE ?= cpu
+# explicit (default: models change only through LoadModel) or poll (Triton watches the repository).
+MODEL_CONTROL ?= explicit
 TRITON_WHEEL := nvidia-pytriton==0.7.0
 STAMP := $(VENV)/.installed
 
@@ -30,11 +32,12 @@ $(GEN)/vlm/v1/vlm_pb2_grpc.py: $(PROTO) $(STAMP)
 	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'vlm-protos.pth').write_text(str(pathlib.Path('$(GEN)').resolve()) + '\n')"
 
 # Re-run only when the pins change; `make setup` on an installed tree does nothing.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml deploy/vlm-dont-write-bytecode.pth
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --disable-pip-version-check -q -r requirements.txt
 	$(PIP) install --disable-pip-version-check -q --no-deps $(TRITON_WHEEL)
 	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import shutil, sysconfig; shutil.copy('deploy/vlm-dont-write-bytecode.pth', sysconfig.get_paths()['purelib'])"
 	touch $(STAMP)
 
 # Tiny random-weight checkpoints of both architectures (build/models/<family>).
@@ -46,10 +49,10 @@ configs: setup
 	$(PY) -m vlm_serving.deploy.render --profile $(PROFILE)
 
 run: models configs
-	$(PY) -m vlm_serving.deploy.stack run
+	$(PY) -m vlm_serving.deploy.stack run --model-control $(MODEL_CONTROL)
 
 up: models configs
-	$(PY) -m vlm_serving.deploy.stack up
+	$(PY) -m vlm_serving.deploy.stack up --model-control $(MODEL_CONTROL)
 
 down:
 	$(PY) -m vlm_serving.deploy.stack down

@@ -8,4 +8,6 @@ RUN pip install --no-cache-dir -r requirements-triton.txt
 COPY pyproject.toml .
 COPY vlm_serving vlm_serving
 RUN pip install --no-cache-dir --no-deps .
+COPY deploy/vlm-dont-write-bytecode.pth .
+RUN python3 -c "import shutil, sysconfig; shutil.copy('vlm-dont-write-bytecode.pth', sysconfig.get_paths()['purelib'])"
 ENV PYTHONDONTWRITEBYTECODE=1

@@ -16,14 +16,20 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
+from gateway.admin import ModelAdminServicer
 from gateway.auth import AuthInterceptor
 from gateway.observability import Metrics, configure_logging
 from gateway.servicer import VisionLanguageServicer
 from gateway.settings import Settings
-from gateway.triton_backend import TritonBackend
+from gateway.triton_backend import TritonBackend, pipeline_ready
 
 log = logging.getLogger("gateway")
 SERVICE_NAME = vlm_pb2.DESCRIPTOR.services_by_name["VisionLanguageService"].full_name
+ADMIN_SERVICE_NAME = vlm_pb2.DESCRIPTOR.services_by_name["ModelAdminService"].full_name
+ADMIN_METHODS = frozenset(
+    f"/{ADMIN_SERVICE_NAME}/{method.name}"
+    for method in vlm_pb2.DESCRIPTOR.services_by_name["ModelAdminService"].methods
+)
 
 
 @dataclass
@@ -54,11 +60,13 @@ async def watch_health(settings: Settings, backend: TritonBackend, servicer: hea
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     last = None
     while True:
-        states = {}
-        server_ready = await backend.server_ready()
-        for name, ensemble in settings.models.items():
-            states[name] = server_ready and await backend.model_ready(ensemble)
-        overall = server_ready and all(states.values())
+        try:
+            index = await backend.repository_index() if await backend.server_live() else []
+        except Exception as exc:  # never let the watcher die: an unreadable Triton is not serving
+            log.warning("health check failed", extra={"fields": {"error": str(exc)}})
+            index = []
+        states = {name: pipeline_ready(index, ensemble) for name, ensemble in settings.models.items()}
+        overall = all(states.values())
         for name, ready in states.items():
             await servicer.set(f"{SERVICE_NAME}/{name}", serving if ready else not_serving)
         for service in ("", SERVICE_NAME):
@@ -73,16 +81,17 @@ async def start(settings: Settings) -> Gateway:
     backend = TritonBackend(settings.triton_url)
     metrics = Metrics()
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(settings.api_keys)],
+        interceptors=[AuthInterceptor(settings.api_keys, ADMIN_METHODS, settings.admin_api_keys)],
         options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
     )
     vlm_pb2_grpc.add_VisionLanguageServiceServicer_to_server(
         VisionLanguageServicer(settings, backend, metrics), server
     )
+    vlm_pb2_grpc.add_ModelAdminServiceServicer_to_server(ModelAdminServicer(settings, backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(settings.listen_address)
     if port == 0:

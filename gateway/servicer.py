@@ -14,7 +14,7 @@ from gateway import image_urls
 from gateway.errors import ApiError
 from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
-from gateway.triton_backend import TritonBackend, to_api_error
+from gateway.triton_backend import TritonBackend, pipeline_ready, to_api_error
 from gateway.validation import ValidatedRequest, validate
 
 log = logging.getLogger("gateway")
@@ -51,23 +51,11 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
     async def ListModels(self, request, context):
         try:
             index = await self.backend.repository_index()
+            models = [await model_info(self.backend, name, ensemble, index)
+                      for name, ensemble in sorted(self.settings.models.items())]
         except InferenceServerException as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the inference server is unavailable ({exc.message()})")
-        response = vlm_pb2.ListModelsResponse()
-        for name, ensemble in sorted(self.settings.models.items()):
-            info = vlm_pb2.ModelInfo(name=name, family=ensemble)
-            # What serves is the generation model behind the ensemble; its versions are the model's.
-            for entry in index:
-                if entry.get("name") == f"{ensemble}_generate":
-                    info.versions.add(
-                        version=entry.get("version", ""), state=entry.get("state", ""), reason=entry.get("reason", "")
-                    )
-            info.ready = await self.backend.model_ready(ensemble)
-            if info.ready:
-                parameters = await self.backend.model_parameters(f"{ensemble}_generate")
-                info.quantization = parameters.get("quantization", "")
-            response.models.append(info)
-        return response
+        return vlm_pb2.ListModelsResponse(models=models)
 
     async def _run(self, request, context, method: str, stream: bool):
         """Yield (chunk, validated call) for one request, with metrics, logs and error mapping."""
@@ -115,6 +103,19 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
             raise to_api_error(exc, call.model, call.ensemble, [image.field for image in call.images]) from None
 
 
+async def model_info(backend: TritonBackend, name: str, ensemble: str, index: list[dict]) -> vlm_pb2.ModelInfo:
+    """What ListModels says of one model: the versions of the generation step behind its ensemble."""
+    info = vlm_pb2.ModelInfo(name=name, family=ensemble)
+    for entry in index:
+        if entry.get("name") == f"{ensemble}_generate":
+            info.versions.add(version=entry.get("version", ""), state=entry.get("state", ""),
+                              reason=entry.get("reason", ""))
+    info.ready = pipeline_ready(index, ensemble)
+    if info.ready:
+        info.quantization = (await backend.model_parameters(f"{ensemble}_generate")).get("quantization", "")
+    return info
+
+
 def _finish(message, chunk) -> None:
     """Finish reason, usage and confidence onto a GenerateResponse or the last stream message."""
     message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
@@ -122,3 +123,4 @@ def _finish(message, chunk) -> None:
         prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens, image_tokens=chunk.image_tokens
     ))
     message.confidence = chunk.confidence
+    message.model_version = chunk.model_version

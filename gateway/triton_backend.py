@@ -26,6 +26,22 @@ _IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
 _CALLER_ERRORS = ("messages", "must be in", "stop sequence", "exceeds the model's context", "image part")
 
 
+def pipeline(ensemble: str) -> list[str]:
+    """A family's Triton models in load order: the steps first, the ensemble that calls them last."""
+    return [f"{ensemble}_preprocess", f"{ensemble}_generate", ensemble]
+
+
+def pipeline_ready(index: list[dict], ensemble: str) -> bool:
+    """Whether every model of the pipeline has a READY version in Triton's repository index.
+
+    Triton's own per-model readiness looks at the newest version only, so a failed load of a new
+    version reads as "not ready" although the previous version goes on serving; this reads what
+    actually serves.
+    """
+    ready = {entry.get("name") for entry in index if entry.get("state") == "READY"}
+    return all(name in ready for name in pipeline(ensemble))
+
+
 def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image_fields: list[str]) -> ApiError:
     message = exc.message() or str(exc)
     status = str(exc.status() or "")
@@ -120,15 +136,11 @@ class TritonBackend:
         except InferenceServerException as exc:
             log.warning("could not cancel in Triton", extra={"fields": {"triton_id": triton_id, "error": exc.message()}})
 
-    async def server_ready(self) -> bool:
+    async def server_live(self) -> bool:
+        # Liveness, not readiness: with strict readiness one unloaded model makes the whole server
+        # "not ready", while the others go on serving (the pipelines' states say what serves).
         try:
-            return await self.client.is_server_ready()
-        except InferenceServerException:
-            return False
-
-    async def model_ready(self, name: str) -> bool:
-        try:
-            return await self.client.is_model_ready(name)
+            return await self.client.is_server_live()
         except InferenceServerException:
             return False
 
@@ -139,6 +151,12 @@ class TritonBackend:
     async def model_parameters(self, name: str) -> dict[str, str]:
         config = (await self.client.get_model_config(name, as_json=True))["config"]
         return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+    async def load_model(self, name: str) -> None:
+        await self.client.load_model(name)
+
+    async def unload_model(self, name: str) -> None:
+        await self.client.unload_model(name)
 
     async def close(self) -> None:
         await self.client.close()

@@ -39,6 +39,7 @@ class ResponseChunk:
     completion_tokens: int = 0
     image_tokens: int = 0
     confidence: float = 0.0
+    model_version: str = ""
 
 
 def parse_response(result) -> ResponseChunk:
@@ -60,6 +61,7 @@ def parse_response(result) -> ResponseChunk:
         completion_tokens=int(scalar("COMPLETION_TOKENS")),
         image_tokens=int(scalar("IMAGE_TOKENS")),
         confidence=float(scalar("CONFIDENCE")),
+        model_version=scalar("MODEL_VERSION").decode(),
     )
 
 
@@ -72,6 +74,7 @@ class EnsembleResult:
     completion_tokens: int = 0
     image_tokens: int = 0
     confidence: float = 0.0
+    model_version: str = ""
     # The text of each response in arrival order (one when not streaming).
     deltas: list[str] = field(default_factory=list)
 
@@ -116,6 +119,7 @@ def _merge(result: EnsembleResult, response) -> bool:
         result.completion_tokens = chunk.completion_tokens
         result.image_tokens = chunk.image_tokens
         result.confidence = chunk.confidence
+        result.model_version = chunk.model_version
     return chunk.finished
 
 

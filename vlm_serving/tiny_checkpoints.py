@@ -1,6 +1,6 @@
 """Build tiny random-weight checkpoints of the real architectures, fully offline.
 
-    python -m vlm_serving.tiny_checkpoints build/models
+    python -m vlm_serving.tiny_checkpoints build/models [--seed N] [--family qwen2_5_vl]
 
 writes `build/models/qwen2_5_vl` (Qwen2_5_VLForConditionalGeneration) and `build/models/pixtral`
 (LlavaForConditionalGeneration with a Pixtral vision tower and a Mistral text model), each with its
@@ -106,13 +106,13 @@ def train_tokenizer(special_tokens: list[str], vocab_size: int = 512):
     return tokenizer
 
 
-def _spread_init(model: torch.nn.Module) -> None:
+def _spread_init(model: torch.nn.Module, seed: int) -> None:
     """Re-draw weights with a wide spread so that different inputs give different tokens.
 
     A default-initialized tiny model tends to emit one token forever, which would make
     token-equality tests pass for the wrong reason.
     """
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() >= 2:
@@ -121,7 +121,7 @@ def _spread_init(model: torch.nn.Module) -> None:
                 parameter.zero_()
 
 
-def build_qwen2_5_vl(out: Path) -> None:
+def build_qwen2_5_vl(out: Path, seed: int = SEED) -> None:
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -169,9 +169,9 @@ def build_qwen2_5_vl(out: Path) -> None:
         pad_token_id=ids("<|endoftext|>"),
         tie_word_embeddings=False,
     )
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    _spread_init(model)
+    _spread_init(model, seed)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.save_pretrained(out)
@@ -180,7 +180,7 @@ def build_qwen2_5_vl(out: Path) -> None:
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64).save_pretrained(out)
 
 
-def build_pixtral(out: Path) -> None:
+def build_pixtral(out: Path, seed: int = SEED) -> None:
     from transformers import (
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -225,9 +225,9 @@ def build_pixtral(out: Path) -> None:
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    _spread_init(model)
+    _spread_init(model, seed)
     model.generation_config.bos_token_id = ids("<s>")
     model.generation_config.eos_token_id = ids("</s>")
     model.generation_config.pad_token_id = ids("<pad>")
@@ -254,15 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="folder to write one checkpoint folder per family into")
     parser.add_argument("--force", action="store_true", help="rebuild checkpoints that already exist")
+    parser.add_argument("--seed", type=int, default=SEED, help="weight seed (another seed: same shapes, other answers)")
+    parser.add_argument("--family", action="append", choices=sorted(BUILDERS), help="only these families")
     args = parser.parse_args(argv)
-    for family, build in BUILDERS.items():
+    for family in args.family or BUILDERS:
+        build = BUILDERS[family]
         target = args.out_dir / family
         if (target / "config.json").is_file() and not args.force:
             print(f"{target}: exists (use --force to rebuild)")
             continue
         start = time.perf_counter()
         target.mkdir(parents=True, exist_ok=True)
-        build(target)
+        build(target, args.seed)
         print(f"{target}: built in {time.perf_counter() - start:.1f}s")
     write_example_image(args.out_dir / "example.png")
     return 0

@@ -32,7 +32,7 @@ def free_ports(count: int) -> list[int]:
 
 def make_repository(directory: Path, checkpoints: Path, **profile_changes) -> Path:
     """The committed model folders (model.py files) with configs rendered for the CPU profile."""
-    shutil.copytree(REPO_ROOT / "model_repository", directory, ignore=shutil.ignore_patterns("config.pbtxt"))
+    shutil.copytree(REPO_ROOT / "model_repository", directory, ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
     render_repository(directory, replace(PROFILES["cpu"], checkpoints_dir=checkpoints, **profile_changes))
     return directory
 

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
 def model_parameters(args: dict) -> dict[str, str]:
-    """The model config's `parameters`, each overridable by `VLM_<MODEL>_<KEY>` in the environment.
+    """The model config's `parameters`, with two overrides, strongest last:
 
-    For example `VLM_QWEN2_5_VL_GENERATE_CHECKPOINT=/weights/qwen2.5-vl-7b` points
-    `qwen2_5_vl_generate` at real weights without editing the repository.
+    - a version folder that holds `checkpoint/` (weights shipped with that version, or a symlink
+      to them) serves those weights instead of the `checkpoint` parameter;
+    - `VLM_<MODEL>_<KEY>` in the environment replaces any parameter, e.g.
+      `VLM_QWEN2_5_VL_GENERATE_CHECKPOINT=/weights/qwen2.5-vl-7b`.
     """
     config = json.loads(args["model_config"])
     values = {key: entry["string_value"] for key, entry in config.get("parameters", {}).items()}
+    shipped = Path(args["model_repository"]) / args["model_version"] / "checkpoint"
+    if "checkpoint" in values and (shipped / "config.json").is_file():
+        values["checkpoint"] = str(shipped)
     prefix = f"VLM_{config['name'].upper()}_"
     for key in values:
         override = os.environ.get(prefix + key.upper())

@@ -39,7 +39,7 @@ def read_params(request) -> SamplingParams:
     )
 
 
-def to_response(update: RequestUpdate) -> "pb_utils.InferenceResponse":
+def to_response(update: RequestUpdate, version: str) -> "pb_utils.InferenceResponse":
     tensors = {
         "TEXT": np.array([[update.text.encode("utf-8")]], dtype=np.object_),
         "TOKEN_IDS": np.array([update.token_ids], dtype=np.int64).reshape(1, -1),
@@ -48,6 +48,7 @@ def to_response(update: RequestUpdate) -> "pb_utils.InferenceResponse":
         "COMPLETION_TOKENS": np.array([[update.completion_tokens]], dtype=np.int32),
         "IMAGE_TOKENS": np.array([[update.image_tokens]], dtype=np.int32),
         "CONFIDENCE": np.array([[update.confidence]], dtype=np.float32),
+        "MODEL_VERSION": np.array([[version.encode()]], dtype=np.object_),
     }
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
@@ -56,6 +57,7 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
         self.family = parameters["family"]
+        self.version = args["model_version"]
         device = "cpu"
         if args["model_instance_kind"] == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
@@ -66,7 +68,7 @@ class TritonPythonModel:
         model = load_model(parameters["checkpoint"], parameters["quantization"], device)
         self.generator = BatchGenerator(self.family, model, load_tokenizer(parameters["checkpoint"]), device)
         self.logger.log_info(
-            f"{args['model_name']}: loaded {parameters['checkpoint']} quantization={parameters['quantization']} "
+            f"{args['model_name']} version {self.version}: loaded {parameters['checkpoint']} quantization={parameters['quantization']} "
             f"on {device} in {time.perf_counter() - started:.1f}s"
         )
 
@@ -106,7 +108,7 @@ class TritonPythonModel:
         def on_update(index: int, update: RequestUpdate) -> None:
             if update.finished:
                 finished.add(index)
-            senders[index][1].send(to_response(update), flags=FINAL if update.finished else 0)
+            senders[index][1].send(to_response(update, self.version), flags=FINAL if update.finished else 0)
 
         def is_cancelled(index: int) -> bool:
             return senders[index][0].is_cancelled() or self.cancellations.is_cancelled(request_ids[index])

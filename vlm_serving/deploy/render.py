@@ -46,6 +46,7 @@ RESPONSE_TENSORS = [
     ("COMPLETION_TOKENS", "TYPE_INT32", "1"),
     ("IMAGE_TOKENS", "TYPE_INT32", "1"),
     ("CONFIDENCE", "TYPE_FP32", "1"),
+    ("MODEL_VERSION", "TYPE_STRING", "1"),
 ]
 
 
@@ -75,6 +76,8 @@ class Profile:
     max_images: int = 16
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Which versions of each model serve: "latest:N", "all" or "specific:1,2".
+    version_policy: str = "latest:1"
 
 
 PROFILES = {
@@ -122,6 +125,17 @@ def _instance_group(count: int, kind: str, gpus: tuple[int, ...] = ()) -> str:
     return f"instance_group [ {{ count: {count} kind: {kind}{gpu_list} }} ]"
 
 
+def _version_policy(policy: str) -> str:
+    kind, _, value = policy.partition(":")
+    if kind == "latest" and value.isdigit() and int(value) > 0:
+        return f"version_policy: {{ latest {{ num_versions: {value} }} }}"
+    if kind == "all" and not value:
+        return "version_policy: { all { } }"
+    if kind == "specific" and value and all(v.strip().isdigit() for v in value.split(",")):
+        return f"version_policy: {{ specific {{ versions: [ {', '.join(v.strip() for v in value.split(','))} ] }} }}"
+    raise ValueError(f"version policy {policy!r}: use latest:N, all or specific:1,2")
+
+
 def render_family(family: str, profile: Profile) -> dict[str, str]:
     """{model name: config.pbtxt text} for one family's three models."""
     image_tensors = IMAGE_TENSORS[family]
@@ -136,6 +150,7 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         max_image_bytes=profile.max_image_bytes,
         max_image_pixels=profile.max_image_pixels,
         dynamic_batching=_dynamic_batching(profile.preprocess_batching),
+        version_policy=_version_policy(profile.version_policy),
         # Image decoding and tokenization are CPU work on every profile.
         instance_group=_instance_group(profile.preprocess_instances, "KIND_CPU"),
     )
@@ -149,6 +164,7 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         quantization=profile.quantization,
         max_tokens_limit=profile.max_tokens_limit,
         dynamic_batching=_dynamic_batching(profile.generate_batching),
+        version_policy=_version_policy(profile.version_policy),
         instance_group=_instance_group(profile.generate_instances, profile.kind, profile.gpus),
     )
     ensemble = Template((TEMPLATES / "ensemble.pbtxt").read_text()).substitute(
@@ -186,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", help="comma-separated GPU ids for the gpu profile, e.g. 0,1")
     parser.add_argument("--quantization", help="none, int8 (CPU), bnb-int8, bnb-nf4 or awq (GPU)")
     parser.add_argument("--generate-instances", type=int, help="generation instances (per GPU on gpu)")
+    parser.add_argument("--version-policy", help="versions that serve: latest:N (default latest:1), all, specific:1,2")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
     if args.checkpoints:
@@ -196,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, quantization=args.quantization)
     if args.generate_instances:
         profile = replace(profile, generate_instances=args.generate_instances)
+    if args.version_policy:
+        profile = replace(profile, version_policy=args.version_policy)
     for path in render_repository(args.repository, profile):
         print(f"rendered {path.relative_to(args.repository.parent) if path.is_relative_to(args.repository.parent) else path}")
     return 0

@@ -4,8 +4,8 @@
     python -m vlm_serving.deploy.stack up      # background (make up); pids and logs under build/
     python -m vlm_serving.deploy.stack down    # make down
 
-Both bind to loopback. Unless VLM_API_KEYS is set, the gateway accepts the documented local
-development key `dev-local-key`.
+Both bind to loopback. Unless VLM_API_KEYS / VLM_ADMIN_API_KEYS are set, the gateway accepts the
+documented local development keys `dev-local-key` and, for the admin RPCs, `dev-admin-key`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from vlm_serving.cancellation import board_path
 from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonError, TritonServer, stop_process_group, tail
 
 DEV_API_KEY = "dev-local-key"
+DEV_ADMIN_API_KEY = "dev-admin-key"
 PID_FILES = {"gateway": BUILD / "gateway.pid", "triton": BUILD / "triton.pid"}
 
 
@@ -44,6 +45,7 @@ class GatewayProcess:
     def start(self) -> None:
         env = dict(os.environ)
         env.setdefault("VLM_API_KEYS", self.api_keys)
+        env.setdefault("VLM_ADMIN_API_KEYS", DEV_ADMIN_API_KEY)
         env.update(
             VLM_TRITON_URL=self.triton_url,
             VLM_LISTEN_ADDRESS=self.address,

@@ -35,14 +35,14 @@ class ScriptedBackend:
                 raise item
             yield item
 
-    async def server_ready(self):
-        return self.ready
-
-    async def model_ready(self, name):
+    async def server_live(self):
         return self.ready
 
     async def repository_index(self):
-        return [{"name": "pixtral_generate", "version": "1", "state": "READY"}]
+        if not self.ready:
+            return []
+        return [{"name": name, "version": "1", "state": "READY"} for family in ("pixtral", "qwen2_5_vl")
+                for name in (f"{family}_preprocess", f"{family}_generate", family)]
 
     async def model_parameters(self, name):
         return {"quantization": "int8"}

@@ -1,0 +1,208 @@
+"""Model-repository hot reload under load: explicit LoadModel through the gateway, and poll mode."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2
+from vlm.v1 import vlm_pb2, vlm_pb2_grpc
+
+from tests.integration.conftest import KEY, make_repository, start_gateway, start_server
+from vlm_client import VLMClient
+from vlm_serving import tiny_checkpoints
+from vlm_serving.ensemble_client import generate, user_message
+
+pytestmark = pytest.mark.integration
+ADMIN_KEY = "e2e-admin-key"
+GENERATE = "qwen2_5_vl_generate"
+
+
+def add_version(repository: Path, version: int, checkpoint: Path | None = None, broken: str | None = None) -> None:
+    """What an operator ships: a new version folder, with its own weights or with a fault."""
+    folder = repository / GENERATE / str(version)
+    folder.mkdir()
+    if broken:
+        (folder / "model.py").write_text(
+            f"class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError({broken!r})\n"
+        )
+    else:
+        (folder / "model.py").write_text((repository / GENERATE / "1" / "model.py").read_text())
+    if checkpoint:
+        (folder / "checkpoint").symlink_to(checkpoint)
+    # Triton compares modification times at one-second granularity: a load in the same second as
+    # the write would be repeated by the next load.
+    time.sleep(1.1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, checkpoints):
+    root = tmp_path_factory.mktemp("reload")
+    repository = make_repository(root / "model_repository", checkpoints)
+    triton = start_server(repository, load_models=("qwen2_5_vl", "cancel"))
+    gateway = start_gateway(triton.grpc_url, root, VLM_MODELS="qwen2.5-vl=qwen2_5_vl", VLM_ADMIN_API_KEYS=ADMIN_KEY)
+    yield repository, triton, gateway
+    gateway.stop()
+    triton.stop()
+
+
+def admin(gateway, key=ADMIN_KEY):
+    channel = grpc.insecure_channel(gateway.address)
+    return vlm_pb2_grpc.ModelAdminServiceStub(channel), (("authorization", f"Bearer {key}"),)
+
+
+class Load:
+    """Clients that call Generate without pause (no retries: every failure counts) until stopped."""
+
+    def __init__(self, address: str, clients: int = 4):
+        self.results: list[tuple[float, str, str]] = []
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(address,)) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, address: str) -> None:
+        with VLMClient(address, api_key=KEY, retries=0, timeout=60) as client:
+            while not self.stopping.is_set():
+                try:
+                    answer = client.generate("qwen2.5-vl", "Name the colours.", max_tokens=4)
+                    self.results.append((time.monotonic(), answer.model_version, answer.text))
+                except grpc.RpcError as error:
+                    self.failures.append(f"{error.code().name}: {error.details()}")
+
+    def wait_for(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.results) + len(self.failures) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def test_admin_rpcs_need_the_admin_scope(stack):
+    _, _, gateway = stack
+    for key, code in ((KEY, grpc.StatusCode.PERMISSION_DENIED), ("nobody", grpc.StatusCode.UNAUTHENTICATED)):
+        stub, metadata = admin(gateway, key)
+        for method, request in ((stub.LoadModel, vlm_pb2.LoadModelRequest(model="qwen2.5-vl")),
+                                (stub.UnloadModel, vlm_pb2.UnloadModelRequest(model="qwen2.5-vl"))):
+            with pytest.raises(grpc.RpcError) as caught:
+                method(request, metadata=metadata, timeout=10)
+            assert caught.value.code() == code
+    stub, metadata = admin(gateway)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.LoadModel(vlm_pb2.LoadModelRequest(model="gpt-4"), metadata=metadata, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_three_reloads_under_load_fail_no_request(stack, tmp_path, capsys):
+    repository, triton, gateway = stack
+    second = tmp_path / "weights-v2"
+    tiny_checkpoints.main([str(second), "--seed", "7", "--family", "qwen2_5_vl"])
+    stub, metadata = admin(gateway)
+    load = Load(gateway.address)
+    reloads = {}
+    try:
+        load.wait_for(100)
+        # 1. A new version with new weights.
+        add_version(repository, 2, checkpoint=second / "qwen2_5_vl")
+        reply = stub.LoadModel(vlm_pb2.LoadModelRequest(model="qwen2.5-vl"), metadata=metadata, timeout=300)
+        reloads["new version"] = reply.load_seconds
+        assert [(v.version, v.state) for v in reply.model.versions if v.state == "READY"] == [("2", "READY")]
+        switched_at = time.monotonic()
+        # 2. A changed config for the serving version.
+        config = repository / GENERATE / "config.pbtxt"
+        text = config.read_text()
+        assert 'max_tokens_limit" value: { string_value: "4096"' in text
+        config.write_text(text.replace('string_value: "4096"', 'string_value: "2048"')
+                          .replace("max_queue_delay_microseconds: 5000", "max_queue_delay_microseconds: 2000"))
+        time.sleep(1.1)
+        reply = stub.LoadModel(vlm_pb2.LoadModelRequest(model="qwen2.5-vl"), metadata=metadata, timeout=300)
+        reloads["changed config"] = reply.load_seconds
+        served = triton_grpc.InferenceServerClient(triton.grpc_url).get_model_config(GENERATE, as_json=True)["config"]
+        assert served["parameters"]["max_tokens_limit"]["string_value"] == "2048"
+        assert served["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"
+        # 3. A broken version: the load fails, says why, and version 2 goes on serving.
+        add_version(repository, 3, broken="weights for version 3 are corrupt")
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.LoadModel(vlm_pb2.LoadModelRequest(model="qwen2.5-vl"), metadata=metadata, timeout=300)
+        reloads["broken version"] = time.perf_counter() - started
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "weights for version 3 are corrupt" in caught.value.details()
+        assert f"loading {GENERATE} failed; the previous version keeps serving" in caught.value.details()
+        broken_at = time.monotonic()
+        load.wait_for(1000)
+        while time.monotonic() < broken_at + 2:  # answers after the failed load, too
+            time.sleep(0.1)
+    finally:
+        load.stop()
+        # The operator takes the broken version out again, as later tests expect a loadable repository.
+        shutil.rmtree(repository / GENERATE / "3", ignore_errors=True)
+    total = len(load.results) + len(load.failures)
+    assert load.failures == [], load.failures[:5]
+    assert total >= 1000
+    versions = [version for _, version, _ in load.results]
+    assert "1" in versions and "2" in versions and "3" not in versions
+    after = [(version, text) for at, version, text in load.results if at > switched_at + 1]
+    assert after and {version for version, _ in after} == {"2"}
+    texts = {version: {text for _, v, text in load.results if v == version} for version in ("1", "2")}
+    assert len(texts["1"]) == 1 and len(texts["2"]) == 1 and texts["1"] != texts["2"], "each version answers its own way"
+    with VLMClient(gateway.address, api_key=KEY) as client:
+        [model] = client.list_models()
+        assert model.ready and {(v.version, v.state) for v in model.versions} >= {("2", "READY")}
+        assert any(v.version == "3" and "corrupt" in v.reason for v in model.versions)
+    with capsys.disabled():
+        print(f"\nreload under load: {total} requests, 0 failed; load seconds "
+              + ", ".join(f"{name} {seconds:.1f}" for name, seconds in reloads.items()))
+
+
+def test_unload_and_load_are_seen_by_health_and_list_models(stack):
+    _, _, gateway = stack
+    stub, metadata = admin(gateway)
+    reply = stub.UnloadModel(vlm_pb2.UnloadModelRequest(model="qwen2.5-vl"), metadata=metadata, timeout=60)
+    assert not reply.model.ready
+    with VLMClient(gateway.address, api_key=KEY, retries=0) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate("qwen2.5-vl", "anyone?", max_tokens=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "qwen2.5-vl" in caught.value.details()
+        deadline = time.monotonic() + 10
+        while gateway.health() == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert gateway.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert stub.LoadModel(vlm_pb2.LoadModelRequest(model="qwen2.5-vl"), metadata=metadata, timeout=300).model.ready
+        gateway.wait_serving(10)
+        assert client.generate("qwen2.5-vl", "back?", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_poll_mode_serves_a_new_version_once_without_reload_loops(tmp_path, checkpoints):
+    repository = make_repository(tmp_path / "model_repository", checkpoints)
+    triton = start_server(repository, model_control="poll")
+    try:
+        url = triton.grpc_url
+        assert generate(url, "qwen2_5_vl", user_message("v?", 0), [], max_tokens=2).model_version == "1"
+        add_version(repository, 2)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if generate(url, "qwen2_5_vl", user_message("v?", 0), [], max_tokens=2).model_version == "2":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("poll mode never served version 2")
+        log = triton.log_path.read_text()
+        start_loads = log.count(f"successfully loaded '{GENERATE}'")
+        time.sleep(6)  # three poll cycles
+        log = triton.log_path.read_text()
+        assert log.count(f"successfully loaded '{GENERATE}'") == start_loads, "the poller reloaded an unchanged model"
+        # One load at start and one for version 2: no reload caused by bytecode written at import.
+        assert start_loads == 2 and log.count(f"{GENERATE} version 2: loaded") == 1
+        assert not list(repository.rglob("__pycache__"))
+    finally:
+        triton.stop()
