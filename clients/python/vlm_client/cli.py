@@ -2,6 +2,7 @@
 
     VLM_API_KEY=dev-local-key vlm generate --model qwen2.5-vl --image photo.jpg "What is this?" --stream
     VLM_API_KEY=dev-local-key vlm models
+    VLM_API_KEY=dev-admin-key vlm load qwen2.5-vl     # put new versions/configs live (admin key)
 """
 
 from __future__ import annotations
@@ -33,11 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", default=[])
     commands.add_parser("models", help="list served models")
+    for name, text in (("load", "load or reload a model from the repository (admin key)"),
+                       ("unload", "unload a model (admin key)")):
+        commands.add_parser(name, help=text).add_argument("model")
     args = parser.parse_args(argv)
     try:
         with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout) as client:
-            if args.command == "models":
-                for model in client.list_models():
+            if args.command in ("models", "load", "unload"):
+                if args.command == "load":
+                    reply = client.load_model(args.model)
+                    print(f"loaded in {reply.load_seconds:.1f}s", file=sys.stderr)
+                    models = [reply.model]
+                elif args.command == "unload":
+                    models = [client.unload_model(args.model).model]
+                else:
+                    models = client.list_models()
+                for model in models:
                     versions = ", ".join(f"{v.version}:{v.state}" for v in model.versions)
                     print(f"{model.name}\tfamily={model.family}\tready={model.ready}\t"
                           f"quantization={model.quantization}\tversions={versions}")

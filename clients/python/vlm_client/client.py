@@ -59,6 +59,7 @@ class VLMClient(_Base):
         super().__init__(*args, **kwargs)
         self.channel = grpc.insecure_channel(self.address)
         self.stub = vlm_pb2_grpc.VisionLanguageServiceStub(self.channel)
+        self.admin = vlm_pb2_grpc.ModelAdminServiceStub(self.channel)
 
     def __enter__(self) -> "VLMClient":
         return self
@@ -103,6 +104,13 @@ class VLMClient(_Base):
 
     def list_models(self, timeout: float | None = None) -> list[vlm_pb2.ModelInfo]:
         return list(self._call(self.stub.ListModels, vlm_pb2.ListModelsRequest(), timeout).models)
+
+    def load_model(self, model: str, timeout: float | None = 600.0) -> vlm_pb2.LoadModelResponse:
+        """Put the repository's current versions and config of `model` live (admin key)."""
+        return self._call(self.admin.LoadModel, vlm_pb2.LoadModelRequest(model=model), timeout)
+
+    def unload_model(self, model: str, timeout: float | None = 120.0) -> vlm_pb2.UnloadModelResponse:
+        return self._call(self.admin.UnloadModel, vlm_pb2.UnloadModelRequest(model=model), timeout)
 
 
 class AsyncVLMClient(_Base):
