@@ -110,20 +110,20 @@ class TritonBackend:
         try:
             async for result, error in responses:
                 if error is not None:
-                    finished = True  # Triton ended the request itself
                     raise error
                 chunk = parse_response(result)
                 finished = chunk.finished
                 yield chunk
                 if finished:
                     return
-        except grpc.RpcError as exc:  # the stream itself failed (Triton down, connection lost)
-            finished = True
+        except grpc.RpcError as exc:  # the stream itself failed (Triton down, deadline, connection lost)
             raise InferenceServerException(exc.details() or str(exc), status=str(exc.code())) from None
         finally:
             responses.cancel()
             if not finished:
-                # Not awaited: the caller is gone; the board write must not hold up the cancellation.
+                # Whatever ended the call early (caller gone, deadline, error), make sure generation
+                # stops: a harmless no-op for a request Triton already ended. Not awaited, so it
+                # never holds up the caller.
                 task = asyncio.get_running_loop().create_task(self.cancel(triton_id))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)

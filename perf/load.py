@@ -1,0 +1,157 @@
+"""An asyncio load generator for the public API and, with the same requests, for Triton directly.
+
+    .venv/bin/python -m perf.load --target gateway --address localhost:50051 --model qwen2.5-vl \
+        --concurrency 16 --requests 256 [--stream] [--max-tokens 32]
+
+Reports throughput and p50/p95/p99 latency, and for streams the time to the first text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import tritonclient.grpc.aio as triton_aio
+from vlm.v1 import vlm_pb2, vlm_pb2_grpc
+
+from perf.workload import WorkItem, messages, workload
+from vlm_serving.ensemble_client import build_inputs, parse_response
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    first_text: list[float] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return (self.requests - self.errors) / self.seconds
+
+    def percentile(self, q: float, values: list[float] | None = None) -> float:
+        values = sorted(self.latencies if values is None else values)
+        return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+
+    def summary(self) -> str:
+        text = (f"{self.throughput:.1f} req/s, p50 {self.percentile(50) * 1000:.1f} ms, "
+                f"p95 {self.percentile(95) * 1000:.1f} ms, p99 {self.percentile(99) * 1000:.1f} ms, "
+                f"errors {self.errors}")
+        if self.first_text:
+            text += f", first text p50 {statistics.median(self.first_text) * 1000:.1f} ms"
+        return text
+
+
+class GatewayTarget:
+    def __init__(self, address: str, api_key: str, model: str):
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = vlm_pb2_grpc.VisionLanguageServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),)
+        self.model = model
+
+    async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> float | None:
+        """Send one request; return the time to its first text (streams) or None."""
+        parts = ([vlm_pb2.Part(image=vlm_pb2.Image(data=item.image))] if item.image else [])
+        parts.append(vlm_pb2.Part(text=item.prompt))
+        request = vlm_pb2.GenerateRequest(model=self.model, messages=[vlm_pb2.Message(role="user", parts=parts)],
+                                          config=vlm_pb2.GenerationConfig(max_tokens=max_tokens))
+        if not stream:
+            await self.stub.Generate(request, metadata=self.metadata, timeout=300)
+            return None
+        started, first = time.perf_counter(), None
+        async for message in self.stub.GenerateStream(request, metadata=self.metadata, timeout=300):
+            if first is None and message.text:
+                first = time.perf_counter() - started
+        return first
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class TritonTarget:
+    """The same requests straight to the ensemble (what the gateway would send)."""
+
+    def __init__(self, url: str, ensemble: str):
+        self.client = triton_aio.InferenceServerClient(url)
+        self.ensemble = ensemble
+
+    async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> float | None:
+        inputs = build_inputs(messages(item), [item.image] if item.image else [], max_tokens=max_tokens, stream=stream)
+
+        async def one():
+            yield {"model_name": self.ensemble, "inputs": inputs, "enable_empty_final_response": False}
+
+        started, first = time.perf_counter(), None
+        async for result, error in self.client.stream_infer(one(), stream_timeout=300):
+            if error is not None:
+                raise error
+            chunk = parse_response(result)
+            if first is None and chunk.text:
+                first = time.perf_counter() - started
+            if chunk.finished:
+                break
+        return first if stream else None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def run_load(target, items: list[WorkItem], concurrency: int, requests: int, max_tokens: int,
+                   stream: bool = False, warmup: int = 4) -> LoadResult:
+    for item in items[:warmup]:
+        await target.call(item, max_tokens, stream)
+    result = LoadResult(requests=requests, errors=0, seconds=0.0)
+    counter = iter(range(requests))
+
+    async def worker():
+        for i in counter:
+            started = time.perf_counter()
+            try:
+                first = await target.call(items[i % len(items)], max_tokens, stream)
+            except Exception:
+                result.errors += 1
+                continue
+            result.latencies.append(time.perf_counter() - started)
+            if first is not None:
+                result.first_text.append(first)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=["gateway", "triton"], default="gateway")
+    parser.add_argument("--address", default="localhost:50051", help="gateway host:port, or Triton gRPC for --target triton")
+    parser.add_argument("--api-key", default=os.environ.get("VLM_API_KEY", "dev-local-key"))
+    parser.add_argument("--model", default="qwen2.5-vl", help="public model name (gateway) or ensemble (triton)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--text-only", action="store_true")
+    args = parser.parse_args()
+
+    async def go():
+        target = (GatewayTarget(args.address, args.api_key, args.model) if args.target == "gateway"
+                  else TritonTarget(args.address, args.model))
+        try:
+            result = await run_load(target, workload(with_images=not args.text_only), args.concurrency,
+                                    args.requests, args.max_tokens, args.stream)
+        finally:
+            await target.close()
+        print(result.summary())
+
+    asyncio.run(go())
+
+
+if __name__ == "__main__":
+    main()
