@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/python
 PROTO := protos/vlm/v1/vlm.proto
 
-.PHONY: setup protos node models configs up down run test test-unit test-integration clean
+.PHONY: setup protos node perf-tools bench models configs up down run test test-unit test-integration clean
 
 setup: $(STAMP) protos node
 
@@ -65,6 +65,14 @@ test-unit: models
 
 test-integration: models configs
 	$(PY) -m pytest -q tests/integration
+
+# perf_analyzer (binary from the tritonclient 2.48 wheel) into build/perf/, apart from the venv.
+perf-tools: setup
+	bash perf/install_perf_tools.sh
+
+# Starts its own servers, prints one table of ratios measured in the same run, stops them.
+bench: models configs
+	$(PY) -m perf.bench
 
 clean:
 	rm -rf build model_repository/*/config.pbtxt

@@ -1,0 +1,201 @@
+"""make bench: start the stack, measure, print one table of ratios measured in this run.
+
+    .venv/bin/python -m perf.bench [--quick]
+
+1. gateway throughput / direct Triton throughput (same ensemble, same requests, concurrency 16),
+   and the gateway's added p50 latency on a trivial request (text only, one token);
+2. dynamic batching on / off (max batch 1), direct to Triton, concurrency 16;
+3. preprocessing images/s, ours / transformers' own image processors, on the same pictures,
+   outputs checked equal;
+4. streaming time to first text / whole-response time at 64 output tokens.
+With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
+Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from perf.load import GatewayTarget, TritonTarget, run_load
+from perf.workload import perf_analyzer_input, workload
+from vlm_serving.deploy.render import PROFILES, Batching, render_repository
+from vlm_serving.deploy.stack import GatewayProcess
+from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonServer
+from vlm_serving.preprocess import load_preprocessor
+
+BENCH = BUILD / "bench"
+PERF_ANALYZER = BUILD / "perf" / "bin" / "perf_analyzer"
+KEY = "bench-key"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def repository(name: str, **profile_changes) -> Path:
+    import shutil
+
+    target = BENCH / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(REPO_ROOT / "model_repository", target, ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
+    render_repository(target, replace(PROFILES["cpu"], **profile_changes))
+    return target
+
+
+def triton(name: str, **profile_changes) -> TritonServer:
+    server = TritonServer(repository=repository(name, **profile_changes), http_port=free_port(),
+                          grpc_port=free_port(), metrics_port=free_port(), log_path=BENCH / f"{name}.log")
+    server.start()
+    server.wait_ready(300)
+    return server
+
+
+def load(target, items, concurrency, requests, max_tokens, stream=False):
+    async def go():
+        try:
+            return await run_load(target(), items, concurrency, requests, max_tokens, stream)
+        finally:
+            pass
+
+    return asyncio.run(go())
+
+
+def preprocessing_ratio(rounds: int) -> tuple[float, float, float]:
+    """(ours images/s, transformers images/s, max abs difference) over both families."""
+    from transformers import AutoImageProcessor
+
+    pictures = [Image.open(io.BytesIO(item.image)).convert("RGB") for item in workload(16)]
+    ours_time = theirs_time = 0.0
+    worst = 0.0
+    for family in ("qwen2_5_vl", "pixtral"):
+        checkpoint = BUILD / "models" / family
+        ours = load_preprocessor(family, checkpoint)
+        theirs = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True)
+        for picture in pictures:  # equal outputs first
+            mine = ours.build([picture], np.array([ours.image_pad_id if family == "qwen2_5_vl" else ours.image_id]))
+            reference = theirs(picture, return_tensors="np")
+            worst = max(worst, float(np.abs(mine.image_tensors["pixel_values"] - reference["pixel_values"]).max()))
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for picture in pictures:
+                ours.build([picture], np.array([ours.image_pad_id if family == "qwen2_5_vl" else ours.image_id]))
+            ours_time += time.perf_counter() - started
+            started = time.perf_counter()
+            for picture in pictures:
+                theirs(picture, return_tensors="np")
+            theirs_time += time.perf_counter() - started
+    count = 2 * rounds * len(pictures)
+    return count / ours_time, count / theirs_time, worst
+
+
+def perf_analyzer(server: TritonServer, ensemble: str, stream: bool) -> str:
+    """perf_analyzer's throughput at concurrency 16 (CSV kept under build/bench/)."""
+    data = perf_analyzer_input(workload(16), 16, stream, BENCH / f"input_{ensemble}.json")
+    out = BENCH / f"perf_analyzer_{ensemble}_{'stream' if stream else 'unary'}.csv"
+    command = [str(PERF_ANALYZER), "-m", ensemble, "-u", server.grpc_url, "-i", "grpc", "--streaming",
+               "--input-data", str(data), "--concurrency-range", "16:16", "--measurement-interval", "4000",
+               "--stability-percentage", "50", "-f", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        return f"failed: {result.stdout[-300:]}{result.stderr[-300:]}"
+    row = next(csv.DictReader(out.open()))
+    return f"{float(row['Inferences/Second']):.1f} infer/s, p50 {int(row['p50 latency']) / 1000:.0f} ms"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Benchmarks with ratios measured in one run.")
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier)")
+    args = parser.parse_args()
+    scale = 0.25 if args.quick else 1.0
+    n = lambda count: max(8, int(count * scale))  # noqa: E731
+    BENCH.mkdir(parents=True, exist_ok=True)
+    images = workload(16)
+    text_only = workload(16, with_images=False)
+    rows, notes = [], []
+    servers = []
+    try:
+        # 2. batching off first, alone on the machine, then stopped.
+        unbatched = triton("unbatched", preprocess_batching=Batching(1, (1,), 0, 256),
+                           generate_batching=Batching(1, (1,), 0, 256))
+        servers.append(unbatched)
+        off = load(lambda: TritonTarget(unbatched.grpc_url, "qwen2_5_vl"), images, 16, n(96), 32)
+        unbatched.stop()
+        servers.remove(unbatched)
+
+        batched = triton("batched")
+        servers.append(batched)
+        gateway = GatewayProcess(triton_url=batched.grpc_url, address=f"127.0.0.1:{free_port()}",
+                                 metrics_port=free_port(), log_path=BENCH / "gateway.log",
+                                 extra_env={"VLM_API_KEYS": KEY})
+        gateway.start()
+        servers.append(gateway)
+        gateway.wait_serving(60)
+        on = load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(96), 32)
+        rows.append(("2", "dynamic batching on / off (max batch 1), c=16, 32 tokens",
+                     f"{on.throughput:.1f} / {off.throughput:.1f} req/s", on.throughput / off.throughput, ">= 4", "x"))
+
+        # 1. gateway vs direct, same requests.
+        direct = load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(128), 16)
+        through = load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 16, n(128), 16)
+        rows.append(("1a", "gateway / direct Triton throughput, c=16, 16 tokens",
+                     f"{through.throughput:.1f} / {direct.throughput:.1f} req/s", through.throughput / direct.throughput,
+                     ">= 0.95", "x"))
+        trivial_direct = load(lambda: TritonTarget(batched.grpc_url, "pixtral"), text_only, 1, n(200), 1)
+        trivial_gateway = load(lambda: GatewayTarget(gateway.address, KEY, "pixtral"), text_only, 1, n(200), 1)
+        added = (trivial_gateway.percentile(50) - trivial_direct.percentile(50)) * 1000
+        rows.append(("1b", "gateway added p50 latency, trivial request (text, 1 token), c=1",
+                     f"{trivial_gateway.percentile(50) * 1000:.2f} - {trivial_direct.percentile(50) * 1000:.2f} ms",
+                     added, "<= 1 ms", "ms"))
+
+        # 4. time to first text vs whole response, 64 tokens, through the gateway.
+        streamed = load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 1, n(24), 64, stream=True)
+        first, whole = statistics.median(streamed.first_text), streamed.percentile(50)
+        rows.append(("4", "stream: first text / whole response, 64 tokens, c=1",
+                     f"{first * 1000:.1f} / {whole * 1000:.1f} ms", first / whole, "<= 0.2", "x"))
+
+        # 3. preprocessing, in this process.
+        ours, theirs, worst = preprocessing_ratio(rounds=max(1, int(3 * scale)))
+        rows.append(("3", "preprocessing images/s, ours / transformers processors (max |diff| "
+                     f"{worst:.1e})", f"{ours:.1f} / {theirs:.1f} images/s", ours / theirs, ">= 3", "x"))
+        if worst > 1e-5:
+            notes.append(f"preprocessing outputs differ by {worst:.2e} (> 1e-5): the ratio is not valid")
+
+        if PERF_ANALYZER.exists():
+            for ensemble in ("qwen2_5_vl", "pixtral"):
+                for stream in (False, True):
+                    notes.append(f"perf_analyzer {ensemble} {'stream' if stream else 'unary'} c=16, 16 tokens: "
+                                 f"{perf_analyzer(batched, ensemble, stream)}")
+        else:
+            notes.append("perf_analyzer not installed (`make perf-tools`): its rows are skipped")
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+    print("\n| # | measure | measured | ratio | goal |")
+    print("| --- | --- | --- | --- | --- |")
+    for key, name, measured, ratio, goal, unit in sorted(rows):
+        value = f"{ratio:.2f} ms" if unit == "ms" else f"{ratio:.2f}x"
+        print(f"| {key} | {name} | {measured} | {value} | {goal} |")
+    for note in notes:
+        print(f"- {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
