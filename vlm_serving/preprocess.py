@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +46,16 @@ def normalization_table(rescale_factor: float, mean: list[float], std: list[floa
     return (levels[None, :] - mean32) / std32
 
 
-def normalize_hwc(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [H, W, 3] through the per-channel table."""
-    out = np.empty(pixels.shape, dtype=np.float32)
-    for channel in range(3):
-        out[..., channel] = table[channel][pixels[..., channel]]
-    return out
+def normalize(pixels: np.ndarray, table: np.ndarray, channel_axis: int) -> np.ndarray:
+    """uint8 pixels (3 channels along `channel_axis`) -> float32 of the same shape, via the table.
+
+    One gather from the flattened [3 * 256] table. Callers rearrange the uint8 pixels into the
+    output layout first: moving bytes is four times cheaper than moving floats.
+    """
+    shape = [1] * pixels.ndim
+    shape[channel_axis] = 3
+    offsets = (np.arange(3, dtype=np.uint16) * 256).reshape(shape)
+    return np.take(table.reshape(-1), pixels.astype(np.uint16) + offsets)
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -63,10 +69,13 @@ class FamilyPreprocessor:
 
     family: str
 
-    def __init__(self, checkpoint_dir: str | Path, limits: ImageLimits = ImageLimits(), max_images: int = 16):
+    def __init__(self, checkpoint_dir: str | Path, limits: ImageLimits = ImageLimits(), max_images: int = 16,
+                 threads: int | None = None):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.checkpoint_dir = Path(checkpoint_dir)
+        # Decoding and resizing release the GIL: the images of a request are processed in parallel.
+        self.pool = ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1))
         self.limits = limits
         self.max_images = max_images
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir, local_files_only=True)
@@ -88,13 +97,17 @@ class FamilyPreprocessor:
         if len(encoded_images) > self.max_images:
             raise ImageError(f"{len(encoded_images)} images is over the limit of {self.max_images} per request")
         # Decode every image first: a bad one fails the request before any resize or tokenization.
-        pictures = [decode_image(data, self.limits, index=i) for i, data in enumerate(encoded_images)]
+        pictures = self.map(lambda i: decode_image(encoded_images[i], self.limits, index=i), range(len(encoded_images)))
         prompt = render_prompt(self.tokenizer, self.chat_template, messages)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return self.build(pictures, np.asarray(ids, dtype=np.int64))
 
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
         raise NotImplementedError
+
+    def map(self, function, items) -> list:
+        items = list(items)
+        return [function(item) for item in items] if len(items) < 2 else list(self.pool.map(function, items))
 
     def _expand(self, prompt_ids: np.ndarray, placeholder_id: int, expansions: list[np.ndarray]) -> np.ndarray:
         """Replace the k-th placeholder token by expansions[k]."""
@@ -146,20 +159,19 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
             picture.height, picture.width, self.patch * self.merge, self.min_pixels, self.max_pixels
         )
         resized = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC))
-        pixels = normalize_hwc(resized, self.table)
         p, m = self.patch, self.merge
         grid_h, grid_w = height // p, width // p
-        blocks = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, 3)
-        # -> [merge-block row, merge-block col, row in block, col in block, channel, py, px]
-        blocks = blocks.transpose(0, 3, 1, 4, 6, 2, 5)
+        blocks = resized.reshape(grid_h // m, m, p, grid_w // m, m, p, 3)
+        # -> [merge-block row, merge-block col, row in block, col in block, channel, py, px], still uint8
+        blocks = blocks.transpose(0, 3, 1, 4, 6, 2, 5).reshape(grid_h * grid_w, 3, 1, p, p)
         # A still image fills every temporal slot of the patch with the same frame.
-        patches = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], self.temporal, p, p))
-        patches = patches.reshape(grid_h * grid_w, 3 * self.temporal * p * p)
-        return patches, np.array([1, grid_h, grid_w], dtype=np.int64)
+        patches = np.empty((grid_h * grid_w, 3, self.temporal, p, p), dtype=np.float32)
+        patches[:] = normalize(blocks, self.table, channel_axis=1)
+        return patches.reshape(grid_h * grid_w, -1), np.array([1, grid_h, grid_w], dtype=np.int64)
 
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
         patch_dim = 3 * self.temporal * self.patch * self.patch
-        results = [self.patchify(picture) for picture in pictures]
+        results = self.map(self.patchify, pictures)
         pixel_values = (
             np.concatenate([patches for patches, _ in results])
             if results
@@ -210,9 +222,14 @@ class PixtralPreprocessor(FamilyPreprocessor):
         max_h = max((h for h, _ in sizes), default=0)
         max_w = max((w for _, w in sizes), default=0)
         pixel_values = np.zeros((len(pictures), 3, max_h, max_w), dtype=np.float32)
-        for i, (picture, (height, width)) in enumerate(zip(pictures, sizes)):
-            resized = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC))
-            pixel_values[i, :, :height, :width] = normalize_hwc(resized, self.table).transpose(2, 0, 1)
+
+        def fill(i: int) -> None:
+            height, width = sizes[i]
+            resized = np.asarray(pictures[i].resize((width, height), Image.Resampling.BICUBIC))
+            for channel in range(3):  # gather straight into the padded output, no float transpose
+                pixel_values[i, channel, :height, :width] = self.table[channel][resized[..., channel]]
+
+        self.map(fill, range(len(pictures)))
         expansions = [self.placeholder_ids(h, w) for h, w in sizes]
         return PreprocessedRequest(
             input_ids=self._expand(prompt_ids, self.image_id, expansions),

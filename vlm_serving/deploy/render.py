@@ -70,7 +70,7 @@ class Profile:
     generate_instances: int = 1  # per GPU on the GPU profile
     quantization: str = "none"
     preprocess_batching: Batching = Batching(16, (4, 8, 16), 1000, 128)
-    generate_batching: Batching = Batching(8, (4, 8), 5000, 64)
+    generate_batching: Batching = Batching(16, (8, 16), 5000, 64)
     checkpoints_dir: Path = field(default=REPO_ROOT / "build" / "models")
     max_tokens_limit: int = 4096
     max_images: int = 16
