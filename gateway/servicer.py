@@ -78,8 +78,8 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         remaining = context.time_remaining()
         timeout = min(remaining, self.settings.default_timeout_s) if remaining else self.settings.default_timeout_s
         started, first = time.perf_counter(), None
-        log.info("request", extra={"fields": {"model": call.model, "images": len(images),
-                                              "max_tokens": call.params.max_tokens, "stream": call.params.stream}})
+        log.debug("request", extra={"fields": {"model": call.model, "images": len(images),
+                                               "max_tokens": call.params.max_tokens, "stream": call.params.stream}})
         try:
             async with asyncio.timeout(timeout):
                 async for chunk in self.backend.generate(
@@ -91,9 +91,10 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                     if chunk.finished:
                         self.metrics.count_usage(call.model, chunk.prompt_tokens, chunk.completion_tokens,
                                                  chunk.image_tokens)
+                        # One line per request, at the end: enough to trace it, cheap on the hot path.
                         log.info("done", extra={"fields": {
-                            "model": call.model, "finish_reason": chunk.finish_reason,
-                            "completion_tokens": chunk.completion_tokens,
+                            "model": call.model, "images": len(images), "stream": call.params.stream,
+                            "finish_reason": chunk.finish_reason, "completion_tokens": chunk.completion_tokens,
                             "latency_s": round(time.perf_counter() - started, 4)}})
                     yield chunk
         except TimeoutError:
