@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/python
 PROTO := protos/vlm/v1/vlm.proto
 
-.PHONY: setup protos node perf-tools bench models configs up down run test test-unit test-integration clean
+.PHONY: setup protos node perf-tools bench sweep models configs up down run test test-unit test-integration clean
 
 setup: $(STAMP) protos node
 
@@ -73,6 +73,10 @@ perf-tools: setup
 # Starts its own servers, prints one table of ratios measured in the same run, stops them.
 bench: models configs
 	$(PY) -m perf.bench
+
+# perf_analyzer concurrency sweeps (CSV under build/perf/sweeps/) against the running stack (`make up`).
+sweep: perf-tools
+	$(PY) -m perf.sweep
 
 clean:
 	rm -rf build model_repository/*/config.pbtxt
