@@ -83,7 +83,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         try:
             async with asyncio.timeout(timeout):
                 async for chunk in self.backend.generate(
-                    call.ensemble, call.messages, images, call.params, call.request_id, timeout
+                    call.ensemble, call.messages, images, call.params, call.request_id
                 ):
                     if first is None and chunk.text:
                         first = time.perf_counter() - started

@@ -1,6 +1,8 @@
 """The gateway's only contact with Triton: ensemble calls on the gRPC stream API, model state.
 
-Triton's errors become `ApiError`s with the status code a caller can act on.
+All requests share one long-lived `ModelStreamInfer` stream, with responses routed back by request
+id: a stream per request cost a fifth of the gateway's CPU (see perf/RESULTS.md). Triton's
+errors become `ApiError`s with the status code a caller can act on.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from collections.abc import AsyncIterator
 import grpc
 import tritonclient.grpc.aio as triton_aio
 import numpy as np
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
+from tritonclient.grpc._infer_result import InferResult
+from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import ApiError, invalid_argument
@@ -64,11 +70,68 @@ def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image
     return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text}")
 
 
+class _SharedStream:
+    """One ModelStreamInfer call carrying many requests; a reader task routes responses by id.
+
+    When the call fails (Triton stopped, connection lost) every request waiting on it gets the
+    error, and the next request opens a new call.
+    """
+
+    def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub):
+        self.call = stub.ModelStreamInfer()
+        self.waiting: dict[str, asyncio.Queue] = {}
+        self.write_lock = asyncio.Lock()  # grpc.aio allows one write in flight per call
+        self.failed: InferenceServerException | None = None
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    raise InferenceServerException("the stream to Triton ended", status="StatusCode.UNAVAILABLE")
+                queue = self.waiting.get(response.infer_response.id)
+                if queue is not None:  # else: the caller gave up on this request already
+                    queue.put_nowait(response)
+        except grpc.RpcError as exc:
+            self.failed = InferenceServerException(exc.details() or str(exc), status=str(exc.code()))
+        except InferenceServerException as exc:
+            self.failed = exc
+        for queue in self.waiting.values():
+            queue.put_nowait(self.failed)
+
+    async def submit(self, request, request_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self.waiting[request_id] = queue
+        try:
+            async with self.write_lock:
+                await self.call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+            self.waiting.pop(request_id, None)
+            self.failed = self.failed or InferenceServerException(str(exc), status="StatusCode.UNAVAILABLE")
+            raise self.failed from None
+        return queue
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.reader.cancel()
+
+
 class TritonBackend:
     def __init__(self, url: str):
         self.url = url
         self.client = triton_aio.InferenceServerClient(url)
+        options = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                   ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE)]
+        self._channel = grpc.aio.insecure_channel(url, options=options)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._stream: _SharedStream | None = None
         self._pending: set[asyncio.Task] = set()
+
+    def _shared_stream(self) -> _SharedStream:
+        if self._stream is None or self._stream.failed is not None:
+            self._stream = _SharedStream(self._stub)
+        return self._stream
 
     async def generate(
         self,
@@ -77,7 +140,6 @@ class TritonBackend:
         images: list[bytes],
         params: SamplingParams,
         request_id: str,
-        timeout_s: float,
     ) -> AsyncIterator[ResponseChunk]:
         """The ensemble's responses as chunks.
 
@@ -101,25 +163,28 @@ class TritonBackend:
             request_id=triton_id,
         )
 
-        async def one_request():
-            yield {"model_name": ensemble, "inputs": inputs, "request_id": request_id,
-                   "enable_empty_final_response": False}
-
-        responses = self.client.stream_infer(inputs_iterator=one_request(), stream_timeout=timeout_s)
+        # tritonclient's own request builder (a private helper of the pinned 2.73 release).
+        request = _get_inference_request(
+            model_name=ensemble, inputs=inputs, model_version="", request_id=triton_id, outputs=None,
+            sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None, parameters=None,
+        )
+        stream = self._shared_stream()
         finished = False
         try:
-            async for result, error in responses:
-                if error is not None:
-                    raise error
-                chunk = parse_response(result)
+            responses = await stream.submit(request, triton_id)
+            while True:
+                response = await responses.get()
+                if isinstance(response, InferenceServerException):
+                    raise response
+                if response.error_message:
+                    raise InferenceServerException(response.error_message)
+                chunk = parse_response(InferResult(response.infer_response))
                 finished = chunk.finished
                 yield chunk
                 if finished:
                     return
-        except grpc.RpcError as exc:  # the stream itself failed (Triton down, deadline, connection lost)
-            raise InferenceServerException(exc.details() or str(exc), status=str(exc.code())) from None
         finally:
-            responses.cancel()
+            stream.waiting.pop(triton_id, None)
             if not finished:
                 # Whatever ended the call early (caller gone, deadline, error), make sure generation
                 # stops: a harmless no-op for a request Triton already ended. Not awaited, so it
@@ -159,5 +224,8 @@ class TritonBackend:
         await self.client.unload_model(name)
 
     async def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        await self._channel.close()
         await self.client.close()
 

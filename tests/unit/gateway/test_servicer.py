@@ -28,7 +28,7 @@ class ScriptedBackend:
         self.calls = []
         self.ready = True
 
-    async def generate(self, ensemble, messages, images, params, request_id, timeout_s):
+    async def generate(self, ensemble, messages, images, params, request_id):
         self.calls.append((ensemble, messages, images, params))
         for item in self.script:
             if isinstance(item, Exception):
