@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import grpc
-import tritonclient.grpc.aio as triton_aio
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
+from gateway.triton_backend import TritonBackend
 from perf.workload import WorkItem, messages, workload
-from vlm_serving.ensemble_client import build_inputs, parse_response
+from vlm_serving.sampling import SamplingParams
 
 
 @dataclass
@@ -75,31 +76,25 @@ class GatewayTarget:
 
 
 class TritonTarget:
-    """The same requests straight to the ensemble (what the gateway would send)."""
+    """The same requests straight to the ensemble, sent the way the gateway sends them (its
+    Triton backend: one shared stream), so the difference to GatewayTarget is the public-API hop."""
 
     def __init__(self, url: str, ensemble: str):
-        self.client = triton_aio.InferenceServerClient(url)
+        self.backend = TritonBackend(url)
         self.ensemble = ensemble
+        self.ids = itertools.count()
 
     async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> float | None:
-        inputs = build_inputs(messages(item), [item.image] if item.image else [], max_tokens=max_tokens, stream=stream)
-
-        async def one():
-            yield {"model_name": self.ensemble, "inputs": inputs, "enable_empty_final_response": False}
-
+        params = SamplingParams(max_tokens=max_tokens, stream=stream)
         started, first = time.perf_counter(), None
-        async for result, error in self.client.stream_infer(one(), stream_timeout=300):
-            if error is not None:
-                raise error
-            chunk = parse_response(result)
+        async for chunk in self.backend.generate(self.ensemble, messages(item), [item.image] if item.image else [],
+                                                 params, f"load-{next(self.ids)}"):
             if first is None and chunk.text:
                 first = time.perf_counter() - started
-            if chunk.finished:
-                break
         return first if stream else None
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.backend.close()
 
 
 async def run_load(target, items: list[WorkItem], concurrency: int, requests: int, max_tokens: int,
