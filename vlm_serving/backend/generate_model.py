@@ -98,6 +98,9 @@ class TritonPythonModel:
             except (ParameterError, ValueError) as exc:
                 sender.send(error_response(exc), flags=FINAL)
                 continue
+            except Exception as exc:  # never leave a request's stream open
+                sender.send(error_response(exc, pb_utils.TritonError.INTERNAL), flags=FINAL)
+                continue
             senders.append((request, sender))
             request_id = optional_input(request, "REQUEST_ID")
             request_ids.append("" if request_id is None else request_id.reshape(-1)[0].decode("utf-8"))
