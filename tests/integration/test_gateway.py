@@ -146,11 +146,15 @@ def test_cancelled_stream_frees_capacity_in_triton(client):
 
 
 def test_deadline_becomes_deadline_exceeded_and_frees_capacity(client):
+    started = time.perf_counter()
+    client.generate(**LONG)
+    uncancelled = time.perf_counter() - started
     code, details = code_of(lambda: client.generate(**LONG, timeout=0.5))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     started = time.perf_counter()
     client.generate("qwen2.5-vl", "short", max_tokens=4)
-    assert time.perf_counter() - started < 2.0
+    # Freed, the short request does not wait for the rest of the timed-out one.
+    assert time.perf_counter() - started < uncancelled / 3
 
 
 def test_metrics_count_requests_tokens_and_latency(client, gateway):

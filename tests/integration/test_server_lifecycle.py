@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.conftest import encode, picture
-from tests.integration.conftest import make_repository, start_server
+from tests.integration.conftest import KEY, make_repository, start_gateway, start_server
+from vlm_client import VLMClient
 from vlm_serving.ensemble_client import generate, user_message
 
 pytestmark = pytest.mark.integration
@@ -75,12 +77,30 @@ def test_overload_is_refused_at_once_not_queued_forever(tmp_path, checkpoints):
         except InferenceServerException as exc:
             return exc
 
+    def through_gateway(_):
+        with VLMClient(gateway.address, api_key=KEY, retries=0, timeout=60) as client:
+            try:
+                return client.generate("pixtral", "busy?", max_tokens=48).usage.completion_tokens
+            except grpc.RpcError as error:
+                return error
+
+    gateway = None
     try:
         with ThreadPoolExecutor(12) as pool:
             results = list(pool.map(call, range(12)))
+        gateway = start_gateway(server.grpc_url, tmp_path, VLM_MODELS="pixtral=pixtral")
+        with ThreadPoolExecutor(12) as pool:
+            via_gateway = list(pool.map(through_gateway, range(12)))
     finally:
+        if gateway is not None:
+            gateway.stop()
         server.stop()
     refused = [r for r in results if isinstance(r, Exception)]
     answered = [r for r in results if not isinstance(r, Exception)]
     assert answered and all(r.completion_tokens == 48 for r in answered)
     assert refused and all("Exceeds maximum queue size" in r.message() for r in refused)
+    # Through the public API the same overload is RESOURCE_EXHAUSTED, with what to do about it.
+    gateway_refused = [r for r in via_gateway if isinstance(r, grpc.RpcError)]
+    assert 48 in via_gateway and gateway_refused
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry with backoff" in r.details()
+               for r in gateway_refused)
