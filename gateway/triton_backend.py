@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-import tritonclient.grpc.aio as triton_aio
 import numpy as np
+import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.grpc._infer_result import InferResult
@@ -24,12 +24,11 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.errors import ApiError, invalid_argument
 from vlm_serving.ensemble_client import ResponseChunk, build_inputs, parse_response
+from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
 from vlm_serving.sampling import SamplingParams
 
 log = logging.getLogger("gateway")
 _IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
-# Errors the preprocessing and generation models raise for bad input (see vlm_serving).
-_CALLER_ERRORS = ("messages", "must be in", "stop sequence", "exceeds the model's context", "image part")
 
 
 def pipeline(ensemble: str) -> list[str]:
@@ -52,9 +51,16 @@ def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image
     message = exc.message() or str(exc)
     status = str(exc.status() or "")
     text = message.split(f"in ensemble '{ensemble}', ", 1)[-1]
+    # Our models' own errors first (vlm_serving.errors); the rest are Triton's or the network's.
+    if text.startswith(CALLER_ERROR_PREFIX):
+        text = text[len(CALLER_ERROR_PREFIX) :]
+        image = _IMAGE_ERROR.match(text)
+        if image and int(image.group(1)) < len(image_fields):
+            return invalid_argument([(image_fields[int(image.group(1))], image.group(2))])
+        return invalid_argument([("messages", text)])
     if "UNAVAILABLE" in status or "failed to connect" in message or "Connection refused" in message:
         return ApiError(grpc.StatusCode.UNAVAILABLE, f"the inference server is unavailable ({message}); retry with backoff")
-    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in message or "stream timeout" in message.lower():
+    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in message:
         return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer was complete")
     if "Exceeds maximum queue size" in message:
         return ApiError(
@@ -62,12 +68,7 @@ def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image
         )
     if "unknown model" in message or "is not ready" in message or "not found" in message or "unavailable" in message:
         return ApiError(grpc.StatusCode.UNAVAILABLE, f"model {model!r} is not ready on the inference server ({text})")
-    image = _IMAGE_ERROR.match(text)
-    if image and int(image.group(1)) < len(image_fields):
-        return invalid_argument([(image_fields[int(image.group(1))], image.group(2))])
-    if any(marker in text for marker in _CALLER_ERRORS):
-        return invalid_argument([("messages", text)])
-    return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text}")
+    return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text.removeprefix(INTERNAL_ERROR_PREFIX)}")
 
 
 class _SharedStream:

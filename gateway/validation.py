@@ -11,7 +11,7 @@ import grpc
 
 from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
-from vlm_serving.images import SUPPORTED_FORMATS, sniff_format
+from vlm_serving.images import ImageError, ImageLimits, check_encoded
 from vlm_serving.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")
@@ -128,28 +128,21 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
 
 def check_image_bytes(data: bytes, settings: Settings) -> str | None:
     """Why these bytes cannot be an image here, or None (full decoding happens in Triton)."""
-    if not data:
-        return "empty image data; send the encoded file's bytes"
-    if len(data) > settings.max_image_bytes:
-        return f"{len(data)} bytes is over the limit of {settings.max_image_bytes} bytes"
-    if sniff_format(data) is None:
-        return f"not a supported image file (first bytes {data[:8]!r}); supported: {', '.join(SUPPORTED_FORMATS)}"
+    try:
+        check_encoded(data, ImageLimits(max_bytes=settings.max_image_bytes))
+    except ImageError as exc:
+        return str(exc)
     return None
 
 
 def image_source(image, path: str, settings: Settings, violations: list) -> ImageSource | None:
-    source = image.WhichOneof("source")
-    if source == "data":
-        problem = check_image_bytes(image.data, settings)
-        if problem:
-            violations.append((f"{path}.data", problem))
-            return None
-        return ImageSource(field=f"{path}.data", data=image.data)
-    if source == "url":
-        problem = check_image_url(image.url, settings)
-        if problem:
-            violations.append((f"{path}.url", problem))
-            return None
-        return ImageSource(field=f"{path}.url", url=image.url)
-    violations.append((path, "set either data or url"))
-    return None
+    source = image.WhichOneof("source")  # "data" or "url"
+    if source is None:
+        violations.append((path, "set either data or url"))
+        return None
+    value = getattr(image, source)
+    problem = check_image_bytes(value, settings) if source == "data" else check_image_url(value, settings)
+    if problem:
+        violations.append((f"{path}.{source}", problem))
+        return None
+    return ImageSource(field=f"{path}.{source}", **{source: value})

@@ -133,7 +133,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--text-only", action="store_true")
+    parser.add_argument("--batch-stats", action="store_true",
+                        help="with --target triton: executions of <ensemble>_generate by batch size during the run")
     args = parser.parse_args()
+
+    def batch_counts() -> dict[int, int]:
+        import tritonclient.grpc as triton_grpc
+
+        stats = triton_grpc.InferenceServerClient(args.address).get_inference_statistics(
+            f"{args.model}_generate", as_json=True)
+        return {int(b["batch_size"]): int(b["compute_infer"]["count"])
+                for b in stats["model_stats"][0].get("batch_stats", [])}
 
     async def go():
         target = (GatewayTarget(args.address, args.api_key, args.model) if args.target == "gateway"
@@ -145,7 +155,12 @@ def main() -> None:
             await target.close()
         print(result.summary())
 
+    before = batch_counts() if args.batch_stats else {}
     asyncio.run(go())
+    if args.batch_stats:
+        after = batch_counts()
+        grown = {size: after[size] - before.get(size, 0) for size in sorted(after) if after[size] > before.get(size, 0)}
+        print("generate executions by batch size (size: count): " + ", ".join(f"{k}: {v}" for k, v in grown.items()))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -31,9 +31,9 @@ _STRING_TENSORS = {"request_id": "REQUEST_ID"}
 class ResponseChunk:
     """One response of an ensemble: a text delta, or the last one with usage."""
 
-    text: str
-    token_ids: list[int]
-    finished: bool
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -66,15 +66,9 @@ def parse_response(result) -> ResponseChunk:
 
 
 @dataclass
-class EnsembleResult:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    image_tokens: int = 0
-    confidence: float = 0.0
-    model_version: str = ""
+class EnsembleResult(ResponseChunk):
+    """A whole call: the joined text and tokens, the last response's usage, and every delta."""
+
     # The text of each response in arrival order (one when not streaming).
     deltas: list[str] = field(default_factory=list)
 
@@ -111,15 +105,11 @@ def _merge(result: EnsembleResult, response) -> bool:
     """Fold one response into the result; True when it was the last."""
     chunk = parse_response(response)
     result.deltas.append(chunk.text)
+    if chunk.finished:  # usage, finish reason and version come with the last response only
+        for name in (f.name for f in fields(ResponseChunk) if f.name not in ("text", "token_ids")):
+            setattr(result, name, getattr(chunk, name))
     result.text += chunk.text
     result.token_ids += chunk.token_ids
-    if chunk.finished:
-        result.finish_reason = chunk.finish_reason
-        result.prompt_tokens = chunk.prompt_tokens
-        result.completion_tokens = chunk.completion_tokens
-        result.image_tokens = chunk.image_tokens
-        result.confidence = chunk.confidence
-        result.model_version = chunk.model_version
     return chunk.finished
 
 

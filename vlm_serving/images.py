@@ -52,22 +52,34 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def check_encoded(data: bytes, limits: ImageLimits = ImageLimits()) -> str:
+    """The format of `data` after the checks that need no parsing (empty, size, magic bytes).
+
+    Raises ImageError without a position; the gateway runs this before a request reaches Triton.
+    """
+    if len(data) == 0:
+        raise ImageError("empty image data (0 bytes); send the encoded file's bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"{len(data)} bytes is over the limit of {limits.max_bytes} bytes")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageError(
+            f"not a supported image file (first bytes {data[:8]!r}); "
+            f"supported formats: {', '.join(SUPPORTED_FORMATS)}"
+        )
+    return fmt
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> Image.Image:
     """Decode one encoded image into an upright RGB picture.
 
     `index` only names the image in error messages ("image 2: ...").
     """
     where = f"image {index}"
-    if len(data) == 0:
-        raise ImageError(f"{where}: empty image data (0 bytes); send the encoded file's bytes")
-    if len(data) > limits.max_bytes:
-        raise ImageError(f"{where}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise ImageError(
-            f"{where}: not a supported image file (first bytes {data[:8]!r}); "
-            f"supported formats: {', '.join(SUPPORTED_FORMATS)}"
-        )
+    try:
+        fmt = check_encoded(data, limits)
+    except ImageError as exc:
+        raise ImageError(f"{where}: {exc}") from None
     try:
         # Image.open reads only the header: size and mode are known, no pixel is decoded yet.
         image = Image.open(io.BytesIO(data), formats=[fmt])

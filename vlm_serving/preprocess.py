@@ -83,8 +83,6 @@ class FamilyPreprocessor:
         self.image_processor = AutoImageProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)
         processor = self.image_processor
         self.table = normalization_table(processor.rescale_factor, processor.image_mean, processor.image_std)
-        processor_config = self.checkpoint_dir / "processor_config.json"
-        self.processor_config = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
 
     def __call__(self, encoded_images: list[bytes], messages_json: bytes | str) -> PreprocessedRequest:
         messages = parse_messages(messages_json)
@@ -198,11 +196,14 @@ class PixtralPreprocessor(FamilyPreprocessor):
         patch = processor.patch_size
         self.patch = int(_get(patch, "height")) if not isinstance(patch, int) else patch
         self.longest_edge = int(_get(processor.size, "longest_edge"))
-        self.merge = int(self.processor_config.get("spatial_merge_size", 1))
+        # PixtralProcessor's settings (merge size, placeholder names), where the checkpoint has them.
+        path = self.checkpoint_dir / "processor_config.json"
+        settings = json.loads(path.read_text()) if path.is_file() else {}
+        self.merge = int(settings.get("spatial_merge_size", 1))
         token = self.tokenizer.convert_tokens_to_ids
-        self.image_id = token(self.processor_config.get("image_token", "[IMG]"))
-        self.break_id = token(self.processor_config.get("image_break_token", "[IMG_BREAK]"))
-        self.end_id = token(self.processor_config.get("image_end_token", "[IMG_END]"))
+        self.image_id = token(settings.get("image_token", "[IMG]"))
+        self.break_id = token(settings.get("image_break_token", "[IMG_BREAK]"))
+        self.end_id = token(settings.get("image_end_token", "[IMG_END]"))
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         ratio = max(height / self.longest_edge, width / self.longest_edge)

@@ -52,7 +52,10 @@ class TextAssembler:
 
     A delta is held back while the text ends in an incomplete UTF-8 sequence or in a prefix of
     a stop sequence, so the joined deltas always equal the final text and a stop sequence is
-    never half-sent.
+    never half-sent. Each token decodes only a short window of the latest tokens (the last one
+    already turned into text, and what came after it), never the whole sequence again: the cost
+    per token stays flat however long the answer gets. Decoding the window with a token of
+    context in front keeps tokenizers that drop a leading space right.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
@@ -62,24 +65,35 @@ class TextAssembler:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        # token_ids[context:decoded] were turned into text already; token_ids[decoded:] not yet.
+        self.context = 0
+        self.decoded = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
         """Append a token; return the new text that may be sent now (possibly empty)."""
         self.token_ids.append(token_id)
-        self.text = self.tokenizer.decode(
-            self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        known = self._decode(self.token_ids[self.context : self.decoded])
+        window = self._decode(self.token_ids[self.context :])
+        if window.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the token that completes it
+        self.text += window[len(known) :]
+        self.context, self.decoded = self.decoded, len(self.token_ids)
         hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True
             return self._emit(len(self.text))
-        if self.text.endswith("\ufffd"):
-            return ""
         return self._emit(len(self.text) - self._held_suffix())
 
     def flush(self) -> str:
-        """The rest of the text, at the end of generation."""
+        """The rest of the text, at the end of generation (an incomplete character included)."""
+        if self.decoded < len(self.token_ids):
+            known = self._decode(self.token_ids[self.context : self.decoded])
+            self.text += self._decode(self.token_ids[self.context :])[len(known) :]
+            self.context = self.decoded = len(self.token_ids)
         return self._emit(len(self.text))
 
     def _held_suffix(self) -> int:

@@ -121,6 +121,19 @@ def _spread_init(model: torch.nn.Module, seed: int) -> None:
                 parameter.zero_()
 
 
+def _save(out: Path, model_class, config, tokenizer, image_processor, seed: int) -> None:
+    """Draw the weights, take the special tokens from the tokenizer, save all three parts."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    _spread_init(model, seed)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name) is not None:
+            setattr(model.generation_config, name, getattr(tokenizer, name))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+
+
 def build_qwen2_5_vl(out: Path, seed: int = SEED) -> None:
     from transformers import (
         Qwen2_5_VLConfig,
@@ -169,15 +182,9 @@ def build_qwen2_5_vl(out: Path, seed: int = SEED) -> None:
         pad_token_id=ids("<|endoftext|>"),
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    _spread_init(model, seed)
-    model.generation_config.eos_token_id = ids("<|im_end|>")
-    model.generation_config.pad_token_id = ids("<|endoftext|>")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     # Small bounds keep a tiny image at a few dozen tokens; real checkpoints bring their own.
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64).save_pretrained(out)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    _save(out, Qwen2_5_VLForConditionalGeneration, config, tokenizer, image_processor, seed)
 
 
 def build_pixtral(out: Path, seed: int = SEED) -> None:
@@ -225,15 +232,8 @@ def build_pixtral(out: Path, seed: int = SEED) -> None:
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    _spread_init(model, seed)
-    model.generation_config.bos_token_id = ids("<s>")
-    model.generation_config.eos_token_id = ids("</s>")
-    model.generation_config.pad_token_id = ids("<pad>")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    PixtralImageProcessorPil(size={"longest_edge": 128}, patch_size={"height": 16, "width": 16}).save_pretrained(out)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 128}, patch_size={"height": 16, "width": 16})
+    _save(out, LlavaForConditionalGeneration, config, tokenizer, image_processor, seed)
 
 
 def write_example_image(path: Path) -> None:

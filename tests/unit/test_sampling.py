@@ -82,3 +82,20 @@ def test_defaults_are_valid():
 def test_out_of_bounds_parameters_name_the_field(params, message):
     with pytest.raises(ParameterError, match=message):
         params.validate(max_tokens_limit=100)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "pixtral"])
+def test_windowed_decoding_equals_decoding_everything(checkpoints, family):
+    """Random byte-level tokens split characters across tokens: the window must still be exact."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints / family)
+    rng = random.Random(family)
+    for _ in range(20):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 120))]
+        assembler = TextAssembler(tokenizer)
+        deltas = [assembler.add(token) for token in ids] + [assembler.flush()]
+        whole = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert assembler.text == whole and "".join(deltas) == whole

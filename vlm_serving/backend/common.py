@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
+
 
 def model_parameters(args: dict) -> dict[str, str]:
     """The model config's `parameters`, with two overrides, strongest last:
@@ -43,7 +45,10 @@ def required_input(request, name: str) -> np.ndarray:
     return tensor.as_numpy()
 
 
-def error_response(exc: Exception, code=None) -> "pb_utils.InferenceResponse":
-    """A per-request error, so one bad request never fails its batch-mates."""
-    code = pb_utils.TritonError.INVALID_ARG if code is None else code
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
+def error_response(exc: Exception, caller_error: bool = True) -> "pb_utils.InferenceResponse":
+    """A per-request error, so one bad request never fails its batch-mates (see vlm_serving.errors)."""
+    if caller_error:
+        error = pb_utils.TritonError(CALLER_ERROR_PREFIX + str(exc), pb_utils.TritonError.INVALID_ARG)
+    else:
+        error = pb_utils.TritonError(INTERNAL_ERROR_PREFIX + str(exc), pb_utils.TritonError.INTERNAL)
+    return pb_utils.InferenceResponse(error=error)

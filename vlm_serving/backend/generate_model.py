@@ -10,11 +10,11 @@ import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
 from vlm_serving.cancellation import CancellationBoard
+from vlm_serving.deploy.render import IMAGE_TENSORS
 from vlm_serving.generation import BatchGenerator, GenerationRequest, RequestUpdate
 from vlm_serving.loading import load_model, load_tokenizer
 from vlm_serving.sampling import ParameterError, SamplingParams
 
-IMAGE_INPUTS = {"qwen2_5_vl": ("pixel_values", "image_grid_thw"), "pixtral": ("pixel_values", "image_sizes")}
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -81,7 +81,7 @@ class TritonPythonModel:
                 f"prompt of {len(input_ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
                 f"context of {self.generator.max_context} tokens; shorten the prompt or lower max_tokens"
             )
-        image_tensors = {name: required_input(request, name.upper())[0] for name in IMAGE_INPUTS[self.family]}
+        image_tensors = {name.lower(): required_input(request, name)[0] for name, _, _ in IMAGE_TENSORS[self.family]}
         return GenerationRequest(
             input_ids=input_ids.astype(np.int64),
             image_tensors=image_tensors,
@@ -99,7 +99,7 @@ class TritonPythonModel:
                 sender.send(error_response(exc), flags=FINAL)
                 continue
             except Exception as exc:  # never leave a request's stream open
-                sender.send(error_response(exc, pb_utils.TritonError.INTERNAL), flags=FINAL)
+                sender.send(error_response(exc, caller_error=False), flags=FINAL)
                 continue
             senders.append((request, sender))
             request_id = optional_input(request, "REQUEST_ID")
@@ -122,5 +122,5 @@ class TritonPythonModel:
             self.logger.log_error(f"{self.family} generation failed: {exc!r}")
             for index, (_, sender) in enumerate(senders):
                 if index not in finished:
-                    sender.send(error_response(exc, pb_utils.TritonError.INTERNAL), flags=FINAL)
+                    sender.send(error_response(exc, caller_error=False), flags=FINAL)
         return None

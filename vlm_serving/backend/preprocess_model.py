@@ -33,7 +33,7 @@ class TritonPythonModel:
         except (ImageError, MessageError, ValueError) as exc:
             return error_response(exc)
         except Exception as exc:  # one request's unexpected failure must not fail its batch-mates
-            return error_response(exc, pb_utils.TritonError.INTERNAL)
+            return error_response(exc, caller_error=False)
         outputs = [pb_utils.Tensor("INPUT_IDS", result.input_ids[None])]
         outputs += [
             pb_utils.Tensor(name.upper(), np.ascontiguousarray(value)[None])

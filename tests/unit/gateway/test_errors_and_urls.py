@@ -34,10 +34,10 @@ def test_invalid_argument_carries_bad_request_details():
         ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", grpc.StatusCode.UNAVAILABLE, "retry with backoff"),
         ("in ensemble 'pixtral', Exceeds maximum queue size", None, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
         ("Request for unknown model: 'pixtral' is not found", None, grpc.StatusCode.UNAVAILABLE, "model 'pixtral' is not ready"),
-        ("in ensemble 'pixtral', image 1: truncated or corrupt PNG data", None, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
-        ("in ensemble 'pixtral', messages: the model's chat template refused them", None, grpc.StatusCode.INVALID_ARGUMENT, "chat template"),
+        ("in ensemble 'pixtral', INVALID_ARGUMENT: image 1: truncated or corrupt PNG data", None, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        ("in ensemble 'pixtral', INVALID_ARGUMENT: messages: the model's chat template refused them", None, grpc.StatusCode.INVALID_ARGUMENT, "chat template"),
         ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"),
-        ("in ensemble 'pixtral', CUDA out of memory", None, grpc.StatusCode.INTERNAL, "CUDA out of memory"),
+        ("in ensemble 'pixtral', INTERNAL: CUDA out of memory", None, grpc.StatusCode.INTERNAL, "CUDA out of memory"),
     ],
 )
 def test_triton_errors_map_to_actionable_codes(message, status, code, fragment):
@@ -47,7 +47,7 @@ def test_triton_errors_map_to_actionable_codes(message, status, code, fragment):
 
 
 def test_image_error_names_the_image_field():
-    error = to_api_error(InferenceServerException("in ensemble 'pixtral', image 1: truncated or corrupt PNG data"),
+    error = to_api_error(InferenceServerException("in ensemble 'pixtral', INVALID_ARGUMENT: image 1: truncated or corrupt PNG data"),
                          "pixtral", "pixtral", ["messages[0].parts[0].image.data", "messages[1].parts[0].image.url"])
     assert error.violations == [("messages[1].parts[0].image.url", "truncated or corrupt PNG data")]
 
