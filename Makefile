@@ -40,9 +40,11 @@ $(STAMP): requirements.txt pyproject.toml deploy/vlm-dont-write-bytecode.pth
 	$(PY) -c "import shutil, sysconfig; shutil.copy('deploy/vlm-dont-write-bytecode.pth', sysconfig.get_paths()['purelib'])"
 	touch $(STAMP)
 
-# Tiny random-weight checkpoints of both architectures (build/models/<family>).
+# Tiny random-weight checkpoints of both architectures (build/models/<family>), and each one's
+# vision encoder exported to ONNX (build/models/<family>/onnx/encoder.{fp32,int8}.onnx).
 models: setup
 	$(PY) -m vlm_serving.tiny_checkpoints build/models
+	$(PY) -m vlm_serving.encoder_export build/models/qwen2_5_vl build/models/pixtral
 
 # model_repository/*/config.pbtxt for PROFILE=cpu|gpu (more options: python -m vlm_serving.deploy.render -h).
 configs: setup

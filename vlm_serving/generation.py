@@ -29,12 +29,15 @@ FINISH_CANCELLED = "cancelled"  # the caller went away
 
 @dataclass
 class GenerationRequest:
-    """One request as the generator sees it: prompt ids, image tensors, parameters."""
+    """One request as the generator sees it: prompt ids, its images' embeddings, parameters."""
 
     input_ids: np.ndarray
-    image_tensors: dict[str, np.ndarray]
-    image_tokens: int
     params: SamplingParams
+    # float32 [image tokens, hidden]: the vision encoder's rows for the prompt's image tokens, in order.
+    image_embeds: np.ndarray | None = None
+    # What else the text model needs about the images (Qwen2.5-VL: image_grid_thw, for 3-D positions).
+    language_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    image_tokens: int = 0
 
 
 @dataclass
@@ -193,6 +196,14 @@ class BatchGenerator:
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids))
         text_config = model.config.get_text_config()
         self.max_context = int(getattr(text_config, "max_position_embeddings", 32768))
+        self.image_token_id = int(model.config.image_token_id)
+
+    def check_images(self, request: GenerationRequest) -> None:
+        """Every image token of the prompt needs one embedding row, and nothing more."""
+        placeholders = int((request.input_ids == self.image_token_id).sum())
+        rows = 0 if request.image_embeds is None else len(request.image_embeds)
+        if placeholders != rows:
+            raise ValueError(f"the prompt holds {placeholders} image token(s) but {rows} image embedding row(s) came with it")
 
     def generate(
         self,
@@ -222,44 +233,31 @@ class BatchGenerator:
         )
         with torch.inference_mode():
             self.model.generate(
-                input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 generation_config=config,
                 logits_processor=LogitsProcessorList([sampling]),
                 stopping_criteria=StoppingCriteriaList([progress]),
-                **self._image_inputs(requests),
+                **self._model_inputs(requests, input_ids.to(self.device)),
             )
         for i, row in enumerate(rows):
             if not row.finish_reason:  # generate stopped at its own length limit
                 row.finish_reason = FINISH_LENGTH
                 report(i, row, on_update, "")
 
-    def _image_inputs(self, requests: list[GenerationRequest]) -> dict[str, torch.Tensor]:
-        with_images = [r.image_tensors for r in requests if r.image_tensors and len(r.image_tensors["pixel_values"])]
+    def _model_inputs(self, requests: list[GenerationRequest], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token ids, and where the batch has images, input embeddings with the image rows in place.
+
+        `generate` still gets the ids: Qwen2.5-VL computes its 3-D positions from them and
+        `image_grid_thw`, and both families track the generated sequence with them.
+        """
+        with_images = [r for r in requests if r.image_embeds is not None and len(r.image_embeds)]
         if not with_images:
-            return {}
-        dtype = next(self.model.parameters()).dtype
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            dtype = torch.float32
-        if self.family == "qwen2_5_vl":
-            pixels = np.concatenate([t["pixel_values"] for t in with_images])
-            grids = np.concatenate([t["image_grid_thw"] for t in with_images])
-            return {
-                "pixel_values": torch.from_numpy(pixels).to(self.device, dtype),
-                "image_grid_thw": torch.from_numpy(grids).to(self.device),
-            }
-        # Pixtral: every request's images padded to one shape; image_sizes says what is real.
-        height = max(t["pixel_values"].shape[2] for t in with_images)
-        width = max(t["pixel_values"].shape[3] for t in with_images)
-        count = sum(t["pixel_values"].shape[0] for t in with_images)
-        pixels = np.zeros((count, 3, height, width), dtype=np.float32)
-        start = 0
-        for t in with_images:
-            n, _, h, w = t["pixel_values"].shape
-            pixels[start : start + n, :, :h, :w] = t["pixel_values"]
-            start += n
-        sizes = np.concatenate([t["image_sizes"] for t in with_images])
-        return {
-            "pixel_values": torch.from_numpy(pixels).to(self.device, dtype),
-            "image_sizes": torch.from_numpy(sizes).to(self.device),
-        }
+            return {"input_ids": input_ids}
+        embeddings = self.model.get_input_embeddings()(input_ids)
+        rows = torch.from_numpy(np.concatenate([r.image_embeds for r in with_images]))
+        mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        inputs = {"input_ids": input_ids, "inputs_embeds": embeddings.masked_scatter(mask, rows.to(embeddings))}
+        for name in with_images[0].language_tensors:
+            joined = np.concatenate([r.language_tensors[name] for r in with_images])
+            inputs[name] = torch.from_numpy(joined).to(self.device)
+        return inputs

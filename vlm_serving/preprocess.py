@@ -1,9 +1,11 @@
-"""Per-family preprocessing: encoded images + chat messages -> the tensors the model consumes.
+"""Per-family preprocessing: encoded images + chat messages -> token ids and the encoder's inputs.
 
 Each family reproduces its transformers processor exactly (same resize, same float32 arithmetic,
 same placeholder expansion), only faster: normalization is a per-channel lookup table on the uint8
 pixels, patchify is one transpose, and image placeholders are expanded in token ids rather than by
-tokenizing a string with thousands of repeated placeholder tokens.
+tokenizing a string with thousands of repeated placeholder tokens. Each image also gets the index
+tensors its vision encoder graph takes (`vlm_serving.encoder_inputs`), so the encoder is pure
+tensor work.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_serving.chat import count_images, load_chat_template, parse_messages, render_prompt
+from vlm_serving.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
 from vlm_serving.images import ImageError, ImageLimits, decode_image
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
@@ -27,10 +30,12 @@ FAMILIES = ("qwen2_5_vl", "pixtral")
 
 @dataclass
 class PreprocessedRequest:
-    """What one request becomes: prompt token ids plus the family's image tensors."""
+    """What one request becomes: prompt token ids, each image's encoder inputs, and what else the
+    language model needs about the images (Qwen2.5-VL: `image_grid_thw`, for its 3-D positions)."""
 
     input_ids: np.ndarray  # int64 [prompt_len]
-    image_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    images: list[ImageInputs] = field(default_factory=list)
+    language_tensors: dict[str, np.ndarray] = field(default_factory=dict)
     image_tokens: int = 0
 
 
@@ -138,12 +143,15 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
-    """Tensors: pixel_values float32 [patches, 3*T*p*p], image_grid_thw int64 [images, 3]."""
+    """Per image: patches float32 [patches, 3*T*p*p] + index tensors; image_grid_thw int64 [images, 3]."""
 
     family = "qwen2_5_vl"
 
     def __init__(self, checkpoint_dir: str | Path, **kwargs: Any):
+        from transformers import AutoConfig
+
         super().__init__(checkpoint_dir, **kwargs)
+        self.vision_config = AutoConfig.from_pretrained(self.checkpoint_dir, local_files_only=True).vision_config
         processor = self.image_processor
         self.patch = int(processor.patch_size)
         self.merge = int(processor.merge_size)
@@ -168,25 +176,22 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
         return patches.reshape(grid_h * grid_w, -1), np.array([1, grid_h, grid_w], dtype=np.int64)
 
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
-        patch_dim = 3 * self.temporal * self.patch * self.patch
         results = self.map(self.patchify, pictures)
-        pixel_values = (
-            np.concatenate([patches for patches, _ in results])
-            if results
-            else np.zeros((0, patch_dim), dtype=np.float32)
-        )
+        images = [qwen_image_inputs(patches, grid, self.vision_config) for patches, grid in results]
         grids = np.stack([grid for _, grid in results]) if results else np.zeros((0, 3), dtype=np.int64)
         counts = [int(grid.prod()) // self.merge**2 for grid in grids]
         expansions = [np.full(count, self.image_pad_id, dtype=np.int64) for count in counts]
         return PreprocessedRequest(
             input_ids=self._expand(prompt_ids, self.image_pad_id, expansions),
-            image_tensors={"pixel_values": pixel_values, "image_grid_thw": grids},
+            images=images,
+            language_tensors={"image_grid_thw": grids},
             image_tokens=sum(counts),
         )
 
 
 class PixtralPreprocessor(FamilyPreprocessor):
-    """Tensors: pixel_values float32 [images, 3, H, W] (zero-padded to the largest), image_sizes int64 [images, 2]."""
+    """Per image: its 16x16 patches, row-major, each flattened channel-major (float32 [patches, 3*p*p]),
+    + positions; the language model needs nothing else about the images."""
 
     family = "pixtral"
 
@@ -218,26 +223,21 @@ class PixtralPreprocessor(FamilyPreprocessor):
         grid[-1, -1] = self.end_id
         return grid.reshape(-1)
 
+    def patchify(self, picture: Image.Image) -> ImageInputs:
+        height, width = self.target_size(picture.height, picture.width)
+        resized = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC))
+        p, rows, cols = self.patch, height // self.patch, width // self.patch
+        # -> [patch row, patch col, channel, py, px], still uint8
+        blocks = resized.reshape(rows, p, cols, p, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, p, p)
+        patches = normalize(blocks, self.table, channel_axis=1).reshape(rows * cols, -1)
+        return pixtral_image_inputs(patches, rows, cols)
+
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
         sizes = [self.target_size(picture.height, picture.width) for picture in pictures]
-        max_h = max((h for h, _ in sizes), default=0)
-        max_w = max((w for _, w in sizes), default=0)
-        pixel_values = np.zeros((len(pictures), 3, max_h, max_w), dtype=np.float32)
-
-        def fill(i: int) -> None:
-            height, width = sizes[i]
-            resized = np.asarray(pictures[i].resize((width, height), Image.Resampling.BICUBIC))
-            for channel in range(3):  # gather straight into the padded output, no float transpose
-                pixel_values[i, channel, :height, :width] = self.table[channel][resized[..., channel]]
-
-        self.map(fill, range(len(pictures)))
         expansions = [self.placeholder_ids(h, w) for h, w in sizes]
         return PreprocessedRequest(
             input_ids=self._expand(prompt_ids, self.image_id, expansions),
-            image_tensors={
-                "pixel_values": pixel_values,
-                "image_sizes": np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
-            },
+            images=self.map(self.patchify, pictures),
             image_tokens=sum(len(expansion) for expansion in expansions),
         )
 

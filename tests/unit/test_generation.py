@@ -6,6 +6,7 @@ import torch
 
 from tests.conftest import FAMILIES, encode, picture
 from tests.reference import transformers_generate
+from vlm_serving.encoder import OnnxEncoder
 from vlm_serving.generation import BatchGenerator, GenerationRequest
 from vlm_serving.loading import load_model
 from vlm_serving.preprocess import load_preprocessor
@@ -18,11 +19,18 @@ class Family:
         self.preprocessor = load_preprocessor(name, checkpoint)
         self.model = load_model(checkpoint)
         self.generator = BatchGenerator(name, self.model, self.preprocessor.tokenizer)
+        self.encoder = OnnxEncoder(name, checkpoint / "onnx")  # fp32, as served by default
         self.eos = self.generator.eos_ids
 
     def request(self, messages, pictures, **params) -> GenerationRequest:
+        """Preprocess -> ONNX encoder -> a generation request: the served path without Triton."""
         pre = self.preprocessor([encode(p) for p in pictures], json.dumps(messages))
-        return GenerationRequest(pre.input_ids, pre.image_tensors, pre.image_tokens, SamplingParams(**params))
+        embeddings = self.encoder.encode(pre.images)
+        return GenerationRequest(
+            pre.input_ids, SamplingParams(**params),
+            image_embeds=np.concatenate(embeddings) if embeddings else None,
+            language_tensors=pre.language_tensors, image_tokens=pre.image_tokens,
+        )
 
     def run(self, requests, is_cancelled=lambda index: False):
         updates = {}
@@ -69,7 +77,7 @@ def test_stream_deltas_join_to_the_unary_text(family):
     assert len(stream) > 1 and stream[-1].finished and not any(u.finished for u in stream[:-1])
     assert "".join(u.text for u in stream) == unary[0].text
     assert sum((u.token_ids for u in stream), []) == unary[0].token_ids
-    assert stream[-1].completion_tokens == unary[0].completion_tokens == 20
+    assert stream[-1].completion_tokens == unary[0].completion_tokens == len(unary[0].token_ids) + (unary[0].finish_reason == "stop")
 
 
 def test_each_request_keeps_its_own_max_tokens_and_usage(family):

@@ -15,7 +15,7 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_rendered_config_is_a_valid_model_config(profile, family):
     configs = {name: parse(text) for name, text in render_family(family, PROFILES[profile]).items()}
-    assert set(configs) == {family, f"{family}_preprocess", f"{family}_generate"}
+    assert set(configs) == {family} | {f"{family}_{role}" for role in ("preprocess", "embed", "encoder", "generate")}
     for name, config in configs.items():
         assert config.name == name
         if name != family:
@@ -32,24 +32,37 @@ def test_cpu_profile_runs_everything_on_cpu_instances():
             assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
-def test_gpu_profile_puts_generation_on_each_listed_gpu():
-    profile = replace(PROFILES["gpu"], gpus=(0, 1), generate_instances=2, quantization="bnb-nf4")
+def test_gpu_profile_puts_generation_and_encoders_on_each_listed_gpu():
+    profile = replace(PROFILES["gpu"], gpus=(0, 1), generate_instances=2, encoder_instances=3, quantization="bnb-nf4")
     configs = {name: parse(text) for name, text in render_family("pixtral", profile).items()}
     [group] = configs["pixtral_generate"].instance_group
     assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert list(group.gpus) == [0, 1] and group.count == 2
     assert configs["pixtral_generate"].parameters["quantization"].string_value == "bnb-nf4"
-    [preprocess_group] = configs["pixtral_preprocess"].instance_group
-    assert preprocess_group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    [encoder_group] = configs["pixtral_encoder"].instance_group
+    assert encoder_group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert list(encoder_group.gpus) == [0, 1] and encoder_group.count == 3, "encoders scale apart from the LM"
+    assert configs["pixtral_encoder"].parameters["variant"].string_value == "fp16"
+    for cpu_model in ("pixtral_preprocess", "pixtral_embed"):
+        [cpu_group] = configs[cpu_model].instance_group
+        assert cpu_group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert configs["pixtral_embed"].instance_group[0].count == 1, "one instance holds the one cache"
 
 
-def test_ensemble_wires_preprocess_into_generate():
-    ensemble = parse(render_family("qwen2_5_vl", PROFILES["cpu"])["qwen2_5_vl"])
-    preprocess, generate = ensemble.ensemble_scheduling.step
-    assert (preprocess.model_name, generate.model_name) == ("qwen2_5_vl_preprocess", "qwen2_5_vl_generate")
-    produced = set(preprocess.output_map.values())
-    internal = {value for value in generate.input_map.values() if value.startswith("_")}
-    assert internal == produced == {"_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_GRID_THW", "_IMAGE_TOKENS"}
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ensemble_wires_preprocess_embed_generate(family):
+    configs = {name: parse(text) for name, text in render_family(family, PROFILES["cpu"]).items()}
+    ensemble = configs[family]
+    preprocess, embed, generate = ensemble.ensemble_scheduling.step
+    assert [s.model_name for s in (preprocess, embed, generate)] == [f"{family}_{r}" for r in ("preprocess", "embed", "generate")]
+    produced = set(preprocess.output_map.values()) | set(embed.output_map.values())
+    consumed = {v for step in (embed, generate) for v in step.input_map.values() if v.startswith("_")}
+    assert consumed == produced, "every internal tensor is produced once and used"
+    # The embed step takes exactly the encoder's inputs, and each step's declared inputs are mapped.
+    encoder = configs[f"{family}_encoder"]
+    assert set(embed.input_map) == {i.name for i in encoder.input} == {i.name for i in configs[f"{family}_embed"].input}
+    assert set(generate.input_map) >= {i.name for i in configs[f"{family}_generate"].input if not i.optional}
+    assert "_IMAGE_EMBEDS" in generate.input_map.values()
     assert {o.name for o in ensemble.output} == set(generate.output_map.values())
     assert ensemble.max_batch_size <= min(PROFILES["cpu"].generate_batching.max_batch_size,
                                           PROFILES["cpu"].preprocess_batching.max_batch_size)
@@ -58,7 +71,8 @@ def test_ensemble_wires_preprocess_into_generate():
 def test_render_repository_writes_one_config_per_model(tmp_path):
     written = render_repository(tmp_path, PROFILES["cpu"])
     assert sorted(p.parent.name for p in written) == sorted(
-        ["cancel"] + list(FAMILIES) + [f"{f}_preprocess" for f in FAMILIES] + [f"{f}_generate" for f in FAMILIES]
+        ["cancel"] + list(FAMILIES)
+        + [f"{f}_{role}" for f in FAMILIES for role in ("preprocess", "embed", "encoder", "generate")]
     )
     cancel = parse((tmp_path / "cancel" / "config.pbtxt").read_text())
     assert cancel.input[0].name == "REQUEST_IDS" and cancel.instance_group[0].count == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlm_serving.encoder_inputs import SPECS, ImageInputs, PackedImages, pack, unpack
 from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
 
 
@@ -52,3 +53,21 @@ def error_response(exc: Exception, caller_error: bool = True) -> "pb_utils.Infer
     else:
         error = pb_utils.TritonError(INTERNAL_ERROR_PREFIX + str(exc), pb_utils.TritonError.INTERNAL)
     return pb_utils.InferenceResponse(error=error)
+
+
+def read_images(request, family: str) -> list[ImageInputs]:
+    """A request's packed encoder inputs (one batch row), split back into images."""
+    spec = SPECS[family]
+    tensors = {entry.name: required_input(request, entry.name.upper())[0] for entry in spec}
+    layout = required_input(request, "IMAGE_LAYOUT")[0]
+    if layout.shape != (len(layout), len(spec)):
+        raise ValueError(f"IMAGE_LAYOUT must be [images, {len(spec)}], got {list(layout.shape)}")
+    return unpack(PackedImages(tensors, layout.astype(np.int64)), spec)
+
+
+def image_tensors(images: list[ImageInputs], family: str) -> list["pb_utils.Tensor"]:
+    """The packed encoder inputs of `images` as one batch row (the inverse of `read_images`)."""
+    packed = pack(images, SPECS[family])
+    tensors = {name.upper(): value for name, value in packed.tensors.items()}
+    tensors["IMAGE_LAYOUT"] = packed.layout
+    return [pb_utils.Tensor(name, np.ascontiguousarray(value)[None]) for name, value in tensors.items()]

@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
 from vlm_serving.cancellation import CancellationBoard
-from vlm_serving.deploy.render import IMAGE_TENSORS
+from vlm_serving.deploy.render import LANGUAGE_IMAGE_TENSORS
 from vlm_serving.generation import BatchGenerator, GenerationRequest, RequestUpdate
 from vlm_serving.loading import load_model, load_tokenizer
 from vlm_serving.sampling import ParameterError, SamplingParams
@@ -81,13 +81,18 @@ class TritonPythonModel:
                 f"prompt of {len(input_ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
                 f"context of {self.generator.max_context} tokens; shorten the prompt or lower max_tokens"
             )
-        image_tensors = {name.lower(): required_input(request, name)[0] for name, _, _ in IMAGE_TENSORS[self.family]}
-        return GenerationRequest(
+        language_tensors = {
+            name.lower(): required_input(request, name)[0] for name, _, _ in LANGUAGE_IMAGE_TENSORS[self.family]
+        }
+        generation_request = GenerationRequest(
             input_ids=input_ids.astype(np.int64),
-            image_tensors=image_tensors,
-            image_tokens=int(_scalar(request, "IMAGE_TOKENS", 0)),
             params=params,
+            image_embeds=required_input(request, "IMAGE_EMBEDS")[0],
+            language_tensors=language_tensors,
+            image_tokens=int(_scalar(request, "IMAGE_TOKENS", 0)),
         )
+        self.generator.check_images(generation_request)
+        return generation_request
 
     def execute(self, requests):
         accepted, senders, request_ids = [], [], []

@@ -1,11 +1,12 @@
-"""Triton adapter for `vlm_serving.preprocess`: IMAGES + MESSAGES in, model tensors out."""
+"""Triton adapter for `vlm_serving.preprocess`: IMAGES + MESSAGES in; token ids, the encoder's
+packed inputs and the language model's image tensors out."""
 
 from __future__ import annotations
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
+from vlm_serving.backend.common import error_response, image_tensors, model_parameters, optional_input, required_input
 from vlm_serving.chat import MessageError
 from vlm_serving.images import ImageError, ImageLimits
 from vlm_serving.preprocess import load_preprocessor
@@ -17,8 +18,9 @@ class TritonPythonModel:
         limits = ImageLimits(
             max_bytes=int(parameters["max_image_bytes"]), max_pixels=int(parameters["max_image_pixels"])
         )
+        self.family = parameters["family"]
         self.preprocessor = load_preprocessor(
-            parameters["family"], parameters["checkpoint"], limits=limits, max_images=int(parameters["max_images"])
+            self.family, parameters["checkpoint"], limits=limits, max_images=int(parameters["max_images"])
         )
 
     def execute(self, requests):
@@ -35,9 +37,10 @@ class TritonPythonModel:
         except Exception as exc:  # one request's unexpected failure must not fail its batch-mates
             return error_response(exc, caller_error=False)
         outputs = [pb_utils.Tensor("INPUT_IDS", result.input_ids[None])]
+        outputs += image_tensors(result.images, self.family)
         outputs += [
             pb_utils.Tensor(name.upper(), np.ascontiguousarray(value)[None])
-            for name, value in result.image_tensors.items()
+            for name, value in result.language_tensors.items()
         ]
         outputs.append(pb_utils.Tensor("IMAGE_TOKENS", np.array([[result.image_tokens]], dtype=np.int32)))
         return pb_utils.InferenceResponse(output_tensors=outputs)

@@ -3,9 +3,13 @@
     python -m vlm_serving.deploy.render --profile cpu
     python -m vlm_serving.deploy.render --profile gpu --gpus 0,1 --quantization bnb-nf4
 
-One template per model role (`templates/{preprocess,generate,ensemble}.pbtxt`) is filled in for
-each family and profile, so the CPU and GPU repositories can never drift apart. The rendered
-files are build outputs (git-ignored) beside the committed `model.py` files.
+One template per model role (`templates/{preprocess,embed,encoder,generate,ensemble}.pbtxt`) is
+filled in for each family and profile, so the CPU and GPU repositories can never drift apart. The
+rendered files are build outputs (git-ignored) beside the committed `model.py` files.
+
+Each family's pipeline (its ensemble): preprocess -> embed -> generate. The embed step answers
+from its cache of image embeddings and sends only the images it has not seen to the family's
+encoder model (ONNX Runtime), which batches them apart from the language model.
 """
 
 from __future__ import annotations
@@ -16,15 +20,33 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from string import Template
 
+import numpy as np
+
+from vlm_serving.encoder_inputs import SPECS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FAMILIES = ("qwen2_5_vl", "pixtral")
 
-# name, Triton type, dims
-IMAGE_TENSORS = {
-    "qwen2_5_vl": [("PIXEL_VALUES", "TYPE_FP32", "-1, -1"), ("IMAGE_GRID_THW", "TYPE_INT64", "-1, 3")],
-    "pixtral": [("PIXEL_VALUES", "TYPE_FP32", "-1, 3, -1, -1"), ("IMAGE_SIZES", "TYPE_INT64", "-1, 2")],
-}
+_TRITON_TYPES = {np.float32: "TYPE_FP32", np.int64: "TYPE_INT64", np.int32: "TYPE_INT32"}
+
+
+def encoder_tensors(family: str) -> list[tuple[str, str, str]]:
+    """(name, Triton type, dims) of the encoder's inputs: its graph inputs for a request's images,
+    packed, and IMAGE_LAYOUT (entries per image of each), see vlm_serving.encoder_inputs."""
+    spec = SPECS[family]
+    tensors = [
+        (entry.name.upper(), _TRITON_TYPES[entry.dtype], ", ".join(str(d) for d in (-1, *entry.row_dims)))
+        for entry in spec
+    ]
+    return tensors + [("IMAGE_LAYOUT", "TYPE_INT64", f"-1, {len(spec)}")]
+
+
+# What the language model takes about the images besides their embeddings.
+LANGUAGE_IMAGE_TENSORS = {"qwen2_5_vl": [("IMAGE_GRID_THW", "TYPE_INT64", "-1, 3")], "pixtral": []}
+IMAGE_EMBEDS = [("IMAGE_EMBEDS", "TYPE_FP32", "-1, -1")]
+# Which encoder computed the embeddings (model/version/variant/weights mtime), for the cache.
+ENCODER_IDENTITY = [("ENCODER_IDENTITY", "TYPE_STRING", "1")]
 # Every per-request parameter is optional; the defaults are `SamplingParams`'. REQUEST_ID names
 # the request for cancellation (see vlm_serving/cancellation.py).
 REQUEST_PARAMETERS = [
@@ -68,8 +90,16 @@ class Profile:
     gpus: tuple[int, ...] = ()
     preprocess_instances: int = 2
     generate_instances: int = 1  # per GPU on the GPU profile
+    encoder_instances: int = 1  # per GPU on the GPU profile
     quantization: str = "none"
+    # fp32 (CPU default: embeddings as transformers computes them), int8 (CPU), fp16 (CUDA).
+    encoder_variant: str = "fp32"
+    # Bytes of image embeddings the embed step keeps (0: no cache).
+    encoder_cache_bytes: int = 1 << 30
     preprocess_batching: Batching = Batching(16, (4, 8, 16), 1000, 128)
+    # Every request passes the embed step (text-only ones straight through): a short wait.
+    embed_batching: Batching = Batching(16, (4, 8, 16), 200, 128)
+    encoder_batching: Batching = Batching(16, (4, 8, 16), 2000, 128)
     generate_batching: Batching = Batching(16, (8, 16), 5000, 64)
     checkpoints_dir: Path = field(default=REPO_ROOT / "build" / "models")
     max_tokens_limit: int = 4096
@@ -87,6 +117,7 @@ PROFILES = {
         kind="KIND_GPU",
         gpus=(0,),
         preprocess_instances=4,
+        encoder_variant="fp16",
         generate_batching=Batching(32, (8, 16, 32), 5000, 256),
     ),
 }
@@ -137,48 +168,87 @@ def _version_policy(policy: str) -> str:
 
 
 def render_family(family: str, profile: Profile) -> dict[str, str]:
-    """{model name: config.pbtxt text} for one family's three models."""
-    image_tensors = IMAGE_TENSORS[family]
+    """{model name: config.pbtxt text} for one family's five models."""
+    encoder_inputs = encoder_tensors(family)
+    language_tensors = LANGUAGE_IMAGE_TENSORS[family]
     checkpoint = str(profile.checkpoints_dir / family)
-    common = {"family": family, "checkpoint": checkpoint}
-    preprocess = Template((TEMPLATES / "preprocess.pbtxt").read_text()).substitute(
-        common,
+    common = {"family": family, "checkpoint": checkpoint, "version_policy": _version_policy(profile.version_policy)}
+
+    def fill(template: str, **values) -> str:
+        return Template((TEMPLATES / template).read_text()).substitute(common, **values)
+
+    def maps(kind: str, tensors) -> str:
+        return _maps(kind, tensors, internal=True)
+
+    preprocess = fill(
+        "preprocess.pbtxt",
         name=f"{family}_preprocess",
         max_batch_size=profile.preprocess_batching.max_batch_size,
-        image_tensors=_tensors(image_tensors) + ",",
+        image_tensors=_tensors(encoder_inputs + language_tensors) + ",",
         max_images=profile.max_images,
         max_image_bytes=profile.max_image_bytes,
         max_image_pixels=profile.max_image_pixels,
         dynamic_batching=_dynamic_batching(profile.preprocess_batching),
-        version_policy=_version_policy(profile.version_policy),
         # Image decoding and tokenization are CPU work on every profile.
         instance_group=_instance_group(profile.preprocess_instances, "KIND_CPU"),
     )
-    generate = Template((TEMPLATES / "generate.pbtxt").read_text()).substitute(
-        common,
+    embed = fill(
+        "embed.pbtxt",
+        name=f"{family}_embed",
+        encoder=f"{family}_encoder",
+        max_batch_size=profile.embed_batching.max_batch_size,
+        encoder_inputs=_tensors(encoder_inputs, ragged=True),
+        image_embeds=_tensors(IMAGE_EMBEDS),
+        cache_bytes=profile.encoder_cache_bytes,
+        dynamic_batching=_dynamic_batching(profile.embed_batching),
+        # One instance: one cache, shared by every request.
+        instance_group=_instance_group(1, "KIND_CPU"),
+    )
+    encoder = fill(
+        "encoder.pbtxt",
+        name=f"{family}_encoder",
+        max_batch_size=profile.encoder_batching.max_batch_size,
+        encoder_inputs=_tensors(encoder_inputs, ragged=True),
+        outputs=_tensors(IMAGE_EMBEDS + ENCODER_IDENTITY),
+        variant=profile.encoder_variant,
+        dynamic_batching=_dynamic_batching(profile.encoder_batching),
+        instance_group=_instance_group(profile.encoder_instances, profile.kind, profile.gpus),
+    )
+    generate = fill(
+        "generate.pbtxt",
         name=f"{family}_generate",
         max_batch_size=profile.generate_batching.max_batch_size,
-        image_tensors=_tensors(image_tensors, ragged=True) + ",",
+        image_tensors=_tensors(IMAGE_EMBEDS + language_tensors, ragged=True) + ",",
         request_parameters=_tensors(REQUEST_PARAMETERS, optional=True, ragged=True),
         response_tensors=_tensors(RESPONSE_TENSORS),
         quantization=profile.quantization,
         max_tokens_limit=profile.max_tokens_limit,
         dynamic_batching=_dynamic_batching(profile.generate_batching),
-        version_policy=_version_policy(profile.version_policy),
         instance_group=_instance_group(profile.generate_instances, profile.kind, profile.gpus),
     )
     ensemble = Template((TEMPLATES / "ensemble.pbtxt").read_text()).substitute(
         name=family,
         # The ensemble can take no larger batch than its smallest step.
-        max_batch_size=min(profile.preprocess_batching.max_batch_size, profile.generate_batching.max_batch_size),
+        max_batch_size=min(
+            profile.preprocess_batching.max_batch_size,
+            profile.embed_batching.max_batch_size,
+            profile.generate_batching.max_batch_size,
+        ),
         request_parameters=_tensors(REQUEST_PARAMETERS, optional=True),
         response_tensors=_tensors(RESPONSE_TENSORS),
-        image_output_map=_maps("output_map", image_tensors, internal=True),
-        image_input_map=_maps("input_map", image_tensors, internal=True),
+        preprocess_outputs=maps("output_map", encoder_inputs + language_tensors),
+        embed_inputs=maps("input_map", encoder_inputs),
+        generate_image_inputs=maps("input_map", IMAGE_EMBEDS + language_tensors),
         parameter_input_map=_maps("input_map", REQUEST_PARAMETERS, internal=False),
         response_output_map=_maps("output_map", RESPONSE_TENSORS, internal=False),
     )
-    return {f"{family}_preprocess": preprocess, f"{family}_generate": generate, family: ensemble}
+    return {
+        f"{family}_preprocess": preprocess,
+        f"{family}_embed": embed,
+        f"{family}_encoder": encoder,
+        f"{family}_generate": generate,
+        family: ensemble,
+    }
 
 
 def render_repository(repository: Path, profile: Profile) -> list[Path]:
@@ -202,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", help="comma-separated GPU ids for the gpu profile, e.g. 0,1")
     parser.add_argument("--quantization", help="none, int8 (CPU), bnb-int8, bnb-nf4 or awq (GPU)")
     parser.add_argument("--generate-instances", type=int, help="generation instances (per GPU on gpu)")
+    parser.add_argument("--encoder-instances", type=int, help="vision encoder instances (per GPU on gpu)")
+    parser.add_argument("--encoder-variant", choices=("fp32", "int8", "fp16"), help="ONNX encoder variant")
+    parser.add_argument("--encoder-cache-mib", type=int, help="image embedding cache size (0: off; default 1024)")
     parser.add_argument("--version-policy", help="versions that serve: latest:N (default latest:1), all, specific:1,2")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
@@ -213,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, quantization=args.quantization)
     if args.generate_instances:
         profile = replace(profile, generate_instances=args.generate_instances)
+    if args.encoder_instances:
+        profile = replace(profile, encoder_instances=args.encoder_instances)
+    if args.encoder_variant:
+        profile = replace(profile, encoder_variant=args.encoder_variant)
+    if args.encoder_cache_mib is not None:
+        profile = replace(profile, encoder_cache_bytes=args.encoder_cache_mib << 20)
     if args.version_policy:
         profile = replace(profile, version_policy=args.version_policy)
     for path in render_repository(args.repository, profile):

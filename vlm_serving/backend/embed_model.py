@@ -1,0 +1,89 @@
+"""Triton adapter for `vlm_serving.encoder.embed_batch`: each request's image embeddings, from the
+cache or from the family's encoder model (a BLS call per request with unseen images, all in
+flight together so that the encoder's dynamic batcher joins them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlm_serving.backend.common import error_response, image_tensors, model_parameters, read_images
+from vlm_serving.encoder import EmbeddingCache, EncoderRegistry, embed_batch
+from vlm_serving.encoder_inputs import image_output_rows
+
+
+def _counter(name: str, description: str, labels: dict):
+    return pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER).Metric(labels)
+
+
+def _gauge(name: str, description: str, labels: dict):
+    return pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE).Metric(labels)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(args)
+        self.family = parameters["family"]
+        self.encoder_model = parameters["encoder_model"]
+        metadata = json.loads((Path(parameters["checkpoint"]) / "onnx" / "encoder.json").read_text())
+        self.hidden_size = int(metadata["hidden_size"])
+        self.cache = EmbeddingCache(int(parameters["cache_bytes"]))
+        self.registry = EncoderRegistry()
+        self.identity = ""
+        labels = {"model": self.encoder_model}
+        self.hits = _counter("vlm_encoder_cache_hits_total", "Images whose embeddings came from the cache", labels)
+        self.misses = _counter("vlm_encoder_cache_misses_total", "Images sent to the vision encoder", labels)
+        self.evictions = _counter("vlm_encoder_cache_evictions_total", "Embeddings evicted to stay within the cache size", labels)
+        self.cached_bytes = _gauge("vlm_encoder_cache_bytes", "Bytes of image embeddings in the cache", labels)
+        self.counted = (0, 0, 0)
+
+    async def _encode(self, images):
+        request = pb_utils.InferenceRequest(
+            model_name=self.encoder_model,
+            requested_output_names=["IMAGE_EMBEDS", "ENCODER_IDENTITY"],
+            inputs=image_tensors(images, self.family),
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.encoder_model}: {response.error().message()}")
+        embeddings = pb_utils.get_output_tensor_by_name(response, "IMAGE_EMBEDS").as_numpy()[0]
+        identity = pb_utils.get_output_tensor_by_name(response, "ENCODER_IDENTITY").as_numpy().reshape(-1)[0]
+        bounds = np.cumsum([image_output_rows(image, self.family) for image in images])
+        return np.split(embeddings, bounds[:-1]), identity.decode()
+
+    async def execute(self, requests):
+        identity = self.registry.read(self.encoder_model)
+        if identity != self.identity:
+            self.cache.keep_only(identity)
+            self.identity = identity
+        responses: list = [None] * len(requests)
+        batch, indices = [], []
+        for index, request in enumerate(requests):
+            try:
+                batch.append(read_images(request, self.family))
+                indices.append(index)
+            except (ValueError, IndexError) as exc:
+                responses[index] = error_response(exc)
+        answers = await embed_batch(batch, self.cache, identity, self._encode, self.hidden_size)
+        for index, answer in zip(indices, answers):
+            if isinstance(answer, Exception):
+                # Preprocessing made the encoder's inputs: whatever fails here is not the caller's fault.
+                responses[index] = error_response(answer, caller_error=False)
+            else:
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("IMAGE_EMBEDS", np.ascontiguousarray(answer)[None])]
+                )
+        self._export_metrics()
+        return responses
+
+    def _export_metrics(self) -> None:
+        stats = self.cache.stats
+        now = (stats.hits, stats.misses, stats.evictions)
+        for metric, before, after in zip((self.hits, self.misses, self.evictions), self.counted, now):
+            if after > before:
+                metric.increment(after - before)
+        self.counted = now
+        self.cached_bytes.set(self.cache.bytes)

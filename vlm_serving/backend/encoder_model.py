@@ -1,0 +1,54 @@
+"""Triton adapter for `vlm_serving.encoder.OnnxEncoder`: the images of every request in a batch
+run as one ONNX Runtime call and are split back per request."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlm_serving.backend.common import error_response, model_parameters, read_images
+from vlm_serving.encoder import EncoderRegistry, OnnxEncoder, encoder_identity
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(args)
+        self.family = parameters["family"]
+        device = "cpu"
+        if args["model_instance_kind"] == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        onnx_dir = f"{parameters['checkpoint']}/onnx"
+        self.encoder = OnnxEncoder(self.family, onnx_dir, parameters["variant"], device)
+        version = int(args["model_version"])
+        self.identity = encoder_identity(args["model_name"], version, self.encoder)
+        # The embed step's cache keys on this identity: a reload invalidates what the old encoder computed.
+        EncoderRegistry().publish(args["model_name"], version, self.identity)
+        pb_utils.Logger.log_info(
+            f"{args['model_name']} version {version}: {self.encoder.path} on {', '.join(self.encoder.providers)}"
+        )
+
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        batch, owners = [], []
+        for index, request in enumerate(requests):
+            try:
+                images = read_images(request, self.family)
+            except (ValueError, IndexError) as exc:
+                responses[index] = error_response(exc)
+                continue
+            batch += images
+            owners.append((index, len(images)))
+        try:
+            embeddings = self.encoder.encode(batch)
+        except Exception as exc:  # the whole call failed: every request in it gets the error
+            return [response or error_response(exc, caller_error=False) for response in responses]
+        start = 0
+        identity = np.array([[self.identity.encode()]], dtype=np.object_)
+        for index, count in owners:
+            rows = embeddings[start : start + count]
+            start += count
+            joined = np.concatenate(rows) if rows else np.zeros((0, self.encoder.hidden_size), dtype=np.float32)
+            responses[index] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor("IMAGE_EMBEDS", joined[None]), pb_utils.Tensor("ENCODER_IDENTITY", identity)]
+            )
+        return responses

@@ -1,0 +1,201 @@
+"""Run an exported vision encoder with ONNX Runtime, and cache what it computed.
+
+`OnnxEncoder` runs any number of images (from any number of requests) as one graph call.
+`EmbeddingCache` keeps image embeddings by content hash and encoder identity, bounded in bytes,
+least recently used out first. `EncoderRegistry` tells the cache which encoder serves now, so
+a reload of the encoder (new version, new weights, other variant) invalidates its entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlm_serving.encoder_inputs import OUTPUT_NAME, SPECS, ImageInputs, image_digest, output_rows, pack
+
+VARIANTS = ("fp32", "int8", "fp16")
+
+
+def encoder_file(onnx_dir: str | Path, variant: str) -> Path:
+    if variant not in VARIANTS:
+        raise ValueError(f"encoder variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    path = Path(onnx_dir) / f"encoder.{variant}.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist; export it with `python -m vlm_serving.encoder_export <checkpoint> --variants {variant}`"
+        )
+    return path
+
+
+class OnnxEncoder:
+    """One ONNX Runtime session of a family's encoder (CUDA provider first on a GPU device)."""
+
+    def __init__(self, family: str, onnx_dir: str | Path, variant: str = "fp32", device: str = "cpu",
+                 threads: int = 0):
+        import onnxruntime as ort
+
+        self.family = family
+        self.spec = SPECS[family]
+        self.path = encoder_file(onnx_dir, variant)
+        self.variant = variant
+        metadata = json.loads((Path(onnx_dir) / "encoder.json").read_text())
+        if metadata["family"] != family:
+            raise ValueError(f"{onnx_dir} holds a {metadata['family']} encoder, not {family}")
+        self.hidden_size = int(metadata["hidden_size"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
+        if device.startswith("cuda"):
+            device_id = int(device.partition(":")[2] or 0)
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.providers = self.session.get_providers()
+
+    def encode(self, images: list[ImageInputs]) -> list[np.ndarray]:
+        """float32 [tokens, hidden] per image, in order."""
+        if not images:
+            return []
+        packed = pack(images, self.spec)
+        (embeddings,) = self.session.run([OUTPUT_NAME], packed.tensors)
+        bounds = np.cumsum(output_rows(packed, self.family))[:-1]
+        return np.split(embeddings.astype(np.float32, copy=False), bounds)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class EmbeddingCache:
+    """Image embeddings by (encoder identity, image digest), at most `max_bytes`, LRU eviction."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[str, bytes], np.ndarray] = OrderedDict()
+        self.bytes = 0
+        self.stats = CacheStats()
+
+    def get(self, identity: str, digest: bytes) -> np.ndarray | None:
+        value = self.entries.get((identity, digest))
+        if value is None:
+            self.stats.misses += 1
+            return None
+        self.entries.move_to_end((identity, digest))
+        self.stats.hits += 1
+        return value
+
+    def put(self, identity: str, digest: bytes, value: np.ndarray) -> None:
+        key = (identity, digest)
+        if value.nbytes > self.max_bytes or key in self.entries:
+            return
+        value.setflags(write=False)  # shared by every request that hits it
+        self.entries[key] = value
+        self.bytes += value.nbytes
+        while self.bytes > self.max_bytes:
+            _, evicted = self.entries.popitem(last=False)
+            self.bytes -= evicted.nbytes
+            self.stats.evictions += 1
+
+    def keep_only(self, identity: str) -> int:
+        """Drop every entry of another encoder identity; returns how many were dropped."""
+        stale = [key for key in self.entries if key[0] != identity]
+        for key in stale:
+            self.bytes -= self.entries.pop(key).nbytes
+        return len(stale)
+
+
+# Encodes images (one call), answering their embeddings and the identity of the encoder that ran.
+EncodeCall = Callable[[list[ImageInputs]], Awaitable[tuple[list[np.ndarray], str]]]
+
+
+async def embed_batch(
+    requests: list[list[ImageInputs]], cache: EmbeddingCache, identity: str, encode: EncodeCall, hidden_size: int
+) -> list[np.ndarray | Exception]:
+    """float32 [image tokens, hidden] per request: cached images from the cache, the others encoded.
+
+    One encode call per request that has unseen images, all in flight together (the encoder model
+    batches them); an image that several requests of the batch share is encoded once. A failed
+    call fails only the requests that needed it.
+    """
+    digests = [[image_digest(image) for image in images] for images in requests]
+    found: list[list[np.ndarray | None]] = [[cache.get(identity, d) for d in ds] for ds in digests]
+    calls: list[list[ImageInputs]] = []
+    call_digests: list[list[bytes]] = []
+    owner: dict[bytes, int] = {}  # digest -> the call that encodes it
+    for images, ds, hits in zip(requests, digests, found):
+        unseen = [(image, d) for image, d, hit in zip(images, ds, hits) if hit is None and d not in owner]
+        if unseen:
+            for _, d in unseen:
+                owner[d] = len(calls)
+            calls.append([image for image, _ in unseen])
+            call_digests.append([d for _, d in unseen])
+    results = await asyncio.gather(*(encode(images) for images in calls), return_exceptions=True)
+    encoded: dict[bytes, np.ndarray] = {}
+    for ds, result in zip(call_digests, results):
+        if isinstance(result, BaseException):
+            continue
+        embeddings, encoder = result
+        for d, embedding in zip(ds, embeddings):
+            encoded[d] = embedding
+            cache.put(encoder, d, embedding)
+    answers: list[np.ndarray | Exception] = []
+    for ds, hits in zip(digests, found):
+        rows = [hit if hit is not None else encoded.get(d) for d, hit in zip(ds, hits)]
+        if any(row is None for row in rows):
+            failed = next(results[owner[d]] for d, row in zip(ds, rows) if row is None)
+            answers.append(failed if isinstance(failed, Exception) else RuntimeError(str(failed)))
+        else:
+            answers.append(np.concatenate(rows) if rows else np.zeros((0, hidden_size), dtype=np.float32))
+    return answers
+
+
+class EncoderRegistry:
+    """Which encoder serves each model name, shared by the processes of one Triton server.
+
+    The encoder model writes its identity (model, version, variant, weights file's mtime) when it
+    loads; the cache front reads it before each batch. A file per model name under /dev/shm,
+    named after the Triton server process (the parent of every Python stub).
+    """
+
+    def __init__(self, server_pid: int | None = None):
+        root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+        self.directory = root / f"vlm-encoders-{os.getppid() if server_pid is None else server_pid}"
+        self._seen: dict[str, tuple[int, str]] = {}
+
+    def publish(self, model_name: str, version: int, identity: str) -> None:
+        """Record `identity` unless a newer version of the model already did (Triton serves the newest)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / model_name
+        current = self.read(model_name)
+        if current and int(current.split("/")[1]) > version:
+            return
+        staging = path.with_suffix(f".{os.getpid()}")
+        staging.write_text(identity)
+        os.replace(staging, path)
+
+    def read(self, model_name: str) -> str:
+        path = self.directory / model_name
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return ""
+        seen = self._seen.get(model_name)
+        if seen and seen[0] == mtime:
+            return seen[1]
+        identity = path.read_text()
+        self._seen[model_name] = (mtime, identity)
+        return identity
+
+
+def encoder_identity(model_name: str, version: int, encoder: OnnxEncoder) -> str:
+    return f"{model_name}/{version}/{encoder.variant}/{encoder.path.stat().st_mtime_ns}"

@@ -1,0 +1,170 @@
+"""The vision encoder's inputs: per-image tensors, packed for one graph call and unpacked again.
+
+Both towers attend within an image only and are otherwise row-wise, so any number of images
+(from any number of requests) run as one call on their rows concatenated. What makes that a pure
+tensor graph is that the data-dependent index tensors (rotary positions, attention segment bounds,
+Qwen's window order) are computed here, on the CPU, per image, and only joined for the call:
+
+- ``rows`` tensors concatenate (pixel patches, positions);
+- ``index`` tensors concatenate with each image's values moved past the rows before it
+  (Qwen's window order over merged tokens);
+- ``bounds`` tensors are cumulative boundaries ``[0, ...]``: each image's part continues from the
+  previous image's end (``cu_seqlens``).
+
+A packed set of images carries its `layout` (entries per image of every tensor), so an encoder
+that caches per image can split a request's tensors back into images without recomputing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Kind = Literal["rows", "index", "bounds"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str  # graph input name; the Triton tensor is its upper-case form
+    kind: Kind
+    dtype: type
+    row_dims: tuple[int, ...]  # shape of one entry (-1: depends on the checkpoint)
+
+
+# Qwen2.5-VL: patches of 3 * temporal * patch * patch values; one output row per merged 2x2 block.
+QWEN_SPEC = (
+    InputSpec("pixel_values", "rows", np.float32, (-1,)),
+    InputSpec("position_ids", "rows", np.int64, (2,)),
+    InputSpec("cu_seqlens", "bounds", np.int32, ()),
+    InputSpec("window_index", "index", np.int64, ()),
+    InputSpec("cu_window_seqlens", "bounds", np.int32, ()),
+)
+# Pixtral (+ Llava projector): 16x16 patches flattened channel-major; one output row per patch.
+PIXTRAL_SPEC = (
+    InputSpec("pixel_values", "rows", np.float32, (-1,)),
+    InputSpec("position_ids", "rows", np.int64, (2,)),
+    InputSpec("cu_seqlens", "bounds", np.int32, ()),
+)
+SPECS = {"qwen2_5_vl": QWEN_SPEC, "pixtral": PIXTRAL_SPEC}
+# The tensor whose entries per image equal the image's output rows (its image tokens).
+OUTPUT_ROWS_FROM = {"qwen2_5_vl": "window_index", "pixtral": "pixel_values"}
+OUTPUT_NAME = "image_embeds"
+
+ImageInputs = dict[str, np.ndarray]  # one image's tensors, image-local ("bounds" start at 0)
+
+
+@dataclass
+class PackedImages:
+    """Graph inputs for several images and where each image's entries lie."""
+
+    tensors: dict[str, np.ndarray]
+    layout: np.ndarray  # int64 [images, len(spec)]: entries per image of each tensor, in spec order
+
+    @property
+    def count(self) -> int:
+        return len(self.layout)
+
+
+def _empty(spec: InputSpec, row_dims: tuple[int, ...]) -> np.ndarray:
+    if spec.kind == "bounds":
+        return np.zeros(1, dtype=spec.dtype)
+    return np.zeros((0, *row_dims), dtype=spec.dtype)
+
+
+def pack(images: list[ImageInputs], spec: tuple[InputSpec, ...]) -> PackedImages:
+    """Join image-local tensors into one graph call's inputs."""
+    layout = np.zeros((len(images), len(spec)), dtype=np.int64)
+    tensors = {}
+    for column, entry in enumerate(spec):
+        parts, offset = [], 0
+        for row, image in enumerate(images):
+            value = np.asarray(image[entry.name], dtype=entry.dtype)
+            if entry.kind == "rows":
+                parts.append(value)
+                layout[row, column] = len(value)
+            elif entry.kind == "index":
+                parts.append(value + offset)
+                offset += len(value)
+                layout[row, column] = len(value)
+            else:  # bounds: drop the image's leading 0, continue from the previous end
+                parts.append(value[1:] + offset)
+                offset += int(value[-1])
+                layout[row, column] = len(value) - 1
+        if entry.kind == "bounds":
+            parts.insert(0, np.zeros(1, dtype=entry.dtype))
+        tensors[entry.name] = np.concatenate(parts).astype(entry.dtype, copy=False) if parts else _empty(entry, ())
+    return PackedImages(tensors, layout)
+
+
+def unpack(packed: PackedImages, spec: tuple[InputSpec, ...]) -> list[ImageInputs]:
+    """The inverse of `pack`: image-local tensors of every image."""
+    images: list[ImageInputs] = [{} for _ in range(packed.count)]
+    for column, entry in enumerate(spec):
+        value = packed.tensors[entry.name]
+        start = 1 if entry.kind == "bounds" else 0
+        for row in range(packed.count):
+            count = int(packed.layout[row, column])
+            part = value[start : start + count]
+            if entry.kind == "rows":
+                images[row][entry.name] = part
+            elif entry.kind == "index":  # moved past the entries before it in `pack`
+                images[row][entry.name] = part - start
+            else:
+                base = value[start - 1]
+                images[row][entry.name] = np.concatenate([[0], part - base]).astype(entry.dtype)
+            start += count
+    return images
+
+
+def output_rows(packed: PackedImages, family: str) -> np.ndarray:
+    """Output rows (image embeddings) per image."""
+    names = [entry.name for entry in SPECS[family]]
+    return packed.layout[:, names.index(OUTPUT_ROWS_FROM[family])]
+
+
+def image_output_rows(image: ImageInputs, family: str) -> int:
+    """Output rows (image embeddings, = image tokens) of one image."""
+    return len(image[OUTPUT_ROWS_FROM[family]])
+
+
+def image_digest(image: ImageInputs) -> bytes:
+    """A content hash of one preprocessed image: its patches and index tensors (shape included)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(image):
+        value = np.ascontiguousarray(image[name])
+        digest.update(name.encode() + str(value.shape).encode() + str(value.dtype).encode())
+        digest.update(value.data)
+    return digest.digest()
+
+
+def qwen_image_inputs(patches: np.ndarray, grid_thw: np.ndarray, vision_config) -> ImageInputs:
+    """One Qwen2.5-VL image's encoder inputs, with transformers' own index functions."""
+    import torch
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    grid = torch.from_numpy(np.asarray(grid_thw, dtype=np.int64).reshape(1, 3))
+    merge = int(vision_config.spatial_merge_size)
+    window_index, cu_window_seqlens = get_vision_window_index(
+        grid, spatial_merge_size=merge, window_size=int(vision_config.window_size),
+        patch_size=int(vision_config.patch_size),
+    )
+    return {
+        "pixel_values": patches,
+        "position_ids": get_vision_position_ids(grid, merge).numpy().astype(np.int64),
+        "cu_seqlens": get_vision_cu_seqlens(grid).numpy().astype(np.int32),
+        "window_index": window_index.numpy().astype(np.int64),
+        "cu_window_seqlens": cu_window_seqlens.numpy().astype(np.int32),
+    }
+
+
+def pixtral_image_inputs(patches: np.ndarray, rows: int, cols: int) -> ImageInputs:
+    """One Pixtral image's encoder inputs: patches in row-major order, (row, col) per patch."""
+    row_ids, col_ids = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return {
+        "pixel_values": patches,
+        "position_ids": np.stack([row_ids.reshape(-1), col_ids.reshape(-1)], axis=-1).astype(np.int64),
+        "cu_seqlens": np.array([0, rows * cols], dtype=np.int32),
+    }
