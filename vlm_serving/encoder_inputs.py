@@ -68,10 +68,11 @@ class PackedImages:
         return len(self.layout)
 
 
-def _empty(spec: InputSpec, row_dims: tuple[int, ...]) -> np.ndarray:
+def _empty(spec: InputSpec) -> np.ndarray:
+    """The tensor for no images (a text-only request); checkpoint-dependent widths become 0."""
     if spec.kind == "bounds":
         return np.zeros(1, dtype=spec.dtype)
-    return np.zeros((0, *row_dims), dtype=spec.dtype)
+    return np.zeros((0, *(max(d, 0) for d in spec.row_dims)), dtype=spec.dtype)
 
 
 def pack(images: list[ImageInputs], spec: tuple[InputSpec, ...]) -> PackedImages:
@@ -95,7 +96,7 @@ def pack(images: list[ImageInputs], spec: tuple[InputSpec, ...]) -> PackedImages
                 layout[row, column] = len(value) - 1
         if entry.kind == "bounds":
             parts.insert(0, np.zeros(1, dtype=entry.dtype))
-        tensors[entry.name] = np.concatenate(parts).astype(entry.dtype, copy=False) if parts else _empty(entry, ())
+        tensors[entry.name] = np.concatenate(parts).astype(entry.dtype, copy=False) if parts else _empty(entry)
     return PackedImages(tensors, layout)
 
 

@@ -15,14 +15,6 @@ from vlm_serving.encoder import EmbeddingCache, EncoderRegistry, embed_batch
 from vlm_serving.encoder_inputs import image_output_rows
 
 
-def _counter(name: str, description: str, labels: dict):
-    return pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER).Metric(labels)
-
-
-def _gauge(name: str, description: str, labels: dict):
-    return pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE).Metric(labels)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
@@ -33,12 +25,19 @@ class TritonPythonModel:
         self.cache = EmbeddingCache(int(parameters["cache_bytes"]))
         self.registry = EncoderRegistry()
         self.identity = ""
-        labels = {"model": self.encoder_model}
-        self.hits = _counter("vlm_encoder_cache_hits_total", "Images whose embeddings came from the cache", labels)
-        self.misses = _counter("vlm_encoder_cache_misses_total", "Images sent to the vision encoder", labels)
-        self.evictions = _counter("vlm_encoder_cache_evictions_total", "Embeddings evicted to stay within the cache size", labels)
-        self.cached_bytes = _gauge("vlm_encoder_cache_bytes", "Bytes of image embeddings in the cache", labels)
+        # Served on Triton's metrics endpoint. A metric family must outlive its metrics: both are kept.
+        self.metric_families = []
+        self.hits = self._metric("vlm_encoder_cache_hits_total", "Images whose embeddings came from the cache")
+        self.misses = self._metric("vlm_encoder_cache_misses_total", "Images sent to the vision encoder")
+        self.evictions = self._metric("vlm_encoder_cache_evictions_total", "Embeddings evicted to stay within the cache size")
+        self.cached_bytes = self._metric("vlm_encoder_cache_bytes", "Bytes of image embeddings in the cache", gauge=True)
         self.counted = (0, 0, 0)
+
+    def _metric(self, name: str, description: str, gauge: bool = False):
+        kind = pb_utils.MetricFamily.GAUGE if gauge else pb_utils.MetricFamily.COUNTER
+        family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self.metric_families.append(family)
+        return family.Metric(labels={"model": self.encoder_model})
 
     async def _encode(self, images):
         request = pb_utils.InferenceRequest(
