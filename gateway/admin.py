@@ -1,7 +1,7 @@
 """`vlm.v1.ModelAdminService`: load and unload models in Triton (explicit model control).
 
-A model is its family's pipeline: `<family>_preprocess` and `<family>_generate`, then the
-`<family>` ensemble. Triton loads a new copy beside the serving one and switches when it is
+A model is its family's pipeline: `<family>_preprocess`, `<family>_encoder`, `<family>_embed` and
+`<family>_generate`, then the `<family>` ensemble (`vlm_serving.deploy.render.pipeline`). Triton loads a new copy beside the serving one and switches when it is
 ready, so requests keep being answered during a load; a failed load leaves the old copy serving.
 """
 
@@ -16,7 +16,8 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.settings import Settings
 from gateway.servicer import model_info
-from gateway.triton_backend import TritonBackend, pipeline
+from gateway.triton_backend import TritonBackend
+from vlm_serving.deploy.render import pipeline
 
 log = logging.getLogger("gateway.admin")
 

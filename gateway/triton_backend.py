@@ -23,17 +23,13 @@ from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import ApiError, invalid_argument
+from vlm_serving.deploy.render import pipeline
 from vlm_serving.ensemble_client import ResponseChunk, build_inputs, parse_response
 from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
 from vlm_serving.sampling import SamplingParams
 
 log = logging.getLogger("gateway")
 _IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
-
-
-def pipeline(ensemble: str) -> list[str]:
-    """A family's Triton models in load order: the steps first, the ensemble that calls them last."""
-    return [f"{ensemble}_preprocess", f"{ensemble}_generate", ensemble]
 
 
 def pipeline_ready(index: list[dict], ensemble: str) -> bool:

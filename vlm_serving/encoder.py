@@ -2,8 +2,8 @@
 
 `OnnxEncoder` runs any number of images (from any number of requests) as one graph call.
 `EmbeddingCache` keeps image embeddings by content hash and encoder identity, bounded in bytes,
-least recently used out first. `EncoderRegistry` tells the cache which encoder serves now, so
-a reload of the encoder (new version, new weights, other variant) invalidates its entries.
+least recently used out first. `EncoderChanges` tells the cache front that the encoder was
+reloaded (new version, new weights, other variant, rollback), which invalidates the cache.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -106,12 +107,9 @@ class EmbeddingCache:
             self.bytes -= evicted.nbytes
             self.stats.evictions += 1
 
-    def keep_only(self, identity: str) -> int:
-        """Drop every entry of another encoder identity; returns how many were dropped."""
-        stale = [key for key in self.entries if key[0] != identity]
-        for key in stale:
-            self.bytes -= self.entries.pop(key).nbytes
-        return len(stale)
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
 
 
 # Encodes images (one call), answering their embeddings and the identity of the encoder that ran.
@@ -159,42 +157,32 @@ async def embed_batch(
     return answers
 
 
-class EncoderRegistry:
-    """Which encoder serves each model name, shared by the processes of one Triton server.
+class EncoderChanges:
+    """A marker per encoder model, changed whenever one of its instances loads or unloads.
 
-    The encoder model writes its identity (model, version, variant, weights file's mtime) when it
-    loads; the cache front reads it before each batch. A file per model name under /dev/shm,
-    named after the Triton server process (the parent of every Python stub).
+    The cache front clears its cache when the marker changes: whatever version, weights or variant
+    serves after a reload (a rollback included), no embedding of the encoder before it is used.
+    Shared by the processes of one Triton server: a file per model name under /dev/shm, named
+    after the Triton server process (the parent of every Python stub).
     """
 
     def __init__(self, server_pid: int | None = None):
         root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
         self.directory = root / f"vlm-encoders-{os.getppid() if server_pid is None else server_pid}"
-        self._seen: dict[str, tuple[int, str]] = {}
 
-    def publish(self, model_name: str, version: int, identity: str) -> None:
-        """Record `identity` unless a newer version of the model already did (Triton serves the newest)."""
+    def mark(self, model_name: str) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / model_name
-        current = self.read(model_name)
-        if current and int(current.split("/")[1]) > version:
-            return
-        staging = path.with_suffix(f".{os.getpid()}")
-        staging.write_text(identity)
-        os.replace(staging, path)
+        staging = self.directory / f".{model_name}.{os.getpid()}"
+        staging.write_text(f"{time.time_ns()} {os.getpid()} {id(self)}")
+        os.replace(staging, self.directory / model_name)
 
-    def read(self, model_name: str) -> str:
-        path = self.directory / model_name
+    def current(self, model_name: str) -> str:
+        # Read every time (a few microseconds on tmpfs): file times are too coarse to tell two
+        # changes in quick succession apart.
         try:
-            mtime = path.stat().st_mtime_ns
+            return (self.directory / model_name).read_text()
         except FileNotFoundError:
             return ""
-        seen = self._seen.get(model_name)
-        if seen and seen[0] == mtime:
-            return seen[1]
-        identity = path.read_text()
-        self._seen[model_name] = (mtime, identity)
-        return identity
 
 
 def encoder_identity(model_name: str, version: int, encoder: OnnxEncoder) -> str:

@@ -13,6 +13,7 @@ from vlm.v1 import vlm_pb2
 from gateway.errors import field_violations
 from tests.integration.conftest import KEY, PNG, make_repository, start_gateway, start_server
 from vlm_client import VLMClient
+from vlm_serving.deploy.render import pipeline
 
 pytestmark = pytest.mark.integration
 PUBLIC = {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral"}
@@ -171,7 +172,7 @@ def test_metrics_count_requests_tokens_and_latency(client, gateway):
 
 def test_triton_down_is_unavailable_and_the_gateway_recovers(tmp_path, checkpoints):
     repository = make_repository(tmp_path / "model_repository", checkpoints)
-    triton = start_server(repository, load_models=("pixtral", "cancel"))
+    triton = start_server(repository, load_models=(*pipeline("pixtral"), "cancel"))
     gateway = start_gateway(triton.grpc_url, tmp_path, VLM_MODELS="pixtral=pixtral")
     try:
         with VLMClient(gateway.address, api_key=KEY, timeout=20, retries=0) as client:

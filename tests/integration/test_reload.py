@@ -16,6 +16,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 from tests.integration.conftest import KEY, make_repository, start_gateway, start_server
 from vlm_client import VLMClient
 from vlm_serving import tiny_checkpoints
+from vlm_serving.deploy.render import pipeline
 from vlm_serving.ensemble_client import generate, user_message
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,7 @@ def add_version(repository: Path, version: int, checkpoint: Path | None = None, 
 def stack(tmp_path_factory, checkpoints):
     root = tmp_path_factory.mktemp("reload")
     repository = make_repository(root / "model_repository", checkpoints)
-    triton = start_server(repository, load_models=("qwen2_5_vl", "cancel"))
+    triton = start_server(repository, load_models=(*pipeline("qwen2_5_vl"), "cancel"))
     gateway = start_gateway(triton.grpc_url, root, VLM_MODELS="qwen2.5-vl=qwen2_5_vl", VLM_ADMIN_API_KEYS=ADMIN_KEY)
     yield repository, triton, gateway
     gateway.stop()

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import encode, picture
 from tests.integration.conftest import KEY, make_repository, start_gateway, start_server
 from vlm_client import VLMClient
+from vlm_serving.deploy.render import pipeline
 from vlm_serving.ensemble_client import generate, user_message
 
 pytestmark = pytest.mark.integration
@@ -29,14 +30,16 @@ def stub_processes(repository: Path) -> list[int]:
     return found
 
 
-def test_int8_by_environment_override_answers_and_stop_leaves_no_stubs(tmp_path, checkpoints):
+def test_int8_language_models_and_encoders_by_environment_answer_and_stop_leaves_no_stubs(tmp_path, checkpoints):
     repository = make_repository(tmp_path / "model_repository", checkpoints)
     server = start_server(
         repository,
-        load_models=("qwen2_5_vl", "pixtral"),  # ensembles load their composing models
+        load_models=(*pipeline("qwen2_5_vl"), *pipeline("pixtral")),
         extra_env={
             "VLM_QWEN2_5_VL_GENERATE_QUANTIZATION": "int8",
             "VLM_PIXTRAL_GENERATE_QUANTIZATION": "int8",
+            "VLM_QWEN2_5_VL_ENCODER_VARIANT": "int8",
+            "VLM_PIXTRAL_ENCODER_VARIANT": "int8",
         },
     )
     try:
@@ -45,7 +48,7 @@ def test_int8_by_environment_override_answers_and_stop_leaves_no_stubs(tmp_path,
             result = generate(server.grpc_url, family, user_message("int8?", 1), [encode(picture(96, 64))], max_tokens=8)
             assert result.completion_tokens == 8 and result.token_ids
         log = server.log_path.read_text()
-        assert "quantization=int8" in log
+        assert "quantization=int8" in log and "encoder.int8.onnx" in log
     finally:
         server.stop()
     assert stub_processes(repository) == []
@@ -69,7 +72,7 @@ def test_overload_is_refused_at_once_not_queued_forever(tmp_path, checkpoints):
     repository = make_repository(
         tmp_path / "model_repository", checkpoints, generate_batching=Batching(1, (1,), 100, 1)
     )
-    server = start_server(repository, load_models=("pixtral",))
+    server = start_server(repository, load_models=tuple(pipeline("pixtral")))
 
     def call(_):
         try:

@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, image_tensors, model_parameters, read_images
-from vlm_serving.encoder import EmbeddingCache, EncoderRegistry, embed_batch
+from vlm_serving.encoder import EmbeddingCache, EncoderChanges, embed_batch
 from vlm_serving.encoder_inputs import image_output_rows
 
 
@@ -23,7 +23,9 @@ class TritonPythonModel:
         metadata = json.loads((Path(parameters["checkpoint"]) / "onnx" / "encoder.json").read_text())
         self.hidden_size = int(metadata["hidden_size"])
         self.cache = EmbeddingCache(int(parameters["cache_bytes"]))
-        self.registry = EncoderRegistry()
+        self.encoder_changes = EncoderChanges()
+        self.encoder_marker = ""
+        # The identity (model/version/variant/weights) the encoder reported last; cache keys carry it.
         self.identity = ""
         # Served on Triton's metrics endpoint. A metric family must outlive its metrics: both are kept.
         self.metric_families = []
@@ -50,14 +52,15 @@ class TritonPythonModel:
             raise RuntimeError(f"{self.encoder_model}: {response.error().message()}")
         embeddings = pb_utils.get_output_tensor_by_name(response, "IMAGE_EMBEDS").as_numpy()[0]
         identity = pb_utils.get_output_tensor_by_name(response, "ENCODER_IDENTITY").as_numpy().reshape(-1)[0]
+        self.identity = identity.decode()
         bounds = np.cumsum([image_output_rows(image, self.family) for image in images])
-        return np.split(embeddings, bounds[:-1]), identity.decode()
+        return np.split(embeddings, bounds[:-1]), self.identity
 
     async def execute(self, requests):
-        identity = self.registry.read(self.encoder_model)
-        if identity != self.identity:
-            self.cache.keep_only(identity)
-            self.identity = identity
+        marker = self.encoder_changes.current(self.encoder_model)
+        if marker != self.encoder_marker:  # the encoder was loaded or unloaded since the last batch
+            self.cache.clear()
+            self.encoder_marker, self.identity = marker, ""
         responses: list = [None] * len(requests)
         batch, indices = [], []
         for index, request in enumerate(requests):
@@ -66,7 +69,7 @@ class TritonPythonModel:
                 indices.append(index)
             except (ValueError, IndexError) as exc:
                 responses[index] = error_response(exc)
-        answers = await embed_batch(batch, self.cache, identity, self._encode, self.hidden_size)
+        answers = await embed_batch(batch, self.cache, self.identity, self._encode, self.hidden_size)
         for index, answer in zip(indices, answers):
             if isinstance(answer, Exception):
                 # Preprocessing made the encoder's inputs: whatever fails here is not the caller's fault.

@@ -7,7 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, model_parameters, read_images
-from vlm_serving.encoder import EncoderRegistry, OnnxEncoder, encoder_identity
+from vlm_serving.encoder import EncoderChanges, OnnxEncoder, encoder_identity
 
 
 class TritonPythonModel:
@@ -20,12 +20,17 @@ class TritonPythonModel:
         onnx_dir = f"{parameters['checkpoint']}/onnx"
         self.encoder = OnnxEncoder(self.family, onnx_dir, parameters["variant"], device)
         version = int(args["model_version"])
-        self.identity = encoder_identity(args["model_name"], version, self.encoder)
-        # The embed step's cache keys on this identity: a reload invalidates what the old encoder computed.
-        EncoderRegistry().publish(args["model_name"], version, self.identity)
+        self.model_name = args["model_name"]
+        self.identity = encoder_identity(self.model_name, version, self.encoder)
+        # The embed step clears its cache on every load or unload: nothing the old encoder computed is reused.
+        self.changes = EncoderChanges()
+        self.changes.mark(self.model_name)
         pb_utils.Logger.log_info(
             f"{args['model_name']} version {version}: {self.encoder.path} on {', '.join(self.encoder.providers)}"
         )
+
+    def finalize(self):
+        self.changes.mark(self.model_name)
 
     def execute(self, requests):
         responses: list = [None] * len(requests)

@@ -72,6 +72,14 @@ RESPONSE_TENSORS = [
 ]
 
 
+def pipeline(ensemble: str) -> list[str]:
+    """A family's Triton models in load order: each before the models that call it (the encoder
+    before the embed step that calls it through BLS, which Triton does not know of; the steps
+    before the ensemble). Loading the ensemble alone would leave the encoder out."""
+    steps = ("preprocess", "encoder", "embed", "generate")
+    return [f"{ensemble}_{step}" for step in steps] + [ensemble]
+
+
 @dataclass(frozen=True)
 class Batching:
     max_batch_size: int

@@ -15,6 +15,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 from gateway import server as gateway_server
 from gateway.errors import field_violations
 from gateway.settings import Settings
+from vlm_serving.deploy.render import pipeline
 from vlm_serving.ensemble_client import ResponseChunk
 
 KEY = (("authorization", "Bearer secret"),)
@@ -42,7 +43,7 @@ class ScriptedBackend:
         if not self.ready:
             return []
         return [{"name": name, "version": "1", "state": "READY"} for family in ("pixtral", "qwen2_5_vl")
-                for name in (f"{family}_preprocess", f"{family}_generate", family)]
+                for name in pipeline(family)]
 
     async def model_parameters(self, name):
         return {"quantization": "int8"}
