@@ -7,7 +7,10 @@
 2. dynamic batching on / off (max batch 1), direct to Triton, concurrency 16;
 3. preprocessing images/s, ours / transformers' own image processors, on the same pictures,
    outputs checked equal;
-4. streaming time to first text / whole-response time at 64 output tokens.
+4. streaming time to first text / whole-response time at 64 output tokens;
+5. vision encoder images/s, ONNX Runtime / the transformers tower, outputs checked equal
+   (perf/encoders.py; 7: the int8 encoder's token agreement with fp32, reported);
+6. a repeated image's request latency, cache hit / miss.
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -28,8 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from perf.encoders import rows as encoder_rows
 from perf.load import GatewayTarget, TritonTarget, run_load
-from perf.workload import perf_analyzer_input, workload
+from perf.workload import perf_analyzer_input, synthetic_image, workload
 from vlm_serving.deploy.render import PROFILES, Batching, render_repository
 from vlm_serving.deploy.stack import GatewayProcess
 from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonServer
@@ -109,8 +113,8 @@ def preprocessing_ratio(real_limits: bool, rounds: int) -> tuple[float, float, f
         ours = load_preprocessor(family, checkpoint)
         theirs = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True)
         placeholders = np.array([ours.image_pad_id if family == "qwen2_5_vl" else ours.image_id] * len(pictures))
-        mine = ours.build(pictures, placeholders).image_tensors["pixel_values"]
-        worst = max(worst, float(np.abs(mine - theirs(pictures, return_tensors="np")["pixel_values"]).max()))
+        mine = ours.build(pictures, placeholders).images
+        worst = max(worst, max_difference(family, mine, theirs(pictures, return_tensors="np")))
         for _ in range(rounds):
             started = time.perf_counter()
             ours.build(pictures, placeholders)
@@ -120,6 +124,32 @@ def preprocessing_ratio(real_limits: bool, rounds: int) -> tuple[float, float, f
             theirs_time += time.perf_counter() - started
     count = 2 * rounds * len(pictures)
     return count / ours_time, count / theirs_time, worst
+
+
+def max_difference(family: str, images: list[dict], reference) -> float:
+    """Our per-image encoder patches against the image processor's tensors."""
+    if family == "qwen2_5_vl":
+        return float(np.abs(np.concatenate([i["pixel_values"] for i in images]) - reference["pixel_values"]).max())
+    worst = 0.0
+    for image, padded, (height, width) in zip(images, reference["pixel_values"], reference["image_sizes"]):
+        rows, cols = height // 16, width // 16
+        patches = padded[:, :height, :width].reshape(3, rows, 16, cols, 16).transpose(1, 3, 0, 2, 4).reshape(rows * cols, -1)
+        worst = max(worst, float(np.abs(image["pixel_values"] - patches).max()))
+    return worst
+
+
+def cache_hit_ratio(server: TritonServer, count: int) -> tuple[float, float]:
+    """Median latency (s) of a request with an image seen for the first time and of the same again (1 token)."""
+    from vlm_serving.ensemble_client import generate, user_message
+
+    misses, hits = [], []
+    for i in range(count):
+        image = synthetic_image(320, 240, "JPEG", seed=5000 + i)  # never seen by this server
+        for latencies in (misses, hits):
+            started = time.perf_counter()
+            generate(server.grpc_url, "qwen2_5_vl", user_message("What is in the picture?", 1), [image], max_tokens=1)
+            latencies.append(time.perf_counter() - started)
+    return statistics.median(misses), statistics.median(hits)
 
 
 def perf_analyzer(server: TritonServer, ensemble: str, stream: bool) -> str:
@@ -194,6 +224,11 @@ def main() -> int:
         rows.append(("4", "stream: first text / whole response, 64 tokens, c=1",
                      f"{first * 1000:.1f} / {whole * 1000:.1f} ms", first / whole, "<= 0.2", "x"))
 
+        # 6. cache hit / miss.
+        miss, hit = cache_hit_ratio(batched, n(24))
+        rows.append(("6", "repeated image, request latency cache hit / miss, qwen2_5_vl, 1 token, c=1",
+                     f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x"))
+
         # 3. preprocessing, in this process.
         for key, real, label in (("3a", False, "tiny checkpoints' limits"), ("3b", True, "real checkpoints' limits")):
             ours, theirs, worst = preprocessing_ratio(real, rounds=max(1, int(3 * scale)))
@@ -201,6 +236,9 @@ def main() -> int:
                          f"(max |diff| {worst:.1e})", f"{ours:.1f} / {theirs:.1f} images/s", ours / theirs, ">= 3", "x"))
             if worst > 1e-5:
                 notes.append(f"{key}: outputs differ by {worst:.2e} (> 1e-5): the ratio is not valid")
+
+        # 5, 7. encoders, in this process.
+        rows += encoder_rows(rounds=max(2, int(3 * scale)))
 
         if PERF_ANALYZER.exists():
             for ensemble in ("qwen2_5_vl", "pixtral"):

@@ -39,13 +39,14 @@ class OnnxEncoder:
     """One ONNX Runtime session of a family's encoder (CUDA provider first on a GPU device)."""
 
     def __init__(self, family: str, onnx_dir: str | Path, variant: str = "fp32", device: str = "cpu",
-                 threads: int = 0):
+                 threads: int = 0, patches_per_call: int = 1024):
         import onnxruntime as ort
 
         self.family = family
         self.spec = SPECS[family]
         self.path = encoder_file(onnx_dir, variant)
         self.variant = variant
+        self.patches_per_call = patches_per_call
         metadata = json.loads((Path(onnx_dir) / "encoder.json").read_text())
         if metadata["family"] != family:
             raise ValueError(f"{onnx_dir} holds a {metadata['family']} encoder, not {family}")
@@ -61,9 +62,26 @@ class OnnxEncoder:
         self.providers = self.session.get_providers()
 
     def encode(self, images: list[ImageInputs]) -> list[np.ndarray]:
-        """float32 [tokens, hidden] per image, in order."""
-        if not images:
-            return []
+        """float32 [tokens, hidden] per image, in order.
+
+        Images run together in calls of at most `patches_per_call` patches (an image larger than
+        that runs alone): attention within an image is one masked call over all the call's rows,
+        so its cost grows with the square of the call's patches, while small images gain from
+        sharing one call's matrix products.
+        """
+        results: list[np.ndarray] = []
+        group: list[ImageInputs] = []
+        patches = 0
+        for image in images:
+            size = len(image["pixel_values"])
+            if group and patches + size > self.patches_per_call:
+                results += self._run(group)
+                group, patches = [], 0
+            group.append(image)
+            patches += size
+        return results + (self._run(group) if group else [])
+
+    def _run(self, images: list[ImageInputs]) -> list[np.ndarray]:
         packed = pack(images, self.spec)
         (embeddings,) = self.session.run([OUTPUT_NAME], packed.tensors)
         bounds = np.cumsum(output_rows(packed, self.family))[:-1]

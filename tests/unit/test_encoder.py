@@ -214,3 +214,17 @@ def test_missing_variant_says_how_to_export(checkpoints, tmp_path):
         OnnxEncoder("pixtral", tmp_path, "fp16")
     with pytest.raises(ValueError, match="use one of fp32, int8, fp16"):
         OnnxEncoder("pixtral", checkpoints / "pixtral" / "onnx", "bf16")
+
+
+def test_calls_are_capped_in_patches_without_changing_results(family):
+    name, checkpoint, model = family
+    grids = QWEN_CALLS[4] if name == "qwen2_5_vl" else PIXTRAL_CALLS[4]
+    images, expected = transformers_embeddings(name, model, grids)
+    one_call = OnnxEncoder(name, checkpoint / "onnx", patches_per_call=10_000)
+    capped = OnnxEncoder(name, checkpoint / "onnx", patches_per_call=40)  # below the largest image: it runs alone
+    calls = []
+    capped._run = lambda group, run=capped._run: calls.append(len(group)) or run(group)
+    for ours, theirs in zip(capped.encode(images), one_call.encode(images)):
+        assert np.abs(ours - theirs).max() <= 1e-5
+    assert np.abs(np.concatenate(capped.encode(images)) - expected).max() <= 1e-4
+    assert len(calls) > 1
