@@ -41,7 +41,7 @@ $(STAMP): requirements.txt pyproject.toml deploy/vlm-dont-write-bytecode.pth
 	touch $(STAMP)
 
 # Tiny random-weight checkpoints of both architectures (build/models/<family>), and each one's
-# vision encoder exported to ONNX (build/models/<family>/onnx/encoder.{fp32,int8}.onnx).
+# vision encoder exported to ONNX (build/models/<family>/onnx/encoder.{fp32,int8,fp16}.onnx).
 models: setup
 	$(PY) -m vlm_serving.tiny_checkpoints build/models
 	$(PY) -m vlm_serving.encoder_export build/models/qwen2_5_vl build/models/pixtral

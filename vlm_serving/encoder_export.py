@@ -4,7 +4,8 @@
     python -m vlm_serving.encoder_export /weights/qwen2.5-vl-7b --variants fp16
 
 writes ``encoder.<variant>.onnx`` (fp32; int8: ONNX Runtime dynamic quantization, for CPU; fp16: for
-the CUDA provider) plus ``encoder.json`` (family, inputs, hidden size) into ``<checkpoint>/onnx/``.
+the CUDA provider; all three unless ``--variants`` says otherwise) plus ``encoder.json`` (family,
+hidden size) into ``<checkpoint>/onnx/``.
 
 The graphs take the inputs of `vlm_serving.encoder_inputs` (patches plus precomputed index tensors)
 with dynamic patch and image counts. Two changes make the towers exportable, neither changes the
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from vlm_serving.encoder_inputs import OUTPUT_NAME, SPECS
 
 VARIANTS = ("fp32", "int8", "fp16")
-DEFAULT_VARIANTS = ("fp32", "int8")
+DEFAULT_VARIANTS = VARIANTS
 
 
 def segment_mask(cu_seqlens: torch.Tensor, length: int | torch.SymInt) -> torch.Tensor:
