@@ -7,21 +7,22 @@ writes ``encoder.<variant>.onnx`` (fp32; int8: ONNX Runtime dynamic quantization
 the CUDA provider; all three unless ``--variants`` says otherwise) plus ``encoder.json`` (family,
 hidden size) into ``<checkpoint>/onnx/``.
 
-The graphs take the inputs of `vlm_serving.encoder_inputs` (patches plus precomputed index tensors)
-with dynamic patch and image counts. Two changes make the towers exportable, neither changes the
-arithmetic: attention within each image is one `scaled_dot_product_attention` call with a
-block-diagonal mask built from ``cu_seqlens`` (transformers splits by ``cu_seqlens.tolist()``, which
-cannot be traced), and Pixtral's patch convolution is a matmul on flattened patches.
+The graphs take the inputs of `vlm_serving.encoder_inputs.graph_inputs` (patches plus precomputed
+index tensors) with dynamic patch, image and window counts. Two changes make the towers
+exportable, neither changes the arithmetic: attention within each segment (image, or Qwen's
+window) runs as one batched `scaled_dot_product_attention` over the segments padded to the
+longest (transformers splits by ``cu_seqlens.tolist()``, which cannot be traced), and Pixtral's
+patch convolution is a matmul on flattened patches.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -34,48 +35,59 @@ VARIANTS = ("fp32", "int8", "fp16")
 DEFAULT_VARIANTS = VARIANTS
 
 
-def segment_mask(cu_seqlens: torch.Tensor, length: int | torch.SymInt) -> torch.Tensor:
-    """bool [1, 1, n, n]: True where two rows lie in the same segment of ``cu_seqlens``."""
-    positions = torch.arange(length, device=cu_seqlens.device)
-    segment = (positions[:, None] >= cu_seqlens[None, 1:].to(positions.dtype)).sum(-1)
-    return (segment[:, None] == segment[None, :])[None, None]
+def segment_attention(query, key, value, gather, scatter, scale: float) -> torch.Tensor:
+    """Attention within each segment (an image, or one of Qwen's windows) as one batched call.
 
-
-def _qwen_masked_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-    """Qwen2.5-VL vision attention with one masked SDPA call instead of a split per segment."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
-    length = hidden_states.shape[0]
-    query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = position_embeddings
-    query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
-    query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-    output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=segment_mask(cu_seqlens, length), scale=self.scaling
-    )
-    return self.proj(output.squeeze(0).transpose(0, 1).reshape(length, -1))
+    query/key/value [rows, heads, dim]; `gather` [segments, longest] and `scatter` [rows] come from
+    `vlm_serving.encoder_inputs.segment_layout`: rows are gathered into a padded segment batch
+    (padding slots point at an appended zero row and are masked as keys), attended, and
+    scattered back to row order. Costs segments x longest^2, not rows^2.
+    """
+    rows, heads, dim = query.shape
+    pad = query.new_zeros((1, heads, dim))
+    batched = [torch.cat([t, pad])[gather].transpose(1, 2) for t in (query, key, value)]  # [S, H, L, D]
+    keys_valid = (gather < rows)[:, None, None, :]
+    output = F.scaled_dot_product_attention(*batched, attn_mask=keys_valid, scale=scale)
+    return output.transpose(1, 2).reshape(-1, heads, dim)[scatter]
 
 
 class QwenVisionEncoder(torch.nn.Module):
-    """``model.model.visual`` (patch embed, blocks, merger) on precomputed index tensors."""
+    """``model.model.visual`` (patch embed, blocks, merger) on precomputed index tensors; its blocks'
+    own modules, with attention by `segment_attention` (transformers splits by
+    ``cu_seqlens.tolist()``, which cannot be traced)."""
 
     def __init__(self, model):
         super().__init__()
         self.visual = copy.deepcopy(model.model.visual).float().eval()
-        for block in self.visual.blocks:
-            block.attn.forward = types.MethodType(_qwen_masked_attention, block.attn)
 
-    def forward(self, pixel_values, position_ids, cu_seqlens, window_index, cu_window_seqlens):
-        grid_unused = torch.zeros((1, 3), dtype=torch.int64)  # every index tensor is given
-        output = self.visual(
-            pixel_values, grid_thw=grid_unused, position_ids=position_ids, cu_seqlens=cu_seqlens,
-            window_index=window_index, cu_window_seqlens=cu_window_seqlens,
+    def _attention(self, attn, hidden, position_embeddings, gather, scatter):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        rows = hidden.shape[0]
+        query, key, value = attn.qkv(hidden).reshape(rows, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)
+        return attn.proj(segment_attention(query, key, value, gather, scatter, attn.scaling).reshape(rows, -1))
+
+    def forward(self, pixel_values, position_ids, window_index, segment_gather, segment_scatter,
+                window_gather, window_scatter):
+        visual = self.visual
+        hidden = visual.patch_embed(pixel_values)
+        rows = hidden.shape[0]
+        hidden = visual.permute_input_for_window_attn(hidden, window_index, seq_len=rows)
+        position_embeddings = tuple(
+            visual.permute_input_for_window_attn(part, window_index, seq_len=rows)
+            for part in visual.rotary_pos_emb(hidden, position_ids)
         )
-        return output.pooler_output
+        for index, block in enumerate(visual.blocks):
+            layout = (segment_gather, segment_scatter) if index in visual.fullatt_block_indexes else (window_gather, window_scatter)
+            hidden = hidden + self._attention(block.attn, block.norm1(hidden), position_embeddings, *layout)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        return visual.merger(hidden)[torch.argsort(window_index)]
 
 
 class PixtralVisionEncoder(torch.nn.Module):
-    """Pixtral's vision tower + the Llava projector on flattened patches."""
+    """Pixtral's vision tower + the Llava projector on flattened patches (the patch convolution is a
+    matmul on them), its layers' own modules with attention by `segment_attention`."""
 
     def __init__(self, model):
         super().__init__()
@@ -91,13 +103,23 @@ class PixtralVisionEncoder(torch.nn.Module):
         weight = self.tower.patch_conv.weight  # [hidden, 3, p, p]
         self.patch_weight = torch.nn.Parameter(weight.detach().reshape(weight.shape[0], -1).clone())
 
-    def forward(self, pixel_values, position_ids, cu_seqlens):
-        embeds = self.tower.ln_pre((pixel_values @ self.patch_weight.T)[None])
-        position_embeddings = self.tower.patch_positional_embedding(embeds, position_ids)
-        same_image = segment_mask(cu_seqlens, embeds.shape[1])
-        mask = torch.zeros(same_image.shape, dtype=embeds.dtype).masked_fill(~same_image, torch.finfo(embeds.dtype).min)
-        hidden = self.tower.transformer(embeds, attention_mask=mask, position_embeddings=position_embeddings)
-        return self.projector(hidden.last_hidden_state)[0]
+    @staticmethod
+    def _attention(attn, hidden, position_embeddings, gather, scatter):
+        from transformers.models.pixtral.modeling_pixtral import apply_rotary_pos_emb
+
+        rows = hidden.shape[0]
+        query, key, value = (proj(hidden).view(rows, attn.num_heads, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings, unsqueeze_dim=1)
+        return attn.o_proj(segment_attention(query, key, value, gather, scatter, attn.scaling).reshape(rows, -1))
+
+    def forward(self, pixel_values, position_ids, segment_gather, segment_scatter):
+        hidden = self.tower.ln_pre(pixel_values @ self.patch_weight.T)
+        position_embeddings = self.tower.patch_positional_embedding(hidden, position_ids)
+        for layer in self.tower.transformer.layers:
+            hidden = hidden + self._attention(layer.attention, layer.attention_norm(hidden), position_embeddings,
+                                              segment_gather, segment_scatter)
+            hidden = hidden + layer.feed_forward(layer.ffn_norm(hidden))
+        return self.projector(hidden)
 
 
 WRAPPERS = {"qwen2_5_vl": QwenVisionEncoder, "pixtral": PixtralVisionEncoder}
@@ -112,7 +134,7 @@ def family_of(checkpoint: Path) -> str:
 
 def example_inputs(family: str, model) -> dict[str, np.ndarray]:
     """Two images of different sizes: export traces a multi-image call."""
-    from vlm_serving.encoder_inputs import pack, pixtral_image_inputs, qwen_image_inputs
+    from vlm_serving.encoder_inputs import graph_inputs, pack, pixtral_image_inputs, qwen_image_inputs
 
     generator = np.random.default_rng(0)
     if family == "qwen2_5_vl":
@@ -128,15 +150,18 @@ def example_inputs(family: str, model) -> dict[str, np.ndarray]:
             pixtral_image_inputs(generator.standard_normal((h * w, 3 * patch * patch), dtype=np.float32), h, w)
             for h, w in ((3, 5), (4, 2))
         ]
-    return pack(images, SPECS[family]).tensors
+    return graph_inputs(pack(images, SPECS[family]).tensors)
 
 
 def export_fp32(family: str, model, path: Path) -> None:
     wrapper = WRAPPERS[family](model).eval()
     inputs = example_inputs(family, model)
-    names = [entry.name for entry in SPECS[family]]
+    names = list(inspect.signature(wrapper.forward).parameters)  # the graph's input order
+    assert set(names) == set(inputs), (names, list(inputs))
     args = tuple(torch.from_numpy(inputs[name]) for name in names)
-    dynamic = {name: {0: torch.export.Dim.DYNAMIC} for name in names}
+    # Every dimension is dynamic but the fixed widths (a patch's values, a position's two coordinates).
+    dynamic = {name: {0: torch.export.Dim.DYNAMIC, **({1: torch.export.Dim.DYNAMIC} if name.endswith("_gather") else {})}
+               for name in names}
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper, args, dynamo=True, input_names=names, output_names=[OUTPUT_NAME],

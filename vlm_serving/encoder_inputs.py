@@ -131,6 +131,41 @@ def image_output_rows(image: ImageInputs, family: str) -> int:
     return len(image[OUTPUT_ROWS_FROM[family]])
 
 
+# The graph takes each "bounds" input as the two index tensors of `segment_layout`, under these names.
+SEGMENT_INPUTS = {"cu_seqlens": "segment", "cu_window_seqlens": "window"}
+
+
+def segment_layout(bounds: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Attention segments (images, or Qwen's windows) as a padded batch, for one batched attention
+    call that costs segments x longest^2 instead of rows^2:
+
+    - gather int64 [segments, longest]: the row in each slot; padding slots hold `rows` (the graph
+      appends one zero row there and masks those keys);
+    - scatter int64 [rows]: each row's slot in the flattened [segments * longest] batch.
+    """
+    lengths = np.diff(bounds.astype(np.int64))
+    longest = int(lengths.max()) if len(lengths) else 0
+    slots = np.arange(longest)[None, :]
+    gather = bounds[:-1, None].astype(np.int64) + slots
+    gather[slots >= lengths[:, None]] = rows
+    segment_of_row = np.repeat(np.arange(len(lengths)), lengths)
+    scatter = segment_of_row * longest + (np.arange(rows) - bounds[:-1].astype(np.int64)[segment_of_row])
+    return gather, scatter
+
+
+def graph_inputs(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed encoder inputs -> the exported graph's inputs (bounds become segment layouts)."""
+    rows = len(tensors["pixel_values"])
+    inputs = {}
+    for name, value in tensors.items():
+        if name in SEGMENT_INPUTS:
+            gather, scatter = segment_layout(value, rows)
+            inputs[f"{SEGMENT_INPUTS[name]}_gather"], inputs[f"{SEGMENT_INPUTS[name]}_scatter"] = gather, scatter
+        else:
+            inputs[name] = value
+    return inputs
+
+
 def image_digest(image: ImageInputs) -> bytes:
     """A content hash of one preprocessed image: its patches and index tensors (shape included)."""
     digest = hashlib.blake2b(digest_size=16)

@@ -11,7 +11,7 @@ from tests.conftest import FAMILIES
 from vlm_serving.encoder import EmbeddingCache, EncoderChanges, OnnxEncoder, embed_batch
 from vlm_serving.encoder_export import export_fp16
 from vlm_serving.encoder_inputs import PIXTRAL_SPEC, QWEN_SPEC, image_digest, pack, pixtral_image_inputs, qwen_image_inputs
-from vlm_serving.encoder_inputs import unpack
+from vlm_serving.encoder_inputs import segment_layout, unpack
 
 # Patch grids (rows, cols) per call: single images of several sizes, then several different sizes at once.
 QWEN_CALLS = [[(4, 4)], [(8, 16)], [(22, 14)], [(4, 6), (10, 8)], [(16, 16), (4, 4), (6, 10)]]
@@ -128,6 +128,15 @@ def test_unpack_returns_each_image_as_it_was(spec, checkpoints):
     empty = pack([], spec)
     assert empty.count == 0 and unpack(empty, spec) == []
     assert all(len(value) == (1 if entry.kind == "bounds" else 0) for entry, value in zip(spec, empty.tensors.values()))
+
+
+def test_segment_layout_pads_segments_and_finds_every_row_again():
+    bounds = np.array([0, 3, 4, 9, 11], dtype=np.int32)
+    gather, scatter = segment_layout(bounds, rows=11)
+    assert gather.tolist() == [[0, 1, 2, 11, 11], [3, 11, 11, 11, 11], [4, 5, 6, 7, 8], [9, 10, 11, 11, 11]]
+    assert np.array_equal(gather.reshape(-1)[scatter], np.arange(11)), "scatter is gather's inverse"
+    empty_gather, empty_scatter = segment_layout(np.zeros(1, dtype=np.int32), rows=0)
+    assert empty_gather.shape == (0, 0) and empty_scatter.shape == (0,)
 
 
 def test_image_digest_tells_images_apart():
