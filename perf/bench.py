@@ -10,7 +10,7 @@
 4. streaming time to first text / whole-response time at 64 output tokens;
 5. vision encoder images/s, ONNX Runtime / the transformers tower, outputs checked equal
    (perf/encoders.py; 7: the int8 encoder's token agreement with fp32, reported);
-6. a repeated image's request latency, cache hit / miss.
+6. a repeated image's request latency, cache hit / miss (tiny tower; a 4x1280 tower serving).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from perf.encoders import rows as encoder_rows
+from perf.encoders import mid_size_qwen_checkpoint, rows as encoder_rows
 from perf.load import GatewayTarget, TritonTarget, run_load
 from perf.workload import perf_analyzer_input, synthetic_image, workload
 from vlm_serving.deploy.render import PROFILES, Batching, render_repository
@@ -138,18 +138,29 @@ def max_difference(family: str, images: list[dict], reference) -> float:
     return worst
 
 
-def cache_hit_ratio(server: TritonServer, count: int) -> tuple[float, float]:
+def cache_hit_ratio(server: TritonServer, count: int, size: tuple[int, int] = (320, 240)) -> tuple[float, float]:
     """Median latency (s) of a request with an image seen for the first time and of the same again (1 token)."""
     from vlm_serving.ensemble_client import generate, user_message
 
     misses, hits = [], []
     for i in range(count):
-        image = synthetic_image(320, 240, "JPEG", seed=5000 + i)  # never seen by this server
+        image = synthetic_image(*size, "JPEG", seed=5000 + i)  # never seen by this server
         for latencies in (misses, hits):
             started = time.perf_counter()
             generate(server.grpc_url, "qwen2_5_vl", user_message("What is in the picture?", 1), [image], max_tokens=1)
             latencies.append(time.perf_counter() - started)
     return statistics.median(misses), statistics.median(hits)
+
+
+def mid_size_checkpoints() -> Path:
+    """A checkpoints folder whose qwen2_5_vl has the mid-size vision tower (pixtral: the tiny one)."""
+    target = BENCH / "mid_checkpoints"
+    target.mkdir(parents=True, exist_ok=True)
+    for family, source in (("qwen2_5_vl", mid_size_qwen_checkpoint()), ("pixtral", BUILD / "models" / "pixtral")):
+        link = target / family
+        if not link.is_symlink():
+            link.symlink_to(source.resolve())
+    return target
 
 
 def perf_analyzer(server: TritonServer, ensemble: str, stream: bool) -> str:
@@ -226,8 +237,16 @@ def main() -> int:
 
         # 6. cache hit / miss.
         miss, hit = cache_hit_ratio(batched, n(24))
-        rows.append(("6", "repeated image, request latency cache hit / miss, qwen2_5_vl, 1 token, c=1",
+        rows.append(("6a", "repeated image, request latency cache hit / miss, qwen2_5_vl (tiny tower), 1 token, c=1",
                      f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x"))
+        # The same with an encoder of real width (perf/encoders.py's 4x1280 tower) serving, 448x448 images.
+        mid = triton("mid_encoder", checkpoints_dir=mid_size_checkpoints())
+        servers.append(mid)
+        miss, hit = cache_hit_ratio(mid, n(12), size=(448, 448))
+        rows.append(("6b", "repeated image, request latency cache hit / miss, Qwen2.5-VL-style tower 4x1280 serving, "
+                     "448x448, 1 token, c=1", f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x"))
+        mid.stop()
+        servers.remove(mid)
 
         # 3. preprocessing, in this process.
         for key, real, label in (("3a", False, "tiny checkpoints' limits"), ("3b", True, "real checkpoints' limits")):
