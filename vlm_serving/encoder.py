@@ -135,9 +135,10 @@ EncodeCall = Callable[[list[ImageInputs]], Awaitable[tuple[list[np.ndarray], str
 
 
 async def embed_batch(
-    requests: list[list[ImageInputs]], cache: EmbeddingCache, identity: str, encode: EncodeCall, hidden_size: int
+    requests: list[list[ImageInputs]], cache: EmbeddingCache, identity: str, encode: EncodeCall
 ) -> list[np.ndarray | Exception]:
-    """float32 [image tokens, hidden] per request: cached images from the cache, the others encoded.
+    """float32 [image tokens, hidden] per request ([0, 0] without images): cached images from the
+    cache, the others encoded.
 
     One encode call per request that has unseen images, all in flight together (the encoder model
     batches them); an image that several requests of the batch share is encoded once. A failed
@@ -171,7 +172,7 @@ async def embed_batch(
             failed = next(results[owner[d]] for d, row in zip(ds, rows) if row is None)
             answers.append(failed if isinstance(failed, Exception) else RuntimeError(str(failed)))
         else:
-            answers.append(np.concatenate(rows) if rows else np.zeros((0, hidden_size), dtype=np.float32))
+            answers.append(np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32))
     return answers
 
 

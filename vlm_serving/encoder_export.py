@@ -21,8 +21,10 @@ import argparse
 import copy
 import inspect
 import json
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = tuple(v.strip() for v in args.variants.split(","))
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variant(s) {sorted(unknown)}; use {', '.join(VARIANTS)}")
+    # The exporter's and quantizer's advice (torchvision ops, training mode, pre-processing) does
+    # not apply to these graphs; errors still surface.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.disable(logging.WARNING)
     for checkpoint in args.checkpoints:
         started = time.perf_counter()
         out_dir = export(checkpoint, variants, force=args.force)

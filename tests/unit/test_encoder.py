@@ -188,11 +188,11 @@ class FakeEncoder:
 def test_embed_batch_encodes_only_unseen_images_once():
     cache, encoder = EmbeddingCache(1 << 20), FakeEncoder()
     a, b, c = _images(1, 2, 3)
-    first = asyncio.run(embed_batch([[a, b], [], [b, c]], cache, encoder.identity, encoder, hidden_size=4))
+    first = asyncio.run(embed_batch([[a, b], [], [b, c]], cache, encoder.identity, encoder))
     assert encoder.calls == [2, 1], "b, shared by two requests, is encoded once"
-    assert first[1].shape == (0, 4), "a text-only request needs no encoder"
+    assert first[1].shape == (0, 0), "a text-only request needs no encoder"
     assert np.array_equal(first[0][6:], first[2][:6]), "both requests got b's rows"
-    again = asyncio.run(embed_batch([[c, a]], cache, encoder.identity, encoder, hidden_size=4))
+    again = asyncio.run(embed_batch([[c, a]], cache, encoder.identity, encoder))
     assert encoder.calls == [2, 1], "all seen: no encoder call"
     assert np.array_equal(again[0], np.concatenate([first[2][6:], first[0][:6]]))
     assert (cache.stats.hits, cache.stats.misses) == (2, 4)
@@ -201,9 +201,9 @@ def test_embed_batch_encodes_only_unseen_images_once():
 def test_embed_batch_failure_fails_only_the_requests_that_needed_it():
     a, b = _images(1, 2)
     cache, encoder = EmbeddingCache(1 << 20), FakeEncoder(fail_on=b["pixel_values"])
-    answers = asyncio.run(embed_batch([[a], [b], []], cache, encoder.identity, encoder, hidden_size=4))
+    answers = asyncio.run(embed_batch([[a], [b], []], cache, encoder.identity, encoder))
     assert isinstance(answers[1], RuntimeError) and "encoder failed" in str(answers[1])
-    assert answers[0].shape == (6, 4) and answers[2].shape == (0, 4)
+    assert answers[0].shape == (6, 4) and answers[2].shape == (0, 0)
 
 
 def test_encoder_changes_are_seen_by_another_process(tmp_path):

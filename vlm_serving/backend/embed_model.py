@@ -4,9 +4,6 @@ flight together so that the encoder's dynamic batcher joins them)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -20,8 +17,6 @@ class TritonPythonModel:
         parameters = model_parameters(args)
         self.family = parameters["family"]
         self.encoder_model = parameters["encoder_model"]
-        metadata = json.loads((Path(parameters["checkpoint"]) / "onnx" / "encoder.json").read_text())
-        self.hidden_size = int(metadata["hidden_size"])
         self.cache = EmbeddingCache(int(parameters["cache_bytes"]))
         self.encoder_changes = EncoderChanges()
         self.encoder_marker = ""
@@ -69,7 +64,7 @@ class TritonPythonModel:
                 indices.append(index)
             except (ValueError, IndexError) as exc:
                 responses[index] = error_response(exc)
-        answers = await embed_batch(batch, self.cache, self.identity, self._encode, self.hidden_size)
+        answers = await embed_batch(batch, self.cache, self.identity, self._encode)
         for index, answer in zip(indices, answers):
             if isinstance(answer, Exception):
                 # Preprocessing made the encoder's inputs: whatever fails here is not the caller's fault.
