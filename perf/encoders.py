@@ -7,6 +7,9 @@
   Qwen2.5-VL-style tower (4 blocks, 1280 wide as the real one; random weights) on 448x448 images;
 - token agreement of greedy answers with the int8 encoder against fp32 (16 tokens, the bench
   workload's images), reported, not asserted.
+
+`--profile` prints instead where the mid-size tower's time goes, per ONNX Runtime operator and
+per torch operator, for one 448x448 image (the numbers behind perf/RESULTS.md's encoder notes).
 """
 
 from __future__ import annotations
@@ -151,11 +154,53 @@ def rows(rounds: int = 3) -> list[tuple]:
     return result
 
 
+def profile() -> None:
+    """Share of time per operator: ONNX Runtime's profiler and torch's, one 448x448 image, 2 threads."""
+    from collections import Counter
+
+    import onnxruntime as ort
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_serving.encoder_inputs import QWEN_SPEC, graph_inputs, pack
+
+    checkpoint = mid_size_qwen_checkpoint()
+    preprocessor = load_preprocessor("qwen2_5_vl", checkpoint)
+    picture = Image.open(io.BytesIO(workload(1)[0].image)).convert("RGB").resize((448, 448))
+    images = preprocessor.build([picture], np.array([preprocessor.image_pad_id])).images
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.enable_profiling = True
+    options.profile_file_prefix = str(BENCH / "encoder_profile")
+    session = ort.InferenceSession(str(checkpoint / "onnx" / "encoder.fp32.onnx"), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, graph_inputs(pack(images, QWEN_SPEC).tensors))
+    per_op: Counter = Counter()
+    for event in json.loads(Path(session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"] / 3 / 1000
+    total = sum(per_op.values())
+    print(f"ONNX Runtime: {total:.0f} ms per image")
+    for op, ms in per_op.most_common(8):
+        print(f"  {op:24s} {ms:8.1f} ms {100 * ms / total:5.1f}%")
+    torch.set_num_threads(THREADS)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True).eval()
+    call = tower_call("qwen2_5_vl", model, images)
+    with torch.inference_mode():
+        call()
+        with torch.profiler.profile() as profiler:
+            call()
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="where the mid-size tower's time goes, per operator")
     args = parser.parse_args()
     BENCH.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile()
+        return 0
     print("| # | measure | measured | ratio | goal |\n| --- | --- | --- | --- | --- |")
     for key, name, measured, ratio, goal, _ in rows(args.rounds):
         print(f"| {key} | {name} | {measured} | {ratio:.2f}x | {goal} |")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_serving.encoder_inputs import OUTPUT_NAME, SPECS, ImageInputs, graph_inputs, image_digest, output_rows, pack
+from vlm_serving.encoder_inputs import OUTPUT_NAME, SPECS, ImageInputs, graph_inputs, image_digest, pack, split_per_image
 
 VARIANTS = ("fp32", "int8", "fp16")
 
@@ -84,8 +84,7 @@ class OnnxEncoder:
     def _run(self, images: list[ImageInputs]) -> list[np.ndarray]:
         packed = pack(images, self.spec)
         (embeddings,) = self.session.run([OUTPUT_NAME], graph_inputs(packed.tensors))
-        bounds = np.cumsum(output_rows(packed, self.family))[:-1]
-        return np.split(embeddings.astype(np.float32, copy=False), bounds)
+        return split_per_image(embeddings.astype(np.float32, copy=False), images, self.family)
 
 
 @dataclass

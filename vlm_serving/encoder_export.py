@@ -31,10 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlm_serving.encoder import VARIANTS
 from vlm_serving.encoder_inputs import OUTPUT_NAME, SPECS
 
-VARIANTS = ("fp32", "int8", "fp16")
-DEFAULT_VARIANTS = VARIANTS
 
 
 def segment_attention(query, key, value, gather, scatter, scale: float) -> torch.Tensor:
@@ -136,9 +135,10 @@ WRAPPERS = {"qwen2_5_vl": QwenVisionEncoder, "pixtral": PixtralVisionEncoder}
 
 def family_of(checkpoint: Path) -> str:
     model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
-    return {"qwen2_5_vl": "qwen2_5_vl", "llava": "pixtral"}.get(model_type) or sys.exit(
-        f"{checkpoint}: model_type {model_type!r} has no encoder export (qwen2_5_vl or llava/pixtral)"
-    )
+    families = {"qwen2_5_vl": "qwen2_5_vl", "llava": "pixtral"}
+    if model_type not in families:
+        raise SystemExit(f"{checkpoint}: model_type {model_type!r} has no encoder export (qwen2_5_vl or llava/pixtral)")
+    return families[model_type]
 
 
 def example_inputs(family: str, model) -> dict[str, np.ndarray]:
@@ -204,7 +204,7 @@ def export_fp16(source: Path, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def export(checkpoint: Path, variants=DEFAULT_VARIANTS, out_dir: Path | None = None, force: bool = False) -> Path:
+def export(checkpoint: Path, variants=VARIANTS, out_dir: Path | None = None, force: bool = False) -> Path:
     from transformers import AutoModelForImageTextToText
 
     out_dir = out_dir or checkpoint / "onnx"
@@ -235,7 +235,7 @@ def export(checkpoint: Path, variants=DEFAULT_VARIANTS, out_dir: Path | None = N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a checkpoint's vision encoder to ONNX.")
     parser.add_argument("checkpoints", type=Path, nargs="+", help="transformers checkpoint folder(s)")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--force", action="store_true", help="export again even where files exist")
     args = parser.parse_args(argv)
     variants = tuple(v.strip() for v in args.variants.split(","))

@@ -17,6 +17,7 @@ that caches per image can split a request's tensors back into images without rec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Literal
@@ -120,15 +121,10 @@ def unpack(packed: PackedImages, spec: tuple[InputSpec, ...]) -> list[ImageInput
     return images
 
 
-def output_rows(packed: PackedImages, family: str) -> np.ndarray:
-    """Output rows (image embeddings) per image."""
-    names = [entry.name for entry in SPECS[family]]
-    return packed.layout[:, names.index(OUTPUT_ROWS_FROM[family])]
-
-
-def image_output_rows(image: ImageInputs, family: str) -> int:
-    """Output rows (image embeddings, = image tokens) of one image."""
-    return len(image[OUTPUT_ROWS_FROM[family]])
+def split_per_image(embeddings: np.ndarray, images: list[ImageInputs], family: str) -> list[np.ndarray]:
+    """The encoder's output rows for `images`, joined, split back into one array per image."""
+    rows = [len(image[OUTPUT_ROWS_FROM[family]]) for image in images]
+    return np.split(embeddings, np.cumsum(rows)[:-1])
 
 
 # The graph takes each "bounds" input as the two index tensors of `segment_layout`, under these names.
@@ -176,24 +172,33 @@ def image_digest(image: ImageInputs) -> bytes:
     return digest.digest()
 
 
-def qwen_image_inputs(patches: np.ndarray, grid_thw: np.ndarray, vision_config) -> ImageInputs:
-    """One Qwen2.5-VL image's encoder inputs, with transformers' own index functions."""
+@functools.lru_cache(maxsize=256)
+def _qwen_indices(grid: tuple[int, int, int], merge: int, window_size: int, patch_size: int) -> ImageInputs:
+    """A grid's index tensors (read-only, shared: images of one size repeat, and so do these)."""
     import torch
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-    grid = torch.from_numpy(np.asarray(grid_thw, dtype=np.int64).reshape(1, 3))
-    merge = int(vision_config.spatial_merge_size)
+    grid_thw = torch.tensor([grid], dtype=torch.int64)
     window_index, cu_window_seqlens = get_vision_window_index(
-        grid, spatial_merge_size=merge, window_size=int(vision_config.window_size),
-        patch_size=int(vision_config.patch_size),
+        grid_thw, spatial_merge_size=merge, window_size=window_size, patch_size=patch_size
     )
-    return {
-        "pixel_values": patches,
-        "position_ids": get_vision_position_ids(grid, merge).numpy().astype(np.int64),
-        "cu_seqlens": get_vision_cu_seqlens(grid).numpy().astype(np.int32),
+    indices = {
+        "position_ids": get_vision_position_ids(grid_thw, merge).numpy().astype(np.int64),
+        "cu_seqlens": get_vision_cu_seqlens(grid_thw).numpy().astype(np.int32),
         "window_index": window_index.numpy().astype(np.int64),
         "cu_window_seqlens": cu_window_seqlens.numpy().astype(np.int32),
     }
+    for value in indices.values():
+        value.setflags(write=False)
+    return indices
+
+
+def qwen_image_inputs(patches: np.ndarray, grid_thw: np.ndarray, vision_config) -> ImageInputs:
+    """One Qwen2.5-VL image's encoder inputs, with transformers' own index functions."""
+    grid = tuple(int(v) for v in np.asarray(grid_thw).reshape(3))
+    indices = _qwen_indices(grid, int(vision_config.spatial_merge_size), int(vision_config.window_size),
+                            int(vision_config.patch_size))
+    return {"pixel_values": patches, **indices}
 
 
 def pixtral_image_inputs(patches: np.ndarray, rows: int, cols: int) -> ImageInputs:

@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, image_tensors, model_parameters, read_images
 from vlm_serving.encoder import EmbeddingCache, EncoderChanges, embed_batch
-from vlm_serving.encoder_inputs import image_output_rows
+from vlm_serving.encoder_inputs import split_per_image
 
 
 class TritonPythonModel:
@@ -48,8 +48,7 @@ class TritonPythonModel:
         embeddings = pb_utils.get_output_tensor_by_name(response, "IMAGE_EMBEDS").as_numpy()[0]
         identity = pb_utils.get_output_tensor_by_name(response, "ENCODER_IDENTITY").as_numpy().reshape(-1)[0]
         self.identity = identity.decode()
-        bounds = np.cumsum([image_output_rows(image, self.family) for image in images])
-        return np.split(embeddings, bounds[:-1]), self.identity
+        return split_per_image(embeddings, images, self.family), self.identity
 
     async def execute(self, requests):
         marker = self.encoder_changes.current(self.encoder_model)

@@ -22,6 +22,7 @@ from string import Template
 
 import numpy as np
 
+from vlm_serving.encoder import VARIANTS
 from vlm_serving.encoder_inputs import SPECS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", help="none, int8 (CPU), bnb-int8, bnb-nf4 or awq (GPU)")
     parser.add_argument("--generate-instances", type=int, help="generation instances (per GPU on gpu)")
     parser.add_argument("--encoder-instances", type=int, help="vision encoder instances (per GPU on gpu)")
-    parser.add_argument("--encoder-variant", choices=("fp32", "int8", "fp16"), help="ONNX encoder variant")
+    parser.add_argument("--encoder-variant", choices=VARIANTS, help="ONNX encoder variant")
     parser.add_argument("--encoder-cache-mib", type=int, help="image embedding cache size (0: off; default 1024)")
     parser.add_argument("--version-policy", help="versions that serve: latest:N (default latest:1), all, specific:1,2")
     args = parser.parse_args(argv)
