@@ -1,4 +1,4 @@
-"""API-key authentication for every RPC except health checks."""
+"""API-key authentication for every RPC except health checks (and reflection, when public)."""
 
 from __future__ import annotations
 
@@ -17,20 +17,28 @@ def bearer_key(metadata) -> str | None:
 
 
 def key_matches(presented: str | None, keys: frozenset[str]) -> bool:
-    # Compare against every key in constant time, so timing tells nothing about the keys.
-    return presented is not None and any(hmac.compare_digest(presented, key) for key in keys)
+    """Whether `presented` is one of `keys`. Compared as bytes (any text, even non-ASCII, is just a
+    wrong key) against every key with no early exit, so timing tells nothing about the keys."""
+    if presented is None:
+        return False
+    given = presented.encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode("utf-8"))
+    return matched
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_keys: frozenset[str], admin_methods: frozenset[str] = frozenset(),
-                 admin_keys: frozenset[str] = frozenset()):
+                 admin_keys: frozenset[str] = frozenset(), public_methods: frozenset[str] = PUBLIC_METHODS):
         self.api_keys = api_keys
+        self.public_methods = public_methods
         self.admin_methods = admin_methods
         self.admin_keys = admin_keys
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if details.method in PUBLIC_METHODS or handler is None:
+        if details.method in self.public_methods or handler is None:
             return handler
         presented = bearer_key(details.invocation_metadata)
         if not key_matches(presented, self.api_keys):

@@ -1,55 +1,148 @@
-"""Fetch image URLs from allowlisted hosts only, bounded in size and time.
+"""Fetch a request's image URLs: allowlisted hosts and ports, public addresses, bounded in bytes.
 
-The URL was already checked against the allowlist by validation; redirects are not followed
-(a redirect could point anywhere), and the body is read only up to the byte limit.
+Validation already checked each URL against the allowlist (scheme, host, port). Here each name is
+resolved once, every address it resolves to must be public (or inside
+`image_url_allowed_networks`), and the connection goes to exactly those addresses, so a name cannot
+resolve to a public address for the check and to a private one for the connection (DNS
+rebinding). Redirects are not followed (a redirect could point anywhere). A request's URLs are
+fetched concurrently with aiohttp, each within `image_url_timeout_s` in total; the caller's
+deadline (the servicer's timeout scope) bounds them all. Bytes are counted while they arrive:
+no image may pass `max_image_bytes` and all images of a request together `max_request_image_bytes`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import urllib.error
-import urllib.request
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
 
 from gateway.errors import invalid_argument
 from gateway.settings import Settings
 from gateway.validation import ImageSource, check_image_bytes, check_image_url
 
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} not followed", headers, fp)
+_CHUNK_BYTES = 64 * 1024
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
+class _Refused(Exception):
+    """Why an image cannot be had, worded for the caller."""
 
 
-def _download(url: str, limit: int, timeout: float) -> bytes:
-    with _OPENER.open(url, timeout=timeout) as response:
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ValueError(f"{declared} bytes is over the limit of {limit} bytes")
-        data = response.read(limit + 1)
-        if len(data) > limit:
-            raise ValueError(f"more than the limit of {limit} bytes")
-        return data
+def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings) -> str | None:
+    """Why the gateway may not connect to `address`, or None."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in network for network in settings.image_url_allowed_networks):
+        return None
+    if address.is_global and not address.is_multicast:
+        return None
+    kind = next((name for name, flag in (("loopback", address.is_loopback), ("link-local (cloud metadata)", address.is_link_local),
+                                         ("private", address.is_private), ("multicast", address.is_multicast))
+                 if flag), "non-public")
+    return f"a {kind} address, which image URLs may not reach (VLM_IMAGE_URL_ALLOWED_NETWORKS allows networks)"
 
 
-async def fetch(source: ImageSource, settings: Settings) -> bytes:
+class _PinnedResolver(AbstractResolver):
+    """Hands aiohttp the addresses that were checked, and nothing else."""
+
+    def __init__(self, host: str, addresses: list[dict]):
+        self.host = host
+        self.addresses = addresses
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
+        if host != self.host:
+            raise OSError(f"unexpected host {host!r}")
+        return self.addresses
+
+    async def close(self) -> None:
+        pass
+
+
+async def _checked_addresses(host: str, port: int, settings: Settings) -> list[dict]:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise _Refused(f"cannot resolve {host!r}: {exc.strerror}") from None
+    addresses = []
+    for family, _, proto, _, sockaddr in infos:
+        address = ipaddress.ip_address(sockaddr[0])
+        problem = address_problem(address, settings)
+        if problem:
+            raise _Refused(f"{host!r} resolves to {address}, {problem}")
+        addresses.append({"hostname": host, "host": str(address), "port": port, "family": family,
+                          "proto": proto, "flags": socket.AI_NUMERICHOST})
+    return addresses
+
+
+class _Budget:
+    """Image bytes left for the whole request, spent as they arrive."""
+
+    def __init__(self, limit: int, spent: int):
+        self.limit = limit
+        self.left = limit - spent
+
+    def spend(self, count: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise invalid_argument([("messages", f"the request's images add up to more than {self.limit} bytes, "
+                                                 "the limit per request; send fewer or smaller images")])
+
+
+async def _download(url: str, settings: Settings, budget: _Budget) -> bytes:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    addresses = await _checked_addresses(parts.hostname, port, settings)
+    connector = aiohttp.TCPConnector(resolver=_PinnedResolver(parts.hostname, addresses), use_dns_cache=False,
+                                     force_close=True)
+    timeout = aiohttp.ClientTimeout(total=settings.image_url_timeout_s)
+    limit = settings.max_image_bytes
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
+        async with session.get(url, allow_redirects=False) as response:
+            if 300 <= response.status < 400:
+                raise _Refused(f"redirect to {response.headers.get('Location', '?')} not followed")
+            if response.status != 200:
+                raise _Refused(f"the host answered HTTP {response.status} {response.reason or ''}".rstrip())
+            if response.content_length is not None and response.content_length > limit:
+                raise _Refused(f"{response.content_length} bytes is over the limit of {limit} bytes")
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
+                data += chunk
+                if len(data) > limit:
+                    raise _Refused(f"more than the limit of {limit} bytes")
+                budget.spend(len(chunk))
+            return bytes(data)
+
+
+async def fetch(source: ImageSource, settings: Settings, budget: _Budget) -> bytes:
     """The image's bytes; an INVALID_ARGUMENT naming the field when they cannot be had."""
     if source.data is not None:
         return source.data
     problem = check_image_url(source.url, settings)  # defence in depth: never fetch unchecked URLs
     if problem is None:
         try:
-            data = await asyncio.wait_for(
-                asyncio.to_thread(_download, source.url, settings.max_image_bytes, settings.image_url_timeout_s),
-                timeout=settings.image_url_timeout_s,
-            )
+            data = await _download(source.url, settings, budget)
             problem = check_image_bytes(data, settings)
             if problem is None:
                 return data
-        except (TimeoutError, asyncio.TimeoutError):
+        except _Refused as exc:
+            problem = str(exc)
+        except asyncio.TimeoutError:  # aiohttp's total timeout (the caller's deadline is a cancellation)
             problem = f"fetching the image took longer than {settings.image_url_timeout_s:g}s"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            problem = f"could not fetch the image: {getattr(exc, 'reason', exc)}"
+        except aiohttp.ClientError as exc:
+            problem = f"could not fetch the image: {exc}"
     raise invalid_argument([(source.field, problem)])
+
+
+async def fetch_images(sources: list[ImageSource], settings: Settings) -> list[bytes]:
+    """Every image's bytes in request order, URLs fetched concurrently; the first failure wins."""
+    budget = _Budget(settings.max_request_image_bytes, 0)
+    budget.spend(sum(len(source.data) for source in sources if source.data is not None))
+    tasks = [asyncio.ensure_future(fetch(source, settings, budget)) for source in sources]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.admin import ModelAdminServicer
-from gateway.auth import AuthInterceptor
+from gateway.auth import PUBLIC_METHODS, AuthInterceptor
 from gateway.observability import Metrics, configure_logging
 from gateway.servicer import VisionLanguageServicer
 from gateway.settings import Settings
@@ -26,6 +26,7 @@ from gateway.triton_backend import TritonBackend, pipeline_ready
 log = logging.getLogger("gateway")
 SERVICE_NAME = vlm_pb2.DESCRIPTOR.services_by_name["VisionLanguageService"].full_name
 ADMIN_SERVICE_NAME = vlm_pb2.DESCRIPTOR.services_by_name["ModelAdminService"].full_name
+REFLECTION_METHODS = frozenset({f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"})
 ADMIN_METHODS = frozenset(
     f"/{ADMIN_SERVICE_NAME}/{method.name}"
     for method in vlm_pb2.DESCRIPTOR.services_by_name["ModelAdminService"].methods
@@ -78,10 +79,15 @@ async def watch_health(settings: Settings, backend: TritonBackend, servicer: hea
 
 
 async def start(settings: Settings) -> Gateway:
-    backend = TritonBackend(settings.triton_url)
+    backend = TritonBackend(settings.triton_url, keepalive_s=settings.triton_keepalive_s,
+                            large_request_bytes=settings.triton_large_request_bytes,
+                            max_stream_backlog=settings.max_stream_backlog)
     metrics = Metrics()
+    # The protos are the public contract: health and (by default) reflection answer without a key,
+    # so `grpcurl -plaintext HOST list` works on first contact; every other RPC needs one.
+    public = PUBLIC_METHODS | (REFLECTION_METHODS if settings.reflection == "public" else frozenset())
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(settings.api_keys, ADMIN_METHODS, settings.admin_api_keys)],
+        interceptors=[AuthInterceptor(settings.api_keys, ADMIN_METHODS, settings.admin_api_keys, public)],
         options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
     )
     vlm_pb2_grpc.add_VisionLanguageServiceServicer_to_server(
@@ -90,9 +96,11 @@ async def start(settings: Settings) -> Gateway:
     vlm_pb2_grpc.add_ModelAdminServiceServicer_to_server(ModelAdminServicer(settings, backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    if settings.reflection != "off":
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server
+        )
     port = server.add_insecure_port(settings.listen_address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen_address}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 
 import grpc
 from tritonclient.utils import InferenceServerException
@@ -34,19 +35,26 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
 
     async def Generate(self, request, context):
         answer = vlm_pb2.GenerateResponse(model=request.model)
-        async for chunk, call in self._run(request, context, "Generate", stream=False):
+
+        async def collect(chunk, call):
             answer.text += chunk.text
             answer.request_id = call.request_id
             if chunk.finished:
                 _finish(answer, chunk)
+
+        await self._serve(request, context, "Generate", False, collect)
         return answer
 
     async def GenerateStream(self, request, context):
-        async for chunk, call in self._run(request, context, "GenerateStream", stream=True):
+        # Written with context.write (not yielded), so the deadline also covers the wait for a
+        # slow reader: a yield would hand that wait to gRPC, out of reach of our deadline.
+        async def send(chunk, call):
             message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=request.model, request_id=call.request_id)
             if chunk.finished:
                 _finish(message, chunk)
-            yield message
+            await context.write(message)
+
+        await self._serve(request, context, "GenerateStream", True, send)
 
     async def ListModels(self, request, context):
         try:
@@ -57,34 +65,59 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the inference server is unavailable ({exc.message()})")
         return vlm_pb2.ListModelsResponse(models=models)
 
-    async def _run(self, request, context, method: str, stream: bool):
-        """Yield (chunk, validated call) for one request, with metrics, logs and error mapping."""
+    async def _serve(self, request, context, method: str, stream: bool, deliver) -> None:
+        """One request to its end, with metrics and logs; every way it can fail ends in a status."""
         model = request.model if request.model in self.settings.models else "unknown"
         with self.metrics.track(model, method) as outcome:
             try:
-                call = validate(request, self.settings, stream)
-                request_id_var.set(call.request_id)
-                context.set_trailing_metadata((("x-request-id", call.request_id),))
-                async for item in self._generate(call, context):
-                    yield item, call
-            except ApiError as error:
+                error = await self._attempt(request, context, stream, deliver)
+            except asyncio.CancelledError:  # the caller went away, or its own deadline passed
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                outcome["code"] = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                raise
+            if error is not None:
                 outcome["code"] = error.code
                 log.info("request refused", extra={"fields": {"model": model, "method": method,
                                                                "code": error.code.name, "error": error.message}})
                 await context.abort_with_status(error.to_status())
 
-    async def _generate(self, call: ValidatedRequest, context):
-        images = [await image_urls.fetch(source, self.settings) for source in call.images]
-        remaining = context.time_remaining()
-        timeout = min(remaining, self.settings.default_timeout_s) if remaining else self.settings.default_timeout_s
+    async def _attempt(self, request, context, stream: bool, deliver) -> ApiError | None:
+        request_id = request.request_id
+        try:
+            call = validate(request, self.settings, stream)
+            request_id = call.request_id
+            request_id_var.set(request_id)
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            remaining = context.time_remaining()
+            timeout = min(remaining, self.settings.default_timeout_s) if remaining else self.settings.default_timeout_s
+            try:
+                # One deadline over everything the request waits for: image fetches, Triton, the reader.
+                async with asyncio.timeout(timeout) as scope:
+                    await self._generate(call, deliver)
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no complete answer within the deadline of {timeout:.1f}s")
+        except ApiError as error:
+            return error
+        except Exception:
+            log.exception("unexpected failure", extra={"fields": {"model": request.model}})
+            return ApiError(grpc.StatusCode.INTERNAL,
+                            f"internal error in the gateway (request id {request_id or 'unset'}); "
+                            "the gateway logged the details under this id")
+        return None
+
+    async def _generate(self, call: ValidatedRequest, deliver) -> None:
+        images = await image_urls.fetch_images(call.images, self.settings)
         started, first = time.perf_counter(), None
         log.debug("request", extra={"fields": {"model": call.model, "images": len(images),
                                                "max_tokens": call.params.max_tokens, "stream": call.params.stream}})
+        chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id)
         try:
-            async with asyncio.timeout(timeout):
-                async for chunk in self.backend.generate(
-                    call.ensemble, call.messages, images, call.params, call.request_id
-                ):
+            async with aclosing(chunks):
+                async for chunk in chunks:
                     if first is None and chunk.text:
                         first = time.perf_counter() - started
                         self.metrics.first_token.labels(call.model).observe(first)
@@ -96,10 +129,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                             "model": call.model, "images": len(images), "stream": call.params.stream,
                             "finish_reason": chunk.finish_reason, "completion_tokens": chunk.completion_tokens,
                             "latency_s": round(time.perf_counter() - started, 4)}})
-                    yield chunk
-        except TimeoutError:
-            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"no complete answer within the deadline of {timeout:.1f}s") from None
+                    await deliver(chunk, call)
         except InferenceServerException as exc:
             raise to_api_error(exc, call.model, call.ensemble, [image.field for image in call.images]) from None
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 
 
 class SettingsError(ValueError):
     pass
+
+
+REFLECTION_MODES = ("public", "authenticated", "off")
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -34,8 +38,21 @@ class Settings:
     max_prompt_chars: int = 32_768
     max_messages: int = 256
     max_tokens_limit: int = 4096
+    # All image bytes of one request, sent and fetched together.
+    max_request_image_bytes: int = 64 * 1024 * 1024
     image_url_allowlist: tuple[str, ...] = ()
+    # Addresses an allowlisted name may resolve to although they are not public (loopback,
+    # private, link-local, ...): refused unless inside one of these networks.
+    image_url_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     image_url_timeout_s: float = 10.0
+    # Ping period on the connections to Triton: a half-open one fails its requests within twice this.
+    triton_keepalive_s: float = 30.0
+    # Requests with more image bytes than this get a Triton stream (and connection) of their own.
+    triton_large_request_bytes: int = 1024 * 1024
+    # Responses a stream may have waiting for a slow reader before it is failed (RESOURCE_EXHAUSTED).
+    max_stream_backlog: int = 1024
+    # Server reflection: "public" (no key: grpcurl works out of the box), "authenticated" or "off".
+    reflection: str = "public"
     # Applied when the caller sets no deadline, so no request can hold capacity forever.
     default_timeout_s: float = 300.0
     health_poll_s: float = 2.0
@@ -65,6 +82,13 @@ class Settings:
         if not api_keys:
             raise SettingsError("VLM_API_KEYS is empty: set at least one API key (e.g. VLM_API_KEYS=dev-local-key)")
         admin_keys = frozenset(_list(env.get("VLM_ADMIN_API_KEYS", "")))
+        reflection = env.get("VLM_REFLECTION", defaults.reflection)
+        if reflection not in REFLECTION_MODES:
+            raise SettingsError(f"VLM_REFLECTION={reflection!r} must be one of {', '.join(REFLECTION_MODES)}")
+        try:
+            networks = tuple(ipaddress.ip_network(item) for item in _list(env.get("VLM_IMAGE_URL_ALLOWED_NETWORKS", "")))
+        except ValueError as exc:
+            raise SettingsError(f"VLM_IMAGE_URL_ALLOWED_NETWORKS: {exc} (use CIDRs such as 10.0.0.0/8)") from None
         return cls(
             listen_address=env.get("VLM_LISTEN_ADDRESS", defaults.listen_address),
             triton_url=env.get("VLM_TRITON_URL", defaults.triton_url),
@@ -78,8 +102,14 @@ class Settings:
             max_request_bytes=number("VLM_MAX_REQUEST_BYTES", defaults.max_request_bytes),
             max_prompt_chars=number("VLM_MAX_PROMPT_CHARS", defaults.max_prompt_chars),
             max_tokens_limit=number("VLM_MAX_TOKENS_LIMIT", defaults.max_tokens_limit),
+            max_request_image_bytes=number("VLM_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes),
             image_url_allowlist=_list(env.get("VLM_IMAGE_URL_ALLOWLIST", "")),
+            image_url_allowed_networks=networks,
             image_url_timeout_s=number("VLM_IMAGE_URL_TIMEOUT_S", defaults.image_url_timeout_s, float),
+            triton_keepalive_s=number("VLM_TRITON_KEEPALIVE_S", defaults.triton_keepalive_s, float),
+            triton_large_request_bytes=number("VLM_TRITON_LARGE_REQUEST_BYTES", defaults.triton_large_request_bytes),
+            max_stream_backlog=number("VLM_MAX_STREAM_BACKLOG", defaults.max_stream_backlog),
+            reflection=reflection,
             default_timeout_s=number("VLM_DEFAULT_TIMEOUT_S", defaults.default_timeout_s, float),
             health_poll_s=number("VLM_HEALTH_POLL_S", defaults.health_poll_s, float),
             log_level=env.get("VLM_LOG_LEVEL", defaults.log_level),

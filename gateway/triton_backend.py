@@ -1,8 +1,13 @@
 """The gateway's only contact with Triton: ensemble calls on the gRPC stream API, model state.
 
-All requests share one long-lived `ModelStreamInfer` stream, with responses routed back by request
-id: a stream per request cost a fifth of the gateway's CPU (see perf/RESULTS.md). Triton's
-errors become `ApiError`s with the status code a caller can act on.
+Small requests share one long-lived `ModelStreamInfer` stream, with responses routed back by
+request id: a stream per request cost a fifth of the gateway's CPU (see perf/RESULTS.md). The
+stream is owned by two tasks, a writer and a reader, so no caller ever awaits inside it: a caller
+who gives up (cancelled, deadline) only forgets its own request. Requests whose images exceed
+`large_request_bytes` travel on a connection of their own, one stream each, so their megabytes
+never queue ahead of small requests' bytes (TCP delivers a connection's bytes in order, whatever
+HTTP/2 streams they belong to). Triton's errors become `ApiError`s with the status code a caller
+can act on (`to_api_error`).
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import KeepAliveOptions, service_pb2_grpc
 from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.grpc._infer_result import InferResult
 from tritonclient.grpc._utils import _get_inference_request
@@ -30,6 +36,11 @@ from vlm_serving.sampling import SamplingParams
 
 log = logging.getLogger("gateway")
 _IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
+# Triton core's own messages (the stream API carries no status code): anchored, so that a model's
+# message that merely mentions "not found" is never taken for a missing model.
+_TRITON_MODEL_NOT_READY = re.compile(r"^Request for unknown model: '[^']*' (is not found|has no available versions"
+                                     r"|version \S+ is not (found|at ready state))")
+_TRITON_QUEUE_FULL = re.compile(r"^Exceeds maximum queue size")
 
 
 def pipeline_ready(index: list[dict], ensemble: str) -> bool:
@@ -43,92 +54,204 @@ def pipeline_ready(index: list[dict], ensemble: str) -> bool:
     return all(name in ready for name in pipeline(ensemble))
 
 
+def unavailable(reason: str) -> InferenceServerException:
+    return InferenceServerException(reason, status=str(grpc.StatusCode.UNAVAILABLE))
+
+
 def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image_fields: list[str]) -> ApiError:
+    """Map by what the error provably is: our models' code prefix, the transport's status code,
+    Triton core's own anchored messages; anything else is INTERNAL (never a retryable guess)."""
     message = exc.message() or str(exc)
     status = str(exc.status() or "")
     text = message.split(f"in ensemble '{ensemble}', ", 1)[-1]
-    # Our models' own errors first (vlm_serving.errors); the rest are Triton's or the network's.
     if text.startswith(CALLER_ERROR_PREFIX):
         text = text[len(CALLER_ERROR_PREFIX) :]
         image = _IMAGE_ERROR.match(text)
         if image and int(image.group(1)) < len(image_fields):
             return invalid_argument([(image_fields[int(image.group(1))], image.group(2))])
         return invalid_argument([("messages", text)])
-    if "UNAVAILABLE" in status or "failed to connect" in message or "Connection refused" in message:
+    if text.startswith(INTERNAL_ERROR_PREFIX):
+        return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text.removeprefix(INTERNAL_ERROR_PREFIX)}")
+    if status == str(grpc.StatusCode.UNAVAILABLE):
         return ApiError(grpc.StatusCode.UNAVAILABLE, f"the inference server is unavailable ({message}); retry with backoff")
-    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in message:
+    if status == str(grpc.StatusCode.DEADLINE_EXCEEDED):
         return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer was complete")
-    if "Exceeds maximum queue size" in message:
+    if _TRITON_QUEUE_FULL.match(text):
         return ApiError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {model!r} is at capacity (queue full); retry with backoff"
         )
-    if "unknown model" in message or "is not ready" in message or "not found" in message or "unavailable" in message:
+    if _TRITON_MODEL_NOT_READY.match(text):
         return ApiError(grpc.StatusCode.UNAVAILABLE, f"model {model!r} is not ready on the inference server ({text})")
-    return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text.removeprefix(INTERNAL_ERROR_PREFIX)}")
+    return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text}")
+
+
+def _describe(exc: BaseException | None) -> InferenceServerException:
+    """Why the shared stream ended, as the error its waiters get (always UNAVAILABLE: retryable)."""
+    if isinstance(exc, grpc.RpcError):
+        return unavailable(f"the stream to Triton failed: {exc.code().name}: {exc.details()}")
+    if isinstance(exc, InferenceServerException):
+        return exc
+    if exc is None or isinstance(exc, asyncio.CancelledError):
+        return unavailable("the stream to Triton was closed")
+    return unavailable(f"the stream to Triton failed: {type(exc).__name__}: {exc}")
 
 
 class _SharedStream:
-    """One ModelStreamInfer call carrying many requests; a reader task routes responses by id.
+    """One ModelStreamInfer call carrying many requests; a writer task sends, a reader task routes.
 
-    When the call fails (Triton stopped, connection lost) every request waiting on it gets the
-    error, and the next request opens a new call.
+    Callers only put requests on the outbox and read their own queue, so a caller's cancellation
+    can never cancel the call. Any exit of either task (the call failed or ended, `close()`, a bug)
+    fails every waiter at once with UNAVAILABLE and marks the stream dead, so the next request
+    opens a new one.
     """
 
-    def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub):
+    def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub, max_backlog: int):
         self.call = stub.ModelStreamInfer()
+        self.max_backlog = max_backlog
         self.waiting: dict[str, asyncio.Queue] = {}
-        self.write_lock = asyncio.Lock()  # grpc.aio allows one write in flight per call
+        self.outbox: asyncio.Queue = asyncio.Queue()
         self.failed: InferenceServerException | None = None
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+        self.closing = False
+        loop = asyncio.get_running_loop()
+        self.writer = loop.create_task(self._guarded(self._write()))
+        self.reader = loop.create_task(self._guarded(self._read()))
+
+    def submit(self, request, triton_id: str) -> asyncio.Queue:
+        """Queue the request for writing (never awaits); its responses arrive on the returned queue."""
+        if self.failed is not None:
+            raise self.failed
+        responses: asyncio.Queue = asyncio.Queue()
+        self.waiting[triton_id] = responses
+        self.outbox.put_nowait((request, triton_id))
+        return responses
+
+    def forget(self, triton_id: str) -> None:
+        self.waiting.pop(triton_id, None)
+
+    async def _write(self) -> None:
+        while True:
+            request, triton_id = await self.outbox.get()
+            if triton_id in self.waiting:  # else its caller gave up before its turn: nothing to send
+                await self.call.write(request)
 
     async def _read(self) -> None:
-        try:
-            while True:
-                response = await self.call.read()
-                if response is grpc.aio.EOF:
-                    raise InferenceServerException("the stream to Triton ended", status="StatusCode.UNAVAILABLE")
-                queue = self.waiting.get(response.infer_response.id)
-                if queue is not None:  # else: the caller gave up on this request already
-                    queue.put_nowait(response)
-        except grpc.RpcError as exc:
-            self.failed = InferenceServerException(exc.details() or str(exc), status=str(exc.code()))
-        except InferenceServerException as exc:
-            self.failed = exc
-        for queue in self.waiting.values():
-            queue.put_nowait(self.failed)
+        while True:
+            response = await self.call.read()
+            if response is grpc.aio.EOF:
+                raise unavailable("the stream to Triton ended")
+            self._route(response)
 
-    async def submit(self, request, request_id: str) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue()
-        self.waiting[request_id] = queue
+    def _route(self, response) -> None:
+        triton_id = response.infer_response.id
+        responses = self.waiting.get(triton_id)
+        if responses is None:  # the caller gave up on this request already
+            return
+        if responses.qsize() >= self.max_backlog:
+            # The caller stopped reading; the reader cannot wait for it without stalling everyone.
+            self.waiting.pop(triton_id)
+            responses.put_nowait(ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the stream fell more than {self.max_backlog} responses behind its reader; read it faster",
+            ))
+            return
+        responses.put_nowait(response)
+
+    async def _guarded(self, work) -> None:
+        reason = None
         try:
-            async with self.write_lock:
-                await self.call.write(request)
-        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
-            self.waiting.pop(request_id, None)
-            self.failed = self.failed or InferenceServerException(str(exc), status="StatusCode.UNAVAILABLE")
-            raise self.failed from None
-        return queue
+            await work
+        except BaseException as exc:
+            reason = exc
+            raise
+        finally:
+            self._fail(_describe(reason))
+
+    def _fail(self, error: InferenceServerException) -> None:
+        if self.failed is None:
+            self.failed = error
+            if not self.closing:
+                log.warning("stream to Triton ended", extra={"fields": {"error": error.message(),
+                                                                         "in_flight": len(self.waiting)}})
+        waiting, self.waiting = self.waiting, {}
+        for responses in waiting.values():
+            responses.put_nowait(self.failed)
+        self.call.cancel()
+        for task in (self.writer, self.reader):
+            if task is not asyncio.current_task():
+                task.cancel()
 
     def close(self) -> None:
-        self.call.cancel()
-        self.reader.cancel()
+        self.closing = True
+        self._fail(unavailable("the stream to Triton was closed"))
 
 
 class TritonBackend:
-    def __init__(self, url: str):
+    """Triton over gRPC for the gateway.
+
+    `keepalive_s`: ping period on the connections, so a half-open connection fails its requests
+    within `keepalive_s` plus the same again for the answer (Triton must accept such pings: see
+    `vlm_serving.deploy.triton_server.GRPC_KEEPALIVE_FLAGS`). `large_request_bytes`: image bytes
+    above which a request gets a stream of its own on the bulk connection. `max_stream_backlog`:
+    responses a request may have waiting for its reader before it is failed.
+    """
+
+    def __init__(self, url: str, keepalive_s: float = 30.0, large_request_bytes: int = 1 << 20,
+                 max_stream_backlog: int = 1024):
         self.url = url
-        self.client = triton_aio.InferenceServerClient(url)
-        options = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-                   ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE)]
+        self.large_request_bytes = large_request_bytes
+        self.max_stream_backlog = max_stream_backlog
+        keepalive_ms = int(keepalive_s * 1000)
+        self.client = triton_aio.InferenceServerClient(url, keepalive_options=KeepAliveOptions(
+            keepalive_time_ms=keepalive_ms, keepalive_timeout_ms=keepalive_ms,
+            keepalive_permit_without_calls=True, http2_max_pings_without_data=0))
+        options = [
+            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", keepalive_ms),
+            ("grpc.http2.ping_timeout_ms", keepalive_ms),  # any unanswered ping, keepalive or not
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Without it, channels with equal arguments share one connection (gRPC's global pool).
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         self._channel = grpc.aio.insecure_channel(url, options=options)
+        self._bulk_channel = grpc.aio.insecure_channel(url, options=options)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._bulk_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._bulk_channel)
         self._stream: _SharedStream | None = None
         self._pending: set[asyncio.Task] = set()
 
     def _shared_stream(self) -> _SharedStream:
         if self._stream is None or self._stream.failed is not None:
-            self._stream = _SharedStream(self._stub)
+            self._stream = _SharedStream(self._stub, self.max_stream_backlog)
         return self._stream
+
+    async def _on_shared_stream(self, request, triton_id: str) -> AsyncIterator:
+        stream = self._shared_stream()
+        responses = stream.submit(request, triton_id)
+        try:
+            while True:
+                response = await responses.get()
+                if isinstance(response, Exception):
+                    raise response
+                yield response
+        finally:
+            stream.forget(triton_id)
+
+    async def _on_own_stream(self, request) -> AsyncIterator:
+        call = self._bulk_stub.ModelStreamInfer()
+        try:
+            await call.write(request)
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise unavailable("the stream to Triton ended")
+                yield response
+        except grpc.RpcError as exc:
+            raise _describe(exc) from None
+        finally:
+            call.cancel()  # a no-op once Triton sent the final response
 
     async def generate(
         self,
@@ -140,9 +263,10 @@ class TritonBackend:
     ) -> AsyncIterator[ResponseChunk]:
         """The ensemble's responses as chunks.
 
-        A consumer that stops early (client cancel, deadline) cancels the Triton stream and puts
-        the request on the cancellation board, which frees its row in the running batch.
-        Raises InferenceServerException for Triton's errors (see `to_api_error`).
+        A consumer that stops early (client cancel, deadline) puts the request on the
+        cancellation board, which frees its row in the running batch.
+        Raises InferenceServerException for Triton's errors (see `to_api_error`) and ApiError
+        when the consumer falls too far behind.
         """
         # Triton-side id: unique per call, so no caller can name (and cancel) another's request.
         triton_id = f"{request_id}.{uuid.uuid4().hex}"
@@ -159,29 +283,27 @@ class TritonBackend:
             stream=params.stream,
             request_id=triton_id,
         )
-
         # tritonclient's own request builder (a private helper of the pinned 2.73 release).
         request = _get_inference_request(
             model_name=ensemble, inputs=inputs, model_version="", request_id=triton_id, outputs=None,
             sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None, parameters=None,
         )
-        stream = self._shared_stream()
+        if sum(map(len, images)) > self.large_request_bytes:
+            responses = self._on_own_stream(request)
+        else:
+            responses = self._on_shared_stream(request, triton_id)
         finished = False
         try:
-            responses = await stream.submit(request, triton_id)
-            while True:
-                response = await responses.get()
-                if isinstance(response, InferenceServerException):
-                    raise response
-                if response.error_message:
-                    raise InferenceServerException(response.error_message)
-                chunk = parse_response(InferResult(response.infer_response))
-                finished = chunk.finished
-                yield chunk
-                if finished:
-                    return
+            async with aclosing(responses):
+                async for response in responses:
+                    if response.error_message:
+                        raise InferenceServerException(response.error_message)
+                    chunk = parse_response(InferResult(response.infer_response))
+                    finished = chunk.finished
+                    yield chunk
+                    if finished:
+                        return
         finally:
-            stream.waiting.pop(triton_id, None)
             if not finished:
                 # Whatever ended the call early (caller gone, deadline, error), make sure generation
                 # stops: a harmless no-op for a request Triton already ended. Not awaited, so it
@@ -197,6 +319,8 @@ class TritonBackend:
             await self.client.infer("cancel", [ids], client_timeout=5.0)
         except InferenceServerException as exc:
             log.warning("could not cancel in Triton", extra={"fields": {"triton_id": triton_id, "error": exc.message()}})
+        except grpc.aio.UsageError:  # the gateway is shutting down: its connections are closed
+            pass
 
     async def server_live(self) -> bool:
         # Liveness, not readiness: with strict readiness one unloaded model makes the whole server
@@ -223,6 +347,8 @@ class TritonBackend:
     async def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
+        for task in list(self._pending):
+            task.cancel()
         await self._channel.close()
+        await self._bulk_channel.close()
         await self.client.close()
-

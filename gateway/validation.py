@@ -15,7 +15,8 @@ from vlm_serving.images import ImageError, ImageLimits, check_encoded
 from vlm_serving.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")
-_REQUEST_ID = re.compile(r"^[\w.:/-]{1,128}$")
+# ASCII only: the id goes back in gRPC metadata, which allows nothing else.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
 @dataclass
@@ -53,19 +54,38 @@ def sampling_params(config, stream: bool) -> SamplingParams:
     )
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _allowlist_entry(entry: str) -> tuple[str, int | None]:
+    """("host", port) of an allowlist entry `host` or `host:port` (port None: the scheme's default)."""
+    parts = urlsplit(f"//{entry.strip().lower()}")
+    return parts.hostname or "", parts.port
+
+
 def check_image_url(url: str, settings: Settings) -> str | None:
-    """Why `url` may not be fetched, or None when it may."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
+    """Why `url` may not be fetched, or None when it may (addresses are checked when fetching)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in DEFAULT_PORTS:
         return f"only http(s) image URLs are fetched, got scheme {parts.scheme!r}"
     if parts.username or parts.password:
         return "image URLs may not carry credentials"
-    host = parts.hostname or ""
-    allowed = {entry.lower() for entry in settings.image_url_allowlist}
-    if host.lower() not in allowed and (parts.netloc.lower() not in allowed):
+    host = (parts.hostname or "").lower()
+    if not host:
+        return "the URL names no host"
+    port = port or DEFAULT_PORTS[parts.scheme]
+    entries = [_allowlist_entry(entry) for entry in settings.image_url_allowlist]
+    if not any(host == allowed and port == (allowed_port or DEFAULT_PORTS[parts.scheme])
+               for allowed, allowed_port in entries):
+        if any(host == allowed for allowed, _ in entries):
+            return f"port {port} of {host!r} is not on this service's image URL allowlist"
         return (
             f"host {host!r} is not on this service's image URL allowlist "
-            f"({', '.join(sorted(allowed)) or 'empty'}); send the image bytes in image.data instead"
+            f"({', '.join(sorted(settings.image_url_allowlist)) or 'empty'}); send the image bytes in image.data instead"
         )
     return None
 
@@ -79,8 +99,8 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
             f"model {request.model!r} is not served here; available: {', '.join(sorted(settings.models))}",
         )
     violations: list[tuple[str, str]] = []
-    if request.request_id and not _REQUEST_ID.match(request.request_id):
-        violations.append(("request_id", "1 to 128 characters of letters, digits and _.:/-"))
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+        violations.append(("request_id", "1 to 128 ASCII letters, digits and _.:/- characters"))
     if not request.messages:
         violations.append(("messages", "at least one message is required"))
     if len(request.messages) > settings.max_messages:

@@ -5,6 +5,7 @@ aio server on a loopback port. The real Triton path is covered end to end in tes
 """
 
 import asyncio
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -24,7 +25,7 @@ KEY = (("authorization", "Bearer secret"),)
 class ScriptedBackend:
     """Answers every call with the chunks (or the error) the test put in `script`."""
 
-    def __init__(self, url):
+    def __init__(self, url, **options):
         self.script = [ResponseChunk("Hel", [1], False), ResponseChunk("lo", [2], True, "length", 12, 2, 4, -0.5)]
         self.calls = []
         self.ready = True
@@ -52,12 +53,12 @@ class ScriptedBackend:
         pass
 
 
-def run(test):
+def run(test, **settings_changes):
     """Start a gateway on a free port with the scripted backend and run `test(stub, backend, gw)`."""
 
     async def main():
         settings = Settings(listen_address="127.0.0.1:0", api_keys=frozenset({"secret"}), metrics_port=0,
-                            health_poll_s=0.05)
+                            health_poll_s=0.05, **settings_changes)
         original = gateway_server.TritonBackend
         gateway_server.TritonBackend = ScriptedBackend
         try:
@@ -177,3 +178,127 @@ def test_list_models_reports_versions_readiness_and_quantization():
         assert [(v.version, v.state) for v in pixtral.versions] == [("1", "READY")]
 
     run(test)
+
+
+def test_a_stream_read_slowly_past_its_deadline_ends_with_deadline_exceeded():
+    async def test(stub, backend, gw, channel):
+        # Enough text to fill gRPC's flow-control window, so the gateway waits on the reader.
+        backend.script = [ResponseChunk("x" * 50_000, [1], False)] * 200 + [ResponseChunk("end", [2], True, "stop")]
+        call = stub.GenerateStream(request(), metadata=KEY)  # no client deadline: the gateway's 1 s applies
+        received = 0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                received += 1
+                if received == 1:
+                    await asyncio.sleep(2)  # a reader that stalls past the deadline, then reads on
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
+        assert 1 <= received < 201
+        sample = gw.metrics.registry.get_sample_value
+        assert sample("vlm_requests_total", {"model": "pixtral", "method": "GenerateStream",
+                                             "code": "DEADLINE_EXCEEDED"}) == 1
+
+    run(test, default_timeout_s=1.0)
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_an_unexpected_failure_is_internal_with_the_request_id_and_counted(rpc, caplog):
+    async def test(stub, backend, gw, channel):
+        backend.script = [RuntimeError("a bug with secret details")]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if rpc == "Generate":
+                await stub.Generate(request(), metadata=KEY)
+            else:
+                async for _ in stub.GenerateStream(request(), metadata=KEY):
+                    pass
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert "req-1" in caught.value.details() and "secret details" not in caught.value.details()
+        sample = gw.metrics.registry.get_sample_value
+        assert sample("vlm_requests_total", {"model": "pixtral", "method": rpc, "code": "INTERNAL"}) == 1
+        assert sample("vlm_requests_total", {"model": "pixtral", "method": rpc, "code": "CANCELLED"}) is None
+
+    with caplog.at_level("ERROR", logger="gateway"):
+        run(test)
+    [record] = [r for r in caplog.records if r.getMessage() == "unexpected failure"]
+    assert record.exc_info and "a bug with secret details" in str(record.exc_info[1])
+
+
+@pytest.mark.parametrize("request_id", ["abc\n", "caf\u00e9", "a" * 129, "a b", "\u0661\u0662"])
+def test_request_ids_that_metadata_cannot_carry_are_refused_before_any_work(request_id):
+    async def test(stub, backend, gw, channel):
+        bad = request()
+        bad.request_id = request_id
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(bad, metadata=KEY)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [field for field, _ in field_violations(caught.value)] == ["request_id"]
+        assert backend.calls == []
+
+    run(test)
+
+
+def test_a_non_ascii_key_is_unauthenticated():
+    # gRPC Python refuses to send such metadata, other clients do not: the interceptor is called as
+    # grpc.aio calls it, with the header as the server decoded it.
+    from gateway.auth import AuthInterceptor
+
+    async def main():
+        handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"answer")
+        details = SimpleNamespace(method="/vlm.v1.VisionLanguageService/Generate",
+                                  invocation_metadata=(("authorization", "Bearer s\u00e9cret"),))
+
+        async def continuation(_):
+            return handler
+
+        refusal = await AuthInterceptor(frozenset({"secret"})).intercept_service(continuation, details)
+        context = SimpleNamespace()
+
+        async def abort(code, message):
+            context.aborted = (code, message)
+
+        context.abort = abort
+        await refusal.unary_unary(None, context)
+        return context.aborted
+
+    code, message = asyncio.run(main())
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in message
+
+
+def test_keys_are_compared_as_bytes_against_every_key(monkeypatch):
+    from gateway import auth
+
+    compared = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    keys = frozenset({"first", "second", "third"})
+    for presented in ("first", "third", "nope", "s\u00e9cret"):
+        compared.clear()
+        assert auth.key_matches(presented, keys) == (presented in keys)
+        assert len(compared) == 3 and all(isinstance(a, bytes) and isinstance(b, bytes) for a, b in compared)
+
+
+@pytest.mark.parametrize("mode", ["public", "authenticated", "off"])
+def test_reflection_is_public_by_default_and_can_be_authenticated_or_off(mode):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def list_services(channel, metadata=()):
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(metadata=metadata)
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        await call.done_writing()
+        return {s.name for reply in [m async for m in call] for s in reply.list_services_response.service}
+
+    async def test(stub, backend, gw, channel):
+        if mode == "public":
+            assert "vlm.v1.VisionLanguageService" in await list_services(channel)
+            return
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await list_services(channel)
+        assert caught.value.code() == (grpc.StatusCode.UNAUTHENTICATED if mode == "authenticated"
+                                       else grpc.StatusCode.UNIMPLEMENTED)
+        if mode == "authenticated":
+            assert "vlm.v1.VisionLanguageService" in await list_services(channel, KEY)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(request())
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    run(test, reflection=mode)
