@@ -94,7 +94,10 @@ def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
 
 @pytest.fixture(scope="session")
 def gateway(triton, image_host, tmp_path_factory):
+    # The image host is on loopback, which image URLs may reach only when allowed; a 1 s keepalive
+    # shows that Triton (started with GRPC_KEEPALIVE_FLAGS) never closes the gateway's connection for it.
     gateway = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway"),
-                            VLM_MAX_IMAGE_BYTES="300000", VLM_IMAGE_URL_ALLOWLIST=image_host)
+                            VLM_MAX_IMAGE_BYTES="300000", VLM_IMAGE_URL_ALLOWLIST=image_host,
+                            VLM_IMAGE_URL_ALLOWED_NETWORKS="127.0.0.0/8", VLM_TRITON_KEEPALIVE_S="1")
     yield gateway
     gateway.stop()

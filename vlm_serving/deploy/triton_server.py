@@ -28,6 +28,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD = REPO_ROOT / "build"
 
 
+# The gateway pings its Triton connections (VLM_TRITON_KEEPALIVE_S) to find half-open ones. Triton's
+# defaults count a ping without data inside 5 minutes as a strike and close the connection after
+# two, which would fail every request on the gateway's shared stream: accept pings at any rate.
+# docker-compose.yml and deploy/ pass the same flags (tests/unit/test_deployment.py checks).
+GRPC_KEEPALIVE_FLAGS = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-max-ping-strikes=0")
+
+
 class TritonError(RuntimeError):
     pass
 
@@ -68,6 +75,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--model-control-mode={self.model_control}",
             "--strict-readiness=true",
+            *GRPC_KEEPALIVE_FLAGS,
         ]
         if self.model_control == "explicit":
             args += [f"--load-model={name}" for name in self.load_models]
