@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from vlm.v1 import vlm_pb2
 
 from gateway.errors import field_violations
