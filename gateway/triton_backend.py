@@ -41,6 +41,8 @@ _IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
 _TRITON_MODEL_NOT_READY = re.compile(r"^Request for unknown model: '[^']*' (is not found|has no available versions"
                                      r"|version \S+ is not (found|at ready state))")
 _TRITON_QUEUE_FULL = re.compile(r"^Exceeds maximum queue size")
+# Triton core puts the request's id in front of its own messages.
+_TRITON_REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")
 
 
 def pipeline_ready(index: list[dict], ensemble: str) -> bool:
@@ -63,7 +65,7 @@ def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image
     Triton core's own anchored messages; anything else is INTERNAL (never a retryable guess)."""
     message = exc.message() or str(exc)
     status = str(exc.status() or "")
-    text = message.split(f"in ensemble '{ensemble}', ", 1)[-1]
+    text = _TRITON_REQUEST_ID.sub("", message.split(f"in ensemble '{ensemble}', ", 1)[-1])
     if text.startswith(CALLER_ERROR_PREFIX):
         text = text[len(CALLER_ERROR_PREFIX) :]
         image = _IMAGE_ERROR.match(text)

@@ -106,4 +106,4 @@ def test_overload_is_refused_at_once_not_queued_forever(tmp_path, checkpoints):
     gateway_refused = [r for r in via_gateway if isinstance(r, grpc.RpcError)]
     assert 48 in via_gateway and gateway_refused
     assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry with backoff" in r.details()
-               for r in gateway_refused)
+               for r in gateway_refused), [(r.code(), r.details()) for r in gateway_refused]

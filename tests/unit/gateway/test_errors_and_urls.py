@@ -34,6 +34,7 @@ def test_invalid_argument_carries_bad_request_details():
     [
         ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", grpc.StatusCode.UNAVAILABLE, "retry with backoff"),
         ("in ensemble 'pixtral', Exceeds maximum queue size", None, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
+        ("[request id: r1.9f3a] Exceeds maximum queue size", None, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
         ("Request for unknown model: 'pixtral' is not found", None, grpc.StatusCode.UNAVAILABLE, "model 'pixtral' is not ready"),
         ("in ensemble 'pixtral', INVALID_ARGUMENT: image 1: truncated or corrupt PNG data", None, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
         ("in ensemble 'pixtral', INVALID_ARGUMENT: messages: the model's chat template refused them", None, grpc.StatusCode.INVALID_ARGUMENT, "chat template"),
