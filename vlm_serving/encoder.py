@@ -87,6 +87,29 @@ class OnnxEncoder:
         return split_per_image(embeddings.astype(np.float32, copy=False), images, self.family)
 
 
+def encode_each_request(encode, requests: list[list[ImageInputs]]) -> list[list[np.ndarray] | Exception]:
+    """Every request's embeddings from one `encode` call over all their images; if that call fails
+    (one huge image running out of memory, say), each request is encoded on its own, so the
+    failure stays with the requests that cause it."""
+    try:
+        embeddings = encode([image for images in requests for image in images])
+    except Exception as exc:
+        if len(requests) == 1:
+            return [exc]
+        answers: list[list[np.ndarray] | Exception] = []
+        for images in requests:
+            try:
+                answers.append(encode(images))
+            except Exception as exc:
+                answers.append(exc)
+        return answers
+    answers, start = [], 0
+    for images in requests:
+        answers.append(embeddings[start : start + len(images)])
+        start += len(images)
+    return answers
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -116,6 +139,9 @@ class EmbeddingCache:
         key = (identity, digest)
         if value.nbytes > self.max_bytes or key in self.entries:
             return
+        # An owned copy: a view (one image's slice of a call's output) would pin the whole output
+        # while only its slice is counted.
+        value = np.array(value, copy=True)
         value.setflags(write=False)  # shared by every request that hits it
         self.entries[key] = value
         self.bytes += value.nbytes

@@ -181,6 +181,50 @@ def report(index: int, row: _RowState, on_update: UpdateSink, unsent: str) -> No
     )
 
 
+def run_batch(
+    generator: "BatchGenerator",
+    requests: list[GenerationRequest],
+    send_update: UpdateSink,
+    send_error: Callable[[int, Exception], None],
+    is_cancelled: Callable[[int], bool] = lambda index: False,
+    log_error: Callable[[str], None] = lambda message: None,
+) -> None:
+    """Generate for a batch; every request ends with exactly one final response, whatever fails.
+
+    A row whose update cannot be built or sent ends with an error instead and stops generating;
+    if the whole batch fails, every row not yet ended gets the error. A send that fails while
+    ending a row is logged, and the other rows are still ended.
+    """
+    ended: set[int] = set()
+
+    def end_with_error(index: int, exc: Exception) -> None:
+        ended.add(index)
+        try:
+            send_error(index, exc)
+        except Exception as send_failure:  # nothing more can reach this caller
+            log_error(f"request {index}: could not send its final error ({send_failure!r})")
+
+    def on_update(index: int, update: RequestUpdate) -> None:
+        if index in ended:
+            return
+        try:
+            send_update(index, update)
+        except Exception as exc:
+            log_error(f"request {index}: could not send an update ({exc!r})")
+            end_with_error(index, exc)
+            return
+        if update.finished:
+            ended.add(index)
+
+    try:
+        generator.generate(requests, on_update, lambda index: index in ended or is_cancelled(index))
+    except Exception as exc:
+        log_error(f"generation failed: {exc!r}")
+        for index in range(len(requests)):
+            if index not in ended:
+                end_with_error(index, exc)
+
+
 class BatchGenerator:
     """Runs batches of `GenerationRequest`s through one loaded model."""
 

@@ -237,3 +237,34 @@ def test_calls_are_capped_in_patches_without_changing_results(family):
         assert np.abs(ours - theirs).max() <= 1e-5
     assert np.abs(np.concatenate(capped.encode(images)) - expected).max() <= 1e-4
     assert len(calls) > 1
+
+
+def test_cached_embeddings_own_their_memory():
+    # One image's embeddings are a slice of the whole encode call's output; a cached view would
+    # keep the whole output alive while only the slice is counted.
+    output = np.zeros((1000, 64), dtype=np.float32)
+    cache = EmbeddingCache(max_bytes=1 << 20)
+    cache.put("encoder", b"image", output[:10])
+    cached = cache.get("encoder", b"image")
+    assert not np.shares_memory(cached, output) and cached.base is None
+    assert cache.bytes == cached.nbytes == 10 * 64 * 4
+
+
+def test_one_requests_failing_images_do_not_fail_its_batch_mates():
+    huge = {"pixel_values": np.zeros((9, 1), dtype=np.float32)}
+    small = [{"pixel_values": np.full((2, 1), float(i), dtype=np.float32)} for i in range(3)]
+    calls = []
+
+    def encode(images):  # runs out of memory whenever the huge image is in the call
+        calls.append(len(images))
+        if any(image is huge for image in images):
+            raise MemoryError("failed to allocate the attention scores")
+        return [image["pixel_values"] * 2 for image in images]
+
+    from vlm_serving.encoder import encode_each_request
+
+    answers = encode_each_request(encode, [[small[0]], [huge, small[1]], [small[2]]])
+    assert isinstance(answers[1], MemoryError)
+    assert [a[0][0, 0] for a in (answers[0], answers[2])] == [0.0, 4.0]
+    assert calls == [4, 1, 2, 1]  # the whole batch once, then each request alone
+    assert isinstance(encode_each_request(encode, [[huge]])[0], MemoryError)

@@ -154,3 +154,63 @@ def test_int8_model_quantizes_linear_layers_and_answers(family):
     updates = []
     generator.generate([family.request(ask("int8?", 1), [picture(64, 64)], max_tokens=6)], lambda i, u: updates.append(u))
     assert updates[-1].finished and updates[-1].completion_tokens == 6
+
+
+class ScriptedGenerator:
+    """Calls on_update as a real generator would: a delta then a final per row, rows in turn."""
+
+    def __init__(self, rows, fail_after=None):
+        self.rows = rows
+        self.fail_after = fail_after  # raise once this many rows have finished
+        self.asked_cancelled = []
+
+    def generate(self, requests, on_update, is_cancelled):
+        from vlm_serving.generation import RequestUpdate
+
+        for index in range(self.rows):
+            if self.fail_after == index:
+                raise RuntimeError("CUDA error: an illegal memory access")
+            self.asked_cancelled.append(is_cancelled(index))
+            on_update(index, RequestUpdate(text="a", token_ids=[1]))
+            self.asked_cancelled.append(is_cancelled(index))
+            on_update(index, RequestUpdate(text="b", token_ids=[2], finished=True, finish_reason="stop"))
+
+
+def deliver(generator, failing_sends=(), failing_errors=()):
+    from vlm_serving.generation import run_batch
+
+    finals, logged = {}, []
+
+    def send_update(index, update):
+        if (index, update.finished) in failing_sends:
+            raise ValueError("could not build the response")
+        if update.finished:
+            finals.setdefault(index, []).append("final")
+
+    def send_error(index, exc):
+        if index in failing_errors:
+            raise OSError("the response sender is closed")
+        finals.setdefault(index, []).append(f"error: {exc}")
+
+    run_batch(generator, [None] * generator.rows, send_update, send_error, log_error=logged.append)
+    return finals, logged
+
+
+def test_a_row_whose_final_cannot_be_sent_still_ends_with_an_error():
+    finals, logged = deliver(ScriptedGenerator(3), failing_sends={(1, True)})
+    assert finals == {0: ["final"], 1: ["error: could not build the response"], 2: ["final"]}
+    assert logged
+
+
+def test_a_row_whose_delta_cannot_be_sent_ends_at_once_and_stops_generating():
+    generator = ScriptedGenerator(2)
+    finals, _ = deliver(generator, failing_sends={(0, False)})
+    assert finals == {0: ["error: could not build the response"], 1: ["final"]}
+    assert generator.asked_cancelled == [False, True, False, False]
+
+
+def test_a_failed_batch_ends_every_unfinished_row_even_when_one_error_cannot_be_sent():
+    finals, logged = deliver(ScriptedGenerator(4, fail_after=1), failing_errors={1})
+    assert finals == {0: ["final"], 2: ["error: CUDA error: an illegal memory access"],
+                      3: ["error: CUDA error: an illegal memory access"]}
+    assert any("could not send its final error" in line for line in logged)

@@ -7,7 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, model_parameters, read_images
-from vlm_serving.encoder import EncoderChanges, OnnxEncoder, encoder_identity
+from vlm_serving.encoder import EncoderChanges, OnnxEncoder, encode_each_request, encoder_identity
 
 
 class TritonPythonModel:
@@ -37,21 +37,17 @@ class TritonPythonModel:
         batch, owners = [], []
         for index, request in enumerate(requests):
             try:
-                images = read_images(request, self.family)
+                batch.append(read_images(request, self.family))
             except (ValueError, IndexError) as exc:
                 responses[index] = error_response(exc)
                 continue
-            batch += images
-            owners.append((index, len(images)))
-        try:
-            embeddings = self.encoder.encode(batch)
-        except Exception as exc:  # the whole call failed: every request in it gets the error
-            return [response or error_response(exc, caller_error=False) for response in responses]
-        start = 0
+            owners.append(index)
+        answers = encode_each_request(self.encoder.encode, batch)
         identity = np.array([[self.identity.encode()]], dtype=np.object_)
-        for index, count in owners:
-            rows = embeddings[start : start + count]
-            start += count
+        for index, rows in zip(owners, answers):
+            if isinstance(rows, Exception):
+                responses[index] = error_response(rows, caller_error=False)
+                continue
             joined = np.concatenate(rows) if rows else np.zeros((0, self.encoder.hidden_size), dtype=np.float32)
             responses[index] = pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor("IMAGE_EMBEDS", joined[None]), pb_utils.Tensor("ENCODER_IDENTITY", identity)]

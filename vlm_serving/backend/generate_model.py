@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
 from vlm_serving.cancellation import CancellationBoard
 from vlm_serving.deploy.render import LANGUAGE_IMAGE_TENSORS
-from vlm_serving.generation import BatchGenerator, GenerationRequest, RequestUpdate
+from vlm_serving.generation import BatchGenerator, GenerationRequest, RequestUpdate, run_batch
 from vlm_serving.loading import load_model, load_tokenizer
 from vlm_serving.sampling import ParameterError, SamplingParams
 
@@ -111,21 +111,16 @@ class TritonPythonModel:
             request_ids.append("" if request_id is None else request_id.reshape(-1)[0].decode("utf-8"))
         if not accepted:
             return None
-        finished = set()
-
-        def on_update(index: int, update: RequestUpdate) -> None:
-            if update.finished:
-                finished.add(index)
-            senders[index][1].send(to_response(update, self.version), flags=FINAL if update.finished else 0)
 
         def is_cancelled(index: int) -> bool:
             return senders[index][0].is_cancelled() or self.cancellations.is_cancelled(request_ids[index])
 
-        try:
-            self.generator.generate(accepted, on_update, is_cancelled)
-        except Exception as exc:  # a failed batch must still close every request's stream
-            self.logger.log_error(f"{self.family} generation failed: {exc!r}")
-            for index, (_, sender) in enumerate(senders):
-                if index not in finished:
-                    sender.send(error_response(exc, caller_error=False), flags=FINAL)
+        run_batch(
+            self.generator, accepted,
+            send_update=lambda index, update: senders[index][1].send(
+                to_response(update, self.version), flags=FINAL if update.finished else 0),
+            send_error=lambda index, exc: senders[index][1].send(error_response(exc, caller_error=False), flags=FINAL),
+            is_cancelled=is_cancelled,
+            log_error=lambda message: self.logger.log_error(f"{self.family}: {message}"),
+        )
         return None
