@@ -71,11 +71,18 @@ def load_chat_template(tokenizer: Any, checkpoint_dir: str | Path) -> str:
     raise FileNotFoundError(f"{directory}: no chat template in the tokenizer or chat_template.jinja/json")
 
 
-def render_prompt(tokenizer: Any, chat_template: str, messages: list[dict[str, Any]]) -> str:
-    """The prompt text with one image placeholder per image part, ready for generation."""
+def prompt_ids(tokenizer: Any, chat_template: str, messages: list[dict[str, Any]]) -> list[int]:
+    """The prompt's token ids, one image placeholder per image part, ready for generation.
+
+    Callers' text never becomes control tokens: `sanitize_control_tokens` (transformers' own
+    guard) encodes any control token typed in a message (`<|im_start|>`, `[INST]`, `</s>`, an image
+    placeholder, ...) as plain text, so only the template itself writes turns and placeholders.
+    """
     try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        ids = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=True, add_generation_prompt=True,
+            sanitize_control_tokens=True,
         )
     except Exception as exc:  # jinja's raise_exception, e.g. roles out of order
         raise MessageError(f"messages: the model's chat template refused them ({exc})") from None
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

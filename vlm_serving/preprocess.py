@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlm_serving.chat import count_images, load_chat_template, parse_messages, render_prompt
+from vlm_serving.chat import count_images, load_chat_template, parse_messages, prompt_ids
 from vlm_serving.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
 from vlm_serving.images import ImageError, ImageLimits, decode_image
 
@@ -101,8 +101,7 @@ class FamilyPreprocessor:
             raise ImageError(f"{len(encoded_images)} images is over the limit of {self.max_images} per request")
         # Decode every image first: a bad one fails the request before any resize or tokenization.
         pictures = self.map(lambda i: decode_image(encoded_images[i], self.limits, index=i), range(len(encoded_images)))
-        prompt = render_prompt(self.tokenizer, self.chat_template, messages)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(self.tokenizer, self.chat_template, messages)
         return self.build(pictures, np.asarray(ids, dtype=np.int64))
 
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
