@@ -1,56 +1,94 @@
-"""The transformers processors' steps, run with transformers' own pieces.
+"""transformers' own processing and generation: what the service must equal.
 
-`Qwen2_5_VLProcessor` and `PixtralProcessor` refuse to construct without torchvision (which cannot
-be installed beside this CPU torch), so the tests follow what their `__call__` does: the
-checkpoint's image processor (`AutoImageProcessor`), the chat template, the placeholder expanded
-as *text* (`replace_image_token`) and the whole prompt tokenized at once. That is independent of
-the service's own path (lookup-table normalization, expansion in token ids).
+Qwen2.5-VL: `Qwen2_5_VLProcessor` itself (its chat template, placeholder expansion, tokenization
+and `mm_token_type_ids`), built without its video processor: that one needs torchvision, which
+does not install beside this CPU torch (see README), so the class check of the absent video
+processor is skipped and nothing else.
+Pixtral: `PixtralProcessor`'s module imports torchvision at import, so its `__call__` is followed
+step by step with transformers' pieces (the checkpoint's image processor, the chat template, the
+placeholder rows as text, the whole prompt tokenized at once); its `model_input_names` are
+computed as `ProcessorMixin.model_input_names` does, from the tokenizer's and image processor's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from transformers.processing_utils import ProcessorMixin
+
+# Names a processor returns that only videos produce.
+VIDEO_ONLY = frozenset({"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"})
+
+
+def qwen_processor(checkpoint: Path):
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def check_all_but_the_missing_video_processor(self, name, argument):
+        return None if argument is None else check(self, name, argument)
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True)
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check_all_but_the_missing_video_processor):
+        return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                   chat_template=tokenizer.chat_template)
+
+
+def model_input_names(family: str, checkpoint: Path) -> list[str]:
+    """The processor's `model_input_names`."""
+    if family == "qwen2_5_vl":
+        return list(qwen_processor(checkpoint).model_input_names)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True)
+    return list(tokenizer.model_input_names) + list(image_processor.model_input_names)
 
 
 def processor_inputs(family: str, checkpoint: Path, messages: list, images: list[Image.Image]) -> dict:
+    """Every tensor the processor returns for one request, batch dimension dropped, as numpy."""
+    if family == "qwen2_5_vl":
+        processor = qwen_processor(checkpoint)
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out = processor(text=[prompt], images=images or None, return_tensors="np")
+        tensors = {name: np.asarray(value) for name, value in out.items()}
+        for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            tensors[name] = tensors[name][0].astype(np.int64)
+        return tensors
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     tensors: dict[str, np.ndarray] = {}
     if images:
         image_processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True)
         tensors = dict(image_processor(images, return_tensors="np"))
-    if family == "qwen2_5_vl":
-        placeholder = "<|image_pad|>"
-        merge = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True).merge_size if images else 2
-        expansions = [placeholder * int(grid.prod() // merge**2) for grid in tensors.get("image_grid_thw", [])]
-    else:
-        placeholder = "[IMG]"
-        expansions = []
-        for height, width in tensors.get("image_sizes", []):
-            rows = [["[IMG]"] * (width // 16) + ["[IMG_BREAK]"]] * (height // 16)
-            flat = [token for row in rows for token in row]
-            flat[-1] = "[IMG_END]"
-            expansions.append("".join(flat))
-    pieces = prompt.split(placeholder)
+    expansions = []
+    for height, width in tensors.get("image_sizes", []):
+        rows = [["[IMG]"] * (width // 16) + ["[IMG_BREAK]"]] * (height // 16)
+        flat = [token for row in rows for token in row]
+        flat[-1] = "[IMG_END]"
+        expansions.append("".join(flat))
+    pieces = prompt.split("[IMG]")
     assert len(pieces) == len(expansions) + 1
     text = pieces[0] + "".join(e + p for e, p in zip(expansions, pieces[1:]))
-    tensors["input_ids"] = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    encoded = tokenizer(text, add_special_tokens=False)
+    tensors["input_ids"] = np.asarray(encoded["input_ids"], dtype=np.int64)
+    tensors["attention_mask"] = np.asarray(encoded["attention_mask"], dtype=np.int64)
     return tensors
 
 
 def transformers_generate(family: str, checkpoint: Path, messages: list, images: list[Image.Image], max_new_tokens: int) -> list[int]:
-    """Greedy tokens from plain `generate` on the checkpoint (the service must match these)."""
+    """Greedy tokens from plain `generate` on the checkpoint with every processor tensor."""
     inputs = processor_inputs(family, checkpoint, messages, images)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True).eval()
-    ids = torch.from_numpy(inputs.pop("input_ids"))[None]
-    extra = {key: torch.from_numpy(np.asarray(value)) for key, value in inputs.items()}
+    batch = {name: torch.from_numpy(np.asarray(value)) for name, value in inputs.items()}
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if name in batch:
+            batch[name] = batch[name][None]
+    prompt_length = batch["input_ids"].shape[1]
     with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **extra
-        )
-    return out[0, ids.shape[1] :].tolist()
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, prompt_length:].tolist()

@@ -241,6 +241,9 @@ class BatchGenerator:
         text_config = model.config.get_text_config()
         self.max_context = int(getattr(text_config, "max_position_embeddings", 32768))
         self.image_token_id = int(model.config.image_token_id)
+        # Qwen2.5-VL builds its 3-D (multimodal rotary) positions only when given the processor's
+        # per-token modality ids (0 text, 1 image); Llava/Pixtral takes none.
+        self.marks_modalities = family == "qwen2_5_vl"
 
     def check_images(self, request: GenerationRequest) -> None:
         """Every image token of the prompt needs one embedding row, and nothing more."""
@@ -277,30 +280,35 @@ class BatchGenerator:
         )
         with torch.inference_mode():
             self.model.generate(
-                attention_mask=attention_mask.to(self.device),
                 generation_config=config,
                 logits_processor=LogitsProcessorList([sampling]),
                 stopping_criteria=StoppingCriteriaList([progress]),
-                **self._model_inputs(requests, input_ids.to(self.device)),
+                **self.model_inputs(requests, input_ids.to(self.device), attention_mask.to(self.device)),
             )
         for i, row in enumerate(rows):
             if not row.finish_reason:  # generate stopped at its own length limit
                 row.finish_reason = FINISH_LENGTH
                 report(i, row, on_update, "")
 
-    def _model_inputs(self, requests: list[GenerationRequest], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Token ids, and where the batch has images, input embeddings with the image rows in place.
+    def model_inputs(self, requests: list[GenerationRequest], input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the model gets: the processor's `model_input_names` for images, with the pixels
+        replaced by input embeddings that hold the encoder's rows (tests/unit/test_generation.py
+        checks the names and values against transformers' processor).
 
-        `generate` still gets the ids: Qwen2.5-VL computes its 3-D positions from them and
-        `image_grid_thw`, and both families track the generated sequence with them.
+        `generate` still gets the ids: Qwen2.5-VL computes its 3-D positions from them, the
+        modality ids and `image_grid_thw`, and both families track the generated sequence with them.
         """
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.marks_modalities:
+            inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(torch.int32)
         with_images = [r for r in requests if r.image_embeds is not None and len(r.image_embeds)]
         if not with_images:
-            return {"input_ids": input_ids}
+            return inputs
         embeddings = self.model.get_input_embeddings()(input_ids)
         rows = torch.from_numpy(np.concatenate([r.image_embeds for r in with_images]))
         mask = (input_ids == self.image_token_id).unsqueeze(-1)
-        inputs = {"input_ids": input_ids, "inputs_embeds": embeddings.masked_scatter(mask, rows.to(embeddings))}
+        inputs["inputs_embeds"] = embeddings.masked_scatter(mask, rows.to(embeddings))
         for name in with_images[0].language_tensors:
             joined = np.concatenate([r.language_tensors[name] for r in with_images])
             inputs[name] = torch.from_numpy(joined).to(self.device)

@@ -214,3 +214,29 @@ def test_a_failed_batch_ends_every_unfinished_row_even_when_one_error_cannot_be_
     assert finals == {0: ["final"], 2: ["error: CUDA error: an illegal memory access"],
                       3: ["error: CUDA error: an illegal memory access"]}
     assert any("could not send its final error" in line for line in logged)
+
+
+@pytest.mark.parametrize("images", [0, 2])
+def test_the_model_gets_exactly_the_processors_inputs(family, images):
+    """Names and values of what the language model is given, against transformers' processor:
+    the pixels (and Pixtral's image sizes) go to the vision encoder, whose rows arrive as
+    `inputs_embeds`; everything else the processor returns reaches the model as it is."""
+    from tests.reference import VIDEO_ONLY, model_input_names, processor_inputs
+
+    messages = ask("Compare these", images)
+    pictures = [picture(90, 140, seed=3), picture(120, 40, seed=4)][:images]
+    request = family.request(messages, pictures)
+    ids = torch.from_numpy(request.input_ids)[None]
+    given = family.generator.model_inputs([request], ids, torch.ones_like(ids))
+    reference = processor_inputs(family.name, family.checkpoint, messages, pictures)
+    to_encoder = {"pixel_values", "image_sizes"}
+    expected = set(model_input_names(family.name, family.checkpoint)) - VIDEO_ONLY - to_encoder
+    if images:
+        expected.add("inputs_embeds")
+    else:
+        expected -= {"image_grid_thw"}  # no images, no grid: the processor returns none either
+    assert set(given) == expected
+    assert set(reference) - to_encoder <= expected
+    for name in set(reference) - to_encoder:
+        assert np.array_equal(given[name][0].numpy() if given[name].dim() > 1 and name != "image_grid_thw"
+                              else given[name].numpy(), reference[name]), name
