@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from contextlib import aclosing
@@ -143,7 +144,10 @@ async def model_info(backend: TritonBackend, name: str, ensemble: str, index: li
                               reason=entry.get("reason", ""))
     info.ready = pipeline_ready(index, ensemble)
     if info.ready:
-        info.quantization = (await backend.model_parameters(f"{ensemble}_generate")).get("quantization", "")
+        parameters = await backend.model_parameters(f"{ensemble}_generate")
+        info.quantization = parameters.get("quantization", "")
+        if parameters.get("sampling_defaults"):
+            info.defaults.CopyFrom(vlm_pb2.GenerationConfig(**json.loads(parameters["sampling_defaults"])))
     return info
 
 

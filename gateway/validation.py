@@ -40,16 +40,19 @@ class ValidatedRequest:
 
 
 def sampling_params(config, stream: bool) -> SamplingParams:
-    """The proto's config with zero values replaced by the documented defaults."""
-    defaults = SamplingParams()
+    """The proto's config; fields left unset (or 0 where 0 is out of range) stay None: the
+    model's defaults apply to them (`vlm_serving.sampling.SamplingDefaults`)."""
+    def present(name: str):
+        return getattr(config, name) if config.HasField(name) else None
+
     return SamplingParams(
-        max_tokens=config.max_tokens or defaults.max_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p or defaults.top_p,
-        top_k=config.top_k,
-        seed=config.seed if config.HasField("seed") else None,
+        max_tokens=config.max_tokens or SamplingParams().max_tokens,
+        temperature=present("temperature"),
+        top_p=present("top_p") or None,
+        top_k=present("top_k"),
+        seed=present("seed"),
         stop=tuple(config.stop),
-        repetition_penalty=config.repetition_penalty or defaults.repetition_penalty,
+        repetition_penalty=present("repetition_penalty") or None,
         stream=stream,
     )
 

@@ -80,7 +80,8 @@ def processor_inputs(family: str, checkpoint: Path, messages: list, images: list
     return tensors
 
 
-def transformers_generate(family: str, checkpoint: Path, messages: list, images: list[Image.Image], max_new_tokens: int) -> list[int]:
+def transformers_generate(family: str, checkpoint: Path, messages: list, images: list[Image.Image], max_new_tokens: int,
+                          **generate_kwargs) -> list[int]:
     """Greedy tokens from plain `generate` on the checkpoint with every processor tensor."""
     inputs = processor_inputs(family, checkpoint, messages, images)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True).eval()
@@ -90,5 +91,5 @@ def transformers_generate(family: str, checkpoint: Path, messages: list, images:
             batch[name] = batch[name][None]
     prompt_length = batch["input_ids"].shape[1]
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     return out[0, prompt_length:].tolist()

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers import StoppingCriteriaList
 
-from vlm_serving.sampling import SamplingParams, TextAssembler
+from vlm_serving.sampling import SamplingDefaults, SamplingParams, TextAssembler
 
 FINISH_STOP = "stop"  # end-of-sequence token or a stop sequence
 FINISH_LENGTH = "length"  # max_tokens reached
@@ -244,6 +244,8 @@ class BatchGenerator:
         # Qwen2.5-VL builds its 3-D (multimodal rotary) positions only when given the processor's
         # per-token modality ids (0 text, 1 image); Llava/Pixtral takes none.
         self.marks_modalities = family == "qwen2_5_vl"
+        # What requests get for the sampling fields they leave unset (the checkpoint's defaults).
+        self.defaults = SamplingDefaults.from_generation_config(config.to_dict())
 
     def check_images(self, request: GenerationRequest) -> None:
         """Every image token of the prompt needs one embedding row, and nothing more."""
@@ -262,6 +264,7 @@ class BatchGenerator:
 
         Every request gets exactly one update with `finished=True`, its last.
         """
+        requests = [replace(request, params=request.params.resolve(self.defaults)) for request in requests]
         rows = [_RowState(request, TextAssembler(self.tokenizer, request.params.stop)) for request in requests]
         longest = max(len(r.input_ids) for r in requests)
         pad_lengths = [longest - len(r.input_ids) for r in requests]
@@ -272,9 +275,16 @@ class BatchGenerator:
             attention_mask[i, pad_lengths[i] :] = 1
         sampling = _PerRequestSampling(rows, pad_lengths)
         progress = _PerRequestProgress(rows, sampling, self.eos_ids, on_update, is_cancelled)
+        # Every field the rows' own sampling handles is set here to transformers' neutral value:
+        # left unset, `generate` would fill it from the checkpoint's generation config and apply
+        # it a second time (and before the confidence is taken).
         config = GenerationConfig(
             max_new_tokens=max(r.params.max_tokens for r in requests),
             do_sample=False,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=50,
+            repetition_penalty=1.0,
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id,
         )

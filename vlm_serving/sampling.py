@@ -2,40 +2,93 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 
 class ParameterError(ValueError):
     """A generation parameter out of bounds; the message names it and the bound."""
 
 
+def _g(value: float | None) -> str:
+    return "unset" if value is None else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for the sampling parameters it leaves unset.
+
+    The checkpoint's `generation_config.json` decides, as plain transformers `generate` would
+    read it (its values over transformers' global defaults; `do_sample` false means greedy);
+    a checkpoint without one gets the service's defaults: greedy, no cuts, no penalty. Applied
+    once, by the service's own per-row sampling: the batch's transformers `GenerationConfig`
+    sets these fields to neutral values so the checkpoint's never apply a second time.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_generation_config(cls, values: dict) -> "SamplingDefaults":
+        from transformers import GenerationConfig
+
+        merged = {**GenerationConfig._get_default_generation_params(),
+                  **{key: value for key, value in values.items() if value is not None}}
+        sampling = bool(merged.get("do_sample"))
+        return cls(
+            temperature=float(merged.get("temperature") or 1.0) if sampling else 0.0,
+            top_p=float(merged.get("top_p") or 1.0) if sampling else 1.0,
+            top_k=int(merged.get("top_k") or 0) if sampling else 0,
+            repetition_penalty=float(merged.get("repetition_penalty") or 1.0),
+        )
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> "SamplingDefaults":
+        path = Path(checkpoint) / "generation_config.json"
+        return cls.from_generation_config(json.loads(path.read_text()) if path.is_file() else {})
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. Defaults are the service's documented defaults."""
+    """How one request is decoded. None: the model's default (`SamplingDefaults`), see `resolve`."""
 
     max_tokens: int = 64
     # 0 means greedy decoding (and makes top_p, top_k and seed irrelevant).
-    temperature: float = 0.0
-    top_p: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
     # 0 means no top-k cut.
-    top_k: int = 0
+    top_k: int | None = None
     # None draws a fresh seed; a fixed seed with the same inputs repeats the same sample.
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     stream: bool = False
 
+    def resolve(self, defaults: SamplingDefaults) -> "SamplingParams":
+        """Every unset field from `defaults`."""
+        return replace(self, **{name: getattr(defaults, name) for name in defaults.__dict__
+                                if getattr(self, name) is None})
+
     def violations(self, max_tokens_limit: int) -> list[tuple[str, str]]:
-        """(field, what is wrong) for every parameter out of bounds."""
+        """(field, what is wrong) for every parameter out of bounds (unset ones are fine)."""
+        def unset_or(value, ok):
+            return value is None or ok(value)
+
         checks = [
             ("max_tokens", 1 <= self.max_tokens <= max_tokens_limit,
              f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}]"),
-            ("temperature", 0.0 <= self.temperature <= 2.0,
-             f"temperature={self.temperature:g} must be in [0, 2] (0 = greedy)"),
-            ("top_p", 0.0 < self.top_p <= 1.0, f"top_p={self.top_p:g} must be in (0, 1]"),
-            ("top_k", 0 <= self.top_k <= 1000, f"top_k={self.top_k} must be in [0, 1000] (0 = off)"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 2.0,
-             f"repetition_penalty={self.repetition_penalty:g} must be in (0, 2] (1 = off)"),
+            ("temperature", unset_or(self.temperature, lambda v: 0.0 <= v <= 2.0),
+             f"temperature={_g(self.temperature)} must be in [0, 2] (0 = greedy)"),
+            ("top_p", unset_or(self.top_p, lambda v: 0.0 < v <= 1.0), f"top_p={_g(self.top_p)} must be in (0, 1]"),
+            ("top_k", unset_or(self.top_k, lambda v: 0 <= v <= 1000), f"top_k={self.top_k} must be in [0, 1000] (0 = off)"),
+            ("repetition_penalty", unset_or(self.repetition_penalty, lambda v: 0.0 < v <= 2.0),
+             f"repetition_penalty={_g(self.repetition_penalty)} must be in (0, 2] (1 = off)"),
             ("stop", len(self.stop) <= 8, f"{len(self.stop)} stop sequences is over the limit of 8"),
             ("stop", all(0 < len(s) <= 64 for s in self.stop), "each stop sequence must be 1 to 64 characters"),
         ]

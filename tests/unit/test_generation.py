@@ -240,3 +240,53 @@ def test_the_model_gets_exactly_the_processors_inputs(family, images):
     for name in set(reference) - to_encoder:
         assert np.array_equal(given[name][0].numpy() if given[name].dim() > 1 and name != "image_grid_thw"
                               else given[name].numpy(), reference[name]), name
+
+
+@pytest.fixture(scope="module")
+def instruct_defaults(checkpoints, tmp_path_factory):
+    """The tiny Qwen2.5-VL with an instruct-style generation_config.json: sampling on, a penalty."""
+    directory = tmp_path_factory.mktemp("instruct") / "qwen2_5_vl"
+    directory.mkdir()
+    for item in (checkpoints / "qwen2_5_vl").iterdir():
+        if item.name != "generation_config.json":
+            (directory / item.name).symlink_to(item)
+    config = json.loads((checkpoints / "qwen2_5_vl" / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=2.0)
+    (directory / "generation_config.json").write_text(json.dumps(config))
+    return Family("qwen2_5_vl", directory)
+
+
+def test_checkpoint_sampling_defaults_fill_only_what_a_request_leaves_unset(instruct_defaults):
+    generator = instruct_defaults.generator
+    assert (generator.defaults.temperature, generator.defaults.top_p, generator.defaults.top_k,
+            generator.defaults.repetition_penalty) == (0.7, 0.8, 20, 2.0)
+    unset = SamplingParams().resolve(generator.defaults)
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.repetition_penalty) == (0.7, 0.8, 20, 2.0)
+    explicit = SamplingParams(temperature=0.0, repetition_penalty=1.0, top_k=0).resolve(generator.defaults)
+    assert (explicit.temperature, explicit.top_p, explicit.top_k, explicit.repetition_penalty) == (0.0, 0.8, 0, 1.0)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.2])
+def test_a_requests_parameters_apply_once_not_on_top_of_the_checkpoints(instruct_defaults, penalty):
+    family = instruct_defaults
+    messages, pictures = ask("What is in the picture?", 1), [picture(200, 120, seed=1)]
+    [updates] = family.run([family.request(messages, pictures, max_tokens=48, temperature=0.0,
+                                           repetition_penalty=penalty)])
+    expected = transformers_generate(family.name, family.checkpoint, messages, pictures, 48, repetition_penalty=penalty)
+    assert updates[-1].token_ids == family.until_eos(expected)
+
+
+def test_confidence_is_taken_before_any_checkpoint_penalty(instruct_defaults):
+    from tests.reference import processor_inputs
+
+    family = instruct_defaults
+    messages = ask("Tell me more")
+    [updates] = family.run([family.request(messages, [], max_tokens=8, temperature=0.0, repetition_penalty=1.0)])
+    inputs = processor_inputs(family.name, family.checkpoint, messages, [])
+    batch = {name: torch.from_numpy(value)[None] for name, value in inputs.items()}
+    with torch.inference_mode():
+        out = family.model.generate(**batch, max_new_tokens=8, do_sample=False, repetition_penalty=1.0,
+                                    output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, batch["input_ids"].shape[1]:]
+    logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
+    assert updates[-1].confidence == pytest.approx(float(np.mean(logprobs[: updates[-1].completion_tokens])), abs=1e-4)

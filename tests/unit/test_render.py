@@ -76,3 +76,20 @@ def test_render_repository_writes_one_config_per_model(tmp_path):
     )
     cancel = parse((tmp_path / "cancel" / "config.pbtxt").read_text())
     assert cancel.input[0].name == "REQUEST_IDS" and cancel.instance_group[0].count == 1
+
+
+def test_generate_config_carries_the_checkpoints_sampling_defaults(tmp_path):
+    import json
+
+    from vlm_serving.sampling import SamplingDefaults
+
+    (tmp_path / "pixtral").mkdir()
+    (tmp_path / "pixtral" / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1}))
+    config = parse(render_family("pixtral", replace(PROFILES["cpu"], checkpoints_dir=tmp_path))["pixtral_generate"])
+    rendered = json.loads(config.parameters["sampling_defaults"].string_value)
+    # top_k unset in the file: transformers' own default when sampling (50), as plain generate would use.
+    assert rendered == {"temperature": 0.3, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1}
+    assert SamplingDefaults(**rendered).to_json() == config.parameters["sampling_defaults"].string_value
+    greedy = parse(render_family("pixtral", replace(PROFILES["cpu"], checkpoints_dir=tmp_path / "none"))["pixtral_generate"])
+    assert json.loads(greedy.parameters["sampling_defaults"].string_value) == SamplingDefaults().__dict__

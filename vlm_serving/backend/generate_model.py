@@ -24,18 +24,22 @@ def _scalar(request, name: str, default):
 
 
 def read_params(request) -> SamplingParams:
-    defaults = SamplingParams()
+    """The request's parameters; those it leaves out stay None (the model's defaults apply)."""
     stop = optional_input(request, "STOP")
-    seed = _scalar(request, "SEED", None)
+
+    def given(name: str, kind):
+        value = _scalar(request, name, None)
+        return None if value is None else kind(value)
+
     return SamplingParams(
-        max_tokens=int(_scalar(request, "MAX_TOKENS", defaults.max_tokens)),
-        temperature=float(_scalar(request, "TEMPERATURE", defaults.temperature)),
-        top_p=float(_scalar(request, "TOP_P", defaults.top_p)),
-        top_k=int(_scalar(request, "TOP_K", defaults.top_k)),
-        seed=None if seed is None else int(seed),
+        max_tokens=given("MAX_TOKENS", int) or SamplingParams().max_tokens,
+        temperature=given("TEMPERATURE", float),
+        top_p=given("TOP_P", float),
+        top_k=given("TOP_K", int),
+        seed=given("SEED", int),
         stop=() if stop is None else tuple(s.decode("utf-8") for s in stop.reshape(-1)),
-        repetition_penalty=float(_scalar(request, "REPETITION_PENALTY", defaults.repetition_penalty)),
-        stream=bool(_scalar(request, "STREAM", defaults.stream)),
+        repetition_penalty=given("REPETITION_PENALTY", float),
+        stream=bool(given("STREAM", bool)),
     )
 
 
@@ -67,6 +71,12 @@ class TritonPythonModel:
         started = time.perf_counter()
         model = load_model(parameters["checkpoint"], parameters["quantization"], device)
         self.generator = BatchGenerator(self.family, model, load_tokenizer(parameters["checkpoint"]), device)
+        if parameters.get("sampling_defaults") != self.generator.defaults.to_json():
+            self.logger.log_warn(
+                f"{args['model_name']}: the checkpoint's sampling defaults {self.generator.defaults.to_json()} "
+                f"differ from the rendered config's {parameters.get('sampling_defaults')} (ListModels shows the "
+                "latter); re-render the configs for this checkpoint"
+            )
         self.logger.log_info(
             f"{args['model_name']} version {self.version}: loaded {parameters['checkpoint']} quantization={parameters['quantization']} "
             f"on {device} in {time.perf_counter() - started:.1f}s"

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--image", action="append", default=[], help="image path or http(s) URL (repeatable)")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
     generate.add_argument("--max-tokens", type=int, default=0)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--top-p", type=float, default=0.0)
-    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, see `vlm models`)")
+    generate.add_argument("--top-p", type=float, help="(default: the model's)")
+    generate.add_argument("--top-k", type=int, help="0 = off (default: the model's)")
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", default=[])
     commands.add_parser("models", help="list served models")
@@ -51,13 +51,15 @@ def main(argv: list[str] | None = None) -> int:
                     models = client.list_models()
                 for model in models:
                     versions = ", ".join(f"{v.version}:{v.state}" for v in model.versions)
+                    defaults = model.defaults
                     print(f"{model.name}\tfamily={model.family}\tready={model.ready}\t"
-                          f"quantization={model.quantization}\tversions={versions}")
+                          f"quantization={model.quantization}\tversions={versions}\t"
+                          f"defaults=temperature:{defaults.temperature:g},top_p:{defaults.top_p:g},"
+                          f"top_k:{defaults.top_k},repetition_penalty:{defaults.repetition_penalty:g}")
                 return 0
             config = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=args.stop)
-            if args.seed is None:
-                config.pop("seed")
+            config = {name: value for name, value in config.items() if value is not None}  # unset: the model's
             if args.stream:
                 last = None
                 for message in client.stream(args.model, args.prompt, args.image, **config):

@@ -22,6 +22,7 @@ from gateway.settings import Settings
 from vlm_serving.deploy.render import pipeline
 from tests.conftest import encode, http_host, picture
 from vlm_serving.ensemble_client import ResponseChunk
+from vlm_serving.sampling import SamplingDefaults
 
 KEY = (("authorization", "Bearer secret"),)
 
@@ -51,7 +52,7 @@ class ScriptedBackend:
                 for name in pipeline(family)]
 
     async def model_parameters(self, name):
-        return {"quantization": "int8"}
+        return {"quantization": "int8", "sampling_defaults": SamplingDefaults(0.7, 0.8, 20, 1.05).to_json()}
 
     async def close(self):
         pass
@@ -180,6 +181,9 @@ def test_list_models_reports_versions_readiness_and_quantization():
         pixtral = models["pixtral"]
         assert (pixtral.family, pixtral.ready, pixtral.quantization) == ("pixtral", True, "int8")
         assert [(v.version, v.state) for v in pixtral.versions] == [("1", "READY")]
+        defaults = pixtral.defaults
+        assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty) == pytest.approx(
+            (0.7, 0.8, 20, 1.05))
 
     run(test)
 

@@ -39,8 +39,16 @@ def test_valid_request_becomes_chat_messages_with_defaults():
     assert call.messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     assert call.images[0].data == PNG and call.images[0].field == "messages[0].parts[0].image.data"
     params = call.params
+    # Unset sampling fields stay unset: the model's defaults apply to them in the generation step.
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.repetition_penalty,
-            params.seed, params.stream) == (64, 0.0, 1.0, 0, 1.0, None, True)
+            params.seed, params.stream) == (64, None, None, None, None, None, True)
+
+
+def test_explicit_zero_temperature_and_top_k_are_kept_apart_from_unset():
+    params = validate(request(text("x"), temperature=0.0, top_k=0, top_p=0.0, repetition_penalty=0.0),
+                      SETTINGS, stream=False).params
+    # 0 is greedy / no cut for these two; for top_p and the penalty 0 is out of range and means unset.
+    assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (0.0, 0, None, None)
 
 
 def test_seed_zero_is_a_seed_not_unset():
