@@ -113,7 +113,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparency is composited over white."""
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and image.info.get("transparency") is None:  # an RGB PNG may key one colour as transparent
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit (or 32-bit integer) greyscale: keep the top 8 bits rather than clipping at 255.

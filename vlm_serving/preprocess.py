@@ -231,8 +231,17 @@ class PixtralPreprocessor(FamilyPreprocessor):
         patches = normalize(blocks, self.table, channel_axis=1).reshape(rows * cols, -1)
         return pixtral_image_inputs(patches, rows, cols)
 
+    def checked_target_size(self, picture: Image.Image, index: int) -> tuple[int, int]:
+        height, width = self.target_size(picture.height, picture.width)
+        if height == 0 or width == 0:  # transformers' processor fails on these too (a zero-size resize)
+            raise ImageError(
+                f"image {index}: {picture.width}x{picture.height} scaled to this model's longest edge of "
+                f"{self.longest_edge} pixels leaves its short side no pixel; pad it towards a squarer shape"
+            )
+        return height, width
+
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
-        sizes = [self.target_size(picture.height, picture.width) for picture in pictures]
+        sizes = [self.checked_target_size(picture, index) for index, picture in enumerate(pictures)]
         expansions = [self.placeholder_ids(h, w) for h, w in sizes]
         return PreprocessedRequest(
             input_ids=self._expand(prompt_ids, self.image_id, expansions),

@@ -59,6 +59,17 @@ def test_palette_with_transparency_uses_white():
     assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (255, 0, 0)
 
 
+def test_rgb_png_with_a_transparent_colour_key_equals_transformers():
+    from transformers.image_transforms import convert_to_rgb
+
+    keyed = Image.new("RGB", (3, 1), (0, 0, 0))
+    keyed.putpixel((1, 0), (10, 200, 30))
+    data = encode(keyed, "PNG", transparency=(0, 0, 0))  # black is the transparent colour (tRNS)
+    ours = decode_image(data)
+    assert ours.getpixel((0, 0)) == (255, 255, 255) and ours.getpixel((1, 0)) == (10, 200, 30)
+    assert np.array_equal(np.asarray(ours), convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True))
+
+
 def test_cmyk_jpeg_converts_to_rgb():
     rgb = decode_image(encode(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "JPEG"))
     red, green, blue = rgb.getpixel((1, 1))

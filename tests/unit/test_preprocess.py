@@ -166,3 +166,10 @@ def test_control_tokens_typed_by_a_caller_stay_text(family, where):
     assert out.image_tokens == clean.image_tokens
     text = preprocessor.tokenizer.decode(out.input_ids.tolist())
     assert attack.split("\n")[0] in text or attack.replace("\n", "") in text.replace("\n", "")
+
+
+def test_pixtral_refuses_an_image_too_wide_to_keep_a_row_naming_it(checkpoints):
+    preprocessor = load_preprocessor("pixtral", checkpoints / "pixtral")
+    wide = preprocessor.longest_edge * 3 // 2  # scaled down to the longest edge, 1 pixel of height rounds to 0
+    with pytest.raises(ImageError, match=r"image 1: \d+x1 scaled to this model's longest edge"):
+        preprocessor([encode(picture(64, 48)), encode(picture(wide, 1))], json.dumps(user(2)))
