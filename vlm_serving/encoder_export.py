@@ -204,13 +204,21 @@ def export_fp16(source: Path, path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def weights_mtime(checkpoint: Path) -> float:
+    """When the checkpoint's weights last changed: safetensors files, or PyTorch `.bin` ones."""
+    files = [path for pattern in ("*.safetensors", "*.bin") for path in checkpoint.glob(pattern)]
+    if not files:
+        raise FileNotFoundError(f"{checkpoint}: no weights to export from (*.safetensors or *.bin)")
+    return max(path.stat().st_mtime for path in files)
+
+
 def export(checkpoint: Path, variants=VARIANTS, out_dir: Path | None = None, force: bool = False) -> Path:
     from transformers import AutoModelForImageTextToText
 
     out_dir = out_dir or checkpoint / "onnx"
     family = family_of(checkpoint)
     fp32 = out_dir / "encoder.fp32.onnx"
-    weights = max(path.stat().st_mtime for path in checkpoint.glob("*.safetensors"))
+    weights = weights_mtime(checkpoint)
 
     def current(path: Path) -> bool:  # exported from these weights (not from a checkpoint since rebuilt)
         return path.is_file() and path.stat().st_mtime >= weights

@@ -268,3 +268,26 @@ def test_one_requests_failing_images_do_not_fail_its_batch_mates():
     assert [a[0][0, 0] for a in (answers[0], answers[2])] == [0.0, 4.0]
     assert calls == [4, 1, 2, 1]  # the whole batch once, then each request alone
     assert isinstance(encode_each_request(encode, [[huge]])[0], MemoryError)
+
+
+def test_export_works_from_a_checkpoint_with_bin_weights(checkpoints, tmp_path):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_serving.encoder_export import export
+
+    source = checkpoints / "pixtral"
+    target = tmp_path / "pixtral"
+    target.mkdir()
+    for item in source.iterdir():
+        if item.suffix != ".safetensors" and item.name not in ("onnx", "model.safetensors.index.json"):
+            (target / item.name).symlink_to(item)
+    model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True)
+    torch.save(model.state_dict(), target / "pytorch_model.bin")
+    out = export(target, variants=("fp32",))
+    assert (out / "encoder.fp32.onnx").is_file()
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").symlink_to(source / "config.json")
+    with pytest.raises(FileNotFoundError, match="no weights to export from"):
+        export(weightless, variants=("fp32",))
