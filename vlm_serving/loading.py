@@ -40,6 +40,21 @@ def load_model(checkpoint_dir: str | Path, quantization: str = "none", device: s
     if quantization == "int8" and on_gpu:
         raise CheckpointError("quantization 'int8' is PyTorch's CPU dynamic quantization; use bnb-int8 on GPU")
 
+    model = AutoModelForImageTextToText.from_pretrained(directory, **load_kwargs(directory, quantization, device)).eval()
+    if quantization == "none" and on_gpu:
+        model = model.to(device)
+    if quantization == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def load_kwargs(directory: Path, quantization: str, device: str) -> dict:
+    """`from_pretrained` arguments for a quantization mode (its quantization config, placement, dtype).
+
+    The GPU modes need packages beyond transformers (requirements-triton.txt): bitsandbytes and
+    accelerate for bnb-*, gptqmodel and accelerate for awq.
+    """
+    on_gpu = device.startswith("cuda")
     kwargs: dict = {"local_files_only": True}
     if quantization in ("bnb-int8", "bnb-nf4"):
         from transformers import BitsAndBytesConfig
@@ -59,13 +74,7 @@ def load_model(checkpoint_dir: str | Path, quantization: str = "none", device: s
         kwargs["device_map"] = {"": device}
     else:
         kwargs["dtype"] = torch.bfloat16 if on_gpu else torch.float32
-
-    model = AutoModelForImageTextToText.from_pretrained(directory, **kwargs).eval()
-    if quantization == "none" and on_gpu:
-        model = model.to(device)
-    if quantization == "int8":
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return model
+    return kwargs
 
 
 def load_tokenizer(checkpoint_dir: str | Path):

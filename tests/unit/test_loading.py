@@ -29,7 +29,48 @@ def test_awq_needs_an_awq_checkpoint(checkpoints):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes quantization)")
 @pytest.mark.parametrize("mode", ["bnb-int8", "bnb-nf4"])
 def test_bitsandbytes_quantization_on_gpu(checkpoints, mode):
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is installed in the GPU image only")
+    import bitsandbytes as bnb
     model = load_model(checkpoints / "qwen2_5_vl", mode, device="cuda:0")
     quantized = (bnb.nn.Linear8bitLt,) if mode == "bnb-int8" else (bnb.nn.Linear4bit,)
     assert any(isinstance(module, quantized) for module in model.modules())
+
+
+def requirement_names(path) -> set[str]:
+    from tests.conftest import REPO_ROOT
+
+    lines = (REPO_ROOT / path).read_text().splitlines()
+    return {line.split("==")[0].strip().lower() for line in lines if "==" in line and not line.startswith("#")}
+
+
+@pytest.mark.parametrize("mode", ["bnb-int8", "bnb-nf4"])
+def test_bitsandbytes_modes_pass_transformers_environment_checks(checkpoints, mode):
+    """Everything up to the GPU: the quantization config is built and transformers' quantizer
+    finds every package it needs (before: ImportError, accelerate missing)."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    from vlm_serving.loading import load_kwargs
+
+    kwargs = load_kwargs(checkpoints / "qwen2_5_vl", mode, "cuda:0")
+    quantizer = AutoHfQuantizer.from_config(kwargs["quantization_config"], pre_quantized=False)
+    quantizer.validate_environment(device_map=kwargs["device_map"])
+    assert {"bitsandbytes", "accelerate"} <= requirement_names("requirements-triton.txt")
+
+
+def test_awq_mode_builds_its_config_and_the_gpu_image_has_its_backend(checkpoints, tmp_path):
+    """gptqmodel (AWQ's backend in transformers 5) compiles CUDA kernels at install, so it cannot
+    be installed here: the config is built and the GPU image's requirements declare it."""
+    import json
+
+    from transformers import AwqConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    from vlm_serving.loading import load_kwargs
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}}))
+    kwargs = load_kwargs(tmp_path, "awq", "cuda:0")
+    assert kwargs["device_map"] == {"": "cuda:0"}
+    quantizer = AutoHfQuantizer.from_config(AwqConfig(bits=4, group_size=128, version="gemm"), pre_quantized=True)
+    with pytest.raises(ImportError, match="gptqmodel"):  # the one piece missing on this CPU machine
+        quantizer.validate_environment(device_map=kwargs["device_map"])
+    assert {"gptqmodel", "accelerate"} <= requirement_names("requirements-triton.txt")
