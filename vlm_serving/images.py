@@ -70,12 +70,36 @@ def check_encoded(data: bytes, limits: ImageLimits = ImageLimits()) -> str:
     return fmt
 
 
+# EXIF orientations that turn the picture a quarter: width and height swap.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def upright_size(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> tuple[int, int]:
+    """(width, height) of the upright picture, from the header alone: nothing is decoded."""
+    image = _open_checked(data, limits, f"image {index}")
+    width, height = image.size
+    if image.getexif().get(0x0112) in _QUARTER_TURNS:
+        return height, width
+    return width, height
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> Image.Image:
     """Decode one encoded image into an upright RGB picture.
 
     `index` only names the image in error messages ("image 2: ...").
     """
     where = f"image {index}"
+    image = _open_checked(data, limits, where)
+    try:
+        image.seek(0)  # first frame of an animated GIF or WebP
+        image.load()
+    except Exception as exc:
+        raise ImageError(f"{where}: truncated or corrupt {image.format} data ({exc})") from None
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _open_checked(data: bytes, limits: ImageLimits, where: str) -> Image.Image:
+    """The opened image (header read, no pixel decoded), within every limit the header can show."""
     try:
         fmt = check_encoded(data, limits)
     except ImageError as exc:
@@ -102,12 +126,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
             f"{where}: aspect ratio {width}x{height} is more extreme than "
             f"{limits.max_aspect_ratio:g}:1; crop or pad the image"
         )
-    try:
-        image.seek(0)  # first frame of an animated GIF or WebP
-        image.load()
-    except Exception as exc:
-        raise ImageError(f"{where}: truncated or corrupt {fmt} data ({exc})") from None
-    return to_rgb(ImageOps.exif_transpose(image))
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

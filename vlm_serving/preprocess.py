@@ -23,7 +23,7 @@ from PIL import Image
 
 from vlm_serving.chat import count_images, load_chat_template, parse_messages, prompt_ids
 from vlm_serving.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
-from vlm_serving.images import ImageError, ImageLimits, decode_image
+from vlm_serving.images import ImageError, ImageLimits, decode_image, upright_size
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
 
@@ -75,21 +75,26 @@ class FamilyPreprocessor:
     family: str
 
     def __init__(self, checkpoint_dir: str | Path, limits: ImageLimits = ImageLimits(), max_images: int = 16,
-                 threads: int | None = None):
-        from transformers import AutoImageProcessor, AutoTokenizer
+                 threads: int | None = None, max_request_pixels: int = 64_000_000):
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         self.checkpoint_dir = Path(checkpoint_dir)
         # Decoding and resizing release the GIL: the images of a request are processed in parallel.
         self.pool = ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1))
         self.limits = limits
         self.max_images = max_images
+        self.max_request_pixels = max_request_pixels
+        self.config = AutoConfig.from_pretrained(self.checkpoint_dir, local_files_only=True)
+        self.max_context = int(getattr(self.config.get_text_config(), "max_position_embeddings", 32768))
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir, local_files_only=True)
         self.chat_template = load_chat_template(self.tokenizer, self.checkpoint_dir)
         self.image_processor = AutoImageProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)
         processor = self.image_processor
         self.table = normalization_table(processor.rescale_factor, processor.image_mean, processor.image_std)
 
-    def __call__(self, encoded_images: list[bytes], messages_json: bytes | str) -> PreprocessedRequest:
+    def __call__(self, encoded_images: list[bytes], messages_json: bytes | str, max_tokens: int = 1) -> PreprocessedRequest:
+        """The request's tensors. Before any image is decoded, the headers alone decide whether the
+        request fits: pixels per request, and prompt + image tokens + `max_tokens` within the context."""
         messages = parse_messages(messages_json)
         expected = count_images(messages)
         if expected != len(encoded_images):
@@ -99,10 +104,28 @@ class FamilyPreprocessor:
             )
         if len(encoded_images) > self.max_images:
             raise ImageError(f"{len(encoded_images)} images is over the limit of {self.max_images} per request")
-        # Decode every image first: a bad one fails the request before any resize or tokenization.
+        sizes = [upright_size(data, self.limits, index=i) for i, data in enumerate(encoded_images)]
+        pixels = sum(width * height for width, height in sizes)
+        if pixels > self.max_request_pixels:
+            raise ImageError(f"the request's images hold {pixels} pixels in all, over the limit of "
+                             f"{self.max_request_pixels} per request; send fewer or smaller images")
+        ids = np.asarray(prompt_ids(self.tokenizer, self.chat_template, messages), dtype=np.int64)
+        image_tokens = [self.image_token_count(width, height, i) for i, (width, height) in enumerate(sizes)]
+        needed = len(ids) - len(sizes) + sum(image_tokens) + max_tokens
+        if needed > self.max_context:
+            raise ImageError(
+                f"the prompt's {len(ids) - len(sizes)} text tokens + {sum(image_tokens)} image tokens "
+                f"({', '.join(map(str, image_tokens)) or 'no images'}) + max_tokens {max_tokens} = {needed} tokens "
+                f"exceed the model's context of {self.max_context}; send fewer or smaller images, a shorter "
+                "prompt or a lower max_tokens"
+            )
+        # Decode every image before any resize: a bad one fails the request early.
         pictures = self.map(lambda i: decode_image(encoded_images[i], self.limits, index=i), range(len(encoded_images)))
-        ids = prompt_ids(self.tokenizer, self.chat_template, messages)
-        return self.build(pictures, np.asarray(ids, dtype=np.int64))
+        return self.build(pictures, ids)
+
+    def image_token_count(self, width: int, height: int, index: int) -> int:
+        """The tokens an upright `width` x `height` image takes in the prompt."""
+        raise NotImplementedError
 
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
         raise NotImplementedError
@@ -147,10 +170,8 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
     family = "qwen2_5_vl"
 
     def __init__(self, checkpoint_dir: str | Path, **kwargs: Any):
-        from transformers import AutoConfig
-
         super().__init__(checkpoint_dir, **kwargs)
-        self.vision_config = AutoConfig.from_pretrained(self.checkpoint_dir, local_files_only=True).vision_config
+        self.vision_config = self.config.vision_config
         processor = self.image_processor
         self.patch = int(processor.patch_size)
         self.merge = int(processor.merge_size)
@@ -173,6 +194,10 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
         patches = np.empty((grid_h * grid_w, 3, self.temporal, p, p), dtype=np.float32)
         patches[:] = normalize(blocks, self.table, channel_axis=1)
         return patches.reshape(grid_h * grid_w, -1), np.array([1, grid_h, grid_w], dtype=np.int64)
+
+    def image_token_count(self, width: int, height: int, index: int) -> int:
+        height, width = smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+        return (height // self.patch) * (width // self.patch) // self.merge**2
 
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
         results = self.map(self.patchify, pictures)
@@ -231,17 +256,20 @@ class PixtralPreprocessor(FamilyPreprocessor):
         patches = normalize(blocks, self.table, channel_axis=1).reshape(rows * cols, -1)
         return pixtral_image_inputs(patches, rows, cols)
 
-    def checked_target_size(self, picture: Image.Image, index: int) -> tuple[int, int]:
-        height, width = self.target_size(picture.height, picture.width)
-        if height == 0 or width == 0:  # transformers' processor fails on these too (a zero-size resize)
+    def checked_target_size(self, width: int, height: int, index: int) -> tuple[int, int]:
+        target_height, target_width = self.target_size(height, width)
+        if target_height == 0 or target_width == 0:  # transformers' processor fails on these too
             raise ImageError(
-                f"image {index}: {picture.width}x{picture.height} scaled to this model's longest edge of "
+                f"image {index}: {width}x{height} scaled to this model's longest edge of "
                 f"{self.longest_edge} pixels leaves its short side no pixel; pad it towards a squarer shape"
             )
-        return height, width
+        return target_height, target_width
+
+    def image_token_count(self, width: int, height: int, index: int) -> int:
+        return len(self.placeholder_ids(*self.checked_target_size(width, height, index)))
 
     def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
-        sizes = [self.checked_target_size(picture, index) for index, picture in enumerate(pictures)]
+        sizes = [self.checked_target_size(picture.width, picture.height, index) for index, picture in enumerate(pictures)]
         expansions = [self.placeholder_ids(h, w) for h, w in sizes]
         return PreprocessedRequest(
             input_ids=self._expand(prompt_ids, self.image_id, expansions),

@@ -173,3 +173,44 @@ def test_pixtral_refuses_an_image_too_wide_to_keep_a_row_naming_it(checkpoints):
     wide = preprocessor.longest_edge * 3 // 2  # scaled down to the longest edge, 1 pixel of height rounds to 0
     with pytest.raises(ImageError, match=r"image 1: \d+x1 scaled to this model's longest edge"):
         preprocessor([encode(picture(64, 48)), encode(picture(wide, 1))], json.dumps(user(2)))
+
+
+@pytest.mark.parametrize("size", [(200, 120), (13, 9), (1031, 617), (40, 700)])
+def test_image_tokens_counted_from_the_header_equal_the_built_ones(family, size):
+    _, _, preprocessor = family
+    data = encode(picture(*size))
+    from vlm_serving.images import upright_size
+
+    built = preprocessor([data], json.dumps(user(1)))
+    assert preprocessor.image_token_count(*upright_size(data), 0) == built.image_tokens
+
+
+def test_exif_rotation_is_counted_from_the_header(family):
+    _, _, preprocessor = family
+    image = picture(300, 100)
+    exif = image.getexif()
+    exif[0x0112] = 6  # a quarter turn: the upright picture is 100 wide, 300 high
+    data = encode(image, "JPEG", exif=exif.tobytes())
+    from vlm_serving.images import upright_size
+
+    assert upright_size(data) == (100, 300)
+    assert preprocessor.image_token_count(100, 300, 0) == preprocessor([data], json.dumps(user(1))).image_tokens
+
+
+def test_over_budget_requests_are_refused_from_the_headers_before_any_decoding(family, monkeypatch):
+    name, checkpoint, preprocessor = family
+    from vlm_serving import preprocess
+
+    decoded = []
+    monkeypatch.setattr(preprocess, "decode_image", lambda *args, **kwargs: decoded.append(args) or None)
+    images = [encode(picture(640, 480, seed=i)) for i in range(3)]
+    per_image = preprocessor.image_token_count(640, 480, 0)
+    with pytest.raises(ImageError) as caught:
+        preprocessor(images, json.dumps(user(3)), max_tokens=preprocessor.max_context)
+    assert f"{3 * per_image} image tokens" in str(caught.value)
+    assert f"max_tokens {preprocessor.max_context}" in str(caught.value) and "context of" in str(caught.value)
+    small = load_preprocessor(name, checkpoint, max_request_pixels=2 * 640 * 480)
+    monkeypatch.setattr(preprocess, "decode_image", lambda *args, **kwargs: decoded.append(args) or None)
+    with pytest.raises(ImageError, match=f"{3 * 640 * 480} pixels in all, over the limit of {2 * 640 * 480}"):
+        small(images, json.dumps(user(3)))
+    assert decoded == []

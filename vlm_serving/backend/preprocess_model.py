@@ -10,6 +10,7 @@ from vlm_serving.backend.common import error_response, image_tensors, model_para
 from vlm_serving.chat import MessageError
 from vlm_serving.images import ImageError, ImageLimits
 from vlm_serving.preprocess import load_preprocessor
+from vlm_serving.sampling import SamplingParams
 
 
 class TritonPythonModel:
@@ -20,7 +21,8 @@ class TritonPythonModel:
         )
         self.family = parameters["family"]
         self.preprocessor = load_preprocessor(
-            self.family, parameters["checkpoint"], limits=limits, max_images=int(parameters["max_images"])
+            self.family, parameters["checkpoint"], limits=limits, max_images=int(parameters["max_images"]),
+            max_request_pixels=int(parameters["max_request_pixels"]),
         )
 
     def execute(self, requests):
@@ -31,7 +33,9 @@ class TritonPythonModel:
             messages = required_input(request, "MESSAGES").reshape(-1)[0]
             images = optional_input(request, "IMAGES")
             encoded = [] if images is None else [bytes(image) for image in images.reshape(-1)]
-            result = self.preprocessor(encoded, messages)
+            max_tokens = optional_input(request, "MAX_TOKENS")
+            budget = SamplingParams().max_tokens if max_tokens is None else int(max_tokens.reshape(-1)[0])
+            result = self.preprocessor(encoded, messages, max_tokens=budget)
         except (ImageError, MessageError, ValueError) as exc:
             return error_response(exc)
         except Exception as exc:  # one request's unexpected failure must not fail its batch-mates

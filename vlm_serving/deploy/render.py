@@ -116,6 +116,8 @@ class Profile:
     max_images: int = 16
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # All images of one request together, from their headers, before any is decoded.
+    max_request_pixels: int = 64_000_000
     # Which versions of each model serve: "latest:N", "all" or "specific:1,2".
     version_policy: str = "latest:1"
 
@@ -198,6 +200,7 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         max_images=profile.max_images,
         max_image_bytes=profile.max_image_bytes,
         max_image_pixels=profile.max_image_pixels,
+        max_request_pixels=profile.max_request_pixels,
         dynamic_batching=_dynamic_batching(profile.preprocess_batching),
         # Image decoding and tokenization are CPU work on every profile.
         instance_group=_instance_group(profile.preprocess_instances, "KIND_CPU"),
