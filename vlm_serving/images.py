@@ -78,9 +78,21 @@ def upright_size(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
     """(width, height) of the upright picture, from the header alone: nothing is decoded."""
     image = _open_checked(data, limits, f"image {index}")
     width, height = image.size
-    if image.getexif().get(0x0112) in _QUARTER_TURNS:
+    if _orientation(image) in _QUARTER_TURNS:
         return height, width
     return width, height
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation the header holds (1 when none or unreadable: decoding reports a bad file)."""
+    try:
+        if image.format == "PNG":  # Pillow's PNG getexif() decodes the whole image to find late eXIf chunks
+            exif = Image.Exif()
+            exif.load(image.info.get("exif") or b"")
+            return exif.get(0x0112, 1)
+        return image.getexif().get(0x0112, 1)
+    except Exception:
+        return 1
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> Image.Image:

@@ -253,3 +253,22 @@ def test_async_client_end_to_end(gateway):
 
     whole, parts = asyncio.run(main())
     assert "".join(parts) == whole.text and whole.usage.completion_tokens == 10
+
+
+def test_an_over_budget_request_is_refused_before_the_encoder_runs(client, triton):
+    import urllib.request
+
+    from tests.conftest import encode, picture
+
+    def encoder_misses() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=5).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith('vlm_encoder_cache_misses_total{model="pixtral_encoder"'))
+
+    before = encoder_misses()
+    unseen = encode(picture(300, 200, seed=424242))  # a cache miss, were it encoded
+    code, details = code_of(lambda: client.generate("pixtral", "Describe", [unseen], max_tokens=4096))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceed the model's context of 4096" in details, details
+    assert encoder_misses() == before, "the image was encoded although the request could never fit"
+    assert client.generate("pixtral", "Describe", [unseen], max_tokens=4).usage.completion_tokens == 4
+    assert encoder_misses() == before + 1

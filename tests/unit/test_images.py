@@ -132,3 +132,12 @@ def test_byte_limit():
 def test_extreme_aspect_ratio_is_refused():
     with pytest.raises(ImageError, match="aspect ratio"):
         decode_image(encode(picture(1000, 2)))
+
+
+def test_upright_size_reads_headers_only_and_leaves_bad_data_to_decoding():
+    from vlm_serving.images import upright_size
+
+    png = encode(picture(120, 80))
+    assert upright_size(png[:200]) == (120, 80)  # truncated pixels: the header still gives the size
+    with pytest.raises(ImageError, match="truncated or corrupt PNG data"):
+        decode_image(png[:200])
