@@ -11,11 +11,15 @@ from grpc_status import rpc_status
 class ApiError(Exception):
     """An error for the caller: a status code, an actionable message, and bad fields if any."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, violations: list[tuple[str, str]] = ()):
+    def __init__(self, code: grpc.StatusCode, message: str, violations: list[tuple[str, str]] = (),
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.violations = list(violations)
+        # Set only where the request provably did no work (refused before it ran): clients retry
+        # what carries a google.rpc.RetryInfo, and nothing else.
+        self.retry_after_s = retry_after_s
 
     def to_status(self) -> grpc.Status:
         details = []
@@ -28,6 +32,12 @@ class ApiError(Exception):
             )
             packed = any_pb2.Any()
             packed.Pack(bad_request)
+            details.append(packed)
+        if self.retry_after_s is not None:
+            info = error_details_pb2.RetryInfo()
+            info.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            packed = any_pb2.Any()
+            packed.Pack(info)
             details.append(packed)
         status = status_pb2.Status(code=getattr(code_pb2, self.code.name), message=self.message, details=details)
         return rpc_status.to_status(status)

@@ -78,12 +78,15 @@ def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image
         return ApiError(grpc.StatusCode.UNAVAILABLE, f"the inference server is unavailable ({message}); retry with backoff")
     if status == str(grpc.StatusCode.DEADLINE_EXCEEDED):
         return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer was complete")
+    # Refused before it ran: the only errors a client may retry (they carry RetryInfo).
     if _TRITON_QUEUE_FULL.match(text):
         return ApiError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {model!r} is at capacity (queue full); retry with backoff"
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {model!r} is at capacity (queue full); retry with backoff",
+            retry_after_s=0.5,
         )
     if _TRITON_MODEL_NOT_READY.match(text):
-        return ApiError(grpc.StatusCode.UNAVAILABLE, f"model {model!r} is not ready on the inference server ({text})")
+        return ApiError(grpc.StatusCode.UNAVAILABLE, f"model {model!r} is not ready on the inference server ({text})",
+                        retry_after_s=1.0)
     return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text}")
 
 

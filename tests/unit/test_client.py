@@ -103,3 +103,120 @@ def test_cli_reports_errors_with_their_code(capsys):
     [port] = free_ports(1)
     assert cli(["--address", f"127.0.0.1:{port}", "--api-key", "k", "--timeout", "1", "models"]) == 1
     assert "error: UNAVAILABLE" in capsys.readouterr().err
+
+
+class _Scripted(vlm_pb2_grpc.VisionLanguageServiceServicer):
+    """Answers each call with the next outcome of `script`: an ApiError to refuse with, or None to answer."""
+
+    def __init__(self, script, delay=0.0):
+        self.script, self.delay, self.calls = list(script), delay, 0
+
+    def _next(self, context):
+        self.calls += 1
+        time.sleep(self.delay)
+        outcome = self.script[min(self.calls, len(self.script)) - 1]
+        if outcome is not None:
+            context.abort_with_status(outcome.to_status())
+
+    def Generate(self, request, context):
+        self._next(context)
+        return vlm_pb2.GenerateResponse(text="ok")
+
+    def GenerateStream(self, request, context):
+        yield vlm_pb2.GenerateStreamResponse(text="first")
+        self._next(context)
+
+
+def refused(code, retry_after_s=None):
+    from gateway.errors import ApiError
+
+    return ApiError(code, "refused", retry_after_s=retry_after_s)
+
+
+def serving(servicer, delay=0.0):
+    [port] = free_ports(1)
+    return f"127.0.0.1:{port}", serve_later(port, delay, servicer)
+
+
+def test_generate_is_not_retried_when_it_may_have_run():
+    servicer = _Scripted([refused(grpc.StatusCode.UNAVAILABLE)])
+    address, holder = serving(servicer)
+    try:
+        with VLMClient(address, api_key="k", retries=3, backoff=0.01, timeout=5) as client:
+            with pytest.raises(grpc.RpcError) as caught:
+                client.generate("pixtral", "hi")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and servicer.calls == 1
+    finally:
+        holder[0].stop(0)
+
+
+def test_a_refusal_that_did_no_work_is_retried_as_its_retry_info_asks():
+    servicer = _Scripted([refused(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.05)] * 2 + [None])
+    address, holder = serving(servicer)
+    try:
+        with VLMClient(address, api_key="k", retries=3, backoff=0.01, timeout=5) as client:
+            assert client.generate("pixtral", "hi").text == "ok"
+        assert servicer.calls == 3
+    finally:
+        holder[0].stop(0)
+
+
+def test_a_stream_is_never_retried_after_its_first_message():
+    servicer = _Scripted([refused(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.01)])
+    address, holder = serving(servicer)
+    try:
+        with VLMClient(address, api_key="k", retries=3, backoff=0.01, timeout=5) as client:
+            received = []
+            with pytest.raises(grpc.RpcError):
+                for message in client.stream("pixtral", "hi"):
+                    received.append(message.text)
+        assert received == ["first"] and servicer.calls == 1
+    finally:
+        holder[0].stop(0)
+
+
+def test_retries_share_one_deadline():
+    servicer = _Scripted([refused(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.2)], delay=0.3)
+    address, holder = serving(servicer)
+    try:
+        with VLMClient(address, api_key="k", retries=10, backoff=0.01, timeout=1.0) as client:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError):
+                client.generate("pixtral", "hi")
+            # Each attempt got a fresh 1 s before: 10 retries ran for about 5 s.
+            assert time.monotonic() - started < 1.8 and servicer.calls <= 3
+    finally:
+        holder[0].stop(0)
+
+
+def test_generate_waits_for_a_gateway_that_is_still_starting():
+    servicer = _Scripted([None])
+    address, holder = serving(servicer, delay=0.6)
+    try:
+        with VLMClient(address, api_key="k", retries=0, timeout=10) as client:
+            assert client.generate("pixtral", "hi").text == "ok"
+    finally:
+        for server in holder:
+            server.stop(0)
+
+
+def test_async_client_built_outside_a_loop_works_in_every_loop():
+    address, holder = serving(_Scripted([None]))
+    client = AsyncVLMClient(address, api_key="k", timeout=10)  # as at module level
+    try:
+        for _ in range(2):  # two asyncio.run calls: two loops
+            assert asyncio.run(client.generate("pixtral", "hi")).text == "ok"
+    finally:
+        holder[0].stop(0)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "YCbCr", "F", "LAB", "I;16", "LA"])
+def test_pil_images_of_every_mode_are_sent(mode):
+    import io
+
+    image = Image.new("RGB", (6, 4), (200, 100, 50)).convert(mode) if mode != "F" else Image.new("F", (6, 4), 300.5)
+    data = to_image(image).data
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == "PNG" and decoded.size == (6, 4)
+    if mode == "F":
+        assert decoded.getpixel((0, 0)) == 255  # clipped to 8 bits, as the service does

@@ -1,4 +1,4 @@
-"""Sync and asyncio clients: deadlines on every call, retries with backoff on UNAVAILABLE."""
+"""Sync and asyncio clients: one deadline per call, retries only where no work can have been done."""
 
 from __future__ import annotations
 
@@ -14,7 +14,25 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from vlm_client.images import to_image
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# Retried by any call: only what provably did no work. The gateway marks such refusals (a full
+# queue, a model not loaded yet) with google.rpc.RetryInfo. Reads (ListModels) are also retried on
+# UNAVAILABLE: running them twice is harmless. Generate and the admin calls wait for the connection
+# instead (gRPC's wait_for_ready), so a gateway that is starting is never mistaken for a failure.
+IDEMPOTENT_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+def retry_info_delay(error: grpc.RpcError) -> float | None:
+    """The delay a google.rpc.RetryInfo detail of the error asks for, or None (not retryable)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
 
 
 def build_request(
@@ -36,9 +54,27 @@ def build_request(
     )
 
 
-def _delays(retries: int, backoff: float) -> Iterator[float]:
-    for attempt in range(retries):
-        yield backoff * (2**attempt) * (0.5 + random.random() / 2)
+class _Attempts:
+    """One call's retries under one absolute deadline: every attempt gets only what is left."""
+
+    def __init__(self, client: "_Base", timeout: float | None, idempotent: bool):
+        self.deadline = time.monotonic() + (timeout or client.timeout)
+        self.retries, self.backoff, self.idempotent = client.retries, client.backoff, idempotent
+        self.attempt = 0
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.001)
+
+    def delay_before_retry(self, error: grpc.RpcError) -> float | None:
+        """How long to wait before the next attempt, or None to give up and raise `error`."""
+        asked = retry_info_delay(error)
+        if asked is None and not (self.idempotent and error.code() in IDEMPOTENT_RETRYABLE):
+            return None
+        delay = max(asked or 0.0, self.backoff * (2**self.attempt) * (0.5 + random.random() / 2))
+        if self.attempt >= self.retries or time.monotonic() + delay >= self.deadline:
+            return None
+        self.attempt += 1
+        return delay
 
 
 class _Base:
@@ -70,12 +106,15 @@ class VLMClient(_Base):
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method, request, timeout: float | None):
-        for delay in [*_delays(self.retries, self.backoff), None]:
+    def _call(self, method, request, timeout: float | None, idempotent: bool = False):
+        attempts = _Attempts(self, timeout, idempotent)
+        while True:
             try:
-                return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+                return method(request, timeout=attempts.remaining(), metadata=self.metadata,
+                              wait_for_ready=not idempotent)
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or delay is None:
+                delay = attempts.delay_before_retry(error)
+                if delay is None:
                     raise
                 time.sleep(delay)
 
@@ -85,10 +124,13 @@ class VLMClient(_Base):
 
     def stream(self, model: str, prompt: str | None = None, images: Iterable[Any] = (), *,
                timeout: float | None = None, **kwargs: Any) -> Iterator[vlm_pb2.GenerateStreamResponse]:
-        """Text deltas as they come; retried on UNAVAILABLE only before the first one arrived."""
+        """Text deltas as they come; a refusal that did no work is retried, never a stream that
+        has sent its first message."""
         request = build_request(model, prompt, images, **kwargs)
-        for delay in [*_delays(self.retries, self.backoff), None]:
-            call = self.stub.GenerateStream(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        attempts = _Attempts(self, timeout, idempotent=False)
+        while True:
+            call = self.stub.GenerateStream(request, timeout=attempts.remaining(), metadata=self.metadata,
+                                            wait_for_ready=True)
             received = False
             try:
                 for message in call:
@@ -96,14 +138,15 @@ class VLMClient(_Base):
                     yield message
                 return
             except grpc.RpcError as error:
-                if received or error.code() not in RETRYABLE or delay is None:
+                delay = None if received else attempts.delay_before_retry(error)
+                if delay is None:
                     raise
                 time.sleep(delay)
             finally:
                 call.cancel()
 
     def list_models(self, timeout: float | None = None) -> list[vlm_pb2.ModelInfo]:
-        return list(self._call(self.stub.ListModels, vlm_pb2.ListModelsRequest(), timeout).models)
+        return list(self._call(self.stub.ListModels, vlm_pb2.ListModelsRequest(), timeout, idempotent=True).models)
 
     def load_model(self, model: str, timeout: float | None = 600.0) -> vlm_pb2.LoadModelResponse:
         """Put the repository's current versions and config of `model` live (admin key)."""
@@ -118,8 +161,18 @@ class AsyncVLMClient(_Base):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.channel = grpc.aio.insecure_channel(self.address)
-        self.stub = vlm_pb2_grpc.VisionLanguageServiceStub(self.channel)
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def stub(self) -> vlm_pb2_grpc.VisionLanguageServiceStub:
+        """The stub on a channel of the running event loop, made on first use (a client built at
+        module level, or reused across `asyncio.run` calls, gets a channel of each loop)."""
+        loop = asyncio.get_running_loop()
+        if self._channel is None or self._loop is not loop:
+            self._channel, self._loop = grpc.aio.insecure_channel(self.address), loop
+            self._stub = vlm_pb2_grpc.VisionLanguageServiceStub(self._channel)
+        return self._stub
 
     async def __aenter__(self) -> "AsyncVLMClient":
         return self
@@ -128,26 +181,33 @@ class AsyncVLMClient(_Base):
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self._channel is not None and self._loop is asyncio.get_running_loop():
+            await self._channel.close()
+        self._channel = None
 
-    async def _call(self, method, request, timeout: float | None):
-        for delay in [*_delays(self.retries, self.backoff), None]:
+    async def _call(self, method_name: str, request, timeout: float | None, idempotent: bool = False):
+        attempts = _Attempts(self, timeout, idempotent)
+        while True:
             try:
-                return await method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+                return await getattr(self.stub, method_name)(request, timeout=attempts.remaining(),
+                                                             metadata=self.metadata, wait_for_ready=not idempotent)
             except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE or delay is None:
+                delay = attempts.delay_before_retry(error)
+                if delay is None:
                     raise
                 await asyncio.sleep(delay)
 
     async def generate(self, model: str, prompt: str | None = None, images: Iterable[Any] = (), *,
                        timeout: float | None = None, **kwargs: Any) -> vlm_pb2.GenerateResponse:
-        return await self._call(self.stub.Generate, build_request(model, prompt, images, **kwargs), timeout)
+        return await self._call("Generate", build_request(model, prompt, images, **kwargs), timeout)
 
     async def stream(self, model: str, prompt: str | None = None, images: Iterable[Any] = (), *,
                      timeout: float | None = None, **kwargs: Any) -> AsyncIterator[vlm_pb2.GenerateStreamResponse]:
         request = build_request(model, prompt, images, **kwargs)
-        for delay in [*_delays(self.retries, self.backoff), None]:
-            call = self.stub.GenerateStream(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        attempts = _Attempts(self, timeout, idempotent=False)
+        while True:
+            call = self.stub.GenerateStream(request, timeout=attempts.remaining(), metadata=self.metadata,
+                                            wait_for_ready=True)
             received = False
             try:
                 async for message in call:
@@ -155,11 +215,12 @@ class AsyncVLMClient(_Base):
                     yield message
                 return
             except grpc.aio.AioRpcError as error:
-                if received or error.code() not in RETRYABLE or delay is None:
+                delay = None if received else attempts.delay_before_retry(error)
+                if delay is None:
                     raise
                 await asyncio.sleep(delay)
             finally:
                 call.cancel()
 
     async def list_models(self, timeout: float | None = None) -> list[vlm_pb2.ModelInfo]:
-        return list((await self._call(self.stub.ListModels, vlm_pb2.ListModelsRequest(), timeout)).models)
+        return list((await self._call("ListModels", vlm_pb2.ListModelsRequest(), timeout, idempotent=True)).models)

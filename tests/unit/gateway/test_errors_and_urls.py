@@ -211,3 +211,18 @@ def test_malformed_urls_and_other_ports_are_invalid_arguments_naming_the_field(u
 def test_host_off_the_allowlist_is_never_contacted(image_host):
     with pytest.raises(ApiError, match="not on this service's image URL allowlist"):
         fetch_urls([f"http://{image_host}/cat.png"], "images.internal")
+
+
+def test_only_refusals_that_did_no_work_carry_retry_info():
+    from grpc_status import rpc_status
+
+    def retry_info(message, status=None):
+        error = to_api_error(InferenceServerException(message, status=status), "pixtral", "pixtral", [])
+        decoded = rpc_status.status_pb2.Status.FromString(error.to_status().trailing_metadata[0][1])
+        return error.code, [d for d in decoded.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+
+    assert retry_info("[request id: r] Exceeds maximum queue size")[1]
+    assert retry_info("Request for unknown model: 'pixtral' is not found")[1]
+    # May have run (the stream broke mid-way): UNAVAILABLE, but never retried by our clients.
+    code, details = retry_info("the stream to Triton failed: UNAVAILABLE", "StatusCode.UNAVAILABLE")
+    assert code == grpc.StatusCode.UNAVAILABLE and not details
