@@ -30,9 +30,13 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def make_repository(directory: Path, checkpoints: Path, **profile_changes) -> Path:
-    """The committed model folders (model.py files) with configs rendered for the CPU profile."""
-    shutil.copytree(REPO_ROOT / "model_repository", directory, ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
+def make_repository(directory: Path, checkpoints: Path, source: Path = REPO_ROOT / "model_repository",
+                    **profile_changes) -> Path:
+    """The committed model folders (each model's version 1, as tracked) with configs rendered for the
+    CPU profile. Version folders a user shipped into the working tree (README: Updating models) and
+    hand-edited configs stay out: the tests never depend on the working tree's state."""
+    for model in sorted(path for path in source.iterdir() if path.is_dir()):
+        shutil.copytree(model / "1", directory / model.name / "1", ignore=shutil.ignore_patterns("__pycache__", "checkpoint"))
     render_repository(directory, replace(PROFILES["cpu"], checkpoints_dir=checkpoints, **profile_changes))
     return directory
 

@@ -93,3 +93,21 @@ def test_generate_config_carries_the_checkpoints_sampling_defaults(tmp_path):
     assert SamplingDefaults(**rendered).to_json() == config.parameters["sampling_defaults"].string_value
     greedy = parse(render_family("pixtral", replace(PROFILES["cpu"], checkpoints_dir=tmp_path / "none"))["pixtral_generate"])
     assert json.loads(greedy.parameters["sampling_defaults"].string_value) == SamplingDefaults().__dict__
+
+
+def test_test_repositories_hold_only_the_tracked_version_folders(tmp_path, checkpoints):
+    """Version folders a user ships into the working tree (README: Updating models) never reach
+    the tests' repositories (before: versions 2 and 3 left there failed six tests far from the cause)."""
+    from tests.integration.conftest import make_repository
+
+    source = tmp_path / "working_tree"
+    for version in ("1", "2", "3"):
+        (source / "qwen2_5_vl_generate" / version).mkdir(parents=True)
+        (source / "qwen2_5_vl_generate" / version / "model.py").write_text(f"# version {version}\n")
+    (source / "qwen2_5_vl_generate" / "1" / "checkpoint").mkdir()
+    (source / "qwen2_5_vl_generate" / "config.pbtxt").write_text("hand edited")
+    repository = make_repository(tmp_path / "repository", checkpoints, source=source)
+    model = repository / "qwen2_5_vl_generate"
+    assert sorted(p.name for p in model.iterdir()) == ["1", "config.pbtxt"]
+    assert sorted(p.name for p in (model / "1").iterdir()) == ["model.py"]
+    assert "hand edited" not in (model / "config.pbtxt").read_text()

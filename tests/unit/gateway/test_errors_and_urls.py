@@ -63,11 +63,12 @@ def test_image_error_names_the_image_field():
 
 class _Images(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    in_flight = 0
+    served = 0
     both_in_flight = threading.Barrier(2, timeout=3)
     drip_ended = threading.Event()
 
     def do_GET(self):
+        _Images.served += 1
         if self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data")
@@ -209,8 +210,11 @@ def test_malformed_urls_and_other_ports_are_invalid_arguments_naming_the_field(u
 
 
 def test_host_off_the_allowlist_is_never_contacted(image_host):
+    before = _Images.served
     with pytest.raises(ApiError, match="not on this service's image URL allowlist"):
         fetch_urls([f"http://{image_host}/cat.png"], "images.internal")
+    fetch_urls([f"http://{image_host}/cat.png"], image_host)  # the host counts what reaches it
+    assert _Images.served == before + 1
 
 
 def test_only_refusals_that_did_no_work_carry_retry_info():
