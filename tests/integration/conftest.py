@@ -50,7 +50,7 @@ def start_server(directory: Path, **options) -> TritonServer:
     server.start()
     try:
         server.wait_ready(timeout=240)
-    except Exception:
+    except BaseException:  # Ctrl-C too: never leave a server behind
         server.stop()
         raise
     return server
@@ -90,7 +90,7 @@ def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
     gateway.start()
     try:
         gateway.wait_serving(60)
-    except Exception:
+    except BaseException:
         gateway.stop()
         raise
     return gateway

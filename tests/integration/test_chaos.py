@@ -38,7 +38,6 @@ def big_png() -> bytes:
 
 
 def test_impatient_and_stalled_callers_never_fail_steady_ones(triton, tmp_path):
-    gateway = start_gateway(triton.grpc_url, tmp_path)
     big = build_request("pixtral", "What is this?", [big_png()], max_tokens=8)
     assert big.ByteSize() > 12_000_000
     small = build_request("pixtral", "What is in the picture?", [PNG], max_tokens=8)
@@ -87,6 +86,7 @@ def test_impatient_and_stalled_callers_never_fail_steady_ones(triton, tmp_path):
                 except grpc.RpcError as error:
                     record(stalled, error.code())
 
+    gateway = start_gateway(triton.grpc_url, tmp_path)
     threads = ([threading.Thread(target=steady_client) for _ in range(3)]
                + [threading.Thread(target=impatient_client, args=(seed,)) for seed in range(3)]
                + [threading.Thread(target=stalled_client) for _ in range(2)])

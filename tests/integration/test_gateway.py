@@ -202,8 +202,9 @@ def test_metrics_count_requests_tokens_and_latency(client, gateway):
 def test_triton_down_is_unavailable_and_the_gateway_recovers(tmp_path, checkpoints):
     repository = make_repository(tmp_path / "model_repository", checkpoints)
     triton = start_server(repository, load_models=(*pipeline("pixtral"), "cancel"))
-    gateway = start_gateway(triton.grpc_url, tmp_path, VLM_MODELS="pixtral=pixtral")
+    gateway = None
     try:
+        gateway = start_gateway(triton.grpc_url, tmp_path, VLM_MODELS="pixtral=pixtral")
         with VLMClient(gateway.address, api_key=KEY, timeout=20, retries=0) as client:
             assert client.generate("pixtral", "before", max_tokens=3).usage.completion_tokens == 3
             triton.stop()
@@ -219,7 +220,8 @@ def test_triton_down_is_unavailable_and_the_gateway_recovers(tmp_path, checkpoin
         with VLMClient(gateway.address, api_key=KEY, timeout=20, retries=5, backoff=0.5) as client:
             assert client.generate("pixtral", "after", max_tokens=3).usage.completion_tokens == 3
     finally:
-        gateway.stop()
+        if gateway is not None:
+            gateway.stop()
         triton.stop()
 
 

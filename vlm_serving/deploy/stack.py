@@ -11,6 +11,7 @@ documented local development keys `dev-local-key` and, for the admin RPCs, `dev-
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +24,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vlm_serving.cancellation import board_path
-from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonError, TritonServer, stop_process_group, tail
+from vlm_serving.deploy.triton_server import (BUILD, REPO_ROOT, TritonError, TritonServer, busy_ports,
+                                              stop_process_group, tail)
 
 DEV_API_KEY = "dev-local-key"
 DEV_ADMIN_API_KEY = "dev-admin-key"
@@ -89,16 +91,52 @@ def try_command(address: str) -> str:
             "--image build/models/example.png 'What is in this picture?' --stream")
 
 
+def record(pid_file: Path, pid: int) -> None:
+    """The pid with what identifies that process (start time, command line), so a later `down`
+    never signals another process that happens to reuse the pid."""
+    import psutil
+
+    process = psutil.Process(pid)
+    pid_file.write_text(json.dumps({"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}))
+
+
+def recorded_process(pid_file: Path) -> int | None:
+    """The recorded pid if that very process still runs, else None (a stale or foreign record)."""
+    import psutil
+
+    try:
+        recorded = json.loads(pid_file.read_text())
+        process = psutil.Process(int(recorded["pid"]))
+        if process.create_time() == recorded["create_time"] and process.cmdline() == recorded["cmdline"]:
+            return process.pid
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        pass
+    return None
+
+
 def down() -> int:
     for name, pid_file in PID_FILES.items():
-        if pid_file.is_file():
-            pid = int(pid_file.read_text())
+        if not pid_file.is_file():
+            continue
+        pid = recorded_process(pid_file)
+        if pid is None:
+            print(f"{name}: not running (stale pid file removed; nothing signalled)")
+        else:
             stop_process_group(pid)
             if name == "triton":
                 board_path(pid).unlink(missing_ok=True)
-            pid_file.unlink()
             print(f"{name}: stopped")
+        pid_file.unlink()
     return 0
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end start-up or the foreground run like Ctrl-C: children are stopped."""
+    def interrupt(*_):
+        raise KeyboardInterrupt()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.action == "down":
         return down()
-    running = [name for name, pid_file in PID_FILES.items() if pid_file.is_file()]
+    running = [name for name, pid_file in PID_FILES.items() if pid_file.is_file() and recorded_process(pid_file)]
     if running:
         print(f"{', '.join(running)}: already started (pid files in build/); `make down` stops them")
         return 1
+    for pid_file in PID_FILES.values():
+        pid_file.unlink(missing_ok=True)  # stale: their processes are gone
     triton = TritonServer(
         model_control=args.model_control,
         http_port=int(os.environ.get("TRITON_HTTP_PORT", 8000)),
@@ -124,14 +164,24 @@ def main(argv: list[str] | None = None) -> int:
         address=os.environ.get("VLM_LISTEN_ADDRESS", "localhost:50051"),
         metrics_port=int(os.environ.get("VLM_METRICS_PORT", 9090)),
     )
+    busy = busy_ports(triton.address, {"TRITON_HTTP_PORT": triton.http_port, "TRITON_GRPC_PORT": triton.grpc_port,
+                                       "TRITON_METRICS_PORT": triton.metrics_port})
+    busy += busy_ports(gateway.address.rsplit(":", 1)[0].replace("localhost", "127.0.0.1"),
+                       {"VLM_LISTEN_ADDRESS": int(gateway.address.rsplit(":", 1)[1])})
+    busy += busy_ports(os.environ.get("VLM_METRICS_ADDRESS", "127.0.0.1"), {"VLM_METRICS_PORT": gateway.metrics_port})
+    if busy:
+        print(f"stack: {', '.join(busy)} already in use; stop what holds it or choose another port with "
+              "that setting", file=sys.stderr)
+        return 1
+    _stop_on_signals()
     started = time.monotonic()
     try:
         triton.start()
-        PID_FILES["triton"].write_text(str(triton.process.pid))
+        record(PID_FILES["triton"], triton.process.pid)
         triton.wait_ready(args.timeout)
         print(f"triton: ready in {time.monotonic() - started:.1f}s (gRPC {triton.grpc_url}; log {triton.log_path})")
         gateway.start()
-        PID_FILES["gateway"].write_text(str(gateway.process.pid))
+        record(PID_FILES["gateway"], gateway.process.pid)
         gateway.wait_serving()
     except (TritonError, KeyboardInterrupt) as exc:
         gateway.stop()
@@ -143,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gateway: serving vlm.v1 on {gateway.address} (metrics :{gateway.metrics_port}; log {gateway.log_path})")
     print(f"try:  {try_command(gateway.address)}")
     if args.action == "up":
+        print("stop with:  make down")
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print("stop with:  Ctrl-C")
     try:
         while triton.process.poll() is None and gateway.process.poll() is None:
             time.sleep(0.5)

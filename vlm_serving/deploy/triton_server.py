@@ -117,6 +117,7 @@ class TritonServer:
             return False
 
     def wait_ready(self, timeout: float = 300.0) -> None:
+        """Until our tritonserver child is ready: alive, answering, and the one listening on the port."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
@@ -125,6 +126,11 @@ class TritonServer:
                     f"the cause is at the end of {self.log_path}:\n{tail(self.log_path)}"
                 )
             if self.is_ready():
+                if self.process is not None and not listens_on(self.process.pid, self.http_port):
+                    raise TritonError(
+                        f"port {self.http_port} answers as a ready Triton, but not from the tritonserver started "
+                        f"here (pid {self.process.pid}): another server holds it; stop it or set TRITON_HTTP_PORT"
+                    )
                 return
             time.sleep(0.5)
         raise TritonError(f"tritonserver not ready after {timeout:.0f}s; see {self.log_path}:\n{tail(self.log_path)}")
@@ -136,6 +142,32 @@ class TritonServer:
         self.process.wait()
         board_path(self.process.pid).unlink(missing_ok=True)
         self.process = None
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` itself has a TCP socket listening on `port`."""
+    import psutil
+
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
+
+
+def busy_ports(address: str, ports: dict[str, int]) -> list[str]:
+    """"port N (SETTING)" for each of `ports` that cannot be bound on `address` now."""
+    import socket
+
+    busy = []
+    for setting, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no owner
+            try:
+                probe.bind((address, port))
+            except OSError:
+                busy.append(f"port {port} ({setting})")
+    return busy
 
 
 def site_packages() -> Path:
