@@ -12,12 +12,25 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/python
 PROTO := protos/vlm/v1/vlm.proto
 
-.PHONY: setup protos node perf-tools bench sweep models configs up down run test test-unit test-integration clean
+.PHONY: setup system-tools protos node perf-tools bench sweep models configs up down run test test-unit test-integration clean
 
 setup: $(STAMP) protos node
 
+# Tools some tests drive: npm (the Node.js client) and docker-compose (validates docker-compose.yml).
+# Installed from Debian's packages where missing and apt-get can run (as root, as in CI); otherwise
+# named, and their tests skip on a developer machine (under CI=true they fail instead).
+system-tools:
+	@missing=""; command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing from Debian's packages:$$missing"; mkdir -p build; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } \
+	      >build/system-tools.log 2>&1 || { cat build/system-tools.log; exit 1; }; \
+	  else echo "not installed:$$missing (their tests will be skipped; install them to run them)"; fi; fi
+
 # The Node.js client's dependencies (skipped, with a note, where Node.js is not installed).
-node: clients/node/node_modules/.package-lock.json
+node: system-tools clients/node/node_modules/.package-lock.json
 
 clients/node/node_modules/.package-lock.json: clients/node/package-lock.json
 	@if command -v npm >/dev/null; then cd clients/node && npm ci --no-audit --no-fund --loglevel=error; \

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, require_tool
 
 
 def pins(path) -> dict[str, str]:
@@ -80,8 +80,8 @@ def _compose_command():
     return None
 
 
-@pytest.mark.skipif(_compose_command() is None, reason="neither docker-compose nor the docker compose plugin is installed")
 def test_compose_file_validates():
+    require_tool(_compose_command() is not None, "neither docker-compose nor the docker compose plugin is installed")
     env = dict(os.environ, VLM_API_KEYS="test-key")
     result = subprocess.run([*_compose_command(), "config", "--quiet"], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
