@@ -86,8 +86,10 @@ perf-tools: setup
 	bash perf/install_perf_tools.sh
 
 # Starts its own servers, prints one table of ratios measured in the same run, stops them.
+# `make bench BENCH_ARGS=--quick` for a smoke run (fewer requests, noisier).
+BENCH_ARGS ?=
 bench: models configs
-	$(PY) -m perf.bench
+	$(PY) -m perf.bench $(BENCH_ARGS)
 
 # perf_analyzer concurrency sweeps (CSV under build/perf/sweeps/) against the running stack (`make up`).
 sweep: perf-tools

@@ -21,10 +21,12 @@ import argparse
 import asyncio
 import csv
 import io
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from PIL import Image
 from perf.encoders import mid_size_qwen_checkpoint, rows as encoder_rows
 from perf.load import GatewayTarget, TritonTarget, run_load
 from perf.workload import perf_analyzer_input, synthetic_image, workload
-from vlm_serving.deploy.render import PROFILES, Batching, render_repository
+from vlm_serving.deploy.render import PROFILES, Batching, copy_model_code, render_repository
 from vlm_serving.deploy.stack import GatewayProcess
 from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonServer
 from vlm_serving.preprocess import load_preprocessor
@@ -52,32 +54,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def progress(message: str) -> None:
+    """One line on stderr as each step starts: the bench runs for minutes."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
 def repository(name: str, **profile_changes) -> Path:
     import shutil
 
     target = BENCH / name
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(REPO_ROOT / "model_repository", target, ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
+    copy_model_code(REPO_ROOT / "model_repository", target)
     render_repository(target, replace(PROFILES["cpu"], **profile_changes))
     return target
 
 
-def triton(name: str, **profile_changes) -> TritonServer:
+def triton(name: str, servers: list, **profile_changes) -> TritonServer:
+    """A started server, on `servers` (stopped on exit) before it is waited for."""
+    progress(f"starting Triton '{name}'")
     server = TritonServer(repository=repository(name, **profile_changes), http_port=free_port(),
                           grpc_port=free_port(), metrics_port=free_port(), log_path=BENCH / f"{name}.log")
     server.start()
+    servers.append(server)
     server.wait_ready(300)
     return server
 
 
+# One event loop for every load run: grpc.aio binds its completion-queue poller to the first loop
+# it runs in, so a second `asyncio.run` leaves callbacks for a closed loop ("Event loop is closed").
+_LOOP = asyncio.new_event_loop()
+
+
 def load(target, items, concurrency, requests, max_tokens, stream=False):
     async def go():
+        client = target()
         try:
-            return await run_load(target(), items, concurrency, requests, max_tokens, stream)
+            return await run_load(client, items, concurrency, requests, max_tokens, stream)
         finally:
-            pass
+            await client.close()
 
-    return asyncio.run(go())
+    return _LOOP.run_until_complete(go())
+
+
+def failures(*results) -> str:
+    """What failed in a row's runs ("" when nothing did): such a row is marked, not reported."""
+    counts = Counter()
+    for result in results:
+        counts.update(result.errors_by_code)
+    return ", ".join(f"{code} x{count}" for code, count in sorted(counts.items()))
 
 
 # Image limits of the real checkpoints (Qwen2.5-VL-*-Instruct, pixtral-12b) beside the tiny ones'.
@@ -183,6 +207,9 @@ def main() -> int:
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
     n = lambda count: max(8, int(count * scale))  # noqa: E731
+    # SIGTERM and SIGHUP stop the servers like Ctrl-C does (the finally below), never orphan them.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     BENCH.mkdir(parents=True, exist_ok=True)
     images = workload(16)
     text_only = workload(16, with_images=False)
@@ -192,11 +219,9 @@ def main() -> int:
         # Both servers up at once, measured in alternation (A B A B A B): on this shared VM the
         # speed drifts by up to a third over minutes, and alternating keeps a ratio's two sides
         # under the same conditions. Each ratio is the median of the rounds' ratios.
-        unbatched = triton("unbatched", preprocess_batching=Batching(1, (1,), 0, 256),
+        unbatched = triton("unbatched", servers, preprocess_batching=Batching(1, (1,), 0, 256),
                            generate_batching=Batching(1, (1,), 0, 256))
-        servers.append(unbatched)
-        batched = triton("batched")
-        servers.append(batched)
+        batched = triton("batched", servers)
         gateway = GatewayProcess(triton_url=batched.grpc_url, address=f"127.0.0.1:{free_port()}",
                                  metrics_port=free_port(), log_path=BENCH / "gateway.log",
                                  extra_env={"VLM_API_KEYS": KEY})
@@ -206,58 +231,57 @@ def main() -> int:
 
         def alternate(first, second, rounds=3):
             pairs = [(first(), second()) for _ in range(rounds)]
-            return pairs, statistics.median(a.throughput / b.throughput for a, b in pairs)
+            failed = failures(*(side for pair in pairs for side in pair))
+            return pairs, (None if failed else statistics.median(a.throughput / b.throughput for a, b in pairs)), failed
 
-        # 2. dynamic batching on / off.
-        pairs, ratio = alternate(lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(64), 32),
-                                 lambda: load(lambda: TritonTarget(unbatched.grpc_url, "qwen2_5_vl"), images, 16, n(48), 32))
+        progress("row 2: dynamic batching on / off")
+        pairs, ratio, failed = alternate(
+            lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(64), 32),
+            lambda: load(lambda: TritonTarget(unbatched.grpc_url, "qwen2_5_vl"), images, 16, n(48), 32))
         rows.append(("2", "dynamic batching on / off (max batch 1), c=16, 32 tokens",
-                     " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 4", "x"))
+                     " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 4", "x",
+                     failed))
         unbatched.stop()
         servers.remove(unbatched)
 
-        # 1. gateway vs direct, same requests.
-        pairs, ratio = alternate(lambda: load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 16, n(96), 16),
-                                 lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(96), 16))
+        progress("row 1: the gateway against direct Triton")
+        pairs, ratio, failed = alternate(
+            lambda: load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 16, n(96), 16),
+            lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(96), 16))
         rows.append(("1a", "gateway / direct Triton throughput, c=16, 16 tokens",
-                     " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 0.95", "x"))
-        added = []
+                     " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 0.95", "x",
+                     failed))
+        added, runs = [], []
         for _ in range(3):
             via_gateway = load(lambda: GatewayTarget(gateway.address, KEY, "pixtral"), text_only, 1, n(100), 1)
             direct = load(lambda: TritonTarget(batched.grpc_url, "pixtral"), text_only, 1, n(100), 1)
+            runs += [via_gateway, direct]
             added.append((via_gateway.percentile(50) - direct.percentile(50)) * 1000)
+        failed = failures(*runs)
         rows.append(("1b", "gateway added p50 latency, trivial request (text, 1 token), c=1",
-                     " ; ".join(f"{a:.2f}" for a in added) + " ms", statistics.median(added), "<= 1 ms", "ms"))
+                     " ; ".join(f"{a:.2f}" for a in added) + " ms", None if failed else statistics.median(added),
+                     "<= 1 ms", "ms", failed))
 
-        # 4. time to first text vs whole response, 64 tokens, through the gateway.
+        progress("row 4: time to first text")
         streamed = load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 1, n(24), 64, stream=True)
-        first, whole = statistics.median(streamed.first_text), streamed.percentile(50)
+        first, whole = streamed.percentile(50, streamed.first_text), streamed.percentile(50)
+        short = [tokens for tokens in streamed.completion_tokens if tokens != 64]
+        failed = failures(streamed) or (f"{len(short)} answers ended before 64 tokens" if short else "")
         rows.append(("4", "stream: first text / whole response, 64 tokens, c=1",
-                     f"{first * 1000:.1f} / {whole * 1000:.1f} ms", first / whole, "<= 0.2", "x"))
+                     f"{first * 1000:.1f} / {whole * 1000:.1f} ms", None if failed else first / whole, "<= 0.2", "x",
+                     failed))
 
-        # 6. cache hit / miss.
+        progress("row 6: encoder cache hit / miss")
         miss, hit = cache_hit_ratio(batched, n(24))
         rows.append(("6a", "repeated image, request latency cache hit / miss, qwen2_5_vl (tiny tower), 1 token, c=1",
-                     f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x"))
+                     f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x", ""))
         # The same with an encoder of real width (perf/encoders.py's 4x1280 tower) serving, 448x448 images.
-        mid = triton("mid_encoder", checkpoints_dir=mid_size_checkpoints())
-        servers.append(mid)
+        mid = triton("mid_encoder", servers, checkpoints_dir=mid_size_checkpoints())
         miss, hit = cache_hit_ratio(mid, n(12), size=(448, 448))
         rows.append(("6b", "repeated image, request latency cache hit / miss, Qwen2.5-VL-style tower 4x1280 serving, "
-                     "448x448, 1 token, c=1", f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x"))
+                     "448x448, 1 token, c=1", f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x", ""))
         mid.stop()
         servers.remove(mid)
-
-        # 3. preprocessing, in this process.
-        for key, real, label in (("3a", False, "tiny checkpoints' limits"), ("3b", True, "real checkpoints' limits")):
-            ours, theirs, worst = preprocessing_ratio(real, rounds=max(1, int(3 * scale)))
-            rows.append((key, f"preprocessing images/s, ours / transformers, 16 images a call, {label} "
-                         f"(max |diff| {worst:.1e})", f"{ours:.1f} / {theirs:.1f} images/s", ours / theirs, ">= 3", "x"))
-            if worst > 1e-5:
-                notes.append(f"{key}: outputs differ by {worst:.2e} (> 1e-5): the ratio is not valid")
-
-        # 5, 7. encoders, in this process.
-        rows += encoder_rows(rounds=max(2, int(3 * scale)))
 
         if PERF_ANALYZER.exists():
             for ensemble in ("qwen2_5_vl", "pixtral"):
@@ -270,10 +294,24 @@ def main() -> int:
         for server in reversed(servers):
             server.stop()
 
+    # In this process, with every server stopped: they would take cores from both sides.
+    progress("row 3: preprocessing")
+    for key, real, label in (("3a", False, "tiny checkpoints' limits"), ("3b", True, "real checkpoints' limits")):
+        ours, theirs, worst = preprocessing_ratio(real, rounds=max(1, int(3 * scale)))
+        unequal = f"outputs differ by {worst:.2e} (> 1e-5)" if worst > 1e-5 else ""
+        rows.append((key, f"preprocessing images/s, ours / transformers, 16 images a call, {label} "
+                     f"(max |diff| {worst:.1e})", f"{ours:.1f} / {theirs:.1f} images/s", ours / theirs, ">= 3", "x",
+                     unequal))
+    progress("rows 5, 7: vision encoders")
+    rows += [(*row, "") for row in encoder_rows(rounds=max(2, int(3 * scale)))]
+
     print("\n| # | measure | measured | ratio | goal |")
     print("| --- | --- | --- | --- | --- |")
-    for key, name, measured, ratio, goal, unit in sorted(rows):
-        value = f"{ratio:.2f} ms" if unit == "ms" else f"{ratio:.2f}x"
+    for key, name, measured, ratio, goal, unit, failed in sorted(rows):
+        if failed:
+            value = f"not a result: {failed}"
+        else:
+            value = f"{ratio:.2f} ms" if unit == "ms" else f"{ratio:.2f}x"
         print(f"| {key} | {name} | {measured} | {value} | {goal} |")
     for note in notes:
         print(f"- {note}")

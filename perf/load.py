@@ -3,7 +3,10 @@
     .venv/bin/python -m perf.load --target gateway --address localhost:50051 --model qwen2.5-vl \
         --concurrency 16 --requests 256 [--stream] [--max-tokens 32]
 
-Reports throughput and p50/p95/p99 latency, and for streams the time to the first text.
+Reports throughput and p50/p95/p99 latency (nearest rank), for streams the time to the first
+text, and every failed request by status code. Closed loop: each of `concurrency` workers sends its
+next request when its last one ends, so latencies are those at the load the system sustains, not
+at a fixed arrival rate.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
 import os
-import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,28 +28,41 @@ from perf.workload import WorkItem, messages, workload
 from vlm_serving.sampling import SamplingParams
 
 
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least q% of the values at or below it
+    (p50 of 1..100 is 50, p99 of 100 values the 99th)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
 @dataclass
 class LoadResult:
     requests: int
-    errors: int
     seconds: float
     latencies: list[float] = field(default_factory=list)
     first_text: list[float] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    errors_by_code: Counter = field(default_factory=Counter)
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_code.values())
 
     @property
     def throughput(self) -> float:
-        return (self.requests - self.errors) / self.seconds
+        return (self.requests - self.errors) / self.seconds if self.seconds > 0 else 0.0
 
     def percentile(self, q: float, values: list[float] | None = None) -> float:
-        values = sorted(self.latencies if values is None else values)
-        return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+        return percentile(self.latencies if values is None else values, q)
 
     def summary(self) -> str:
         text = (f"{self.throughput:.1f} req/s, p50 {self.percentile(50) * 1000:.1f} ms, "
                 f"p95 {self.percentile(95) * 1000:.1f} ms, p99 {self.percentile(99) * 1000:.1f} ms, "
-                f"errors {self.errors}")
+                f"errors {self.errors}" + (f" {dict(self.errors_by_code)}" if self.errors else ""))
         if self.first_text:
-            text += f", first text p50 {statistics.median(self.first_text) * 1000:.1f} ms"
+            text += f", first text p50 {self.percentile(50, self.first_text) * 1000:.1f} ms"
         return text
 
 
@@ -56,20 +73,21 @@ class GatewayTarget:
         self.metadata = (("authorization", f"Bearer {api_key}"),)
         self.model = model
 
-    async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> float | None:
-        """Send one request; return the time to its first text (streams) or None."""
+    async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> tuple[float | None, int]:
+        """Send one request; (time to its first text for streams else None, completion tokens)."""
         parts = ([vlm_pb2.Part(image=vlm_pb2.Image(data=item.image))] if item.image else [])
         parts.append(vlm_pb2.Part(text=item.prompt))
         request = vlm_pb2.GenerateRequest(model=self.model, messages=[vlm_pb2.Message(role="user", parts=parts)],
                                           config=vlm_pb2.GenerationConfig(max_tokens=max_tokens))
         if not stream:
-            await self.stub.Generate(request, metadata=self.metadata, timeout=300)
-            return None
-        started, first = time.perf_counter(), None
+            answer = await self.stub.Generate(request, metadata=self.metadata, timeout=300)
+            return None, answer.usage.completion_tokens
+        started, first, tokens = time.perf_counter(), None, 0
         async for message in self.stub.GenerateStream(request, metadata=self.metadata, timeout=300):
             if first is None and message.text:
                 first = time.perf_counter() - started
-        return first
+            tokens = message.usage.completion_tokens or tokens
+        return first, tokens
 
     async def close(self) -> None:
         await self.channel.close()
@@ -84,14 +102,15 @@ class TritonTarget:
         self.ensemble = ensemble
         self.ids = itertools.count()
 
-    async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> float | None:
+    async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> tuple[float | None, int]:
         params = SamplingParams(max_tokens=max_tokens, stream=stream)
-        started, first = time.perf_counter(), None
+        started, first, tokens = time.perf_counter(), None, 0
         async for chunk in self.backend.generate(self.ensemble, messages(item), [item.image] if item.image else [],
                                                  params, f"load-{next(self.ids)}"):
             if first is None and chunk.text:
                 first = time.perf_counter() - started
-        return first if stream else None
+            tokens = chunk.completion_tokens or tokens
+        return (first if stream else None), tokens
 
     async def close(self) -> None:
         await self.backend.close()
@@ -101,18 +120,22 @@ async def run_load(target, items: list[WorkItem], concurrency: int, requests: in
                    stream: bool = False, warmup: int = 4) -> LoadResult:
     for item in items[:warmup]:
         await target.call(item, max_tokens, stream)
-    result = LoadResult(requests=requests, errors=0, seconds=0.0)
+    result = LoadResult(requests=requests, seconds=0.0)
     counter = iter(range(requests))
 
     async def worker():
         for i in counter:
             started = time.perf_counter()
             try:
-                first = await target.call(items[i % len(items)], max_tokens, stream)
-            except Exception:
-                result.errors += 1
+                first, tokens = await target.call(items[i % len(items)], max_tokens, stream)
+            except grpc.aio.AioRpcError as error:
+                result.errors_by_code[error.code().name] += 1
+                continue
+            except Exception as error:  # Triton's own errors on the direct path, say
+                result.errors_by_code[type(error).__name__] += 1
                 continue
             result.latencies.append(time.perf_counter() - started)
+            result.completion_tokens.append(tokens)
             if first is not None:
                 result.first_text.append(first)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, encode, http_host, picture
-from vlm_serving.deploy.render import PROFILES, render_repository
+from vlm_serving.deploy.render import PROFILES, copy_model_code, render_repository
 from vlm_serving.deploy.stack import GatewayProcess
 from vlm_serving.deploy.triton_server import TritonServer
 
@@ -35,8 +35,7 @@ def make_repository(directory: Path, checkpoints: Path, source: Path = REPO_ROOT
     """The committed model folders (each model's version 1, as tracked) with configs rendered for the
     CPU profile. Version folders a user shipped into the working tree (README: Updating models) and
     hand-edited configs stay out: the tests never depend on the working tree's state."""
-    for model in sorted(path for path in source.iterdir() if path.is_dir()):
-        shutil.copytree(model / "1", directory / model.name / "1", ignore=shutil.ignore_patterns("__pycache__", "checkpoint"))
+    copy_model_code(source, directory)
     render_repository(directory, replace(PROFILES["cpu"], checkpoints_dir=checkpoints, **profile_changes))
     return directory
 

@@ -220,3 +220,29 @@ def test_pil_images_of_every_mode_are_sent(mode):
     assert decoded.format == "PNG" and decoded.size == (6, 4)
     if mode == "F":
         assert decoded.getpixel((0, 0)) == 255  # clipped to 8 bits, as the service does
+
+
+def test_cli_explains_itself(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli(["generate", "-h"])
+    help_text = capsys.readouterr().out
+    for option in ("--repetition-penalty", "--max-tokens", "--top-k", "0 to 1000", "in (0, 2]", "(default: 64)"):
+        assert option in help_text, option
+    assert cli(["--api-key", "k", "generate", "--model", "pixtral", "--image", str(tmp_path / "missing.png"), "hi"]) == 1
+    assert f"no such file: {tmp_path / 'missing.png'}" in capsys.readouterr().err
+    assert cli(["--api-key", "k", "generate", "--model", "pixtral", "--image", str(tmp_path), "hi"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    [port] = free_ports(1)
+    assert cli(["--address", f"127.0.0.1:{port}", "--api-key", "k", "--timeout", "1", "models"]) == 1
+    assert "`make up` starts it" in capsys.readouterr().err
+
+
+def test_cli_tells_an_unauthenticated_user_where_the_key_goes(capsys):
+    from gateway.errors import ApiError
+
+    address, holder = serving(_Scripted([ApiError(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")]))
+    try:
+        assert cli(["--address", address, "--api-key", "wrong", "generate", "--model", "pixtral", "hi"]) == 1
+        assert "set VLM_API_KEY or pass --api-key" in capsys.readouterr().err
+    finally:
+        holder[0].stop(0)

@@ -265,6 +265,17 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
     }
 
 
+def copy_model_code(source: Path, target: Path) -> Path:
+    """Each model's tracked version folder (`1/`, its `model.py`) from `source` into `target`, and
+    nothing else: version folders shipped into a working tree, their weights and hand-edited
+    configs stay behind (the tests and benchmarks render their own configs)."""
+    import shutil
+
+    for model in sorted(path for path in source.iterdir() if path.is_dir()):
+        shutil.copytree(model / "1", target / model.name / "1", ignore=shutil.ignore_patterns("__pycache__", "checkpoint"))
+    return target
+
+
 def render_repository(repository: Path, profile: Profile) -> list[Path]:
     written = []
     configs = {"cancel": (TEMPLATES / "cancel.pbtxt").read_text()}

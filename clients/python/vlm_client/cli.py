@@ -18,21 +18,24 @@ from vlm_client.client import VLMClient
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlm", description="Call the vision-language model service.")
-    parser.add_argument("--address", default="localhost:50051", help="gateway host:port")
+    parser.add_argument("--address", default="localhost:50051", help="gateway host:port (default: %(default)s)")
     parser.add_argument("--api-key", help="API key (default: $VLM_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="deadline in seconds for the whole call, retries included (default: %(default)g)")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="ask about images")
     generate.add_argument("prompt")
     generate.add_argument("--model", required=True, help="e.g. qwen2.5-vl or pixtral (see `vlm models`)")
     generate.add_argument("--image", action="append", default=[], help="image path or http(s) URL (repeatable)")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
-    generate.add_argument("--max-tokens", type=int, default=0)
-    generate.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, see `vlm models`)")
-    generate.add_argument("--top-p", type=float, help="(default: the model's)")
-    generate.add_argument("--top-k", type=int, help="0 = off (default: the model's)")
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--stop", action="append", default=[])
+    generate.add_argument("--max-tokens", type=int, help="tokens to generate, 1 to 4096; with the prompt and "
+                          "image tokens within the model's context (default: 64)")
+    generate.add_argument("--temperature", type=float, help="0 to 2; 0 = greedy (default: the model's, see `vlm models`)")
+    generate.add_argument("--top-p", type=float, help="in (0, 1] (default: the model's)")
+    generate.add_argument("--top-k", type=int, help="0 to 1000; 0 = off (default: the model's)")
+    generate.add_argument("--repetition-penalty", type=float, help="in (0, 2]; 1 = off (default: the model's)")
+    generate.add_argument("--seed", type=int, help="the same seed repeats the same sample (default: a fresh one)")
+    generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable, up to 8)")
     commands.add_parser("models", help="list served models")
     for name, text in (("load", "load or reload a model from the repository (admin key)"),
                        ("unload", "unload a model (admin key)")):
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"top_k:{defaults.top_k},repetition_penalty:{defaults.repetition_penalty:g}")
                 return 0
             config = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=args.stop)
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
             config = {name: value for name, value in config.items() if value is not None}  # unset: the model's
             if args.stream:
                 last = None
@@ -69,16 +72,34 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 last = client.generate(args.model, args.prompt, args.image, **config)
                 print(last.text)
-            print(f"[model={last.model} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
+            print(f"[model={last.model} version={last.model_version} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
                   f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
                   f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}]", file=sys.stderr)
             return 0
     except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        print(f"error: {error.code().name}: {error.details()}{hint(error, args)}", file=sys.stderr)
+        return 1
+    except IsADirectoryError as error:
+        print(f"error: {error.filename} is a directory; --image takes an image file or an http(s) URL", file=sys.stderr)
+        return 1
+    except FileNotFoundError as error:
+        print(f"error: no such file: {error.filename} (--image takes an image file or an http(s) URL)", file=sys.stderr)
         return 1
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+
+def hint(error: grpc.RpcError, args) -> str:
+    """What a CLI user can do about the error, where the status alone does not say."""
+    code = error.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "\n  set VLM_API_KEY or pass --api-key (`make run` accepts dev-local-key)"
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "connect" in (error.details() or "").lower():
+        return f"\n  is the gateway running at {args.address}? `make up` starts it"
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "allowlist" in (error.details() or ""):
+        return "\n  pass a local image path instead, or add the host to the gateway's VLM_IMAGE_URL_ALLOWLIST"
+    return ""
 
 
 if __name__ == "__main__":

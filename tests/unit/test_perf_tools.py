@@ -1,0 +1,39 @@
+"""The load generator and the bench report what they measure: ranks, failures, no division by zero."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from perf.load import LoadResult, percentile, run_load
+from perf.workload import workload
+
+
+def test_percentiles_are_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 95), percentile(values, 99), percentile(values, 100)) == (
+        50.0, 95.0, 99.0, 100.0)
+    assert percentile([7.0], 50) == 7.0
+
+
+class _Target:
+    def __init__(self, failing_every: int):
+        self.failing_every, self.calls = failing_every, 0
+
+    async def call(self, item, max_tokens, stream):
+        self.calls += 1
+        if self.calls % self.failing_every == 0:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "full")
+        return None, max_tokens
+
+
+@pytest.mark.parametrize("failing_every,ok", [(1, 0), (3, 6)])
+def test_failures_are_counted_by_code_and_mark_the_bench_row(failing_every, ok):
+    from perf.bench import failures
+
+    result = asyncio.run(run_load(_Target(failing_every), workload(2, with_images=False), 2, 9, 4, warmup=0))
+    assert len(result.latencies) == ok and result.completion_tokens == [4] * ok
+    assert result.errors_by_code == {"RESOURCE_EXHAUSTED": 9 - ok}
+    assert failures(result) == f"RESOURCE_EXHAUSTED x{9 - ok}"
+    assert result.throughput >= 0 and "RESOURCE_EXHAUSTED" in result.summary()
+    assert failures(LoadResult(requests=1, seconds=0.0)) == "" and LoadResult(requests=1, seconds=0.0).throughput == 0.0
