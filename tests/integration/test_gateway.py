@@ -238,7 +238,7 @@ def test_cli_answers_from_both_families(gateway, checkpoints, model):
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert f"[model={model} finish_reason=FINISH_REASON_" in result.stderr and "completion_tokens=" in result.stderr
+    assert f"[model={model} version=1 finish_reason=FINISH_REASON_" in result.stderr and "completion_tokens=" in result.stderr
     assert result.stdout.strip()
 
 

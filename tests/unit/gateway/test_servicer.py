@@ -58,7 +58,7 @@ class ScriptedBackend:
         pass
 
 
-def run(test, **settings_changes):
+def run(test, channel_options=(), **settings_changes):
     """Start a gateway on a free port with the scripted backend and run `test(stub, backend, gw)`."""
 
     async def main():
@@ -71,7 +71,7 @@ def run(test, **settings_changes):
         finally:
             gateway_server.TritonBackend = original
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}", options=list(channel_options)) as channel:
                 await test(vlm_pb2_grpc.VisionLanguageServiceStub(channel), gw.backend, gw, channel)
         finally:
             await gw.stop(0)
@@ -190,8 +190,8 @@ def test_list_models_reports_versions_readiness_and_quantization():
 
 def test_a_stream_read_slowly_past_its_deadline_ends_with_deadline_exceeded():
     async def test(stub, backend, gw, channel):
-        # Enough text to fill gRPC's flow-control window, so the gateway waits on the reader.
-        backend.script = [ResponseChunk("x" * 50_000, [1], False)] * 200 + [ResponseChunk("end", [2], True, "stop")]
+        # Far more text than gRPC's flow-control window holds, so the gateway waits on the reader.
+        backend.script = [ResponseChunk("x" * 50_000, [1], False)] * 400 + [ResponseChunk("end", [2], True, "stop")]
         call = stub.GenerateStream(request(), metadata=KEY)  # no client deadline: the gateway's 1 s applies
         received = 0
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -200,12 +200,14 @@ def test_a_stream_read_slowly_past_its_deadline_ends_with_deadline_exceeded():
                 if received == 1:
                     await asyncio.sleep(2)  # a reader that stalls past the deadline, then reads on
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
-        assert 1 <= received < 201
+        assert 1 <= received < 401
         sample = gw.metrics.registry.get_sample_value
         assert sample("vlm_requests_total", {"model": "pixtral", "method": "GenerateStream",
                                              "code": "DEADLINE_EXCEEDED"}) == 1
 
-    run(test, default_timeout_s=1.0)
+    # The receive window stays at its initial size (no BDP growth): the reader's pace, not the
+    # machine's, decides how much the gateway can write ahead.
+    run(test, channel_options=[("grpc.http2.bdp_probe", 0)], default_timeout_s=1.0)
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
