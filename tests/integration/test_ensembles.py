@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import tritonclient.grpc as grpcclient
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import FAMILIES, encode, picture
