@@ -3,7 +3,8 @@
     .venv/bin/python -m perf.encoders [--rounds 3]
 
 - images/s of the exported ONNX encoder (ONNX Runtime, CPU) / the transformers tower on the same
-  images, outputs checked equal: for the served tiny checkpoints and for a mid-size
+  images, fp32 outputs required equal to 1e-4 (a row past it is marked, not a result); the int8
+  row is speed over unequal outputs and says so: for the served tiny checkpoints and for a mid-size
   Qwen2.5-VL-style tower (4 blocks, 1280 wide as the real one; random weights) on 448x448 images;
 - token agreement of greedy answers with the int8 encoder against fp32 (16 tokens, the bench
   workload's images), reported, not asserted.
@@ -132,8 +133,12 @@ def int8_token_agreement(family: str, items, max_tokens: int = 16) -> tuple[floa
     return same / total, total
 
 
+# fp32 encoder outputs against the transformers tower (the export check's bound; README).
+FP32_TOLERANCE = 1e-4
+
+
 def rows(rounds: int = 3) -> list[tuple]:
-    """(key, measure, measured, ratio, goal, unit) rows for perf.bench's table."""
+    """(key, measure, measured, ratio, goal, unit, why it is not a result or "") rows for perf.bench's table."""
     items = workload(16)
     pictures = [Image.open(io.BytesIO(item.image)).convert("RGB") for item in items]
     result = []
@@ -145,12 +150,17 @@ def rows(rounds: int = 3) -> list[tuple]:
              ("5d", "qwen2_5_vl", mid_size_qwen_checkpoint(), mid, "int8", "the same tower and images")]
     for key, family, checkpoint, images, variant, label in cases:
         ours, theirs, difference = encoder_speed(family, checkpoint, images, rounds, variant)
+        if variant == "fp32":
+            unequal = f"outputs differ by {difference:.1e} (> {FP32_TOLERANCE:g})" if difference > FP32_TOLERANCE else ""
+            goal = ">= 1.3"
+        else:  # quantized on purpose: a speed, not an equal-output ratio
+            unequal, goal = "", "reported: speed over unequal outputs"
         result.append((key, f"encoder images/s, ONNX Runtime {variant} / transformers, {label} (max |diff| {difference:.1e})",
-                       f"{ours:.2f} / {theirs:.2f} images/s", ours / theirs, ">= 1.3", "x"))
+                       f"{ours:.2f} / {theirs:.2f} images/s", ours / theirs, goal, "x", unequal))
     for family in ("qwen2_5_vl", "pixtral"):
         agreement, tokens = int8_token_agreement(family, items)
         result.append(("7", f"int8 encoder: greedy tokens equal to fp32's, {family}, 16 requests x 16 tokens",
-                       f"{agreement * tokens:.0f} of {tokens} tokens", agreement, "reported", "x"))
+                       f"{agreement * tokens:.0f} of {tokens} tokens", agreement, "reported", "x", ""))
     return result
 
 
@@ -202,8 +212,8 @@ def main() -> int:
         profile()
         return 0
     print("| # | measure | measured | ratio | goal |\n| --- | --- | --- | --- | --- |")
-    for key, name, measured, ratio, goal, _ in rows(args.rounds):
-        print(f"| {key} | {name} | {measured} | {ratio:.2f}x | {goal} |")
+    for key, name, measured, ratio, goal, _, unequal in rows(args.rounds):
+        print(f"| {key} | {name} | {measured} | {f'not a result: {unequal}' if unequal else f'{ratio:.2f}x'} | {goal} |")
     return 0
 
 
