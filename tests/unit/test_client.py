@@ -246,3 +246,18 @@ def test_cli_tells_an_unauthenticated_user_where_the_key_goes(capsys):
         assert "set VLM_API_KEY or pass --api-key" in capsys.readouterr().err
     finally:
         holder[0].stop(0)
+
+
+def test_vlm_models_shows_why_a_version_failed(capsys):
+    class _FailedVersion(vlm_pb2_grpc.VisionLanguageServiceServicer):
+        def ListModels(self, request, context):
+            versions = [vlm_pb2.ModelVersion(version="1", state="READY"),
+                        vlm_pb2.ModelVersion(version="2", state="UNAVAILABLE", reason="model.py raised: no weights")]
+            return vlm_pb2.ListModelsResponse(models=[vlm_pb2.ModelInfo(name="pixtral", ready=True, versions=versions)])
+
+    address, holder = serving(_FailedVersion())
+    try:
+        assert cli(["--address", address, "--api-key", "k", "models"]) == 0
+        assert "2:UNAVAILABLE (model.py raised: no weights)" in capsys.readouterr().out
+    finally:
+        holder[0].stop(0)

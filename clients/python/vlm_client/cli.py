@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     models = client.list_models()
                 for model in models:
-                    versions = ", ".join(f"{v.version}:{v.state}" for v in model.versions)
+                    versions = ", ".join(f"{v.version}:{v.state}" + (f" ({v.reason})" if v.reason else "")
+                                         for v in model.versions)
                     defaults = model.defaults
                     print(f"{model.name}\tfamily={model.family}\tready={model.ready}\t"
                           f"quantization={model.quantization}\tversions={versions}\t"
