@@ -46,15 +46,13 @@ def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address, sett
 
 
 class _PinnedResolver(AbstractResolver):
-    """Hands aiohttp the addresses that were checked, and nothing else."""
+    """Hands aiohttp the addresses that were checked, and nothing else (its session fetches one
+    URL and follows no redirect, so every lookup is for that URL's host)."""
 
-    def __init__(self, host: str, addresses: list[dict]):
-        self.host = host
+    def __init__(self, addresses: list[dict]):
         self.addresses = addresses
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
-        if host != self.host:
-            raise OSError(f"unexpected host {host!r}")
         return self.addresses
 
     async def close(self) -> None:
@@ -95,7 +93,7 @@ async def _download(url: str, settings: Settings, budget: _Budget) -> bytes:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     addresses = await _checked_addresses(parts.hostname, port, settings)
-    connector = aiohttp.TCPConnector(resolver=_PinnedResolver(parts.hostname, addresses), use_dns_cache=False,
+    connector = aiohttp.TCPConnector(resolver=_PinnedResolver(addresses), use_dns_cache=False,
                                      force_close=True)
     timeout = aiohttp.ClientTimeout(total=settings.image_url_timeout_s)
     limit = settings.max_image_bytes

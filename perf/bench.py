@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import csv
 import io
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from perf.encoders import mid_size_qwen_checkpoint, rows as encoder_rows
 from perf.load import GatewayTarget, TritonTarget, run_load
 from perf.workload import perf_analyzer_input, synthetic_image, workload
 from vlm_serving.deploy.render import PROFILES, Batching, copy_model_code, render_repository
-from vlm_serving.deploy.stack import GatewayProcess
+from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
 from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonServer
 from vlm_serving.preprocess import load_preprocessor
 
@@ -83,7 +82,7 @@ def triton(name: str, servers: list, **profile_changes) -> TritonServer:
 
 # One event loop for every load run: grpc.aio binds its completion-queue poller to the first loop
 # it runs in, so a second `asyncio.run` leaves callbacks for a closed loop ("Event loop is closed").
-_LOOP = asyncio.new_event_loop()
+_LOOP: asyncio.AbstractEventLoop | None = None
 
 
 def load(target, items, concurrency, requests, max_tokens, stream=False):
@@ -94,6 +93,8 @@ def load(target, items, concurrency, requests, max_tokens, stream=False):
         finally:
             await client.close()
 
+    global _LOOP
+    _LOOP = _LOOP or asyncio.new_event_loop()
     return _LOOP.run_until_complete(go())
 
 
@@ -208,9 +209,7 @@ def main() -> int:
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
     n = lambda count: max(8, int(count * scale))  # noqa: E731
-    # SIGTERM and SIGHUP stop the servers like Ctrl-C does (the finally below), never orphan them.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_signals()  # SIGTERM and SIGHUP stop the servers (the finally below), never orphan them
     BENCH.mkdir(parents=True, exist_ok=True)
     images = workload(16)
     text_only = workload(16, with_images=False)

@@ -53,6 +53,23 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def serving_file(body: bytes, delay_s: float = 0.0) -> type[http.server.BaseHTTPRequestHandler]:
+    """A request handler that answers every GET with `body`, after `delay_s` seconds."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            threading.Event().wait(delay_s)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
 @contextmanager
 def http_host(handler_class):
     """A loopback HTTP server with `handler_class`; yields its "127.0.0.1:port"."""

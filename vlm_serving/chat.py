@@ -79,10 +79,9 @@ def prompt_ids(tokenizer: Any, chat_template: str, messages: list[dict[str, Any]
     placeholder, ...) as plain text, so only the template itself writes turns and placeholders.
     """
     try:
-        ids = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=True, add_generation_prompt=True,
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=True, return_dict=False, add_generation_prompt=True,
             sanitize_control_tokens=True,
         )
     except Exception as exc:  # jinja's raise_exception, e.g. roles out of order
         raise MessageError(f"messages: the model's chat template refused them ({exc})") from None
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import http.server
 import socket
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, encode, http_host, picture
+from tests.conftest import REPO_ROOT, encode, http_host, picture, serving_file
 from vlm_serving.deploy.render import PROFILES, copy_model_code, render_repository
 from vlm_serving.deploy.stack import GatewayProcess
 from vlm_serving.deploy.triton_server import TritonServer
@@ -62,20 +61,9 @@ def triton(tmp_path_factory, checkpoints):
     server.stop()
 
 
-class _Images(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(PNG)))
-        self.end_headers()
-        self.wfile.write(PNG)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="session")
 def image_host():
-    with http_host(_Images) as host:
+    with http_host(serving_file(PNG)) as host:
         yield host
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -130,8 +131,8 @@ def down() -> int:
     return 0
 
 
-def _stop_on_signals() -> None:
-    """SIGTERM and SIGHUP end start-up or the foreground run like Ctrl-C: children are stopped."""
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, like Ctrl-C, so the caller's cleanup runs."""
     def interrupt(*_):
         raise KeyboardInterrupt()
 
@@ -166,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     busy = busy_ports(triton.address, {"TRITON_HTTP_PORT": triton.http_port, "TRITON_GRPC_PORT": triton.grpc_port,
                                        "TRITON_METRICS_PORT": triton.metrics_port})
-    busy += busy_ports(gateway.address.rsplit(":", 1)[0].replace("localhost", "127.0.0.1"),
-                       {"VLM_LISTEN_ADDRESS": int(gateway.address.rsplit(":", 1)[1])})
+    listen = urlsplit(f"//{gateway.address}")
+    busy += busy_ports(listen.hostname or "localhost", {"VLM_LISTEN_ADDRESS": listen.port})
     busy += busy_ports(os.environ.get("VLM_METRICS_ADDRESS", "127.0.0.1"), {"VLM_METRICS_PORT": gateway.metrics_port})
     if busy:
         print(f"stack: {', '.join(busy)} already in use; stop what holds it or choose another port with "
               "that setting", file=sys.stderr)
         return 1
-    _stop_on_signals()
+    stop_on_signals()
     started = time.monotonic()
     try:
         triton.start()

@@ -161,10 +161,11 @@ def busy_ports(address: str, ports: dict[str, int]) -> list[str]:
 
     busy = []
     for setting, port in ports.items():
-        with socket.socket() as probe:
+        family, _, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no owner
             try:
-                probe.bind((address, port))
+                probe.bind(sockaddr)
             except OSError:
                 busy.append(f"port {port} ({setting})")
     return busy

@@ -5,9 +5,7 @@ aio server on a loopback port. The real Triton path is covered end to end in tes
 """
 
 import asyncio
-import http.server
 import ipaddress
-import threading
 from types import SimpleNamespace
 
 import grpc
@@ -20,7 +18,7 @@ from gateway import server as gateway_server
 from gateway.errors import field_violations
 from gateway.settings import Settings
 from vlm_serving.deploy.render import pipeline
-from tests.conftest import encode, http_host, picture
+from tests.conftest import encode, http_host, picture, serving_file
 from vlm_serving.ensemble_client import ResponseChunk
 from vlm_serving.sampling import SamplingDefaults
 
@@ -314,21 +312,8 @@ def test_reflection_is_public_by_default_and_can_be_authenticated_or_off(mode):
     run(test, reflection=mode)
 
 
-class _SlowImages(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        threading.Event().wait(3)
-        body = encode(picture(12, 12))
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_the_request_deadline_covers_fetching_its_image_urls():
-    with http_host(_SlowImages) as host:
+    with http_host(serving_file(encode(picture(12, 12)), delay_s=3)) as host:
         async def test(stub, backend, gw, channel):
             slow = request()
             slow.messages[0].parts.append(vlm_pb2.Part(image=vlm_pb2.Image(url=f"http://{host}/cat.png")))
