@@ -81,7 +81,8 @@ async def watch_health(settings: Settings, backend: TritonBackend, servicer: hea
 async def start(settings: Settings) -> Gateway:
     backend = TritonBackend(settings.triton_url, keepalive_s=settings.triton_keepalive_s,
                             large_request_bytes=settings.triton_large_request_bytes,
-                            max_stream_backlog=settings.max_stream_backlog)
+                            max_stream_backlog=settings.max_stream_backlog,
+                            connect_timeout_s=settings.triton_connect_timeout_s)
     metrics = Metrics()
     # The protos are the public contract: health and (by default) reflection answer without a key,
     # so `grpcurl -plaintext HOST list` works on first contact; every other RPC needs one.

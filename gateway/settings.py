@@ -47,6 +47,9 @@ class Settings:
     image_url_timeout_s: float = 10.0
     # Ping period on the connections to Triton: a half-open one fails its requests within twice this.
     triton_keepalive_s: float = 30.0
+    # How long a request waits for a connection to a Triton that is down before it is refused
+    # (UNAVAILABLE with RetryInfo: it was never sent); reconnects back off to at most half of it.
+    triton_connect_timeout_s: float = 2.0
     # Requests with more image bytes than this get a Triton stream (and connection) of their own.
     triton_large_request_bytes: int = 1024 * 1024
     # Responses a stream may have waiting for a slow reader before it is failed (RESOURCE_EXHAUSTED).
@@ -107,6 +110,7 @@ class Settings:
             image_url_allowed_networks=networks,
             image_url_timeout_s=number("VLM_IMAGE_URL_TIMEOUT_S", defaults.image_url_timeout_s, float),
             triton_keepalive_s=number("VLM_TRITON_KEEPALIVE_S", defaults.triton_keepalive_s, float),
+            triton_connect_timeout_s=number("VLM_TRITON_CONNECT_TIMEOUT_S", defaults.triton_connect_timeout_s, float),
             triton_large_request_bytes=number("VLM_TRITON_LARGE_REQUEST_BYTES", defaults.triton_large_request_bytes),
             max_stream_backlog=number("VLM_MAX_STREAM_BACKLOG", defaults.max_stream_backlog),
             reflection=reflection,

@@ -195,14 +195,19 @@ class TritonBackend:
 
     `keepalive_s`: ping period on the connections, so a half-open connection fails its requests
     within `keepalive_s` plus the same again for the answer (Triton must accept such pings: see
-    `vlm_serving.deploy.triton_server.GRPC_KEEPALIVE_FLAGS`). `large_request_bytes`: image bytes
+    `vlm_serving.deploy.triton_server.GRPC_KEEPALIVE_FLAGS`). `connect_timeout_s`: how long a
+    request waits for a connection to Triton that is down before it is refused (retryably: it was
+    never sent). Reconnect attempts back off to at most `connect_timeout_s` / 2, so a Triton that
+    comes back is reached within that bound, not after gRPC's default backoff of up to 120 s.
+    `large_request_bytes`: image bytes
     above which a request gets a stream of its own on the bulk connection. `max_stream_backlog`:
     responses a request may have waiting for its reader before it is failed.
     """
 
     def __init__(self, url: str, keepalive_s: float = 30.0, large_request_bytes: int = 1 << 20,
-                 max_stream_backlog: int = 1024):
+                 max_stream_backlog: int = 1024, connect_timeout_s: float = 2.0):
         self.url = url
+        self.connect_timeout_s = connect_timeout_s
         self.large_request_bytes = large_request_bytes
         self.max_stream_backlog = max_stream_backlog
         keepalive_ms = int(keepalive_s * 1000)
@@ -217,6 +222,8 @@ class TritonBackend:
             ("grpc.http2.ping_timeout_ms", keepalive_ms),  # any unanswered ping, keepalive or not
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.initial_reconnect_backoff_ms", int(connect_timeout_s * 250)),
+            ("grpc.max_reconnect_backoff_ms", int(connect_timeout_s * 500)),
             # Without it, channels with equal arguments share one connection (gRPC's global pool).
             ("grpc.use_local_subchannel_pool", 1),
         ]
@@ -227,12 +234,31 @@ class TritonBackend:
         self._stream: _SharedStream | None = None
         self._pending: set[asyncio.Task] = set()
 
+    async def _connected(self, channel: grpc.aio.Channel) -> None:
+        """Wait (briefly) for the channel's connection; refuse the unsent request if Triton stays down.
+
+        Only a request sent on a ready connection can have reached Triton: this refusal carries
+        RetryInfo, the stream failures after it do not (the work may have run).
+        """
+        if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(channel.channel_ready(), self.connect_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot connect to the inference server at {self.url} (no connection within "
+                f"{self.connect_timeout_s:g} s); the request was not sent; retry with backoff",
+                retry_after_s=self.connect_timeout_s,
+            ) from None
+
     def _shared_stream(self) -> _SharedStream:
         if self._stream is None or self._stream.failed is not None:
             self._stream = _SharedStream(self._stub, self.max_stream_backlog)
         return self._stream
 
     async def _on_shared_stream(self, request, triton_id: str) -> AsyncIterator:
+        await self._connected(self._channel)
         stream = self._shared_stream()
         responses = stream.submit(request, triton_id)
         try:
@@ -245,6 +271,7 @@ class TritonBackend:
             stream.forget(triton_id)
 
     async def _on_own_stream(self, request) -> AsyncIterator:
+        await self._connected(self._bulk_channel)
         call = self._bulk_stub.ModelStreamInfer()
         try:
             await call.write(request)

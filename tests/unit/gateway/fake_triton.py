@@ -107,7 +107,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
                                               raw_output_contents=[raw])
 
 
-async def start_fake_triton() -> tuple[grpc.aio.Server, FakeTriton, int]:
+async def start_fake_triton(port: int = 0) -> tuple[grpc.aio.Server, FakeTriton, int]:
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", 256 << 20),
         # Accept the gateway's keepalive pings at any rate (as Triton started by our launcher does).
@@ -116,7 +116,7 @@ async def start_fake_triton() -> tuple[grpc.aio.Server, FakeTriton, int]:
     ])
     fake = FakeTriton()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, fake, port
 

@@ -116,3 +116,29 @@ def test_a_stream_whose_reader_stalls_is_failed_alone_and_cancelled_in_triton():
         assert any(name.startswith("stalled.") for name in fake.cancelled), fake.cancelled
 
     run(test, max_stream_backlog=5)
+
+
+def test_while_triton_is_down_requests_are_refused_retryably_and_a_restarted_triton_is_reached_at_once():
+    async def main():
+        server, fake, port = await start_fake_triton()
+        backend = TritonBackend(f"127.0.0.1:{port}", connect_timeout_s=1.0)
+        try:
+            assert await collect(backend, n=1) == "t0 "
+            await server.stop(0)
+            loop = asyncio.get_running_loop()
+            outage_ends = loop.time() + 6  # long enough for gRPC's default backoff to pass 4 s
+            while loop.time() < outage_ends:
+                with pytest.raises(ApiError) as refused:
+                    await collect(backend, n=1)
+                assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+                assert refused.value.retry_after_s is not None, "never sent: the client may retry it"
+                assert "was not sent" in refused.value.message
+            server, fake, _ = await start_fake_triton(port)
+            started = loop.time()
+            assert await collect(backend, n=1) == "t0 "
+            assert loop.time() - started < 1.0
+        finally:
+            await backend.close()
+            await server.stop(0)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
