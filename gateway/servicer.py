@@ -16,7 +16,7 @@ from gateway import image_urls
 from gateway.errors import ApiError
 from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
-from gateway.triton_backend import TritonBackend, pipeline_ready, to_api_error
+from gateway.triton_backend import TritonBackend, is_unloaded, pipeline_ready, to_api_error
 from gateway.validation import ValidatedRequest, validate
 
 log = logging.getLogger("gateway")
@@ -139,13 +139,17 @@ async def model_info(backend: TritonBackend, name: str, ensemble: str, index: li
     """What ListModels says of one model: the versions of the generation step behind its ensemble."""
     info = vlm_pb2.ModelInfo(name=name, family=ensemble)
     for entry in index:
-        if entry.get("name") == f"{ensemble}_generate":
+        if entry.get("name") == f"{ensemble}_generate" and not is_unloaded(entry):
             info.versions.add(version=entry.get("version", ""), state=entry.get("state", ""),
                               reason=entry.get("reason", ""))
     info.ready = pipeline_ready(index, ensemble)
     if info.ready:
         parameters = await backend.model_parameters(f"{ensemble}_generate")
         info.quantization = parameters.get("quantization", "")
+        info.context_tokens = int(parameters.get("context_tokens") or 0)
+        limit = int(parameters.get("max_tokens_limit") or 0)
+        # A prompt takes at least one token of the context.
+        info.max_tokens = min(limit, info.context_tokens - 1) if info.context_tokens else limit
         if parameters.get("sampling_defaults"):
             info.defaults.CopyFrom(vlm_pb2.GenerationConfig(**json.loads(parameters["sampling_defaults"])))
     return info

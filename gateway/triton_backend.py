@@ -56,6 +56,17 @@ def pipeline_ready(index: list[dict], ensemble: str) -> bool:
     return all(name in ready for name in pipeline(ensemble))
 
 
+def unloading(index: list[dict], ensemble: str) -> bool:
+    """Whether any model of the pipeline is still unloading (Triton unloads in the background)."""
+    models = set(pipeline(ensemble))
+    return any(entry.get("name") in models and entry.get("state") == "UNLOADING" for entry in index)
+
+
+def is_unloaded(entry: dict) -> bool:
+    """A version Triton unloaded or that left the repository: listed by Triton, gone for the caller."""
+    return entry.get("state") == "UNAVAILABLE" and entry.get("reason") == "unloaded"
+
+
 def unavailable(reason: str) -> InferenceServerException:
     return InferenceServerException(reason, status=str(grpc.StatusCode.UNAVAILABLE))
 

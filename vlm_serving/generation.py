@@ -20,6 +20,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers import StoppingCriteriaList
 
+from vlm_serving.loading import context_tokens
 from vlm_serving.sampling import SamplingDefaults, SamplingParams, TextAssembler
 
 FINISH_STOP = "stop"  # end-of-sequence token or a stop sequence
@@ -238,8 +239,7 @@ class BatchGenerator:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids))
-        text_config = model.config.get_text_config()
-        self.max_context = int(getattr(text_config, "max_position_embeddings", 32768))
+        self.max_context = context_tokens(model.config)
         self.image_token_id = int(model.config.image_token_id)
         # Qwen2.5-VL builds its 3-D (multimodal rotary) positions only when given the processor's
         # per-token modality ids (0 text, 1 image); Llava/Pixtral takes none.

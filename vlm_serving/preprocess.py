@@ -24,6 +24,7 @@ from PIL import Image
 from vlm_serving.chat import count_images, load_chat_template, parse_messages, prompt_ids
 from vlm_serving.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
 from vlm_serving.images import ImageError, ImageLimits, decode_image, upright_size
+from vlm_serving.loading import context_tokens
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
 
@@ -85,7 +86,7 @@ class FamilyPreprocessor:
         self.max_images = max_images
         self.max_request_pixels = max_request_pixels
         self.config = AutoConfig.from_pretrained(self.checkpoint_dir, local_files_only=True)
-        self.max_context = int(getattr(self.config.get_text_config(), "max_position_embeddings", 32768))
+        self.max_context = context_tokens(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir, local_files_only=True)
         self.chat_template = load_chat_template(self.tokenizer, self.checkpoint_dir)
         self.image_processor = AutoImageProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)

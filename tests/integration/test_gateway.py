@@ -60,6 +60,8 @@ def test_list_models(client):
     for name, model in models.items():
         assert model.ready and model.family == PUBLIC[name] and model.quantization == "none"
         assert [(v.version, v.state) for v in model.versions] == [("1", "READY")]
+        # The tiny checkpoints' context (max_position_embeddings); a prompt needs at least one token of it.
+        assert (model.context_tokens, model.max_tokens) == (4096, 4095)
 
 
 @pytest.mark.parametrize(

@@ -235,6 +235,20 @@ def test_cli_explains_itself(capsys, tmp_path):
     [port] = free_ports(1)
     assert cli(["--address", f"127.0.0.1:{port}", "--api-key", "k", "--timeout", "1", "models"]) == 1
     assert "`make up` starts it" in capsys.readouterr().err
+    # Generate waits for a connection (wait_for_ready), so it ends in DEADLINE_EXCEEDED, not UNAVAILABLE.
+    assert cli(["--address", f"127.0.0.1:{port}", "--api-key", "k", "--timeout", "1", "generate", "--model", "pixtral", "hi"]) == 1
+    error = capsys.readouterr().err
+    assert "DEADLINE_EXCEEDED" in error and f"no gateway answered at 127.0.0.1:{port}" in error
+
+
+def test_cli_blames_the_gateway_only_when_it_was_never_reached(capsys):
+    address, holder = serving(_Scripted([None], delay=2.0))
+    try:
+        assert cli(["--address", address, "--api-key", "k", "--timeout", "1", "generate", "--model", "pixtral", "hi"]) == 1
+        error = capsys.readouterr().err
+        assert "DEADLINE_EXCEEDED" in error and "no gateway answered" not in error
+    finally:
+        holder[0].stop(0)
 
 
 def test_cli_tells_an_unauthenticated_user_where_the_key_goes(capsys):
@@ -253,11 +267,16 @@ def test_vlm_models_shows_why_a_version_failed(capsys):
         def ListModels(self, request, context):
             versions = [vlm_pb2.ModelVersion(version="1", state="READY"),
                         vlm_pb2.ModelVersion(version="2", state="UNAVAILABLE", reason="model.py raised: no weights")]
-            return vlm_pb2.ListModelsResponse(models=[vlm_pb2.ModelInfo(name="pixtral", ready=True, versions=versions)])
+            return vlm_pb2.ListModelsResponse(models=[
+                vlm_pb2.ModelInfo(name="pixtral", ready=True, versions=versions, context_tokens=4096, max_tokens=4095),
+                vlm_pb2.ModelInfo(name="qwen2.5-vl", ready=False)])
 
     address, holder = serving(_FailedVersion())
     try:
         assert cli(["--address", address, "--api-key", "k", "models"]) == 0
-        assert "2:UNAVAILABLE (model.py raised: no weights)" in capsys.readouterr().out
+        pixtral, qwen = capsys.readouterr().out.splitlines()
+        assert "2:UNAVAILABLE (model.py raised: no weights)" in pixtral
+        assert "context_tokens=4096" in pixtral and "max_tokens=4095" in pixtral
+        assert "versions=none loaded" in qwen
     finally:
         holder[0].stop(0)

@@ -111,3 +111,14 @@ def test_test_repositories_hold_only_the_tracked_version_folders(tmp_path, check
     assert sorted(p.name for p in model.iterdir()) == ["1", "config.pbtxt"]
     assert sorted(p.name for p in (model / "1").iterdir()) == ["model.py"]
     assert "hand edited" not in (model / "config.pbtxt").read_text()
+
+
+def test_generate_config_carries_the_checkpoints_context(tmp_path, checkpoints):
+    from transformers import AutoConfig
+
+    for family in FAMILIES:
+        config = parse(render_family(family, replace(PROFILES["cpu"], checkpoints_dir=checkpoints))[f"{family}_generate"])
+        expected = AutoConfig.from_pretrained(checkpoints / family).get_text_config().max_position_embeddings
+        assert int(config.parameters["context_tokens"].string_value) == expected
+    missing = parse(render_family("pixtral", replace(PROFILES["cpu"], checkpoints_dir=tmp_path))["pixtral_generate"])
+    assert missing.parameters["context_tokens"].string_value == "0"

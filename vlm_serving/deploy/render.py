@@ -24,6 +24,7 @@ import numpy as np
 
 from vlm_serving.encoder import VARIANTS
 from vlm_serving.encoder_inputs import SPECS
+from vlm_serving.loading import checkpoint_context_tokens
 from vlm_serving.sampling import SamplingDefaults
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -237,6 +238,7 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         quantization=profile.quantization,
         max_tokens_limit=profile.max_tokens_limit,
         sampling_defaults=SamplingDefaults.of_checkpoint(checkpoint).to_json(),
+        context_tokens=checkpoint_context_tokens(checkpoint),
         dynamic_batching=_dynamic_batching(profile.generate_batching),
         instance_group=_instance_group(profile.generate_instances, profile.kind, profile.gpus),
     )

@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--model", required=True, help="e.g. qwen2.5-vl or pixtral (see `vlm models`)")
     generate.add_argument("--image", action="append", default=[], help="image path or http(s) URL (repeatable)")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
-    generate.add_argument("--max-tokens", type=int, help="tokens to generate, 1 to 4096; with the prompt and "
-                          "image tokens within the model's context (default: 64)")
+    generate.add_argument("--max-tokens", type=int, help="tokens to generate: at least 1, at most the model's "
+                          "max_tokens, and with the prompt and image tokens within its context_tokens (both in "
+                          "`vlm models`) (default: 64)")
     generate.add_argument("--temperature", type=float, help="0 to 2; 0 = greedy (default: the model's, see `vlm models`)")
     generate.add_argument("--top-p", type=float, help="in (0, 1] (default: the model's)")
     generate.add_argument("--top-k", type=int, help="0 to 1000; 0 = off (default: the model's)")
@@ -41,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("unload", "unload a model (admin key)")):
         commands.add_parser(name, help=text).add_argument("model")
     args = parser.parse_args(argv)
+    client = VLMClient(args.address, api_key=args.api_key, timeout=args.timeout)
     try:
-        with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+        with client:
             if args.command in ("models", "load", "unload"):
                 if args.command == "load":
                     reply = client.load_model(args.model)
@@ -54,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
                     models = client.list_models()
                 for model in models:
                     versions = ", ".join(f"{v.version}:{v.state}" + (f" ({v.reason})" if v.reason else "")
-                                         for v in model.versions)
+                                         for v in model.versions) or "none loaded"
                     defaults = model.defaults
                     print(f"{model.name}\tfamily={model.family}\tready={model.ready}\t"
                           f"quantization={model.quantization}\tversions={versions}\t"
+                          f"context_tokens={model.context_tokens}\tmax_tokens={model.max_tokens}\t"
                           f"defaults=temperature:{defaults.temperature:g},top_p:{defaults.top_p:g},"
                           f"top_k:{defaults.top_k},repetition_penalty:{defaults.repetition_penalty:g}")
                 return 0
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}]", file=sys.stderr)
             return 0
     except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}{hint(error, args)}", file=sys.stderr)
+        print(f"error: {error.code().name}: {error.details()}{hint(error, args, client.reached)}", file=sys.stderr)
         return 1
     except IsADirectoryError as error:
         print(f"error: {error.filename} is a directory; --image takes an image file or an http(s) URL", file=sys.stderr)
@@ -91,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def hint(error: grpc.RpcError, args) -> str:
-    """What a CLI user can do about the error, where the status alone does not say."""
+def hint(error: grpc.RpcError, args, reached: bool) -> str:
+    """What a CLI user can do about the error, where the status alone does not say. `reached`:
+    whether the gateway was ever connected to."""
     code = error.code()
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return "\n  set VLM_API_KEY or pass --api-key (`make run` accepts dev-local-key)"
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "connect" in (error.details() or "").lower():
-        return f"\n  is the gateway running at {args.address}? `make up` starts it"
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reached:
+        return f"\n  no gateway answered at {args.address}; is it running? `make up` starts it"
     if code == grpc.StatusCode.INVALID_ARGUMENT and "allowlist" in (error.details() or ""):
         return "\n  pass a local image path instead, or add the host to the gateway's VLM_IMAGE_URL_ALLOWLIST"
     return ""
