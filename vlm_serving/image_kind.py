@@ -9,8 +9,10 @@ pixels, none is blended into grey), then
   drawings are mostly flat areas; photographs (and scans) carry sensor noise and shading.
 - `ink_share`: share of pixels that stand out from their block's background (the median of a
   16x16 block), so a shaded scan or a dark-mode screenshot has ink as well as a white page.
-- `text_share`: share of the ink in short horizontal runs on rows crossed by many runs: lines
-  of glyphs.
+- `smooth_share`: share of horizontally adjacent pixels within a few grey levels: paper, sky
+  and walls are smooth, grass and gravel are not.
+- `text_share`: share of the ink in words: short horizontal runs with another run close by, on
+  rows crossed by many runs.
 - `line_share`: share of the ink in long horizontal or vertical runs: axes, grid lines, wires,
   boxes and arrows.
 - `colour_share`: share of the ink that is saturated: chart series, fills, node colours.
@@ -33,14 +35,15 @@ INK_CONTRAST = 40  # grey levels from the block's background
 SHORT_RUN = 6  # pixels at analysis size: a glyph stroke's width or a letter
 LONG_RUN = 24
 TEXT_ROW_RUNS = 6  # runs a row of text crosses at least
+SMOOTH_STEP = 4  # grey levels between neighbours on paper, sky or a wall
+WORD_GAP = 3  # pixels between the strokes of a word at most
 SATURATED_SPREAD = 60  # grey levels between a pixel's strongest and weakest channel
-# Thresholds of `kind_of`, set on the corpus of perf/image_corpus.py (see perf/RESULTS.md).
+# Thresholds of `kind_of`, set on the tuning corpus of perf/image_corpus.py (see perf/RESULTS.md).
 RENDERED_FLAT_SHARE = 0.5
-RENDERED_TEXT_SHARE = 0.65
-RENDERED_COLOUR_SHARE = 0.35  # slides and web pages have coloured headings and links
-PHOTOGRAPHED_TEXT_SHARE = 0.75
+RENDERED_TEXT_SHARE = 0.55
+PHOTOGRAPHED_TEXT_SHARE = 0.7
+PHOTOGRAPHED_SMOOTH_SHARE = 0.35
 PHOTOGRAPHED_COLOUR_SHARE = 0.15  # a page photographed is dark ink on paper
-TEXT_MAX_LINE_SHARE = 0.35
 MIN_INK_SHARE = 0.002
 
 
@@ -53,6 +56,7 @@ class ImageKind(str, Enum):
 @dataclass(frozen=True)
 class ImageStatistics:
     flat_share: float
+    smooth_share: float
     ink_share: float
     text_share: float
     line_share: float
@@ -69,14 +73,20 @@ def _sample(image: Image.Image) -> np.ndarray:
     return np.asarray(image.resize(size, Image.Resampling.NEAREST))
 
 
-def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Horizontal runs of True in each row: (row, length) arrays."""
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Horizontal runs of True in each row: (row, length, whether the run has a neighbour on its
+    row within WORD_GAP pixels) arrays."""
     height, width = mask.shape
     padded = np.zeros((height, width + 1), dtype=np.int8)  # a False column ends each row's last run
     padded[:, 1:] = mask
     edges = np.diff(padded.ravel(), append=np.int8(0))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    return starts // (width + 1), ends - starts
+    rows = starts // (width + 1)
+    close = (starts[1:] - ends[:-1] <= WORD_GAP) & (rows[1:] == rows[:-1])
+    clustered = np.zeros(len(starts), dtype=bool)
+    clustered[1:] |= close
+    clustered[:-1] |= close
+    return rows, ends - starts, clustered
 
 
 def statistics(image: Image.Image) -> ImageStatistics:
@@ -87,6 +97,7 @@ def statistics(image: Image.Image) -> ImageStatistics:
     colour = (red << 16) | (green << 8) | blue
     flat_share = np.count_nonzero(colour[:, 1:] == colour[:, :-1]) / colour[:, 1:].size
     grey = (red * 77 + green * 150 + blue * 29) >> 8  # ITU-R 601 luma
+    smooth_share = np.count_nonzero(np.abs(grey[:, 1:] - grey[:, :-1]) <= SMOOTH_STEP) / grey[:, 1:].size
 
     # The median of every other pixel of each block, both ways: one of the samples (never the mean
     # of two, which would be neither the paper nor a bar's colour where a block holds both).
@@ -98,18 +109,18 @@ def statistics(image: Image.Image) -> ImageStatistics:
     ink = np.abs(grey - background) > INK_CONTRAST
     ink_pixels = int(np.count_nonzero(ink))
     if ink_pixels == 0:
-        return ImageStatistics(flat_share, 0.0, 0.0, 0.0, 0.0)
+        return ImageStatistics(flat_share, smooth_share, 0.0, 0.0, 0.0, 0.0)
 
-    rows, lengths = _runs(ink)
+    rows, lengths, clustered = _runs(ink)
     runs_per_row = np.bincount(rows, minlength=height)
     on_text_rows = runs_per_row[rows] >= TEXT_ROW_RUNS
-    text_share = float(lengths[(lengths <= SHORT_RUN) & on_text_rows].sum() / ink_pixels)
-    _, vertical = _runs(ink.T)
+    text_share = float(lengths[(lengths <= SHORT_RUN) & on_text_rows & clustered].sum() / ink_pixels)
+    _, vertical, _ = _runs(ink.T)
     line_share = float((lengths[lengths >= LONG_RUN].sum() + vertical[vertical >= LONG_RUN].sum()) / ink_pixels)
 
     spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
     colour_share = float(np.count_nonzero(ink & (spread > SATURATED_SPREAD)) / ink_pixels)
-    return ImageStatistics(flat_share, ink_pixels / ink.size, text_share, line_share, colour_share)
+    return ImageStatistics(flat_share, smooth_share, ink_pixels / ink.size, text_share, line_share, colour_share)
 
 
 def classify(image: Image.Image) -> ImageKind:
@@ -117,16 +128,16 @@ def classify(image: Image.Image) -> ImageKind:
 
 
 def kind_of(stats: ImageStatistics) -> ImageKind:
-    """Text-heavy: most ink in lines of glyphs, little of it in long lines or colour. The bars are
-    stricter for photographed images (`flat_share` low: sensor noise), whose fine texture also
-    makes short runs. Otherwise rendered images (mostly flat) are diagrams and the rest are photos;
-    an image with almost no ink (a solid colour) counts as a photo, the cheapest preset."""
+    """Rendered images (mostly flat: no sensor noise) are documents when most of their ink is in
+    words (short strokes close together along rows), else diagrams. Photographed ones are
+    documents only when the words stand on smooth, grey paper (fine texture such as grass also
+    makes short strokes), else photos. An image with almost no ink (a solid colour) is a photo,
+    the cheapest preset."""
     if stats.flat_share >= RENDERED_FLAT_SHARE:
-        text_bar, colour_bar = RENDERED_TEXT_SHARE, RENDERED_COLOUR_SHARE
-    else:
-        text_bar, colour_bar = PHOTOGRAPHED_TEXT_SHARE, PHOTOGRAPHED_COLOUR_SHARE
-    if stats.text_share >= text_bar and stats.line_share < TEXT_MAX_LINE_SHARE and stats.colour_share < colour_bar:
+        if stats.text_share >= RENDERED_TEXT_SHARE:
+            return ImageKind.DOCUMENT
+        return ImageKind.DIAGRAM if stats.ink_share >= MIN_INK_SHARE else ImageKind.PHOTO
+    if (stats.text_share >= PHOTOGRAPHED_TEXT_SHARE and stats.smooth_share >= PHOTOGRAPHED_SMOOTH_SHARE
+            and stats.colour_share < PHOTOGRAPHED_COLOUR_SHARE):
         return ImageKind.DOCUMENT
-    if stats.flat_share >= RENDERED_FLAT_SHARE and stats.ink_share >= MIN_INK_SHARE:
-        return ImageKind.DIAGRAM
     return ImageKind.PHOTO
