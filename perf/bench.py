@@ -39,6 +39,7 @@ from perf.workload import perf_analyzer_input, synthetic_image, workload
 from vlm_serving.deploy.render import PROFILES, Batching, copy_model_code, render_repository
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
 from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonServer
+from vlm_serving.tiny_checkpoints import with_real_image_limits
 from vlm_serving.preprocess import load_preprocessor
 
 BENCH = BUILD / "bench"
@@ -106,25 +107,9 @@ def failures(*results) -> str:
     return ", ".join(f"{code} x{count}" for code, count in sorted(counts.items()))
 
 
-# Image limits of the real checkpoints (Qwen2.5-VL-*-Instruct, pixtral-12b) beside the tiny ones'.
-REAL_LIMITS = {
-    "qwen2_5_vl": {"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 3136, "longest_edge": 12845056}},
-    "pixtral": {"size": {"longest_edge": 1024}},
-}
-
-
 def checkpoint_with_real_limits(family: str) -> Path:
     """A copy of the tiny checkpoint whose image processor has the real model's limits."""
-    import json
-    import shutil
-
-    target = BENCH / f"real_limits_{family}"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(BUILD / "models" / family, target)
-    config = json.loads((target / "preprocessor_config.json").read_text())
-    config.update(REAL_LIMITS[family])
-    (target / "preprocessor_config.json").write_text(json.dumps(config))
-    return target
+    return with_real_image_limits(BUILD / "models" / family, BENCH / f"real_limits_{family}", family)
 
 
 def preprocessing_ratio(real_limits: bool, rounds: int) -> tuple[float, float, float]:
@@ -139,11 +124,13 @@ def preprocessing_ratio(real_limits: bool, rounds: int) -> tuple[float, float, f
         ours = load_preprocessor(family, checkpoint)
         theirs = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True)
         placeholders = np.array([ours.image_pad_id if family == "qwen2_5_vl" else ours.image_id] * len(pictures))
-        mine = ours.build(pictures, placeholders).images
+        # At the checkpoint's own limits, as transformers' processor resizes by default.
+        ranges = [ours.checkpoint_range()] * len(pictures)
+        mine = ours.build(pictures, placeholders, ranges).images
         worst = max(worst, max_difference(family, mine, theirs(pictures, return_tensors="np")))
         for _ in range(rounds):
             started = time.perf_counter()
-            ours.build(pictures, placeholders)
+            ours.build(pictures, placeholders, ranges)
             ours_time += time.perf_counter() - started
             started = time.perf_counter()
             theirs(pictures, return_tensors="np")

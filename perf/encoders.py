@@ -87,7 +87,8 @@ def encoder_speed(family: str, checkpoint: Path, pictures: list[Image.Image], ro
     torch.set_num_threads(THREADS)
     preprocessor = load_preprocessor(family, checkpoint)
     placeholder = preprocessor.image_pad_id if family == "qwen2_5_vl" else preprocessor.image_id
-    images = preprocessor.build(pictures, np.array([placeholder] * len(pictures))).images
+    ranges = [preprocessor.checkpoint_range()] * len(pictures)
+    images = preprocessor.build(pictures, np.array([placeholder] * len(pictures)), ranges).images
     encoder = OnnxEncoder(family, checkpoint / "onnx", variant, threads=THREADS)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True).eval()
     theirs_call = tower_call(family, model, images)
@@ -176,7 +177,7 @@ def profile() -> None:
     checkpoint = mid_size_qwen_checkpoint()
     preprocessor = load_preprocessor("qwen2_5_vl", checkpoint)
     picture = Image.open(io.BytesIO(workload(1)[0].image)).convert("RGB").resize((448, 448))
-    images = preprocessor.build([picture], np.array([preprocessor.image_pad_id])).images
+    images = preprocessor.build([picture], np.array([preprocessor.image_pad_id]), [preprocessor.checkpoint_range()]).images
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.enable_profiling = True

@@ -12,6 +12,8 @@ computed as `ProcessorMixin.model_input_names` does, from the tokenizer's and im
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from unittest import mock
 
@@ -49,12 +51,15 @@ def model_input_names(family: str, checkpoint: Path) -> list[str]:
     return list(tokenizer.model_input_names) + list(image_processor.model_input_names)
 
 
-def processor_inputs(family: str, checkpoint: Path, messages: list, images: list[Image.Image]) -> dict:
-    """Every tensor the processor returns for one request, batch dimension dropped, as numpy."""
+def processor_inputs(family: str, checkpoint: Path, messages: list, images: list[Image.Image],
+                     size: dict | None = None) -> dict:
+    """Every tensor the processor returns for one request, batch dimension dropped, as numpy.
+    `size`: the image processor's `size` argument for every image (None: the checkpoint's)."""
+    image_kwargs = {"size": size} if size else {}
     if family == "qwen2_5_vl":
         processor = qwen_processor(checkpoint)
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out = processor(text=[prompt], images=images or None, return_tensors="np")
+        out = processor(text=[prompt], images=images or None, return_tensors="np", **image_kwargs)
         tensors = {name: np.asarray(value) for name, value in out.items()}
         for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
             tensors[name] = tensors[name][0].astype(np.int64)
@@ -64,7 +69,7 @@ def processor_inputs(family: str, checkpoint: Path, messages: list, images: list
     tensors: dict[str, np.ndarray] = {}
     if images:
         image_processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=True)
-        tensors = dict(image_processor(images, return_tensors="np"))
+        tensors = dict(image_processor(images, return_tensors="np", **image_kwargs))
     expansions = []
     for height, width in tensors.get("image_sizes", []):
         rows = [["[IMG]"] * (width // 16) + ["[IMG_BREAK]"]] * (height // 16)
@@ -80,10 +85,23 @@ def processor_inputs(family: str, checkpoint: Path, messages: list, images: list
     return tensors
 
 
+def served_size(family: str, checkpoint: Path) -> dict:
+    """The image processor `size` at which the service processes every image of a tiny checkpoint:
+    each resolution preset clamps to the checkpoint's own maximum (tests/unit/test_preprocess.py)."""
+    from vlm_serving.image_kind import ImageKind
+    from vlm_serving.preprocess import load_preprocessor
+
+    preprocessor = load_preprocessor(family, checkpoint)
+    sizes = {json.dumps(preprocessor.transformers_size(preprocessor.presets.range_for(kind, None))) for kind in ImageKind}
+    assert len(sizes) == 1, f"{checkpoint}: the image kinds get different sizes {sizes}; pass each request's own"
+    return json.loads(sizes.pop())
+
+
 def transformers_generate(family: str, checkpoint: Path, messages: list, images: list[Image.Image], max_new_tokens: int,
-                          **generate_kwargs) -> list[int]:
-    """Greedy tokens from plain `generate` on the checkpoint with every processor tensor."""
-    inputs = processor_inputs(family, checkpoint, messages, images)
+                          size: dict | None = None, **generate_kwargs) -> list[int]:
+    """Greedy tokens from plain `generate` on the checkpoint with every processor tensor (images
+    resized at `size`, as `processor_inputs`)."""
+    inputs = processor_inputs(family, checkpoint, messages, images, size)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True).eval()
     batch = {name: torch.from_numpy(np.asarray(value)) for name, value in inputs.items()}
     for name in ("input_ids", "attention_mask", "mm_token_type_ids"):

@@ -23,8 +23,10 @@ from PIL import Image
 
 from vlm_serving.chat import count_images, load_chat_template, parse_messages, prompt_ids
 from vlm_serving.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
+from vlm_serving.image_kind import ImageKind, classify
 from vlm_serving.images import ImageError, ImageLimits, decode_image, upright_size
 from vlm_serving.loading import context_tokens
+from vlm_serving.resolution import ImageDetail, PixelRange, ResolutionPresets
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
 
@@ -38,6 +40,9 @@ class PreprocessedRequest:
     images: list[ImageInputs] = field(default_factory=list)
     language_tensors: dict[str, np.ndarray] = field(default_factory=dict)
     image_tokens: int = 0
+    # Per image: its kind and the (width, height) in pixels it was processed at.
+    image_kinds: list[ImageKind] = field(default_factory=list)
+    processed_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 def normalization_table(rescale_factor: float, mean: list[float], std: list[float]) -> np.ndarray:
@@ -76,7 +81,8 @@ class FamilyPreprocessor:
     family: str
 
     def __init__(self, checkpoint_dir: str | Path, limits: ImageLimits = ImageLimits(), max_images: int = 16,
-                 threads: int | None = None, max_request_pixels: int = 64_000_000):
+                 threads: int | None = None, max_request_pixels: int = 64_000_000,
+                 presets: ResolutionPresets = ResolutionPresets()):
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -85,6 +91,7 @@ class FamilyPreprocessor:
         self.limits = limits
         self.max_images = max_images
         self.max_request_pixels = max_request_pixels
+        self.presets = presets
         self.config = AutoConfig.from_pretrained(self.checkpoint_dir, local_files_only=True)
         self.max_context = context_tokens(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir, local_files_only=True)
@@ -93,9 +100,13 @@ class FamilyPreprocessor:
         processor = self.image_processor
         self.table = normalization_table(processor.rescale_factor, processor.image_mean, processor.image_std)
 
-    def __call__(self, encoded_images: list[bytes], messages_json: bytes | str, max_tokens: int = 1) -> PreprocessedRequest:
-        """The request's tensors. Before any image is decoded, the headers alone decide whether the
-        request fits: pixels per request, and prompt + image tokens + `max_tokens` within the context."""
+    def __call__(self, encoded_images: list[bytes], messages_json: bytes | str, max_tokens: int = 1,
+                 detail: ImageDetail | None = None) -> PreprocessedRequest:
+        """The request's tensors, each image processed at the pixel range its kind and `detail` give
+        (None: the model's default detail). Before any image is decoded, the headers alone decide
+        whether the request can fit: pixels per request, and prompt + the fewest image tokens the
+        images can take + `max_tokens` within the context; after the images are classified, the
+        exact count is checked again."""
         messages = parse_messages(messages_json)
         expected = count_images(messages)
         if expected != len(encoded_images):
@@ -111,24 +122,42 @@ class FamilyPreprocessor:
             raise ImageError(f"the request's images hold {pixels} pixels in all, over the limit of "
                              f"{self.max_request_pixels} per request; send fewer or smaller images")
         ids = np.asarray(prompt_ids(self.tokenizer, self.chat_template, messages), dtype=np.int64)
-        image_tokens = [self.image_token_count(width, height, i) for i, (width, height) in enumerate(sizes)]
-        needed = len(ids) - len(sizes) + sum(image_tokens) + max_tokens
-        if needed > self.max_context:
-            raise ImageError(
-                f"the prompt's {len(ids) - len(sizes)} text tokens + {sum(image_tokens)} image tokens "
-                f"({', '.join(map(str, image_tokens)) or 'no images'}) + max_tokens {max_tokens} = {needed} tokens "
-                f"exceed the model's context of {self.max_context}; send fewer or smaller images, a shorter "
-                "prompt or a lower max_tokens"
-            )
+        fewest = min((self.presets.range_for(kind, detail) for kind in ImageKind), key=lambda r: r.max_pixels)
+        self._check_context(ids, [self.image_token_count(w, h, i, fewest) for i, (w, h) in enumerate(sizes)], max_tokens)
         # Decode every image before any resize: a bad one fails the request early.
         pictures = self.map(lambda i: decode_image(encoded_images[i], self.limits, index=i), range(len(encoded_images)))
-        return self.build(pictures, ids)
+        kinds = self.map(classify, pictures)
+        ranges = [self.presets.range_for(kind, detail) for kind in kinds]
+        self._check_context(ids, [self.image_token_count(w, h, i, r) for i, ((w, h), r) in enumerate(zip(sizes, ranges))],
+                            max_tokens)
+        result = self.build(pictures, ids, ranges)
+        result.image_kinds = kinds
+        return result
 
-    def image_token_count(self, width: int, height: int, index: int) -> int:
-        """The tokens an upright `width` x `height` image takes in the prompt."""
+    def _check_context(self, ids: np.ndarray, image_tokens: list[int], max_tokens: int) -> None:
+        text_tokens = len(ids) - len(image_tokens)  # each image's placeholder is replaced by its tokens
+        needed = text_tokens + sum(image_tokens) + max_tokens
+        if needed > self.max_context:
+            raise ImageError(
+                f"the prompt's {text_tokens} text tokens + {sum(image_tokens)} image tokens "
+                f"({', '.join(map(str, image_tokens)) or 'no images'}) + max_tokens {max_tokens} = {needed} tokens "
+                f"exceed the model's context of {self.max_context}; send fewer or smaller images, a lower "
+                "detail, a shorter prompt or a lower max_tokens"
+            )
+
+    def image_token_count(self, width: int, height: int, index: int, pixels: PixelRange) -> int:
+        """The tokens an upright `width` x `height` image takes in the prompt at `pixels`."""
         raise NotImplementedError
 
-    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
+    def checkpoint_range(self) -> PixelRange:
+        """The range the checkpoint's own image processor resizes into (its defaults)."""
+        raise NotImplementedError
+
+    def transformers_size(self, pixels: PixelRange) -> dict:
+        """The `size` argument that makes transformers' image processor resize as `pixels` does here."""
+        raise NotImplementedError
+
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange]) -> PreprocessedRequest:
         raise NotImplementedError
 
     def map(self, function, items) -> list:
@@ -177,14 +206,25 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
         self.patch = int(processor.patch_size)
         self.merge = int(processor.merge_size)
         self.temporal = int(processor.temporal_patch_size)
+        # The checkpoint's bounds (transformers' names for them: "shortest_edge" is min_pixels).
         self.min_pixels = int(_get(processor.size, "shortest_edge"))
         self.max_pixels = int(_get(processor.size, "longest_edge"))
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
-    def patchify(self, picture: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        height, width = smart_resize(
-            picture.height, picture.width, self.patch * self.merge, self.min_pixels, self.max_pixels
-        )
+    def processing_size(self, width: int, height: int, pixels: PixelRange) -> tuple[int, int]:
+        """(height, width) an image is resized to: `pixels` within the checkpoint's bounds."""
+        bounds = pixels.clamped(self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.patch * self.merge, bounds.min_pixels, bounds.max_pixels)
+
+    def checkpoint_range(self) -> PixelRange:
+        return PixelRange(self.min_pixels, self.max_pixels)
+
+    def transformers_size(self, pixels: PixelRange) -> dict:
+        bounds = pixels.clamped(self.min_pixels, self.max_pixels)
+        return {"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels}
+
+    def patchify(self, picture: Image.Image, pixels: PixelRange) -> tuple[np.ndarray, np.ndarray]:
+        height, width = self.processing_size(picture.width, picture.height, pixels)
         resized = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC))
         p, m = self.patch, self.merge
         grid_h, grid_w = height // p, width // p
@@ -196,12 +236,12 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
         patches[:] = normalize(blocks, self.table, channel_axis=1)
         return patches.reshape(grid_h * grid_w, -1), np.array([1, grid_h, grid_w], dtype=np.int64)
 
-    def image_token_count(self, width: int, height: int, index: int) -> int:
-        height, width = smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+    def image_token_count(self, width: int, height: int, index: int, pixels: PixelRange) -> int:
+        height, width = self.processing_size(width, height, pixels)
         return (height // self.patch) * (width // self.patch) // self.merge**2
 
-    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
-        results = self.map(self.patchify, pictures)
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange]) -> PreprocessedRequest:
+        results = self.map(lambda item: self.patchify(*item), list(zip(pictures, ranges)))
         images = [qwen_image_inputs(patches, grid, self.vision_config) for patches, grid in results]
         grids = np.stack([grid for _, grid in results]) if results else np.zeros((0, 3), dtype=np.int64)
         counts = [int(grid.prod()) // self.merge**2 for grid in grids]
@@ -211,6 +251,7 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
             images=images,
             language_tensors={"image_grid_thw": grids},
             image_tokens=sum(counts),
+            processed_sizes=[(int(grid[2]) * self.patch, int(grid[1]) * self.patch) for grid in grids],
         )
 
 
@@ -235,8 +276,19 @@ class PixtralPreprocessor(FamilyPreprocessor):
         self.break_id = token(settings.get("image_break_token", "[IMG_BREAK]"))
         self.end_id = token(settings.get("image_end_token", "[IMG_END]"))
 
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        ratio = max(height / self.longest_edge, width / self.longest_edge)
+    def longest_edge_for(self, pixels: PixelRange) -> int:
+        """Pixtral only scales down, to a longest edge: the side of the range's largest square,
+        within the checkpoint's own longest edge."""
+        return min(math.isqrt(pixels.max_pixels), self.longest_edge)
+
+    def checkpoint_range(self) -> PixelRange:
+        return PixelRange(1, self.longest_edge**2)
+
+    def transformers_size(self, pixels: PixelRange) -> dict:
+        return {"longest_edge": self.longest_edge_for(pixels)}
+
+    def target_size(self, height: int, width: int, longest_edge: int) -> tuple[int, int]:
+        ratio = max(height / longest_edge, width / longest_edge)
         if ratio > 1:
             height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))
         return ((height - 1) // self.patch + 1) * self.patch, ((width - 1) // self.patch + 1) * self.patch
@@ -248,8 +300,8 @@ class PixtralPreprocessor(FamilyPreprocessor):
         grid[-1, -1] = self.end_id
         return grid.reshape(-1)
 
-    def patchify(self, picture: Image.Image) -> ImageInputs:
-        height, width = self.target_size(picture.height, picture.width)
+    def patchify(self, picture: Image.Image, size: tuple[int, int]) -> ImageInputs:
+        height, width = size
         resized = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC))
         p, rows, cols = self.patch, height // self.patch, width // self.patch
         # -> [patch row, patch col, channel, py, px], still uint8
@@ -257,25 +309,28 @@ class PixtralPreprocessor(FamilyPreprocessor):
         patches = normalize(blocks, self.table, channel_axis=1).reshape(rows * cols, -1)
         return pixtral_image_inputs(patches, rows, cols)
 
-    def checked_target_size(self, width: int, height: int, index: int) -> tuple[int, int]:
-        target_height, target_width = self.target_size(height, width)
+    def checked_target_size(self, width: int, height: int, index: int, pixels: PixelRange) -> tuple[int, int]:
+        longest_edge = self.longest_edge_for(pixels)
+        target_height, target_width = self.target_size(height, width, longest_edge)
         if target_height == 0 or target_width == 0:  # transformers' processor fails on these too
             raise ImageError(
-                f"image {index}: {width}x{height} scaled to this model's longest edge of "
-                f"{self.longest_edge} pixels leaves its short side no pixel; pad it towards a squarer shape"
+                f"image {index}: {width}x{height} scaled to a longest edge of {longest_edge} pixels "
+                "leaves its short side no pixel; pad it towards a squarer shape"
             )
         return target_height, target_width
 
-    def image_token_count(self, width: int, height: int, index: int) -> int:
-        return len(self.placeholder_ids(*self.checked_target_size(width, height, index)))
+    def image_token_count(self, width: int, height: int, index: int, pixels: PixelRange) -> int:
+        return len(self.placeholder_ids(*self.checked_target_size(width, height, index, pixels)))
 
-    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray) -> PreprocessedRequest:
-        sizes = [self.checked_target_size(picture.width, picture.height, index) for index, picture in enumerate(pictures)]
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange]) -> PreprocessedRequest:
+        sizes = [self.checked_target_size(picture.width, picture.height, index, pixels)
+                 for index, (picture, pixels) in enumerate(zip(pictures, ranges))]
         expansions = [self.placeholder_ids(h, w) for h, w in sizes]
         return PreprocessedRequest(
             input_ids=self._expand(prompt_ids, self.image_id, expansions),
-            images=self.map(self.patchify, pictures),
+            images=self.map(lambda item: self.patchify(*item), list(zip(pictures, sizes))),
             image_tokens=sum(len(expansion) for expansion in expansions),
+            processed_sizes=[(w, h) for h, w in sizes],
         )
 
 

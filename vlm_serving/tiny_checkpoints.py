@@ -196,6 +196,27 @@ def build_qwen2_5_vl(out: Path, seed: int = SEED) -> None:
     _save(out, Qwen2_5_VLForConditionalGeneration, config, tokenizer, image_processor, seed)
 
 
+# Image limits of the real checkpoints (Qwen2.5-VL-*-Instruct, pixtral-12b), for copies of the tiny
+# ones that resize images as the real models do (benchmarks, resolution preset tests).
+REAL_IMAGE_LIMITS = {
+    "qwen2_5_vl": {"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 3136, "longest_edge": 12845056}},
+    "pixtral": {"size": {"longest_edge": 1024}},
+}
+
+
+def with_real_image_limits(checkpoint: Path, target: Path, family: str) -> Path:
+    """A copy of `checkpoint` at `target` whose image processor has the real model's limits."""
+    import json
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(checkpoint, target)
+    config = json.loads((target / "preprocessor_config.json").read_text())
+    config.update(REAL_IMAGE_LIMITS[family])
+    (target / "preprocessor_config.json").write_text(json.dumps(config))
+    return target
+
+
 def build_pixtral(out: Path, seed: int = SEED) -> None:
     from transformers import (
         LlavaConfig,

@@ -9,7 +9,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import FAMILIES, encode, picture
-from tests.reference import transformers_generate
+from tests.reference import served_size, transformers_generate
 from tests.unit.test_images import _png_header_only
 from vlm_serving.ensemble_client import generate, user_message
 
@@ -29,7 +29,8 @@ def test_greedy_tokens_equal_plain_transformers_generate(triton, checkpoints, fa
     pictures = [picture(180, 120, seed=11), picture(60, 90, seed=12)]
     messages = user_message("What do these two pictures show?", 2)
     result = generate(triton.grpc_url, family, messages, [encode(p) for p in pictures], max_tokens=16)
-    expected = transformers_generate(family, checkpoints / family, messages, pictures, 16)
+    expected = transformers_generate(family, checkpoints / family, messages, pictures, 16,
+                                     served_size(family, checkpoints / family))
     assert result.token_ids == until_eos(family, checkpoints / family, expected)
     assert result.finish_reason in ("length", "stop") and result.completion_tokens >= len(result.token_ids)
     assert result.image_tokens > 0 and result.prompt_tokens > result.image_tokens

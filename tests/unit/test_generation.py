@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import FAMILIES, encode, picture
-from tests.reference import transformers_generate
+from tests.reference import served_size, transformers_generate
 from vlm_serving.encoder import OnnxEncoder
 from vlm_serving.generation import BatchGenerator, GenerationRequest
 from vlm_serving.loading import load_model
@@ -64,7 +64,8 @@ def test_batched_greedy_equals_plain_generate_per_request(family):
     served = []
     for (messages, pictures), updates in zip(cases, outputs):
         assert len(updates) == 1 and updates[0].finished
-        expected = family.until_eos(transformers_generate(family.name, family.checkpoint, messages, pictures, 12))
+        expected = family.until_eos(transformers_generate(family.name, family.checkpoint, messages, pictures, 12,
+                                                          served_size(family.name, family.checkpoint)))
         assert updates[0].token_ids == expected
         served.append(tuple(updates[0].token_ids))
     assert len(set(served)) == len(served), "different inputs must give different tokens"
@@ -107,7 +108,8 @@ def test_seeded_sampling_repeats_and_greedy_neighbours_are_untouched(family):
     other = family.run([family.request(messages, pictures, seed=2, **sampled)])
     assert first[0][0].token_ids == again[0][0].token_ids
     assert first[0][0].token_ids != other[0][0].token_ids
-    greedy = family.until_eos(transformers_generate(family.name, family.checkpoint, messages, pictures, 16))
+    greedy = family.until_eos(transformers_generate(family.name, family.checkpoint, messages, pictures, 16,
+                                                    served_size(family.name, family.checkpoint)))
     assert first[1][0].token_ids == greedy
     assert first[0][0].token_ids != greedy
 
@@ -228,7 +230,8 @@ def test_the_model_gets_exactly_the_processors_inputs(family, images):
     request = family.request(messages, pictures)
     ids = torch.from_numpy(request.input_ids)[None]
     given = family.generator.model_inputs([request], ids, torch.ones_like(ids))
-    reference = processor_inputs(family.name, family.checkpoint, messages, pictures)
+    reference = processor_inputs(family.name, family.checkpoint, messages, pictures,
+                                 served_size(family.name, family.checkpoint))
     to_encoder = {"pixel_values", "image_sizes"}
     expected = set(model_input_names(family.name, family.checkpoint)) - VIDEO_ONLY - to_encoder
     if images:
@@ -272,7 +275,8 @@ def test_a_requests_parameters_apply_once_not_on_top_of_the_checkpoints(instruct
     messages, pictures = ask("What is in the picture?", 1), [picture(200, 120, seed=1)]
     [updates] = family.run([family.request(messages, pictures, max_tokens=48, temperature=0.0,
                                            repetition_penalty=penalty)])
-    expected = transformers_generate(family.name, family.checkpoint, messages, pictures, 48, repetition_penalty=penalty)
+    expected = transformers_generate(family.name, family.checkpoint, messages, pictures, 48,
+                                     served_size(family.name, family.checkpoint), repetition_penalty=penalty)
     assert updates[-1].token_ids == family.until_eos(expected)
 
 

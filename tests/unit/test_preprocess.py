@@ -45,6 +45,15 @@ def assert_images_equal_transformers(name, ours, reference):
         assert image["position_ids"].tolist() == [[r, c] for r in range(rows) for c in range(cols)]
 
 
+def policy_size(preprocessor, result, detail=None) -> dict:
+    """The `size` transformers' image processor needs to resize as the service did: the preset
+    range of each image's kind (or of `detail`), clamped to the checkpoint. One for all images."""
+    sizes = {json.dumps(preprocessor.transformers_size(preprocessor.presets.range_for(kind, detail)))
+             for kind in result.image_kinds}
+    assert len(sizes) <= 1, f"the reference takes one size for all images; these images need {sizes}"
+    return json.loads(sizes.pop()) if sizes else None
+
+
 def user(images: int, text: str = "Describe the picture.") -> list:
     return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
 
@@ -61,7 +70,7 @@ def test_single_image_tensors_equal_transformers(family, width, height, mode, fm
     data = encode(source, fmt)
     ours = preprocessor([data], json.dumps(user(1)))
     # transformers gets the same decoded file and does its own RGB conversion.
-    reference = processor_inputs(name, checkpoint, user(1), [Image.open(io.BytesIO(data))])
+    reference = processor_inputs(name, checkpoint, user(1), [Image.open(io.BytesIO(data))], policy_size(preprocessor, ours))
     assert_images_equal_transformers(name, ours, reference)
     assert np.array_equal(ours.input_ids, reference["input_ids"])
 
@@ -74,7 +83,7 @@ def test_exif_rotated_image_equals_transformers_on_the_upright_picture(family):
     data = encode(source, "JPEG", exif=exif.tobytes(), quality=95)
     ours = preprocessor([data], json.dumps(user(1)))
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    reference = processor_inputs(name, checkpoint, user(1), [upright])
+    reference = processor_inputs(name, checkpoint, user(1), [upright], policy_size(preprocessor, ours))
     assert_images_equal_transformers(name, ours, reference)
     assert np.array_equal(ours.input_ids, reference["input_ids"])
 
@@ -88,7 +97,7 @@ def test_several_images_of_different_sizes_in_one_request(family):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "compare all three"}]},
     ]
     ours = preprocessor([encode(s) for s in sources], json.dumps(messages))
-    reference = processor_inputs(name, checkpoint, messages, sources)
+    reference = processor_inputs(name, checkpoint, messages, sources, policy_size(preprocessor, ours))
     assert_images_equal_transformers(name, ours, reference)
     assert np.array_equal(ours.input_ids, reference["input_ids"])
     placeholders = {"qwen2_5_vl": ["<|image_pad|>"], "pixtral": ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]}[name]
@@ -171,7 +180,7 @@ def test_control_tokens_typed_by_a_caller_stay_text(family, where):
 def test_pixtral_refuses_an_image_too_wide_to_keep_a_row_naming_it(checkpoints):
     preprocessor = load_preprocessor("pixtral", checkpoints / "pixtral")
     wide = preprocessor.longest_edge * 3 // 2  # scaled down to the longest edge, 1 pixel of height rounds to 0
-    with pytest.raises(ImageError, match=r"image 1: \d+x1 scaled to this model's longest edge"):
+    with pytest.raises(ImageError, match=rf"image 1: \d+x1 scaled to a longest edge of {preprocessor.longest_edge} pixels"):
         preprocessor([encode(picture(64, 48)), encode(picture(wide, 1))], json.dumps(user(2)))
 
 
@@ -182,7 +191,8 @@ def test_image_tokens_counted_from_the_header_equal_the_built_ones(family, size)
     from vlm_serving.images import upright_size
 
     built = preprocessor([data], json.dumps(user(1)))
-    assert preprocessor.image_token_count(*upright_size(data), 0) == built.image_tokens
+    pixels = preprocessor.presets.range_for(built.image_kinds[0], None)
+    assert preprocessor.image_token_count(*upright_size(data), 0, pixels) == built.image_tokens
 
 
 def test_exif_rotation_is_counted_from_the_header(family):
@@ -194,7 +204,9 @@ def test_exif_rotation_is_counted_from_the_header(family):
     from vlm_serving.images import upright_size
 
     assert upright_size(data) == (100, 300)
-    assert preprocessor.image_token_count(100, 300, 0) == preprocessor([data], json.dumps(user(1))).image_tokens
+    built = preprocessor([data], json.dumps(user(1)))
+    pixels = preprocessor.presets.range_for(built.image_kinds[0], None)
+    assert preprocessor.image_token_count(100, 300, 0, pixels) == built.image_tokens
 
 
 def test_over_budget_requests_are_refused_from_the_headers_before_any_decoding(family, monkeypatch):
@@ -204,7 +216,9 @@ def test_over_budget_requests_are_refused_from_the_headers_before_any_decoding(f
     decoded = []
     monkeypatch.setattr(preprocess, "decode_image", lambda *args, **kwargs: decoded.append(args) or None)
     images = [encode(picture(640, 480, seed=i)) for i in range(3)]
-    per_image = preprocessor.image_token_count(640, 480, 0)
+    # Before decoding the kinds are unknown: the fewest tokens any preset gives must fit.
+    fewest = min(preprocessor.presets.presets.values(), key=lambda preset: preset.max_pixels)
+    per_image = preprocessor.image_token_count(640, 480, 0, fewest)
     with pytest.raises(ImageError) as caught:
         preprocessor(images, json.dumps(user(3)), max_tokens=preprocessor.max_context)
     assert f"{3 * per_image} image tokens" in str(caught.value)
@@ -214,3 +228,97 @@ def test_over_budget_requests_are_refused_from_the_headers_before_any_decoding(f
     with pytest.raises(ImageError, match=f"{3 * 640 * 480} pixels in all, over the limit of {2 * 640 * 480}"):
         small(images, json.dumps(user(3)))
     assert decoded == []
+
+
+# ---- resolution presets ------------------------------------------------------------------------
+
+from vlm_serving.image_kind import ImageKind  # noqa: E402
+from vlm_serving.resolution import ImageDetail, PixelRange, ResolutionPresets, parse_detail  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def real_limits(request, checkpoints, tmp_path_factory):
+    """A family's preprocessor on a copy of the tiny checkpoint with the real model's image limits
+    (the tiny limits clamp every preset to one size)."""
+    from vlm_serving.tiny_checkpoints import with_real_image_limits
+
+    name = request.param
+    checkpoint = with_real_image_limits(checkpoints / name, tmp_path_factory.mktemp("real") / name, name)
+    return name, checkpoint, load_preprocessor(name, checkpoint)
+
+
+PRESET_CASES = [(kind, detail) for kind in ImageKind for detail in (None, ImageDetail.LOW, ImageDetail.HIGH)]
+
+
+@pytest.mark.parametrize("kind,detail", PRESET_CASES, ids=[f"{k.value}-{d.value if d else 'auto'}" for k, d in PRESET_CASES])
+def test_each_kind_and_detail_is_processed_at_its_preset_and_equals_transformers_there(real_limits, monkeypatch, kind, detail):
+    name, checkpoint, preprocessor = real_limits
+    from vlm_serving import preprocess
+
+    monkeypatch.setattr(preprocess, "classify", lambda image: kind)  # the policy apart from the classifier
+    seed_preset = {ImageKind.PHOTO: (256, 768), ImageKind.DOCUMENT: (512, 1024), ImageKind.DIAGRAM: (768, 1536)}
+    low, high = seed_preset[{None: kind, ImageDetail.LOW: ImageKind.PHOTO, ImageDetail.HIGH: ImageKind.DIAGRAM}[detail]]
+    sources = [picture(1600, 1200, seed=1), picture(300, 200, seed=2)]  # one above the preset, one below
+    ours = preprocessor([encode(s) for s in sources], json.dumps(user(2)), detail=detail)
+    assert ours.image_kinds == [kind, kind]
+    for width, height in ours.processed_sizes:
+        if name == "qwen2_5_vl":  # resized into [low², high²] pixels, sides multiples of 28
+            assert low * low <= width * height <= high * high and width % 28 == 0 and height % 28 == 0
+        else:  # only scaled down, to a longest edge of min(high, the checkpoint's 1024)
+            assert max(width, height) <= min(high, 1024)
+    if name == "pixtral":
+        assert max(ours.processed_sizes[0]) == min(high, 1024) and ours.processed_sizes[1] == (304, 208)
+    size = preprocessor.transformers_size(PixelRange(low * low, high * high))
+    reference = processor_inputs(name, checkpoint, user(2), sources, size)
+    assert_images_equal_transformers(name, ours, reference)
+    assert np.array_equal(ours.input_ids, reference["input_ids"])
+
+
+def test_auto_detail_follows_the_real_classifier(real_limits):
+    """A chart drawn by matplotlib gets the diagram preset, a photograph the photo preset."""
+    name, _, preprocessor = real_limits
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage import data
+
+    figure = plt.figure(figsize=(10, 7.5), dpi=160)
+    figure.add_subplot().plot(range(10), [v * v for v in range(10)], marker="o")
+    chart = io.BytesIO()
+    figure.savefig(chart, format="png")
+    plt.close(figure)
+    photo = encode(Image.fromarray(data.astronaut()).resize((1600, 1600)))
+    # One image a request: two at these sizes would not fit the tiny models' 4096-token context.
+    as_chart = preprocessor([chart.getvalue()], json.dumps(user(1)))
+    as_photo = preprocessor([photo], json.dumps(user(1)))
+    assert (as_chart.image_kinds, as_photo.image_kinds) == ([ImageKind.DIAGRAM], [ImageKind.PHOTO])
+    [(chart_w, chart_h)], [(photo_w, photo_h)] = as_chart.processed_sizes, as_photo.processed_sizes
+    if name == "qwen2_5_vl":
+        assert chart_w * chart_h > 1024 * 1024 and photo_w * photo_h <= 768 * 768
+    else:
+        assert max(chart_w, chart_h) == 1024 and max(photo_w, photo_h) == 768
+    low = preprocessor([chart.getvalue()], json.dumps(user(1)), detail=ImageDetail.LOW)
+    assert low.processed_sizes[0][0] * low.processed_sizes[0][1] < chart_w * chart_h
+
+
+def test_the_tiny_checkpoints_clamp_every_preset_to_their_own_limits(family):
+    name, _, preprocessor = family
+    sizes = {json.dumps(preprocessor.transformers_size(preprocessor.presets.range_for(kind, None))) for kind in ImageKind}
+    assert len(sizes) == 1
+    assert json.loads(sizes.pop()) == (
+        {"shortest_edge": preprocessor.max_pixels, "longest_edge": preprocessor.max_pixels} if name == "qwen2_5_vl"
+        else {"longest_edge": preprocessor.longest_edge})
+
+
+def test_presets_round_trip_and_bad_ones_say_what_is_wrong():
+    presets = ResolutionPresets(default_detail=ImageDetail.HIGH)
+    assert ResolutionPresets.from_json(presets.to_json()) == presets
+    assert presets.range_for(ImageKind.PHOTO, None) == PixelRange(768 * 768, 1536 * 1536)
+    broken = json.loads(presets.to_json())
+    broken["presets"]["photo"] = [500, 100]
+    with pytest.raises(ValueError, match="resolution preset photo: \\[500, 100\\] pixels is not a range"):
+        ResolutionPresets.from_json(json.dumps(broken))
+    assert parse_detail(b"") is None and parse_detail("LOW") == ImageDetail.LOW
+    with pytest.raises(ValueError, match="detail 'ultra' is not one of auto, low, high"):
+        parse_detail("ultra")

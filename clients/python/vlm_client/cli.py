@@ -42,65 +42,68 @@ def main(argv: list[str] | None = None) -> int:
                        ("unload", "unload a model (admin key)")):
         commands.add_parser(name, help=text).add_argument("model")
     args = parser.parse_args(argv)
-    client = VLMClient(args.address, api_key=args.api_key, timeout=args.timeout)
-    try:
-        with client:
-            if args.command in ("models", "load", "unload"):
-                if args.command == "load":
-                    reply = client.load_model(args.model)
-                    print(f"loaded in {reply.load_seconds:.1f}s", file=sys.stderr)
-                    models = [reply.model]
-                elif args.command == "unload":
-                    models = [client.unload_model(args.model).model]
-                else:
-                    models = client.list_models()
-                for model in models:
-                    versions = ", ".join(f"{v.version}:{v.state}" + (f" ({v.reason})" if v.reason else "")
-                                         for v in model.versions) or "none loaded"
-                    defaults = model.defaults
-                    print(f"{model.name}\tfamily={model.family}\tready={model.ready}\t"
-                          f"quantization={model.quantization}\tversions={versions}\t"
-                          f"context_tokens={model.context_tokens}\tmax_tokens={model.max_tokens}\t"
-                          f"defaults=temperature:{defaults.temperature:g},top_p:{defaults.top_p:g},"
-                          f"top_k:{defaults.top_k},repetition_penalty:{defaults.repetition_penalty:g}")
-                return 0
-            config = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
-            config = {name: value for name, value in config.items() if value is not None}  # unset: the model's
-            if args.stream:
-                last = None
-                for message in client.stream(args.model, args.prompt, args.image, **config):
-                    print(message.text, end="", flush=True)
-                    last = message
-                print()
-            else:
-                last = client.generate(args.model, args.prompt, args.image, **config)
-                print(last.text)
-            print(f"[model={last.model} version={last.model_version} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
-                  f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
-                  f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}]", file=sys.stderr)
-            return 0
-    except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}{hint(error, args, client.reached)}", file=sys.stderr)
-        return 1
-    except IsADirectoryError as error:
-        print(f"error: {error.filename} is a directory; --image takes an image file or an http(s) URL", file=sys.stderr)
-        return 1
-    except FileNotFoundError as error:
-        print(f"error: no such file: {error.filename} (--image takes an image file or an http(s) URL)", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+        try:
+            return _run(client, args)
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}{hint(error, args, client.connected())}",
+                  file=sys.stderr)
+        except IsADirectoryError as error:
+            print(f"error: {error.filename} is a directory; --image takes an image file or an http(s) URL",
+                  file=sys.stderr)
+        except FileNotFoundError as error:
+            print(f"error: no such file: {error.filename} (--image takes an image file or an http(s) URL)",
+                  file=sys.stderr)
+        except OSError as error:
+            print(f"error: {error}", file=sys.stderr)
+    return 1
 
 
-def hint(error: grpc.RpcError, args, reached: bool) -> str:
-    """What a CLI user can do about the error, where the status alone does not say. `reached`:
-    whether the gateway was ever connected to."""
+def _run(client: VLMClient, args) -> int:
+    if args.command in ("models", "load", "unload"):
+        if args.command == "load":
+            reply = client.load_model(args.model)
+            print(f"loaded in {reply.load_seconds:.1f}s", file=sys.stderr)
+            models = [reply.model]
+        elif args.command == "unload":
+            models = [client.unload_model(args.model).model]
+        else:
+            models = client.list_models()
+        for model in models:
+            versions = ", ".join(f"{v.version}:{v.state}" + (f" ({v.reason})" if v.reason else "")
+                                 for v in model.versions) or "none loaded"
+            defaults = model.defaults
+            print(f"{model.name}\tfamily={model.family}\tready={model.ready}\t"
+                  f"quantization={model.quantization}\tversions={versions}\t"
+                  f"context_tokens={model.context_tokens}\tmax_tokens={model.max_tokens}\t"
+                  f"defaults=temperature:{defaults.temperature:g},top_p:{defaults.top_p:g},"
+                  f"top_k:{defaults.top_k},repetition_penalty:{defaults.repetition_penalty:g}")
+        return 0
+    config = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    config = {name: value for name, value in config.items() if value is not None}  # unset: the model's
+    if args.stream:
+        last = None
+        for message in client.stream(args.model, args.prompt, args.image, **config):
+            print(message.text, end="", flush=True)
+            last = message
+        print()
+    else:
+        last = client.generate(args.model, args.prompt, args.image, **config)
+        print(last.text)
+    print(f"[model={last.model} version={last.model_version} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
+          f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
+          f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}]", file=sys.stderr)
+    return 0
+
+
+def hint(error: grpc.RpcError, args, connected: bool) -> str:
+    """What a CLI user can do about the error, where the status alone does not say. `connected`:
+    whether the client has a connection to the gateway."""
     code = error.code()
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return "\n  set VLM_API_KEY or pass --api-key (`make run` accepts dev-local-key)"
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reached:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not connected:
         return f"\n  no gateway answered at {args.address}; is it running? `make up` starts it"
     if code == grpc.StatusCode.INVALID_ARGUMENT and "allowlist" in (error.details() or ""):
         return "\n  pass a local image path instead, or add the host to the gateway's VLM_IMAGE_URL_ALLOWLIST"

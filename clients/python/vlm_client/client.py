@@ -96,13 +96,15 @@ class VLMClient(_Base):
         self.channel = grpc.insecure_channel(self.address)
         self.stub = vlm_pb2_grpc.VisionLanguageServiceStub(self.channel)
         self.admin = vlm_pb2_grpc.ModelAdminServiceStub(self.channel)
-        # Whether a connection to the gateway was ever made: a call that waited for one until its
-        # deadline says only DEADLINE_EXCEEDED.
-        self.reached = False
-        self.channel.subscribe(self._on_connectivity)
 
-    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        self.reached = self.reached or state == grpc.ChannelConnectivity.READY
+    def connected(self, timeout: float = 0.2) -> bool:
+        """Whether the channel has (or makes within `timeout` s) a connection to the gateway: a call
+        that waited for one until its deadline says only DEADLINE_EXCEEDED."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
 
     def __enter__(self) -> "VLMClient":
         return self
@@ -111,7 +113,6 @@ class VLMClient(_Base):
         self.close()
 
     def close(self) -> None:
-        self.channel.unsubscribe(self._on_connectivity)
         self.channel.close()
 
     def _call(self, method, request, timeout: float | None, idempotent: bool = False):
