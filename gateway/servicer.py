@@ -21,6 +21,8 @@ from gateway.validation import ValidatedRequest, validate
 
 log = logging.getLogger("gateway")
 
+IMAGE_KINDS = {"photo": vlm_pb2.IMAGE_KIND_PHOTO, "document": vlm_pb2.IMAGE_KIND_DOCUMENT,
+               "diagram": vlm_pb2.IMAGE_KIND_DIAGRAM}
 FINISH_REASONS = {
     "stop": vlm_pb2.FINISH_REASON_STOP,
     "length": vlm_pb2.FINISH_REASON_LENGTH,
@@ -115,7 +117,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         started, first = time.perf_counter(), None
         log.debug("request", extra={"fields": {"model": call.model, "images": len(images),
                                                "max_tokens": call.params.max_tokens, "stream": call.params.stream}})
-        chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id)
+        chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id, call.detail)
         try:
             async with aclosing(chunks):
                 async for chunk in chunks:
@@ -163,3 +165,10 @@ def _finish(message, chunk) -> None:
     ))
     message.confidence = chunk.confidence
     message.model_version = chunk.model_version
+    message.route.CopyFrom(vlm_pb2.Route(
+        attempts=[vlm_pb2.RouteAttempt(model=message.model, model_version=chunk.model_version,
+                                       confidence=chunk.confidence, completion_tokens=chunk.completion_tokens)],
+        reason=vlm_pb2.ROUTE_REASON_REQUESTED,
+        images=[vlm_pb2.ProcessedImage(kind=IMAGE_KINDS[image["kind"]], width=image["width"], height=image["height"])
+                for image in chunk.images],
+    ))

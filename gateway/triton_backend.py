@@ -303,6 +303,7 @@ class TritonBackend:
         images: list[bytes],
         params: SamplingParams,
         request_id: str,
+        detail: str | None = None,
     ) -> AsyncIterator[ResponseChunk]:
         """The ensemble's responses as chunks.
 
@@ -325,6 +326,7 @@ class TritonBackend:
             repetition_penalty=params.repetition_penalty,
             stream=params.stream,
             request_id=triton_id,
+            detail=detail,
         )
         # tritonclient's own request builder (a private helper of the pinned 2.73 release).
         request = _get_inference_request(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import grpc
+from vlm.v1 import vlm_pb2
 
 from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
@@ -37,6 +38,11 @@ class ValidatedRequest:
     messages: list[dict] = field(default_factory=list)
     images: list[ImageSource] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
+    # "auto", "low" or "high"; None: the model's default.
+    detail: str | None = None
+
+
+DETAILS = {vlm_pb2.IMAGE_DETAIL_AUTO: "auto", vlm_pb2.IMAGE_DETAIL_LOW: "low", vlm_pb2.IMAGE_DETAIL_HIGH: "high"}
 
 
 def sampling_params(config, stream: bool) -> SamplingParams:
@@ -137,6 +143,8 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
         violations.append(("messages", f"{image_parts} images is over the limit of {settings.max_images} per request"))
     params = sampling_params(request.config, stream)
     violations += [(f"config.{name}", message) for name, message in params.violations(settings.max_tokens_limit)]
+    if request.detail != vlm_pb2.IMAGE_DETAIL_UNSPECIFIED and request.detail not in DETAILS:
+        violations.append(("detail", f"{request.detail} is not an ImageDetail value; use AUTO, LOW or HIGH"))
     if violations:
         raise invalid_argument(violations)
     return ValidatedRequest(
@@ -146,6 +154,7 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
         messages=messages,
         images=images,
         params=params,
+        detail=DETAILS.get(request.detail),
     )
 
 

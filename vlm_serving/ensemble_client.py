@@ -24,7 +24,7 @@ _PARAMETER_TENSORS = {
     "repetition_penalty": ("REPETITION_PENALTY", "FP32", np.float32),
     "stream": ("STREAM", "BOOL", np.bool_),
 }
-_STRING_TENSORS = {"request_id": "REQUEST_ID"}
+_STRING_TENSORS = {"request_id": "REQUEST_ID", "detail": "DETAIL"}
 
 
 @dataclass
@@ -40,6 +40,8 @@ class ResponseChunk:
     image_tokens: int = 0
     confidence: float = 0.0
     model_version: str = ""
+    # Per image: {"kind": "photo"|"document"|"diagram", "width": W, "height": H} as processed.
+    images: list[dict] = field(default_factory=list)
 
 
 def parse_response(result) -> ResponseChunk:
@@ -62,6 +64,7 @@ def parse_response(result) -> ResponseChunk:
         image_tokens=int(scalar("IMAGE_TOKENS")),
         confidence=float(scalar("CONFIDENCE")),
         model_version=scalar("MODEL_VERSION").decode(),
+        images=json.loads(scalar("IMAGE_INFO")),
     )
 
 

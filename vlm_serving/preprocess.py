@@ -44,6 +44,11 @@ class PreprocessedRequest:
     image_kinds: list[ImageKind] = field(default_factory=list)
     processed_sizes: list[tuple[int, int]] = field(default_factory=list)
 
+    def image_info_json(self) -> str:
+        """Per image {"kind", "width", "height"}: what the answer reports of how it saw each image."""
+        return json.dumps([{"kind": kind.value, "width": width, "height": height}
+                           for kind, (width, height) in zip(self.image_kinds, self.processed_sizes)])
+
 
 def normalization_table(rescale_factor: float, mean: list[float], std: list[float]) -> np.ndarray:
     """float32 [3, 256]: the normalized value of every uint8 level per channel.

@@ -133,3 +133,32 @@ def test_stop_sequence_through_triton(triton):
     stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if "\ufffd" not in full[i : i + 2])
     stopped = generate(triton.grpc_url, "pixtral", messages, [], max_tokens=24, stop=[stop], stream=True)
     assert stopped.text == full[: full.index(stop)] and stopped.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_images_kind_and_processed_size_come_back_and_detail_is_checked(triton, family):
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(6, 4), dpi=100)
+    figure.add_subplot().bar(["a", "b", "c"], [3, 1, 2], color=["#4c72b0", "#dd8452", "#55a868"])
+    chart = io.BytesIO()
+    figure.savefig(chart, format="png")
+    plt.close(figure)
+    noise = encode(picture(320, 240, seed=3))  # random pixels: a photo's statistics
+    result = generate(triton.grpc_url, family, user_message("Compare", 2), [chart.getvalue(), noise], max_tokens=2,
+                      detail="high")
+    assert [image["kind"] for image in result.images] == ["diagram", "photo"]
+    # The tiny checkpoints clamp every preset to their own maximum (tests/unit/test_preprocess.py).
+    for image in result.images:
+        if family == "qwen2_5_vl":
+            assert image["width"] * image["height"] <= 50176 and image["width"] % 28 == 0 == image["height"] % 28
+        else:
+            assert max(image["width"], image["height"]) == 128
+    assert generate(triton.grpc_url, family, user_message("hi", 0), [], max_tokens=2).images == []
+    with pytest.raises(InferenceServerException, match="detail 'ultra' is not one of auto, low, high"):
+        generate(triton.grpc_url, family, user_message("?", 1), [noise], max_tokens=2, detail="ultra")

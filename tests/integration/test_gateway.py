@@ -48,6 +48,14 @@ def test_unary_and_stream_agree_and_match_triton(client, triton, model):
     assert answer.text == direct.text and answer.confidence == pytest.approx(direct.confidence, abs=1e-5)
 
 
+def test_the_answer_says_how_each_image_was_processed(client):
+    answer = client.generate("qwen2.5-vl", "What is in the picture?", [PNG], max_tokens=2, detail=vlm_pb2.IMAGE_DETAIL_LOW)
+    [image] = answer.route.images
+    assert image.kind != vlm_pb2.IMAGE_KIND_UNSPECIFIED and image.width > 0 and image.height > 0
+    assert [(a.model, a.model_version) for a in answer.route.attempts] == [("qwen2.5-vl", answer.model_version)]
+    assert answer.route.reason == vlm_pb2.ROUTE_REASON_REQUESTED
+
+
 def test_image_by_url_from_an_allowlisted_host(client, image_host):
     by_url = client.generate("pixtral", "Describe", [f"http://{image_host}/cat.png"], max_tokens=8)
     by_bytes = client.generate("pixtral", "Describe", [PNG], max_tokens=8)

@@ -43,7 +43,7 @@ def read_params(request) -> SamplingParams:
     )
 
 
-def to_response(update: RequestUpdate, version: str) -> "pb_utils.InferenceResponse":
+def to_response(update: RequestUpdate, version: str, image_info: bytes) -> "pb_utils.InferenceResponse":
     tensors = {
         "TEXT": np.array([[update.text.encode("utf-8")]], dtype=np.object_),
         "TOKEN_IDS": np.array([update.token_ids], dtype=np.int64).reshape(1, -1),
@@ -53,6 +53,7 @@ def to_response(update: RequestUpdate, version: str) -> "pb_utils.InferenceRespo
         "IMAGE_TOKENS": np.array([[update.image_tokens]], dtype=np.int32),
         "CONFIDENCE": np.array([[update.confidence]], dtype=np.float32),
         "MODEL_VERSION": np.array([[version.encode()]], dtype=np.object_),
+        "IMAGE_INFO": np.array([[image_info]], dtype=np.object_),
     }
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
@@ -105,7 +106,7 @@ class TritonPythonModel:
         return generation_request
 
     def execute(self, requests):
-        accepted, senders, request_ids = [], [], []
+        accepted, senders, request_ids, image_infos = [], [], [], []
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -119,6 +120,8 @@ class TritonPythonModel:
             senders.append((request, sender))
             request_id = optional_input(request, "REQUEST_ID")
             request_ids.append("" if request_id is None else request_id.reshape(-1)[0].decode("utf-8"))
+            image_info = optional_input(request, "IMAGE_INFO")
+            image_infos.append(b"[]" if image_info is None else bytes(image_info.reshape(-1)[0]))
         if not accepted:
             return None
 
@@ -128,7 +131,7 @@ class TritonPythonModel:
         run_batch(
             self.generator, accepted,
             send_update=lambda index, update: senders[index][1].send(
-                to_response(update, self.version), flags=FINAL if update.finished else 0),
+                to_response(update, self.version, image_infos[index]), flags=FINAL if update.finished else 0),
             send_error=lambda index, exc: senders[index][1].send(error_response(exc, caller_error=False), flags=FINAL),
             is_cancelled=is_cancelled,
             log_error=lambda message: self.logger.log_error(f"{self.family}: {message}"),

@@ -10,6 +10,7 @@ from vlm_serving.backend.common import error_response, image_tensors, model_para
 from vlm_serving.chat import MessageError
 from vlm_serving.images import ImageError, ImageLimits
 from vlm_serving.preprocess import load_preprocessor
+from vlm_serving.resolution import ResolutionPresets, parse_detail
 from vlm_serving.sampling import SamplingParams
 
 
@@ -23,6 +24,7 @@ class TritonPythonModel:
         self.preprocessor = load_preprocessor(
             self.family, parameters["checkpoint"], limits=limits, max_images=int(parameters["max_images"]),
             max_request_pixels=int(parameters["max_request_pixels"]),
+            presets=ResolutionPresets.from_json(parameters["resolution_presets"]),
         )
 
     def execute(self, requests):
@@ -35,7 +37,9 @@ class TritonPythonModel:
             encoded = [] if images is None else [bytes(image) for image in images.reshape(-1)]
             max_tokens = optional_input(request, "MAX_TOKENS")
             budget = SamplingParams().max_tokens if max_tokens is None else int(max_tokens.reshape(-1)[0])
-            result = self.preprocessor(encoded, messages, max_tokens=budget)
+            detail = optional_input(request, "DETAIL")
+            detail = None if detail is None else parse_detail(detail.reshape(-1)[0])
+            result = self.preprocessor(encoded, messages, max_tokens=budget, detail=detail)
         except (ImageError, MessageError, ValueError) as exc:
             return error_response(exc)
         except Exception as exc:  # one request's unexpected failure must not fail its batch-mates
@@ -47,4 +51,5 @@ class TritonPythonModel:
             for name, value in result.language_tensors.items()
         ]
         outputs.append(pb_utils.Tensor("IMAGE_TOKENS", np.array([[result.image_tokens]], dtype=np.int32)))
+        outputs.append(pb_utils.Tensor("IMAGE_INFO", np.array([[result.image_info_json().encode()]], dtype=np.object_)))
         return pb_utils.InferenceResponse(output_tensors=outputs)

@@ -25,6 +25,7 @@ import numpy as np
 from vlm_serving.encoder import VARIANTS
 from vlm_serving.encoder_inputs import SPECS
 from vlm_serving.loading import checkpoint_context_tokens
+from vlm_serving.resolution import ImageDetail, ResolutionPresets
 from vlm_serving.sampling import SamplingDefaults
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,7 @@ RESPONSE_TENSORS = [
     ("IMAGE_TOKENS", "TYPE_INT32", "1"),
     ("CONFIDENCE", "TYPE_FP32", "1"),
     ("MODEL_VERSION", "TYPE_STRING", "1"),
+    ("IMAGE_INFO", "TYPE_STRING", "1"),
 ]
 
 
@@ -121,6 +123,9 @@ class Profile:
     max_request_pixels: int = 64_000_000
     # Which versions of each model serve: "latest:N", "all" or "specific:1,2".
     version_policy: str = "latest:1"
+    # Pixel ranges per image kind, and per family the detail requests get when they name none.
+    resolution_presets: ResolutionPresets = ResolutionPresets()
+    image_detail: dict[str, ImageDetail] = field(default_factory=dict)
 
 
 PROFILES = {
@@ -202,6 +207,8 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         max_image_bytes=profile.max_image_bytes,
         max_image_pixels=profile.max_image_pixels,
         max_request_pixels=profile.max_request_pixels,
+        resolution_presets=replace(profile.resolution_presets,
+                                   default_detail=profile.image_detail.get(family, ImageDetail.AUTO)).to_json(),
         dynamic_batching=_dynamic_batching(profile.preprocess_batching),
         # Image decoding and tokenization are CPU work on every profile.
         instance_group=_instance_group(profile.preprocess_instances, "KIND_CPU"),
@@ -303,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-variant", choices=VARIANTS, help="ONNX encoder variant")
     parser.add_argument("--encoder-cache-mib", type=int, help="image embedding cache size (0: off; default 1024)")
     parser.add_argument("--version-policy", help="versions that serve: latest:N (default latest:1), all, specific:1,2")
+    parser.add_argument("--image-detail", action="append", default=[], metavar="[FAMILY=]DETAIL",
+                        help="the detail (auto, low, high) requests get when they name none, for every family "
+                             "or one (repeatable; default auto)")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
     if args.checkpoints:
@@ -321,6 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, encoder_cache_bytes=args.encoder_cache_mib << 20)
     if args.version_policy:
         profile = replace(profile, version_policy=args.version_policy)
+    details = {}
+    for setting in args.image_detail:
+        family, _, detail = setting.rpartition("=")
+        for name in [family] if family else FAMILIES:
+            if name not in FAMILIES:
+                parser.error(f"--image-detail {setting}: unknown family {name!r}; known: {', '.join(FAMILIES)}")
+            try:
+                details[name] = ImageDetail(detail)
+            except ValueError:
+                parser.error(f"--image-detail {setting}: {detail!r} is not one of auto, low, high")
+    profile = replace(profile, image_detail=details)
     for path in render_repository(args.repository, profile):
         print(f"rendered {path.relative_to(args.repository.parent) if path.is_relative_to(args.repository.parent) else path}")
     return 0

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--repetition-penalty", type=float, help="in (0, 2]; 1 = off (default: the model's)")
     generate.add_argument("--seed", type=int, help="the same seed repeats the same sample (default: a fresh one)")
     generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable, up to 8)")
+    generate.add_argument("--detail", choices=("auto", "low", "high"),
+                          help="image detail: auto sizes each image by its kind (photo, document, diagram), "
+                               "low and high force the smallest and largest size (default: the model's)")
     commands.add_parser("models", help="list served models")
     for name, text in (("load", "load or reload a model from the repository (admin key)"),
                        ("unload", "unload a model (admin key)")):
@@ -80,7 +83,8 @@ def _run(client: VLMClient, args) -> int:
                   f"top_k:{defaults.top_k},repetition_penalty:{defaults.repetition_penalty:g}")
         return 0
     config = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                  detail=args.detail)
     config = {name: value for name, value in config.items() if value is not None}  # unset: the model's
     if args.stream:
         last = None
@@ -91,9 +95,12 @@ def _run(client: VLMClient, args) -> int:
     else:
         last = client.generate(args.model, args.prompt, args.image, **config)
         print(last.text)
+    images = " ".join(f"{vlm_pb2.ImageKind.Name(image.kind).removeprefix('IMAGE_KIND_').lower()}@{image.width}x{image.height}"
+                      for image in last.route.images)
     print(f"[model={last.model} version={last.model_version} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
           f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
-          f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}]", file=sys.stderr)
+          f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}"
+          + (f" images={images}" if images else "") + "]", file=sys.stderr)
     return 0
 
 

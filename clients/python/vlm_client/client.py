@@ -41,16 +41,21 @@ def build_request(
     images: Iterable[Any] = (),
     messages: Iterable[vlm_pb2.Message] | None = None,
     request_id: str = "",
+    detail: int | str | None = None,
     **config: Any,
 ) -> vlm_pb2.GenerateRequest:
-    """A request from a prompt and images (one user turn), or from ready-made messages."""
+    """A request from a prompt and images (one user turn), or from ready-made messages. `detail`:
+    an ImageDetail value or its short name ("auto", "low", "high"); None: the model's default."""
+    if isinstance(detail, str):
+        detail = vlm_pb2.ImageDetail.Value(f"IMAGE_DETAIL_{detail.upper()}")
     if messages is None:
         parts = [vlm_pb2.Part(image=to_image(image)) for image in images]
         if prompt:
             parts.append(vlm_pb2.Part(text=prompt))
         messages = [vlm_pb2.Message(role="user", parts=parts)]
     return vlm_pb2.GenerateRequest(
-        model=model, messages=list(messages), config=vlm_pb2.GenerationConfig(**config), request_id=request_id
+        model=model, messages=list(messages), config=vlm_pb2.GenerationConfig(**config), request_id=request_id,
+        detail=detail or vlm_pb2.IMAGE_DETAIL_UNSPECIFIED,
     )
 
 

@@ -42,6 +42,7 @@ def response(request_id: str, text: str, final: bool, index: int = 0) -> service
             _tensor("IMAGE_TOKENS", "INT32", np.array([[0]], dtype=np.int32)),
             _tensor("CONFIDENCE", "FP32", np.array([[-0.5]], dtype=np.float32)),
             _tensor("MODEL_VERSION", "BYTES", np.array([[b"1"]], dtype=np.object_)),
+            _tensor("IMAGE_INFO", "BYTES", np.array([[b"[]"]], dtype=np.object_)),
         ]
     infer = service_pb2.ModelInferResponse(model_name="pixtral", id=request_id,
                                            outputs=[t for t, _ in tensors], raw_output_contents=[r for _, r in tensors])

@@ -29,12 +29,16 @@ class ScriptedBackend:
     """Answers every call with the chunks (or the error) the test put in `script`."""
 
     def __init__(self, url, **options):
-        self.script = [ResponseChunk("Hel", [1], False), ResponseChunk("lo", [2], True, "length", 12, 2, 4, -0.5)]
+        images = [{"kind": "diagram", "width": 448, "height": 336}]
+        self.script = [ResponseChunk("Hel", [1], False),
+                       ResponseChunk("lo", [2], True, "length", 12, 2, 4, -0.5, "3", images)]
         self.calls = []
+        self.details = []
         self.ready = True
 
-    async def generate(self, ensemble, messages, images, params, request_id):
+    async def generate(self, ensemble, messages, images, params, request_id, detail=None):
         self.calls.append((ensemble, messages, images, params))
+        self.details.append(detail)
         for item in self.script:
             if isinstance(item, Exception):
                 raise item
@@ -94,6 +98,27 @@ def test_generate_joins_the_chunks_and_reports_usage():
         ensemble, messages, images, params = backend.calls[0]
         assert ensemble == "pixtral" and not params.stream and images == []
         assert messages == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        assert answer.route == vlm_pb2.Route(
+            attempts=[vlm_pb2.RouteAttempt(model="pixtral", model_version="3", confidence=-0.5, completion_tokens=2)],
+            reason=vlm_pb2.ROUTE_REASON_REQUESTED,
+            images=[vlm_pb2.ProcessedImage(kind=vlm_pb2.IMAGE_KIND_DIAGRAM, width=448, height=336)])
+
+    run(test)
+
+
+def test_detail_reaches_the_backend_and_an_unknown_value_is_refused():
+    async def test(stub, backend, gw, channel):
+        for detail, expected in ((vlm_pb2.IMAGE_DETAIL_UNSPECIFIED, None), (vlm_pb2.IMAGE_DETAIL_HIGH, "high"),
+                                 (vlm_pb2.IMAGE_DETAIL_LOW, "low"), (vlm_pb2.IMAGE_DETAIL_AUTO, "auto")):
+            message = request()
+            message.detail = detail
+            await stub.Generate(message, metadata=KEY)
+            assert backend.details[-1] == expected
+        message = request()
+        message.detail = 7
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(message, metadata=KEY)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "detail" in caught.value.details()
 
     run(test)
 
