@@ -1,7 +1,8 @@
 """`vlm.v1.ModelAdminService`: load and unload models in Triton (explicit model control).
 
 A model is its family's pipeline: `<family>_preprocess`, `<family>_encoder`, `<family>_embed` and
-`<family>_generate`, then the `<family>` ensemble (`vlm_serving.deploy.render.pipeline`). Triton loads a new copy beside the serving one and switches when it is
+`<family>_generate`, then the `<family>` ensemble; the router `auto` is only itself
+(`vlm_serving.deploy.render.own_models`). Triton loads a new copy beside the serving one and switches when it is
 ready, so requests keep being answered during a load; a failed load leaves the old copy serving.
 """
 
@@ -18,7 +19,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 from gateway.settings import Settings
 from gateway.servicer import model_info
 from gateway.triton_backend import TritonBackend, unloading
-from vlm_serving.deploy.render import pipeline
+from vlm_serving.deploy.render import own_models
 
 log = logging.getLogger("gateway.admin")
 # Triton's answer to a load or unload while it polls its repository.
@@ -43,7 +44,7 @@ class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
     async def LoadModel(self, request, context):
         ensemble = await self._ensemble(request.model, context)
         started = time.perf_counter()
-        for triton_model in pipeline(ensemble):
+        for triton_model in own_models(ensemble):
             try:
                 await self.backend.load_model(triton_model)
             except InferenceServerException as exc:
@@ -63,7 +64,7 @@ class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
 
     async def UnloadModel(self, request, context):
         ensemble = await self._ensemble(request.model, context)
-        for triton_model in reversed(pipeline(ensemble)):
+        for triton_model in reversed(own_models(ensemble)):
             try:
                 await self.backend.unload_model(triton_model)
             except InferenceServerException as exc:

@@ -36,6 +36,11 @@ class Metrics:
         )
         self.tokens = Counter("vlm_tokens", "Tokens by model and kind", ["model", "kind"], registry=self.registry)
         self.in_flight = Gauge("vlm_requests_in_flight", "RPCs being served", ["model"], registry=self.registry)
+        # The fallback rate is routed{reason="low_confidence"} over all routed requests.
+        self.routed = Counter("vlm_routed_requests", "Requests model auto answered, by route reason", ["reason"],
+                              registry=self.registry)
+        self.images = Counter("vlm_images", "Images answered about, by model and image kind", ["model", "kind"],
+                              registry=self.registry)
 
     @contextmanager
     def track(self, model: str, method: str):

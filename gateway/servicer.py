@@ -18,11 +18,14 @@ from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
 from gateway.triton_backend import TritonBackend, is_unloaded, pipeline_ready, to_api_error
 from gateway.validation import ValidatedRequest, validate
+from vlm_serving.deploy.render import ROUTER
 
 log = logging.getLogger("gateway")
 
 IMAGE_KINDS = {"photo": vlm_pb2.IMAGE_KIND_PHOTO, "document": vlm_pb2.IMAGE_KIND_DOCUMENT,
                "diagram": vlm_pb2.IMAGE_KIND_DIAGRAM}
+ROUTE_REASONS = {"image_kind": vlm_pb2.ROUTE_REASON_IMAGE_KIND, "low_confidence": vlm_pb2.ROUTE_REASON_LOW_CONFIDENCE,
+                 "default": vlm_pb2.ROUTE_REASON_DEFAULT}
 FINISH_REASONS = {
     "stop": vlm_pb2.FINISH_REASON_STOP,
     "length": vlm_pb2.FINISH_REASON_LENGTH,
@@ -35,6 +38,33 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        # The public name of each family, for the answers model "auto" routes.
+        self.public_names = {ensemble: name for name, ensemble in reversed(settings.models.items())}
+
+    def _answering_model(self, requested: str, chunk) -> str:
+        family = chunk.route.get("family")
+        return self.public_names.get(family, family) if family else requested
+
+    def _finish(self, message, chunk) -> None:
+        """Finish reason, usage, confidence and route onto a GenerateResponse or the last stream message."""
+        message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
+        message.usage.CopyFrom(vlm_pb2.Usage(
+            prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens, image_tokens=chunk.image_tokens
+        ))
+        message.confidence = chunk.confidence
+        message.model_version = chunk.model_version
+        if chunk.route:
+            attempts = [vlm_pb2.RouteAttempt(model=self.public_names.get(a["family"], a["family"]),
+                                             model_version=a["model_version"], confidence=a["confidence"],
+                                             completion_tokens=a["completion_tokens"]) for a in chunk.route["attempts"]]
+            reason = ROUTE_REASONS[chunk.route["reason"]]
+        else:
+            attempts = [vlm_pb2.RouteAttempt(model=message.model, model_version=chunk.model_version,
+                                             confidence=chunk.confidence, completion_tokens=chunk.completion_tokens)]
+            reason = vlm_pb2.ROUTE_REASON_REQUESTED
+        message.route.CopyFrom(vlm_pb2.Route(attempts=attempts, reason=reason, images=[
+            vlm_pb2.ProcessedImage(kind=IMAGE_KINDS[image["kind"]], width=image["width"], height=image["height"])
+            for image in chunk.images]))
 
     async def Generate(self, request, context):
         answer = vlm_pb2.GenerateResponse(model=request.model)
@@ -42,8 +72,9 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         async def collect(chunk, call):
             answer.text += chunk.text
             answer.request_id = call.request_id
+            answer.model = self._answering_model(request.model, chunk)
             if chunk.finished:
-                _finish(answer, chunk)
+                self._finish(answer, chunk)
 
         await self._serve(request, context, "Generate", False, collect)
         return answer
@@ -52,9 +83,10 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         # Written with context.write (not yielded), so the deadline also covers the wait for a
         # slow reader: a yield would hand that wait to gRPC, out of reach of our deadline.
         async def send(chunk, call):
-            message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=request.model, request_id=call.request_id)
+            message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=self._answering_model(request.model, chunk),
+                                                     request_id=call.request_id)
             if chunk.finished:
-                _finish(message, chunk)
+                self._finish(message, chunk)
             await context.write(message)
 
         await self._serve(request, context, "GenerateStream", True, send)
@@ -117,7 +149,11 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         started, first = time.perf_counter(), None
         log.debug("request", extra={"fields": {"model": call.model, "images": len(images),
                                                "max_tokens": call.params.max_tokens, "stream": call.params.stream}})
-        chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id, call.detail)
+        routing = None
+        if call.ensemble == ROUTER:
+            routing = {"confidence_threshold": call.confidence_threshold, "fallback": call.fallback}
+        chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id,
+                                       call.detail, routing)
         try:
             async with aclosing(chunks):
                 async for chunk in chunks:
@@ -127,6 +163,10 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                     if chunk.finished:
                         self.metrics.count_usage(call.model, chunk.prompt_tokens, chunk.completion_tokens,
                                                  chunk.image_tokens)
+                        for image in chunk.images:
+                            self.metrics.images.labels(call.model, image["kind"]).inc()
+                        if chunk.route:
+                            self.metrics.routed.labels(chunk.route["reason"]).inc()
                         # One line per request, at the end: enough to trace it, cheap on the hot path.
                         log.info("done", extra={"fields": {
                             "model": call.model, "images": len(images), "stream": call.params.stream,
@@ -140,12 +180,13 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
 async def model_info(backend: TritonBackend, name: str, ensemble: str, index: list[dict]) -> vlm_pb2.ModelInfo:
     """What ListModels says of one model: the versions of the generation step behind its ensemble."""
     info = vlm_pb2.ModelInfo(name=name, family=ensemble)
+    versioned = ensemble if ensemble == ROUTER else f"{ensemble}_generate"
     for entry in index:
-        if entry.get("name") == f"{ensemble}_generate" and not is_unloaded(entry):
+        if entry.get("name") == versioned and not is_unloaded(entry):
             info.versions.add(version=entry.get("version", ""), state=entry.get("state", ""),
                               reason=entry.get("reason", ""))
     info.ready = pipeline_ready(index, ensemble)
-    if info.ready:
+    if info.ready and ensemble != ROUTER:
         parameters = await backend.model_parameters(f"{ensemble}_generate")
         info.quantization = parameters.get("quantization", "")
         info.context_tokens = int(parameters.get("context_tokens") or 0)
@@ -155,20 +196,3 @@ async def model_info(backend: TritonBackend, name: str, ensemble: str, index: li
         if parameters.get("sampling_defaults"):
             info.defaults.CopyFrom(vlm_pb2.GenerationConfig(**json.loads(parameters["sampling_defaults"])))
     return info
-
-
-def _finish(message, chunk) -> None:
-    """Finish reason, usage and confidence onto a GenerateResponse or the last stream message."""
-    message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
-    message.usage.CopyFrom(vlm_pb2.Usage(
-        prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens, image_tokens=chunk.image_tokens
-    ))
-    message.confidence = chunk.confidence
-    message.model_version = chunk.model_version
-    message.route.CopyFrom(vlm_pb2.Route(
-        attempts=[vlm_pb2.RouteAttempt(model=message.model, model_version=chunk.model_version,
-                                       confidence=chunk.confidence, completion_tokens=chunk.completion_tokens)],
-        reason=vlm_pb2.ROUTE_REASON_REQUESTED,
-        images=[vlm_pb2.ProcessedImage(kind=IMAGE_KINDS[image["kind"]], width=image["width"], height=image["height"])
-                for image in chunk.images],
-    ))

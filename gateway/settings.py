@@ -24,8 +24,9 @@ class Settings:
 
     listen_address: str = "localhost:50051"
     triton_url: str = "localhost:8001"
-    # Public model name -> Triton ensemble (named after its family).
-    models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral"})
+    # Public model name -> Triton ensemble (named after its family), or the router "auto".
+    models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral",
+                                                            "auto": "auto"})
     api_keys: frozenset[str] = frozenset()
     # Keys allowed to call admin RPCs (model loading); each must also be in api_keys.
     admin_api_keys: frozenset[str] = frozenset()

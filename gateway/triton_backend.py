@@ -304,8 +304,10 @@ class TritonBackend:
         params: SamplingParams,
         request_id: str,
         detail: str | None = None,
+        routing: dict | None = None,
     ) -> AsyncIterator[ResponseChunk]:
-        """The ensemble's responses as chunks.
+        """The ensemble's responses as chunks (`routing`: model "auto"'s confidence_threshold and
+        fallback).
 
         A consumer that stops early (client cancel, deadline) puts the request on the
         cancellation board, which frees its row in the running batch.
@@ -327,6 +329,7 @@ class TritonBackend:
             stream=params.stream,
             request_id=triton_id,
             detail=detail,
+            **(routing or {}),
         )
         # tritonclient's own request builder (a private helper of the pinned 2.73 release).
         request = _get_inference_request(

@@ -12,6 +12,7 @@ from vlm.v1 import vlm_pb2
 
 from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
+from vlm_serving.deploy.render import ROUTER
 from vlm_serving.images import ImageError, ImageLimits, check_encoded
 from vlm_serving.sampling import SamplingParams
 
@@ -40,6 +41,9 @@ class ValidatedRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     # "auto", "low" or "high"; None: the model's default.
     detail: str | None = None
+    # Model "auto" only: its confidence threshold (None: the server's) and whether it may fall back.
+    confidence_threshold: float | None = None
+    fallback: bool | None = None
 
 
 DETAILS = {vlm_pb2.IMAGE_DETAIL_AUTO: "auto", vlm_pb2.IMAGE_DETAIL_LOW: "low", vlm_pb2.IMAGE_DETAIL_HIGH: "high"}
@@ -145,6 +149,13 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     violations += [(f"config.{name}", message) for name, message in params.violations(settings.max_tokens_limit)]
     if request.detail != vlm_pb2.IMAGE_DETAIL_UNSPECIFIED and request.detail not in DETAILS:
         violations.append(("detail", f"{request.detail} is not an ImageDetail value; use AUTO, LOW or HIGH"))
+    routed = settings.models[request.model] == ROUTER
+    if request.HasField("routing") and not routed:
+        violations.append(("routing", f"only model {ROUTER!r} routes; {request.model!r} answers itself"))
+    threshold = request.routing.confidence_threshold if request.routing.HasField("confidence_threshold") else None
+    if threshold is not None and not -100.0 <= threshold <= 0.0:
+        violations.append(("routing.confidence_threshold",
+                           f"{threshold:g} is out of range; a mean log-probability per token, -100 to 0"))
     if violations:
         raise invalid_argument(violations)
     return ValidatedRequest(
@@ -155,6 +166,8 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
         images=images,
         params=params,
         detail=DETAILS.get(request.detail),
+        confidence_threshold=threshold,
+        fallback=(not request.routing.disable_fallback) if routed else None,
     )
 
 

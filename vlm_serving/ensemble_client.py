@@ -23,6 +23,9 @@ _PARAMETER_TENSORS = {
     "seed": ("SEED", "INT64", np.int64),
     "repetition_penalty": ("REPETITION_PENALTY", "FP32", np.float32),
     "stream": ("STREAM", "BOOL", np.bool_),
+    # Model "auto" only.
+    "confidence_threshold": ("CONFIDENCE_THRESHOLD", "FP32", np.float32),
+    "fallback": ("FALLBACK", "BOOL", np.bool_),
 }
 _STRING_TENSORS = {"request_id": "REQUEST_ID", "detail": "DETAIL"}
 
@@ -42,14 +45,18 @@ class ResponseChunk:
     model_version: str = ""
     # Per image: {"kind": "photo"|"document"|"diagram", "width": W, "height": H} as processed.
     images: list[dict] = field(default_factory=list)
+    # Model "auto" only: {"family"} on every response; the last adds {"reason", "attempts"}.
+    route: dict = field(default_factory=dict)
 
 
 def parse_response(result) -> ResponseChunk:
     """A tritonclient InferResult (sync or asyncio client) as a chunk."""
     text = result.as_numpy("TEXT").reshape(-1)[0].decode("utf-8")
     token_ids = result.as_numpy("TOKEN_IDS").reshape(-1).tolist()
+    route_info = result.as_numpy("ROUTE_INFO")
+    route = {} if route_info is None else json.loads(route_info.reshape(-1)[0])
     if not result.get_response().parameters["triton_final_response"].bool_param:
-        return ResponseChunk(text=text, token_ids=token_ids, finished=False)
+        return ResponseChunk(text=text, token_ids=token_ids, finished=False, route=route)
 
     def scalar(name):
         return result.as_numpy(name).reshape(-1)[0]
@@ -65,6 +72,7 @@ def parse_response(result) -> ResponseChunk:
         confidence=float(scalar("CONFIDENCE")),
         model_version=scalar("MODEL_VERSION").decode(),
         images=json.loads(scalar("IMAGE_INFO")),
+        route=route,
     )
 
 

@@ -64,7 +64,9 @@ def test_image_by_url_from_an_allowlisted_host(client, image_host):
 
 def test_list_models(client):
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == set(PUBLIC)
+    assert set(models) == set(PUBLIC) | {"auto"}
+    auto = models.pop("auto")
+    assert auto.ready and auto.family == "auto" and [(v.version, v.state) for v in auto.versions] == [("1", "READY")]
     for name, model in models.items():
         assert model.ready and model.family == PUBLIC[name] and model.quantization == "none"
         assert [(v.version, v.state) for v in model.versions] == [("1", "READY")]

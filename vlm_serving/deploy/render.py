@@ -26,6 +26,7 @@ from vlm_serving.encoder import VARIANTS
 from vlm_serving.encoder_inputs import SPECS
 from vlm_serving.loading import checkpoint_context_tokens
 from vlm_serving.resolution import ImageDetail, ResolutionPresets
+from vlm_serving.routing import DEFAULT_CONFIDENCE_THRESHOLD
 from vlm_serving.sampling import SamplingDefaults
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -77,12 +78,24 @@ RESPONSE_TENSORS = [
 ]
 
 
+ROUTER = "auto"
+
+
 def pipeline(ensemble: str) -> list[str]:
     """A family's Triton models in load order: each before the models that call it (the encoder
     before the embed step that calls it through BLS, which Triton does not know of; the steps
-    before the ensemble). Loading the ensemble alone would leave the encoder out."""
+    before the ensemble). Loading the ensemble alone would leave the encoder out. The router's
+    pipeline is both families' and then itself: it serves when all of them do."""
+    if ensemble == ROUTER:
+        return [model for family in FAMILIES for model in pipeline(family)] + [ROUTER]
     steps = ("preprocess", "encoder", "embed", "generate")
     return [f"{ensemble}_{step}" for step in steps] + [ensemble]
+
+
+def own_models(ensemble: str) -> list[str]:
+    """The models an admin load or unload of `ensemble` touches: the router only itself (its
+    families are models of their own)."""
+    return [ROUTER] if ensemble == ROUTER else pipeline(ensemble)
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,9 @@ class Profile:
     max_request_pixels: int = 64_000_000
     # Which versions of each model serve: "latest:N", "all" or "specific:1,2".
     version_policy: str = "latest:1"
+    # The router's default confidence threshold (mean log-probability per token; see routing.py).
+    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
+    router_max_concurrent_requests: int = 64
     # Pixel ranges per image kind, and per family the detail requests get when they name none.
     resolution_presets: ResolutionPresets = ResolutionPresets()
     image_detail: dict[str, ImageDetail] = field(default_factory=dict)
@@ -285,9 +301,20 @@ def copy_model_code(source: Path, target: Path) -> Path:
     return target
 
 
+def render_router(profile: Profile) -> str:
+    return Template((TEMPLATES / "auto.pbtxt").read_text()).substitute(
+        max_batch_size=min(profile.preprocess_batching.max_batch_size, profile.generate_batching.max_batch_size),
+        version_policy=_version_policy(profile.version_policy),
+        request_parameters=_tensors(REQUEST_PARAMETERS, optional=True),
+        response_tensors=_tensors(RESPONSE_TENSORS),
+        confidence_threshold=f"{profile.confidence_threshold:.6g}",
+        max_concurrent_requests=profile.router_max_concurrent_requests,
+    )
+
+
 def render_repository(repository: Path, profile: Profile) -> list[Path]:
     written = []
-    configs = {"cancel": (TEMPLATES / "cancel.pbtxt").read_text()}
+    configs = {"cancel": (TEMPLATES / "cancel.pbtxt").read_text(), ROUTER: render_router(profile)}
     for family in FAMILIES:
         configs.update(render_family(family, profile))
     for model, text in configs.items():

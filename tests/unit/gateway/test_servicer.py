@@ -34,11 +34,13 @@ class ScriptedBackend:
                        ResponseChunk("lo", [2], True, "length", 12, 2, 4, -0.5, "3", images)]
         self.calls = []
         self.details = []
+        self.routings = []
         self.ready = True
 
-    async def generate(self, ensemble, messages, images, params, request_id, detail=None):
+    async def generate(self, ensemble, messages, images, params, request_id, detail=None, routing=None):
         self.calls.append((ensemble, messages, images, params))
         self.details.append(detail)
+        self.routings.append(routing)
         for item in self.script:
             if isinstance(item, Exception):
                 raise item
@@ -50,8 +52,7 @@ class ScriptedBackend:
     async def repository_index(self):
         if not self.ready:
             return []
-        return [{"name": name, "version": "1", "state": "READY"} for family in ("pixtral", "qwen2_5_vl")
-                for name in pipeline(family)]
+        return [{"name": name, "version": "1", "state": "READY"} for name in pipeline("auto")]
 
     async def model_parameters(self, name):
         return {"quantization": "int8", "sampling_defaults": SamplingDefaults(0.7, 0.8, 20, 1.05).to_json()}
@@ -102,6 +103,37 @@ def test_generate_joins_the_chunks_and_reports_usage():
             attempts=[vlm_pb2.RouteAttempt(model="pixtral", model_version="3", confidence=-0.5, completion_tokens=2)],
             reason=vlm_pb2.ROUTE_REASON_REQUESTED,
             images=[vlm_pb2.ProcessedImage(kind=vlm_pb2.IMAGE_KIND_DIAGRAM, width=448, height=336)])
+
+    run(test)
+
+
+def test_auto_gets_its_routing_options_other_models_refuse_them_and_answers_name_the_routed_model():
+    async def test(stub, backend, gw, channel):
+        images = [{"kind": "diagram", "width": 448, "height": 336}]
+        route = {"family": "pixtral", "reason": "low_confidence", "attempts": [
+            {"family": "qwen2_5_vl", "model_version": "1", "confidence": -2.0, "completion_tokens": 2},
+            {"family": "pixtral", "model_version": "3", "confidence": -0.1, "completion_tokens": 2}]}
+        backend.script = [ResponseChunk("Hel", [1], False, route={"family": "pixtral"}),
+                          ResponseChunk("lo", [2], True, "length", 12, 2, 4, -0.1, "3", images, route)]
+        message = request(model="auto")
+        message.routing.confidence_threshold = -0.5
+        answer = await stub.Generate(message, metadata=KEY)
+        assert backend.routings[-1] == {"confidence_threshold": -0.5, "fallback": True}
+        assert answer.model == "pixtral" and answer.route.reason == vlm_pb2.ROUTE_REASON_LOW_CONFIDENCE
+        assert [(a.model, a.model_version) for a in answer.route.attempts] == [("qwen2.5-vl", "1"), ("pixtral", "3")]
+        streamed = [m async for m in stub.GenerateStream(request(model="auto"), metadata=KEY)]
+        assert [m.model for m in streamed] == ["pixtral", "pixtral"] and backend.routings[-1]["confidence_threshold"] is None
+        message = request(model="auto")
+        message.routing.disable_fallback = True
+        await stub.Generate(message, metadata=KEY)
+        assert backend.routings[-1] == {"confidence_threshold": None, "fallback": False}
+        for model, threshold, field in (("pixtral", -0.5, "routing"), ("auto", 0.5, "routing.confidence_threshold")):
+            message = request(model=model)
+            message.routing.confidence_threshold = threshold
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Generate(message, metadata=KEY)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in caught.value.details()
+        assert len(backend.routings) == 3, "refused requests never reach the backend"
 
     run(test)
 
@@ -200,7 +232,9 @@ def test_triton_errors_become_status_codes_and_metrics_count_them():
 def test_list_models_reports_versions_readiness_and_quantization():
     async def test(stub, backend, gw, channel):
         models = {m.name: m for m in (await stub.ListModels(vlm_pb2.ListModelsRequest(), metadata=KEY)).models}
-        assert set(models) == {"pixtral", "qwen2.5-vl"}
+        assert set(models) == {"pixtral", "qwen2.5-vl", "auto"}
+        auto = models["auto"]  # the router: its own versions, no generation step of its own
+        assert (auto.family, auto.ready, auto.quantization, [v.version for v in auto.versions]) == ("auto", True, "", ["1"])
         pixtral = models["pixtral"]
         assert (pixtral.family, pixtral.ready, pixtral.quantization) == ("pixtral", True, "int8")
         assert [(v.version, v.state) for v in pixtral.versions] == [("1", "READY")]

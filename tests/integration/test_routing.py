@@ -1,0 +1,143 @@
+"""Model `auto` on the real stack: routing by image kind, the confidence fallback, streams,
+cancellation, and the same text as calling the chosen model directly."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import grpc
+import pytest
+from vlm.v1 import vlm_pb2
+
+from tests.conftest import encode, picture
+from tests.integration.conftest import KEY
+from vlm_client import VLMClient, build_request
+from vlm_serving.ensemble_client import generate, user_message
+
+pytestmark = pytest.mark.integration
+PHOTO = encode(picture(320, 240, seed=5))  # random pixels: a photo's statistics
+PROMPT = "What does this show?"
+
+
+def chart_png() -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(6, 4), dpi=100)
+    axes = figure.add_subplot()
+    axes.plot(range(12), [v * v for v in range(12)], marker="o")
+    axes.set(title="Requests per hour", xlabel="hour", ylabel="requests")
+    data = io.BytesIO()
+    figure.savefig(data, format="png")
+    plt.close(figure)
+    return data.getvalue()
+
+
+CHART = chart_png()
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with VLMClient(gateway.address, api_key=KEY, timeout=120) as client:
+        yield client
+
+
+def routed(client, image, stream=False, threshold=None, fallback=True, max_tokens=12):
+    request = build_request("auto", PROMPT, [image], max_tokens=max_tokens)
+    if threshold is not None:
+        request.routing.confidence_threshold = threshold
+    request.routing.disable_fallback = not fallback
+    if stream:
+        return list(client.stub.GenerateStream(request, metadata=client.metadata, timeout=120))
+    return client.stub.Generate(request, metadata=client.metadata, timeout=120)
+
+
+def attempts(answer):
+    return [a.model for a in answer.route.attempts]
+
+
+def test_a_chart_goes_to_pixtral_by_kind_and_says_why(client):
+    answer = routed(client, CHART)
+    assert (answer.model, answer.route.reason, attempts(answer)) == ("pixtral", vlm_pb2.ROUTE_REASON_IMAGE_KIND, ["pixtral"])
+    assert [image.kind for image in answer.route.images] == [vlm_pb2.IMAGE_KIND_DIAGRAM]
+    assert answer.text == client.generate("pixtral", PROMPT, [CHART], max_tokens=12).text
+
+
+def test_a_photo_with_the_fallback_off_stays_on_qwen(client):
+    answer = routed(client, PHOTO, fallback=False)
+    assert (answer.model, answer.route.reason, attempts(answer)) == ("qwen2.5-vl", vlm_pb2.ROUTE_REASON_DEFAULT, ["qwen2.5-vl"])
+    assert answer.text == client.generate("qwen2.5-vl", PROMPT, [PHOTO], max_tokens=12).text
+
+
+def test_below_the_threshold_pixtral_answers_again_and_both_attempts_are_listed(client):
+    answer = routed(client, PHOTO, threshold=0.0)  # no answer is certain: always below
+    assert (answer.model, answer.route.reason, attempts(answer)) == (
+        "pixtral", vlm_pb2.ROUTE_REASON_LOW_CONFIDENCE, ["qwen2.5-vl", "pixtral"])
+    qwen = client.generate("qwen2.5-vl", PROMPT, [PHOTO], max_tokens=12)
+    pixtral = client.generate("pixtral", PROMPT, [PHOTO], max_tokens=12)
+    assert answer.text == pixtral.text
+    first, second = answer.route.attempts
+    assert first.confidence == pytest.approx(qwen.confidence, abs=1e-5) and first.completion_tokens == 12
+    assert second.confidence == pytest.approx(answer.confidence) == pytest.approx(pixtral.confidence, abs=1e-5)
+
+
+def test_above_the_threshold_qwens_answer_is_kept(client):
+    answer = routed(client, PHOTO, threshold=-100.0)
+    assert (answer.model, answer.route.reason, attempts(answer)) == ("qwen2.5-vl", vlm_pb2.ROUTE_REASON_DEFAULT, ["qwen2.5-vl"])
+    assert answer.text == client.generate("qwen2.5-vl", PROMPT, [PHOTO], max_tokens=12).text
+
+
+def test_streams_by_kind_and_after_a_fallback_stream_and_a_held_answer_comes_whole(client):
+    by_kind = routed(client, CHART, stream=True)
+    assert len(by_kind) > 1 and {m.model for m in by_kind} == {"pixtral"}
+    assert "".join(m.text for m in by_kind) == routed(client, CHART).text
+    assert by_kind[-1].route.reason == vlm_pb2.ROUTE_REASON_IMAGE_KIND
+    fell_back = routed(client, PHOTO, stream=True, threshold=0.0)
+    assert len(fell_back) > 1 and fell_back[-1].route.reason == vlm_pb2.ROUTE_REASON_LOW_CONFIDENCE
+    assert "".join(m.text for m in fell_back) == routed(client, PHOTO, threshold=0.0).text
+    held = routed(client, PHOTO, stream=True, threshold=-100.0)
+    assert len(held) == 1 and held[0].route.reason == vlm_pb2.ROUTE_REASON_DEFAULT
+    assert held[0].text == routed(client, PHOTO, threshold=-100.0).text
+    unheld = routed(client, PHOTO, stream=True, fallback=False)
+    assert len(unheld) > 1 and "".join(m.text for m in unheld) == held[0].text
+
+
+# Prompts that run long on each tiny model with that image (found by trying; Pixtral's ends at 608).
+@pytest.mark.parametrize("image,family,prompt", [(PHOTO, "qwen2.5-vl", "Tell me a long story"),
+                                                 (CHART, "pixtral", "Tell long please")])
+def test_a_cancelled_routed_stream_frees_its_row(client, image, family, prompt):
+    """Cancelled while Qwen's held answer runs, or while Pixtral streams: the row is freed, so a
+    short request to that model answers at once, not after the long one."""
+    long = dict(max_tokens=3000)
+    started = time.perf_counter()
+    whole = client.generate(family, prompt, [image], **long)
+    uncancelled = time.perf_counter() - started
+    assert whole.usage.completion_tokens >= 600, "this prompt must run long on the tiny model"
+    request = build_request("auto", prompt, [image], **long)
+    request.routing.confidence_threshold = 0.0
+    stream = client.stub.GenerateStream(request, metadata=client.metadata, timeout=60)
+    if family == "pixtral":
+        assert next(stream).model == "pixtral"
+    else:
+        time.sleep(0.5)  # Qwen's answer is held: nothing arrives before it completes
+    stream.cancel()
+    started = time.perf_counter()
+    client.generate(family, "short", max_tokens=4)
+    assert time.perf_counter() - started < uncancelled / 3
+
+
+def test_auto_answers_triton_callers_too_with_its_route(triton):
+    """The router is a Triton model: perf_analyzer or tritonclient drive it like an ensemble."""
+    result = generate(triton.grpc_url, "auto", user_message(PROMPT, 1), [CHART], max_tokens=6)
+    assert result.route["reason"] == "image_kind" and [a["family"] for a in result.route["attempts"]] == ["pixtral"]
+    assert result.images[0]["kind"] == "diagram" and result.completion_tokens == 6
+
+
+def test_a_bad_image_through_auto_gets_the_familys_own_error(client):
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate("auto", PROMPT, [b"GIF89a" + b"\0" * 40], max_tokens=4)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot read the GIF header" in caught.value.details()

@@ -1,0 +1,86 @@
+"""Model `auto`'s decision, apart from Triton: fake families that answer with a given confidence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vlm_serving.image_kind import ImageKind
+from vlm_serving.routing import DEFAULT_CONFIDENCE_THRESHOLD, Reply, RouteReason, RoutingOptions, route
+
+PHOTO, DOCUMENT, DIAGRAM = ImageKind.PHOTO, ImageKind.DOCUMENT, ImageKind.DIAGRAM
+
+
+class Families:
+    """Each family streams three deltas (or one whole answer) with its confidence; records calls."""
+
+    def __init__(self, qwen_confidence=-0.05, pixtral_confidence=-0.3, error=None):
+        self.confidence = {"qwen2_5_vl": qwen_confidence, "pixtral": pixtral_confidence}
+        self.error = error
+        self.calls, self.sent = [], []
+
+    def call(self, family, stream):
+        self.calls.append((family, stream))
+        if self.error:
+            yield Reply(True, error=self.error, payload=f"{family}: error")
+            return
+        if stream:
+            for index in range(2):
+                yield Reply(False, payload=f"{family}: delta {index}")
+        yield Reply(True, self.confidence[family], 3, "1", payload=f"{family}: final")
+
+    def send(self, reply, family, answer):
+        assert reply.payload.startswith(family)
+        self.sent.append((reply.payload, None if answer is None else (answer.reason, [a.family for a in answer.attempts])))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_diagram_goes_to_pixtral_at_once_and_streams(stream):
+    families = Families()
+    answer = route([PHOTO, DIAGRAM], RoutingOptions(), stream, families.call, families.send)
+    assert answer.reason == RouteReason.IMAGE_KIND and families.calls == [("pixtral", stream)]
+    expected_deltas = [("pixtral: delta 0", None), ("pixtral: delta 1", None)] if stream else []
+    assert families.sent == expected_deltas + [("pixtral: final", (RouteReason.IMAGE_KIND, ["pixtral"]))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_confident_qwen_answer_is_held_then_sent_whole(stream):
+    families = Families(qwen_confidence=-0.05)
+    answer = route([PHOTO, DOCUMENT], RoutingOptions(), stream, families.call, families.send)
+    assert answer.reason == RouteReason.DEFAULT
+    assert families.calls == [("qwen2_5_vl", False)], "held: asked for whole, whatever the caller asked"
+    assert families.sent == [("qwen2_5_vl: final", (RouteReason.DEFAULT, ["qwen2_5_vl"]))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_doubtful_qwen_answer_falls_back_to_pixtral_which_streams(stream):
+    families = Families(qwen_confidence=-2.0)
+    answer = route([], RoutingOptions(), stream, families.call, families.send)
+    assert answer.reason == RouteReason.LOW_CONFIDENCE
+    assert families.calls == [("qwen2_5_vl", False), ("pixtral", stream)]
+    assert [(a.family, a.confidence) for a in answer.attempts] == [("qwen2_5_vl", -2.0), ("pixtral", -0.3)]
+    assert families.sent[-1] == ("pixtral: final", (RouteReason.LOW_CONFIDENCE, ["qwen2_5_vl", "pixtral"]))
+    assert all(payload.startswith("pixtral") for payload, _ in families.sent), "Qwen's held answer is never sent"
+
+
+def test_the_threshold_is_inclusive_and_configurable():
+    families = Families(qwen_confidence=-1.0)
+    assert route([], RoutingOptions(confidence_threshold=-1.0), False, families.call, families.send).reason == RouteReason.DEFAULT
+    assert route([], RoutingOptions(confidence_threshold=-0.99), False, families.call, families.send).reason == RouteReason.LOW_CONFIDENCE
+    assert DEFAULT_CONFIDENCE_THRESHOLD == pytest.approx(math.log(0.85))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_with_the_fallback_off_qwen_streams_at_once_whatever_its_confidence(stream):
+    families = Families(qwen_confidence=-9.0)
+    answer = route([PHOTO], RoutingOptions(fallback=False), stream, families.call, families.send)
+    assert answer.reason == RouteReason.DEFAULT and families.calls == [("qwen2_5_vl", stream)]
+    assert families.sent[-1] == ("qwen2_5_vl: final", (RouteReason.DEFAULT, ["qwen2_5_vl"]))
+
+
+def test_an_error_from_the_held_call_ends_the_request_without_a_fallback():
+    families = Families(error="image 0: not a supported image file")
+    answer = route([], RoutingOptions(), False, families.call, families.send)
+    assert families.calls == [("qwen2_5_vl", False)] and families.sent == [("qwen2_5_vl: error", (RouteReason.DEFAULT, ["qwen2_5_vl"]))]
+    assert answer.attempts[0].family == "qwen2_5_vl"

@@ -1,0 +1,128 @@
+"""Triton adapter for `vlm_serving.routing` (decoupled): model `auto` answers a request with the
+family that `route` chooses, calling that family's ensemble through BLS.
+
+Each request is handled on a thread of its own (BLS calls block), so `execute` only hands requests
+over. The image kinds come from the same classifier the preprocessing step runs; an image that
+does not decode is left unclassified here, and the family's own preprocessing refuses it with its
+exact error. Sub-requests carry the request's REQUEST_ID (one is made up when the caller sent
+none), so the cancellation board reaches their generation rows; a caller that goes away mid-answer
+has its REQUEST_ID put on the board here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlm_serving.backend.common import model_parameters, optional_input
+from vlm_serving.deploy.render import REQUEST_PARAMETERS, RESPONSE_TENSORS
+from vlm_serving.errors import CALLER_ERROR_PREFIX
+from vlm_serving.image_kind import classify
+from vlm_serving.images import ImageError, decode_image
+from vlm_serving.routing import Reply, Route, RoutingOptions, route
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+FORWARDED_INPUTS = ["MESSAGES", "IMAGES", "DETAIL"] + [name for name, _, _ in REQUEST_PARAMETERS]
+OUTPUTS = [name for name, _, _ in RESPONSE_TENSORS]
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+
+
+def _scalar(response, name: str):
+    return pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(args)
+        self.default_threshold = float(parameters["confidence_threshold"])
+        self.pool = ThreadPoolExecutor(int(parameters["max_concurrent_requests"]), thread_name_prefix="auto")
+        self.logger = pb_utils.Logger
+
+    def execute(self, requests):
+        for request in requests:
+            self.pool.submit(self._answer, request, request.get_response_sender())
+        return None
+
+    def _answer(self, request, sender) -> None:
+        try:
+            inputs = {name: value for name in FORWARDED_INPUTS
+                      if (value := optional_input(request, name)) is not None}
+            request_id = (inputs["REQUEST_ID"].reshape(-1)[0].decode() if "REQUEST_ID" in inputs
+                          else uuid.uuid4().hex)
+            inputs["REQUEST_ID"] = np.array([[request_id.encode()]], dtype=np.object_)
+            stream = bool(inputs["STREAM"].reshape(-1)[0]) if "STREAM" in inputs else False
+            route(self._kinds(inputs.get("IMAGES")), self._options(request), stream,
+                  call=lambda family, streamed: self._call(family, inputs, streamed, request, request_id),
+                  send=lambda reply, family, answer: self._send(sender, reply, family, answer))
+        except _Cancelled:
+            sender.send(flags=FINAL)
+        except Exception as exc:  # never leave the caller's stream open
+            self.logger.log_error(f"auto: {type(exc).__name__}: {exc}")
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"auto: {exc}")), flags=FINAL)
+
+    def _options(self, request) -> RoutingOptions:
+        threshold = optional_input(request, "CONFIDENCE_THRESHOLD")
+        fallback = optional_input(request, "FALLBACK")
+        return RoutingOptions(
+            confidence_threshold=self.default_threshold if threshold is None else float(threshold.reshape(-1)[0]),
+            fallback=True if fallback is None else bool(fallback.reshape(-1)[0]),
+        )
+
+    @staticmethod
+    def _kinds(images) -> list:
+        kinds = []
+        for index, data in enumerate([] if images is None else images.reshape(-1)):
+            try:
+                kinds.append(classify(decode_image(bytes(data), index=index)))
+            except ImageError:
+                pass  # the family's preprocessing refuses it, with its own message
+        return kinds
+
+    def _call(self, family: str, inputs: dict, stream: bool, request, request_id: str):
+        tensors = dict(inputs, STREAM=np.array([[stream]], dtype=np.bool_))
+        call = pb_utils.InferenceRequest(
+            model_name=family, requested_output_names=OUTPUTS,
+            inputs=[pb_utils.Tensor(name, value) for name, value in tensors.items()],
+        )
+        for response in call.exec(decoupled=True):
+            if request.is_cancelled():
+                self._cancel(request_id)
+                raise _Cancelled()
+            if response.has_error():
+                yield Reply(True, error=_ENSEMBLE_PREFIX.sub("", response.error().message()), payload=response)
+                return
+            if not response.output_tensors():  # the empty response that only carries the final flag
+                continue
+            finished = bool(_scalar(response, "FINISH_REASON"))
+            yield Reply(finished, float(_scalar(response, "CONFIDENCE")), int(_scalar(response, "COMPLETION_TOKENS")),
+                        _scalar(response, "MODEL_VERSION").decode(), payload=response)
+
+    @staticmethod
+    def _send(sender, reply: Reply, family: str, answer: Route | None) -> None:
+        """Forward a family's response, with ROUTE_INFO: the answering family on every response,
+        the reason and attempts on the final one."""
+        if reply.error is not None:
+            code = pb_utils.TritonError.INVALID_ARG if reply.error.startswith(CALLER_ERROR_PREFIX) else pb_utils.TritonError.INTERNAL
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(reply.error, code)), flags=FINAL)
+            return
+        info = {"family": family} | (answer.to_dict() if answer is not None else {})
+        tensors = reply.payload.output_tensors() + [
+            pb_utils.Tensor("ROUTE_INFO", np.array([[json.dumps(info).encode()]], dtype=np.object_))]
+        sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if reply.finished else 0)
+
+    @staticmethod
+    def _cancel(request_id: str) -> None:
+        ids = pb_utils.Tensor("REQUEST_IDS", np.array([request_id.encode()], dtype=np.object_))
+        pb_utils.InferenceRequest(model_name="cancel", requested_output_names=["CANCELLED"], inputs=[ids]).exec()
+
+    def finalize(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Cancelled(Exception):
+    """The caller went away: the answer ends here."""
