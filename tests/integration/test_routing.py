@@ -141,3 +141,33 @@ def test_a_bad_image_through_auto_gets_the_familys_own_error(client):
         client.generate("auto", PROMPT, [b"GIF89a" + b"\0" * 40], max_tokens=4)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "cannot read the GIF header" in caught.value.details()
+
+
+def test_vlm_generate_with_model_auto_answers_a_chart_from_pixtral_and_says_why(gateway, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    chart = tmp_path / "chart.png"
+    chart.write_bytes(CHART)
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm_client.cli", "--address", gateway.address, "generate", "--model", "auto",
+         "--image", str(chart), "What does the chart show?", "--max-tokens", "8"],
+        env=dict(os.environ, VLM_API_KEY=KEY), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[model=pixtral " in result.stderr and " route=image_kind:pixtral(" in result.stderr
+    assert " images=diagram@" in result.stderr
+
+
+def test_a_routed_request_past_its_deadline_is_deadline_exceeded_and_frees_qwens_row(client):
+    started = time.perf_counter()
+    client.generate("qwen2.5-vl", "Tell me a long story", [PHOTO], max_tokens=3000)
+    uncancelled = time.perf_counter() - started
+    request = build_request("auto", "Tell me a long story", [PHOTO], max_tokens=3000)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.stub.Generate(request, metadata=client.metadata, timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    started = time.perf_counter()
+    client.generate("qwen2.5-vl", "short", max_tokens=4)
+    assert time.perf_counter() - started < uncancelled / 3

@@ -25,7 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="ask about images")
     generate.add_argument("prompt")
-    generate.add_argument("--model", required=True, help="e.g. qwen2.5-vl or pixtral (see `vlm models`)")
+    generate.add_argument("--model", required=True, help="qwen2.5-vl, pixtral, or auto: Pixtral for diagrams, "
+                          "else Qwen2.5-VL with a fallback to Pixtral when it is unsure (see `vlm models`)")
+    generate.add_argument("--confidence-threshold", type=float,
+                          help="model auto: the confidence (mean log-probability per token, -100 to 0) below "
+                               "which Pixtral answers again (default: the server's, ln 0.85 = -0.16)")
+    generate.add_argument("--no-fallback", action="store_true", help="model auto: keep Qwen2.5-VL's answer, "
+                          "streamed at once")
     generate.add_argument("--image", action="append", default=[], help="image path or http(s) URL (repeatable)")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
     generate.add_argument("--max-tokens", type=int, help="tokens to generate: at least 1, at most the model's "
@@ -86,6 +92,9 @@ def _run(client: VLMClient, args) -> int:
                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                   detail=args.detail)
     config = {name: value for name, value in config.items() if value is not None}  # unset: the model's
+    routing = {"confidence_threshold": args.confidence_threshold, "disable_fallback": args.no_fallback or None}
+    if any(value is not None for value in routing.values()):
+        config["routing"] = {name: value for name, value in routing.items() if value is not None}
     if args.stream:
         last = None
         for message in client.stream(args.model, args.prompt, args.image, **config):
@@ -97,10 +106,14 @@ def _run(client: VLMClient, args) -> int:
         print(last.text)
     images = " ".join(f"{vlm_pb2.ImageKind.Name(image.kind).removeprefix('IMAGE_KIND_').lower()}@{image.width}x{image.height}"
                       for image in last.route.images)
+    route = ""
+    if last.route.reason not in (vlm_pb2.ROUTE_REASON_UNSPECIFIED, vlm_pb2.ROUTE_REASON_REQUESTED):
+        reason = vlm_pb2.RouteReason.Name(last.route.reason).removeprefix("ROUTE_REASON_").lower()
+        route = f" route={reason}:" + ">".join(f"{a.model}({a.confidence:.2f})" for a in last.route.attempts)
     print(f"[model={last.model} version={last.model_version} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
           f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
           f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}"
-          + (f" images={images}" if images else "") + "]", file=sys.stderr)
+          + (f" images={images}" if images else "") + route + "]", file=sys.stderr)
     return 0
 
 

@@ -42,10 +42,12 @@ def build_request(
     messages: Iterable[vlm_pb2.Message] | None = None,
     request_id: str = "",
     detail: int | str | None = None,
+    routing: dict[str, Any] | None = None,
     **config: Any,
 ) -> vlm_pb2.GenerateRequest:
     """A request from a prompt and images (one user turn), or from ready-made messages. `detail`:
-    an ImageDetail value or its short name ("auto", "low", "high"); None: the model's default."""
+    an ImageDetail value or its short name ("auto", "low", "high"); None: the model's default.
+    `routing` (model "auto"): RoutingOptions fields, e.g. {"confidence_threshold": -0.5}."""
     if isinstance(detail, str):
         detail = vlm_pb2.ImageDetail.Value(f"IMAGE_DETAIL_{detail.upper()}")
     if messages is None:
@@ -56,6 +58,7 @@ def build_request(
     return vlm_pb2.GenerateRequest(
         model=model, messages=list(messages), config=vlm_pb2.GenerationConfig(**config), request_id=request_id,
         detail=detail or vlm_pb2.IMAGE_DETAIL_UNSPECIFIED,
+        routing=vlm_pb2.RoutingOptions(**routing) if routing else None,
     )
 
 
