@@ -11,7 +11,10 @@
 5. vision encoder images/s, ONNX Runtime / the transformers tower (fp32 outputs equal to 1e-4, else
    marked; the int8 row is speed over unequal outputs) (perf/encoders.py; 7: the int8 encoder's
    token agreement with fp32, reported);
-6. a repeated image's request latency, cache hit / miss (tiny tower; a 4x1280 tower serving).
+6. a repeated image's request latency, cache hit / miss (tiny tower; a 4x1280 tower serving);
+8. model auto: its overhead over Qwen2.5-VL directly (fallback off, photos), what a fallback costs,
+   and what holding Qwen's answer for the fallback costs a stream's first text;
+9. the image-kind classifier: time per megapixel and held-out accuracy (perf/image_kinds.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -34,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from perf.encoders import mid_size_qwen_checkpoint, rows as encoder_rows
+from perf.image_kinds import accuracy_and_time as classifier_accuracy_and_time
 from perf.load import GatewayTarget, TritonTarget, run_load
 from perf.workload import perf_analyzer_input, synthetic_image, workload
 from vlm_serving.deploy.render import PROFILES, Batching, copy_model_code, render_repository
@@ -258,6 +262,38 @@ def main() -> int:
                      f"{first * 1000:.1f} / {whole * 1000:.1f} ms", None if failed else first / whole, "<= 0.2", "x",
                      failed))
 
+        progress("row 8: model auto")
+        photos_only = "auto routed some workload images elsewhere than Qwen2.5-VL"
+
+        def auto(**routing):
+            return lambda: TritonTarget(batched.grpc_url, "auto", routing)
+
+        pairs = [(load(auto(fallback=False), images, 1, n(32), 16),
+                  load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 1, n(32), 16)) for _ in range(3)]
+        failed = failures(*(side for pair in pairs for side in pair))
+        if not failed and any(set(a.routes) != {("default", "qwen2_5_vl")} for a, _ in pairs):
+            failed = photos_only
+        rows.append(("8a", "routing overhead: p50 latency, auto without fallback / Qwen2.5-VL directly, c=1, 16 tokens",
+                     " ; ".join(f"{a.percentile(50) * 1000:.1f}/{b.percentile(50) * 1000:.1f}" for a, b in pairs) + " ms",
+                     None if failed else statistics.median(a.percentile(50) / b.percentile(50) for a, b in pairs),
+                     "<= 1.05", "x", failed))
+        fallback = load(auto(confidence_threshold=0.0), images, 1, n(24), 16)
+        direct = load(auto(fallback=False), images, 1, n(24), 16)
+        failed = failures(fallback, direct) or (
+            "" if set(fallback.routes) == {("low_confidence", "pixtral")} else "not every request fell back")
+        rows.append(("8b", "fallback cost: p50 latency, auto falling back (threshold 0) / auto without fallback, c=1, "
+                     "16 tokens", f"{fallback.percentile(50) * 1000:.1f} / {direct.percentile(50) * 1000:.1f} ms",
+                     None if failed else fallback.percentile(50) / direct.percentile(50), "reported", "x", failed))
+        held = load(auto(confidence_threshold=-100.0), images, 1, n(24), 64, stream=True)
+        streamed_at_once = load(auto(fallback=False), images, 1, n(24), 64, stream=True)
+        failed = failures(held, streamed_at_once)
+        rows.append(("8c", "holding for the fallback: stream first text, auto answer kept (held) / auto without "
+                     "fallback (streamed), c=1, 64 tokens",
+                     f"{held.percentile(50, held.first_text) * 1000:.1f} / "
+                     f"{streamed_at_once.percentile(50, streamed_at_once.first_text) * 1000:.1f} ms",
+                     None if failed else held.percentile(50, held.first_text) / streamed_at_once.percentile(50, streamed_at_once.first_text),
+                     "reported", "x", failed))
+
         progress("row 6: encoder cache hit / miss")
         miss, hit = cache_hit_ratio(batched, n(24))
         rows.append(("6a", "repeated image, request latency cache hit / miss, qwen2_5_vl (tiny tower), 1 token, c=1",
@@ -289,6 +325,12 @@ def main() -> int:
         rows.append((key, f"preprocessing images/s, ours / transformers, 16 images a call, {label} "
                      f"(max |diff| {worst:.1e})", f"{ours:.1f} / {theirs:.1f} images/s", ours / theirs, ">= 3", "x",
                      unequal))
+    progress("row 9: image-kind classifier")
+    right, total, median_ms, worst_ms = classifier_accuracy_and_time(rounds=max(2, int(5 * scale)))
+    rows.append(("9a", "image-kind classifier, ms per 1-megapixel image (median; worst over the tuning corpus)",
+                 f"{median_ms:.2f} ms (worst {worst_ms:.2f})", median_ms, "<= 2 ms", "ms", ""))
+    rows.append(("9b", "image-kind classifier accuracy, held-out real images", f"{right} of {total}", right / total,
+                 ">= 0.9", "x", ""))
     progress("rows 5, 7: vision encoders")
     rows += encoder_rows(rounds=max(2, int(3 * scale)))
 

@@ -37,6 +37,21 @@ def ms_per_call(image: Image.Image, rounds: int) -> float:
     return statistics.median(times) * 1000
 
 
+def accuracy_and_time(rounds: int = 5) -> tuple[int, int, float, float]:
+    """(held-out images right, held-out images, median and worst ms per 1-megapixel image over the
+    tuning corpus), for the bench's row."""
+    right = 0
+    held_out = build(held_out=True)
+    for path, kind in held_out:
+        with Image.open(path) as opened:
+            right += classify(opened.convert("RGB")) == kind
+    timings = []
+    for path, _ in build():
+        with Image.open(path) as opened:
+            timings.append(ms_per_call(one_megapixel(opened.convert("RGB")), rounds))
+    return right, len(held_out), statistics.median(timings), max(timings)
+
+
 def confusion_table(corpus, title: str, timings: list[float] | None = None, rounds: int = 0) -> None:
     kinds = list(ImageKind)
     confusion = {(truth, guess): 0 for truth in kinds for guess in kinds}

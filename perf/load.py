@@ -45,6 +45,8 @@ class LoadResult:
     first_text: list[float] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     errors_by_code: Counter = field(default_factory=Counter)
+    # Model "auto": answers by (route reason, answering family).
+    routes: Counter = field(default_factory=Counter)
 
     @property
     def errors(self) -> int:
@@ -97,19 +99,24 @@ class TritonTarget:
     """The same requests straight to the ensemble, sent the way the gateway sends them (its
     Triton backend: one shared stream), so the difference to GatewayTarget is the public-API hop."""
 
-    def __init__(self, url: str, ensemble: str):
+    def __init__(self, url: str, ensemble: str, routing: dict | None = None):
         self.backend = TritonBackend(url)
         self.ensemble = ensemble
+        self.routing = routing  # model "auto": confidence_threshold, fallback
         self.ids = itertools.count()
+        # Model "auto": how often each route reason and answering family came back.
+        self.routes: Counter = Counter()
 
     async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> tuple[float | None, int]:
         params = SamplingParams(max_tokens=max_tokens, stream=stream)
         started, first, tokens = time.perf_counter(), None, 0
         async for chunk in self.backend.generate(self.ensemble, messages(item), [item.image] if item.image else [],
-                                                 params, f"load-{next(self.ids)}"):
+                                                 params, f"load-{next(self.ids)}", routing=self.routing):
             if first is None and chunk.text:
                 first = time.perf_counter() - started
             tokens = chunk.completion_tokens or tokens
+            if chunk.finished and chunk.route:
+                self.routes[chunk.route["reason"], chunk.route["family"]] += 1
         return (first if stream else None), tokens
 
     async def close(self) -> None:
@@ -142,6 +149,7 @@ async def run_load(target, items: list[WorkItem], concurrency: int, requests: in
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.seconds = time.perf_counter() - started
+    result.routes = getattr(target, "routes", Counter())
     return result
 
 

@@ -40,11 +40,11 @@ def add_version(repository: Path, version: int, checkpoint: Path | None = None, 
     time.sleep(1.1)
 
 
-def start_stack(root: Path, checkpoints: Path, **triton_options):
+def start_stack(root: Path, checkpoints: Path, models: str = "qwen2.5-vl=qwen2_5_vl", **triton_options):
     repository = make_repository(root / "model_repository", checkpoints)
     triton = start_server(repository, **triton_options)
     try:
-        gateway = start_gateway(triton.grpc_url, root, VLM_MODELS="qwen2.5-vl=qwen2_5_vl", VLM_ADMIN_API_KEYS=ADMIN_KEY)
+        gateway = start_gateway(triton.grpc_url, root, VLM_MODELS=models, VLM_ADMIN_API_KEYS=ADMIN_KEY)
     except BaseException:
         triton.stop()
         raise
@@ -78,8 +78,10 @@ def admin(gateway, key=ADMIN_KEY):
 class Load:
     """Clients that call Generate without pause (no retries: every failure counts) until stopped."""
 
-    def __init__(self, address: str, clients: int = 4):
+    def __init__(self, address: str, clients: int = 4, model: str = "qwen2.5-vl"):
+        self.model = model
         self.results: list[tuple[float, str, str]] = []
+        self.attempts: list[tuple[tuple[str, str], ...]] = []  # per answer: (model, version) tried
         self.failures: list[str] = []
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(address,)) for _ in range(clients)]
@@ -90,8 +92,9 @@ class Load:
         with VLMClient(address, api_key=KEY, retries=0, timeout=60) as client:
             while not self.stopping.is_set():
                 try:
-                    answer = client.generate("qwen2.5-vl", "Name the colours.", max_tokens=4)
+                    answer = client.generate(self.model, "Name the colours.", max_tokens=4)
                     self.results.append((time.monotonic(), answer.model_version, answer.text))
+                    self.attempts.append(tuple((a.model, a.model_version) for a in answer.route.attempts))
                 except grpc.RpcError as error:
                     self.failures.append(f"{error.code().name}: {error.details()}")
 
@@ -189,6 +192,33 @@ def test_three_reloads_under_load_fail_no_request(own_stack, tmp_path, capsys):
     with capsys.disabled():
         print(f"\nreload under load: {total} requests, 0 failed; per load: seconds (answers meanwhile) "
               + ", ".join(f"{name} {end - start:.1f} ({during[name]})" for name, (start, end) in reloads.items()))
+
+
+def test_reloading_a_family_under_routed_load_drops_nothing(tmp_path, checkpoints):
+    """Model auto calls both families for each of these requests (the tiny Qwen is never confident
+    enough, so Pixtral answers again); a new Qwen version goes live under that load."""
+    repository, triton, gateway = start_stack(
+        tmp_path, checkpoints, models="qwen2.5-vl=qwen2_5_vl,pixtral=pixtral,auto=auto")
+    second = tmp_path / "weights-v2"
+    tiny_checkpoints.main([str(second), "--seed", "7", "--family", "qwen2_5_vl"])
+    stub, metadata = admin(gateway)
+    load = Load(gateway.address, model="auto")
+    try:
+        load.wait_for_answers_after(0, 10)
+        add_version(repository, 2, checkpoint=second / "qwen2_5_vl")
+        started = time.monotonic()
+        reply = stub.LoadModel(vlm_pb2.LoadModelRequest(model="qwen2.5-vl"), metadata=metadata, timeout=300)
+        loaded = time.monotonic()
+        assert [(v.version, v.state) for v in reply.model.versions] == [("2", "READY")]
+        load.wait_for_answers_after(loaded, 10)
+    finally:
+        load.stop()
+        gateway.stop()
+        triton.stop()
+    assert load.failures == [], load.failures[:5]
+    assert load.answered_between(started, loaded) > 0, "no routed answer while Qwen's new version loaded"
+    assert {attempts[-1] for attempts in load.attempts} == {("pixtral", "1")}, "Pixtral answers every routed request"
+    assert {attempts[0] for attempts in load.attempts} == {("qwen2.5-vl", "1"), ("qwen2.5-vl", "2")}
 
 
 def test_unload_and_load_are_seen_by_health_and_list_models(stack):
