@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 SLOTS = 4096
+SUBREQUEST_SEPARATOR = "|"
 
 
 def board_path(server_pid: int | None = None) -> Path:
@@ -51,4 +52,16 @@ class CancellationBoard:
         self.slots[SLOTS] = written + 1
 
     def is_cancelled(self, request_id: str) -> bool:
-        return bool(request_id) and bool((self.slots[:SLOTS] == _hash(request_id)).any())
+        """Whether `request_id`, or the request it is a sub-request of (`subrequest_id`), was cancelled."""
+        if not request_id:
+            return False
+        parent, separator, _ = request_id.rpartition(SUBREQUEST_SEPARATOR)
+        hashes = [_hash(request_id)] + ([_hash(parent)] if separator else [])
+        return bool(np.isin(self.slots[:SLOTS], hashes).any())
+
+
+def subrequest_id(parent: str, name: str) -> str:
+    """The id of a request made on behalf of `parent` (model auto's call to a family): cancelling
+    the parent cancels it too, cancelling it leaves the parent alone. The separator is one no
+    gateway request id can hold, so no caller can name another's parent."""
+    return f"{parent}{SUBREQUEST_SEPARATOR}{name}"

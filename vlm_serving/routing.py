@@ -12,7 +12,7 @@ streamed) until its confidence is known; a stream then gets it as one message, o
 answer streamed. Routing by image kind, or with the fallback off, streams at once.
 
 `route` is the whole decision, apart from Triton: the adapter (`backend/auto_model.py`) gives
-it a function that calls a family and one that sends a reply to the caller.
+it functions that classify the images, call a family, abandon a call and send a reply.
 """
 
 from __future__ import annotations
@@ -71,25 +71,30 @@ class Route:
         return {"reason": self.reason.value, "attempts": [attempt.__dict__ for attempt in self.attempts]}
 
 
-def first_choice(kinds: list[ImageKind]) -> tuple[str, RouteReason]:
-    if ImageKind.DIAGRAM in kinds:
-        return SPECIALIST, RouteReason.IMAGE_KIND
-    return PRIMARY, RouteReason.DEFAULT
-
-
 Send = Callable[[Reply, str, "Route | None"], None]
+Call = Callable[[str, bool], Iterator[Reply]]
 
 
-def route(kinds: list[ImageKind], options: RoutingOptions, stream: bool,
-          call: Callable[[str, bool], Iterator[Reply]], send: Send) -> Route:
-    """Answer one request: `call(family, stream)` runs it on a family's ensemble; `send(reply,
-    family, route)` forwards a reply of `family` to the caller, the final one with the route. An
-    error reply ends the request as it is (the family's own message), with the route so far."""
-    family, reason = first_choice(kinds)
-    if family == SPECIALIST or not options.fallback:
-        return _relay(family, reason, stream, [], call, send)
+def route(kinds: Callable[[], list[ImageKind]], options: RoutingOptions, stream: bool, call: Call, send: Send,
+          abandon: Callable[[str, Iterator[Reply]], None]) -> Route:
+    """Answer one request.
+
+    `call(family, stream)` sends the request to a family's ensemble at once and returns its
+    replies; `send(reply, family, route)` forwards a reply of `family` to the caller, the final
+    one with the route; `abandon(family, replies)` stops a call whose answer is not wanted.
+    `kinds()` classifies the images (decoding them takes milliseconds): the primary is asked
+    first, speculatively, so that time overlaps its preprocessing, and is abandoned when a
+    diagram sends the request to the specialist. An error reply ends the request as it is (the
+    family's own message), with the route so far.
+    """
+    primary = call(PRIMARY, stream and not options.fallback)
+    if ImageKind.DIAGRAM in kinds():
+        abandon(PRIMARY, primary)
+        return _relay(SPECIALIST, RouteReason.IMAGE_KIND, [], call(SPECIALIST, stream), send)
+    if not options.fallback:
+        return _relay(PRIMARY, RouteReason.DEFAULT, [], primary, send)
     held = None
-    for reply in call(PRIMARY, False):  # read to its end, so the call is complete
+    for reply in primary:  # read to its end, so the call is complete
         if reply.finished:
             held = reply
     if held is None:
@@ -99,13 +104,12 @@ def route(kinds: list[ImageKind], options: RoutingOptions, stream: bool,
         answer = Route(RouteReason.DEFAULT, attempts)
         send(held, PRIMARY, answer)
         return answer
-    return _relay(SPECIALIST, RouteReason.LOW_CONFIDENCE, stream, attempts, call, send)
+    return _relay(SPECIALIST, RouteReason.LOW_CONFIDENCE, attempts, call(SPECIALIST, stream), send)
 
 
-def _relay(family: str, reason: RouteReason, stream: bool, attempts: list[Attempt],
-           call: Callable[[str, bool], Iterator[Reply]], send: Send) -> Route:
+def _relay(family: str, reason: RouteReason, attempts: list[Attempt], replies: Iterator[Reply], send: Send) -> Route:
     answer, finished = Route(reason, attempts), False
-    for reply in call(family, stream):
+    for reply in replies:
         if reply.finished:
             attempts.append(Attempt(family, reply.model_version, reply.confidence, reply.completion_tokens))
             finished = True

@@ -13,15 +13,20 @@ PHOTO, DOCUMENT, DIAGRAM = ImageKind.PHOTO, ImageKind.DOCUMENT, ImageKind.DIAGRA
 
 
 class Families:
-    """Each family streams three deltas (or one whole answer) with its confidence; records calls."""
+    """Each family streams three deltas (or one whole answer) with its confidence; records calls
+    (when they are sent, before any reply is read) and abandoned calls."""
 
     def __init__(self, qwen_confidence=-0.05, pixtral_confidence=-0.3, error=None):
         self.confidence = {"qwen2_5_vl": qwen_confidence, "pixtral": pixtral_confidence}
         self.error = error
-        self.calls, self.sent = [], []
+        self.calls, self.sent, self.abandoned, self.events = [], [], [], []
 
     def call(self, family, stream):
         self.calls.append((family, stream))
+        self.events.append(f"call {family}")
+        return self._replies(family, stream)
+
+    def _replies(self, family, stream):
         if self.error:
             yield Reply(True, error=self.error, payload=f"{family}: error")
             return
@@ -29,6 +34,18 @@ class Families:
             for index in range(2):
                 yield Reply(False, payload=f"{family}: delta {index}")
         yield Reply(True, self.confidence[family], 3, "1", payload=f"{family}: final")
+
+    def abandon(self, family, replies):
+        self.abandoned.append(family)
+
+    def kinds(self, kinds):
+        def classify():
+            self.events.append("classified")
+            return kinds
+        return classify
+
+    def route(self, kinds, options, stream):
+        return route(self.kinds(kinds), options, stream, self.call, self.send, self.abandon)
 
     def send(self, reply, family, answer):
         assert reply.payload.startswith(family)
@@ -38,8 +55,10 @@ class Families:
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_diagram_goes_to_pixtral_at_once_and_streams(stream):
     families = Families()
-    answer = route([PHOTO, DIAGRAM], RoutingOptions(), stream, families.call, families.send)
-    assert answer.reason == RouteReason.IMAGE_KIND and families.calls == [("pixtral", stream)]
+    answer = families.route([PHOTO, DIAGRAM], RoutingOptions(), stream)
+    # Qwen was asked before the images were classified (speculatively), then abandoned unread.
+    assert families.events[:2] == ["call qwen2_5_vl", "classified"] and families.abandoned == ["qwen2_5_vl"]
+    assert answer.reason == RouteReason.IMAGE_KIND and families.calls[1:] == [("pixtral", stream)]
     expected_deltas = [("pixtral: delta 0", None), ("pixtral: delta 1", None)] if stream else []
     assert families.sent == expected_deltas + [("pixtral: final", (RouteReason.IMAGE_KIND, ["pixtral"]))]
 
@@ -47,7 +66,8 @@ def test_a_diagram_goes_to_pixtral_at_once_and_streams(stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_confident_qwen_answer_is_held_then_sent_whole(stream):
     families = Families(qwen_confidence=-0.05)
-    answer = route([PHOTO, DOCUMENT], RoutingOptions(), stream, families.call, families.send)
+    answer = families.route([PHOTO, DOCUMENT], RoutingOptions(), stream)
+    assert families.events[:2] == ["call qwen2_5_vl", "classified"] and families.abandoned == []
     assert answer.reason == RouteReason.DEFAULT
     assert families.calls == [("qwen2_5_vl", False)], "held: asked for whole, whatever the caller asked"
     assert families.sent == [("qwen2_5_vl: final", (RouteReason.DEFAULT, ["qwen2_5_vl"]))]
@@ -56,7 +76,7 @@ def test_a_confident_qwen_answer_is_held_then_sent_whole(stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_doubtful_qwen_answer_falls_back_to_pixtral_which_streams(stream):
     families = Families(qwen_confidence=-2.0)
-    answer = route([], RoutingOptions(), stream, families.call, families.send)
+    answer = families.route([], RoutingOptions(), stream)
     assert answer.reason == RouteReason.LOW_CONFIDENCE
     assert families.calls == [("qwen2_5_vl", False), ("pixtral", stream)]
     assert [(a.family, a.confidence) for a in answer.attempts] == [("qwen2_5_vl", -2.0), ("pixtral", -0.3)]
@@ -66,21 +86,21 @@ def test_a_doubtful_qwen_answer_falls_back_to_pixtral_which_streams(stream):
 
 def test_the_threshold_is_inclusive_and_configurable():
     families = Families(qwen_confidence=-1.0)
-    assert route([], RoutingOptions(confidence_threshold=-1.0), False, families.call, families.send).reason == RouteReason.DEFAULT
-    assert route([], RoutingOptions(confidence_threshold=-0.99), False, families.call, families.send).reason == RouteReason.LOW_CONFIDENCE
+    assert families.route([], RoutingOptions(confidence_threshold=-1.0), False).reason == RouteReason.DEFAULT
+    assert families.route([], RoutingOptions(confidence_threshold=-0.99), False).reason == RouteReason.LOW_CONFIDENCE
     assert DEFAULT_CONFIDENCE_THRESHOLD == pytest.approx(math.log(0.85))
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_with_the_fallback_off_qwen_streams_at_once_whatever_its_confidence(stream):
     families = Families(qwen_confidence=-9.0)
-    answer = route([PHOTO], RoutingOptions(fallback=False), stream, families.call, families.send)
+    answer = families.route([PHOTO], RoutingOptions(fallback=False), stream)
     assert answer.reason == RouteReason.DEFAULT and families.calls == [("qwen2_5_vl", stream)]
     assert families.sent[-1] == ("qwen2_5_vl: final", (RouteReason.DEFAULT, ["qwen2_5_vl"]))
 
 
 def test_an_error_from_the_held_call_ends_the_request_without_a_fallback():
     families = Families(error="image 0: not a supported image file")
-    answer = route([], RoutingOptions(), False, families.call, families.send)
+    answer = families.route([], RoutingOptions(), False)
     assert families.calls == [("qwen2_5_vl", False)] and families.sent == [("qwen2_5_vl: error", (RouteReason.DEFAULT, ["qwen2_5_vl"]))]
     assert answer.attempts[0].family == "qwen2_5_vl"

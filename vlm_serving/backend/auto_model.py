@@ -1,12 +1,14 @@
 """Triton adapter for `vlm_serving.routing` (decoupled): model `auto` answers a request with the
 family that `route` chooses, calling that family's ensemble through BLS.
 
-Each request is handled on a thread of its own (BLS calls block), so `execute` only hands requests
-over. The image kinds come from the same classifier the preprocessing step runs; an image that
+Each request is handled on a thread of its own, and each call to a family is sent from another
+(BLS exec blocks until the first response), so `execute` only hands requests over and a
+request's images are classified while its speculative call to the primary runs. The image kinds come from the same classifier the preprocessing step runs; an image that
 does not decode is left unclassified here, and the family's own preprocessing refuses it with its
-exact error. Sub-requests carry the request's REQUEST_ID (one is made up when the caller sent
-none), so the cancellation board reaches their generation rows; a caller that goes away mid-answer
-has its REQUEST_ID put on the board here.
+exact error. Each call to a family carries a sub-request id of the request's REQUEST_ID (one is
+made up when the caller sent none; `cancellation.subrequest_id`), so cancelling the request on
+the board reaches every family's generation row, and an abandoned call can be cancelled alone; a
+caller that goes away mid-answer has its REQUEST_ID put on the board here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import model_parameters, optional_input
+from vlm_serving.cancellation import subrequest_id
 from vlm_serving.deploy.render import REQUEST_PARAMETERS, RESPONSE_TENSORS
 from vlm_serving.errors import CALLER_ERROR_PREFIX
 from vlm_serving.image_kind import classify
@@ -40,7 +43,12 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
         self.default_threshold = float(parameters["confidence_threshold"])
-        self.pool = ThreadPoolExecutor(int(parameters["max_concurrent_requests"]), thread_name_prefix="auto")
+        concurrent = int(parameters["max_concurrent_requests"])
+        self.pool = ThreadPoolExecutor(concurrent, thread_name_prefix="auto")
+        # BLS exec blocks until the call's first response (a whole answer when not streamed), so
+        # calls are sent from threads of their own: the request's thread classifies meanwhile.
+        # Two per request at most (a speculative call being read off, and the answering one).
+        self.calls = ThreadPoolExecutor(2 * concurrent, thread_name_prefix="auto-call")
         self.logger = pb_utils.Logger
 
     def execute(self, requests):
@@ -54,11 +62,11 @@ class TritonPythonModel:
                       if (value := optional_input(request, name)) is not None}
             request_id = (inputs["REQUEST_ID"].reshape(-1)[0].decode() if "REQUEST_ID" in inputs
                           else uuid.uuid4().hex)
-            inputs["REQUEST_ID"] = np.array([[request_id.encode()]], dtype=np.object_)
             stream = bool(inputs["STREAM"].reshape(-1)[0]) if "STREAM" in inputs else False
-            route(self._kinds(inputs.get("IMAGES")), self._options(request), stream,
+            route(lambda: self._kinds(inputs.get("IMAGES")), self._options(request), stream,
                   call=lambda family, streamed: self._call(family, inputs, streamed, request, request_id),
-                  send=lambda reply, family, answer: self._send(sender, reply, family, answer))
+                  send=lambda reply, family, answer: self._send(sender, reply, family, answer),
+                  abandon=lambda family, replies: self._abandon(family, replies, request_id))
         except _Cancelled:
             sender.send(flags=FINAL)
         except Exception as exc:  # never leave the caller's stream open
@@ -84,12 +92,23 @@ class TritonPythonModel:
         return kinds
 
     def _call(self, family: str, inputs: dict, stream: bool, request, request_id: str):
-        tensors = dict(inputs, STREAM=np.array([[stream]], dtype=np.bool_))
+        """Send the request to `family` now; its replies as they come."""
+        tensors = dict(inputs, STREAM=np.array([[stream]], dtype=np.bool_),
+                       REQUEST_ID=np.array([[subrequest_id(request_id, family).encode()]], dtype=np.object_))
         call = pb_utils.InferenceRequest(
             model_name=family, requested_output_names=OUTPUTS,
             inputs=[pb_utils.Tensor(name, value) for name, value in tensors.items()],
         )
-        for response in call.exec(decoupled=True):
+        return self._replies(self.calls.submit(call.exec, decoupled=True), request, request_id)
+
+    def _abandon(self, family: str, replies, request_id: str) -> None:
+        """Stop a call whose answer is not wanted: its generation row is freed at the next step;
+        its last responses are read off on the pool, so the caller's answer does not wait."""
+        self._cancel(subrequest_id(request_id, family))
+        self.calls.submit(lambda: all(True for _ in replies))
+
+    def _replies(self, sent, request, request_id: str):
+        for response in sent.result():
             if request.is_cancelled():
                 self._cancel(request_id)
                 raise _Cancelled()
@@ -122,6 +141,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.calls.shutdown(wait=True, cancel_futures=True)
 
 
 class _Cancelled(Exception):
