@@ -18,7 +18,7 @@ it functions that classify the images, call a family, abandon a call and send a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -47,6 +47,7 @@ class Reply:
     adapter forwards (the Triton response)."""
 
     finished: bool
+    finish_reason: str = ""
     confidence: float = 0.0
     completion_tokens: int = 0
     model_version: str = ""
@@ -72,11 +73,11 @@ class Route:
 
 
 Send = Callable[[Reply, str, "Route | None"], None]
-Call = Callable[[str, bool], Iterator[Reply]]
+Call = Callable[[str, bool], Iterable[Reply]]
 
 
 def route(kinds: Callable[[], list[ImageKind]], options: RoutingOptions, stream: bool, call: Call, send: Send,
-          abandon: Callable[[str, Iterator[Reply]], None]) -> Route:
+          abandon: Callable[[str, Iterable[Reply]], None]) -> Route:
     """Answer one request.
 
     `call(family, stream)` sends the request to a family's ensemble at once and returns its
@@ -100,14 +101,15 @@ def route(kinds: Callable[[], list[ImageKind]], options: RoutingOptions, stream:
     if held is None:
         raise RuntimeError(f"{PRIMARY} ended its responses without a final one")
     attempts = [Attempt(PRIMARY, held.model_version, held.confidence, held.completion_tokens)]
-    if held.error is not None or held.confidence >= options.confidence_threshold:
+    # An error, or a request cancelled meanwhile, ends here: a fallback would only redo dead work.
+    if held.error is not None or held.finish_reason == "cancelled" or held.confidence >= options.confidence_threshold:
         answer = Route(RouteReason.DEFAULT, attempts)
         send(held, PRIMARY, answer)
         return answer
     return _relay(SPECIALIST, RouteReason.LOW_CONFIDENCE, attempts, call(SPECIALIST, stream), send)
 
 
-def _relay(family: str, reason: RouteReason, attempts: list[Attempt], replies: Iterator[Reply], send: Send) -> Route:
+def _relay(family: str, reason: RouteReason, attempts: list[Attempt], replies: Iterable[Reply], send: Send) -> Route:
     answer, finished = Route(reason, attempts), False
     for reply in replies:
         if reply.finished:

@@ -19,6 +19,7 @@ class Families:
     def __init__(self, qwen_confidence=-0.05, pixtral_confidence=-0.3, error=None):
         self.confidence = {"qwen2_5_vl": qwen_confidence, "pixtral": pixtral_confidence}
         self.error = error
+        self.finish_reason = "length"
         self.calls, self.sent, self.abandoned, self.events = [], [], [], []
 
     def call(self, family, stream):
@@ -33,7 +34,7 @@ class Families:
         if stream:
             for index in range(2):
                 yield Reply(False, payload=f"{family}: delta {index}")
-        yield Reply(True, self.confidence[family], 3, "1", payload=f"{family}: final")
+        yield Reply(True, self.finish_reason, self.confidence[family], 3, "1", payload=f"{family}: final")
 
     def abandon(self, family, replies):
         self.abandoned.append(family)
@@ -104,3 +105,10 @@ def test_an_error_from_the_held_call_ends_the_request_without_a_fallback():
     answer = families.route([], RoutingOptions(), False)
     assert families.calls == [("qwen2_5_vl", False)] and families.sent == [("qwen2_5_vl: error", (RouteReason.DEFAULT, ["qwen2_5_vl"]))]
     assert answer.attempts[0].family == "qwen2_5_vl"
+
+
+def test_a_primary_answer_cancelled_meanwhile_is_not_answered_again():
+    families = Families(qwen_confidence=-9.0)
+    families.finish_reason = "cancelled"  # the caller went away while Qwen's answer was held
+    answer = families.route([], RoutingOptions(), False)
+    assert families.calls == [("qwen2_5_vl", False)] and answer.reason == RouteReason.DEFAULT

@@ -91,7 +91,7 @@ class TritonPythonModel:
                 pass  # the family's preprocessing refuses it, with its own message
         return kinds
 
-    def _call(self, family: str, inputs: dict, stream: bool, request, request_id: str):
+    def _call(self, family: str, inputs: dict, stream: bool, request, request_id: str) -> "_Call":
         """Send the request to `family` now; its replies as they come."""
         tensors = dict(inputs, STREAM=np.array([[stream]], dtype=np.bool_),
                        REQUEST_ID=np.array([[subrequest_id(request_id, family).encode()]], dtype=np.object_))
@@ -99,27 +99,14 @@ class TritonPythonModel:
             model_name=family, requested_output_names=OUTPUTS,
             inputs=[pb_utils.Tensor(name, value) for name, value in tensors.items()],
         )
-        return self._replies(self.calls.submit(call.exec, decoupled=True), request, request_id)
+        return _Call(self.calls.submit(call.exec, decoupled=True), request,
+                     cancel_request=lambda: self._cancel(request_id))
 
-    def _abandon(self, family: str, replies, request_id: str) -> None:
+    def _abandon(self, family: str, replies: "_Call", request_id: str) -> None:
         """Stop a call whose answer is not wanted: its generation row is freed at the next step;
         its last responses are read off on the pool, so the caller's answer does not wait."""
         self._cancel(subrequest_id(request_id, family))
-        self.calls.submit(lambda: all(True for _ in replies))
-
-    def _replies(self, sent, request, request_id: str):
-        for response in sent.result():
-            if request.is_cancelled():
-                self._cancel(request_id)
-                raise _Cancelled()
-            if response.has_error():
-                yield Reply(True, error=_ENSEMBLE_PREFIX.sub("", response.error().message()), payload=response)
-                return
-            if not response.output_tensors():  # the empty response that only carries the final flag
-                continue
-            finished = bool(_scalar(response, "FINISH_REASON"))
-            yield Reply(finished, float(_scalar(response, "CONFIDENCE")), int(_scalar(response, "COMPLETION_TOKENS")),
-                        _scalar(response, "MODEL_VERSION").decode(), payload=response)
+        self.calls.submit(replies.drain)
 
     @staticmethod
     def _send(sender, reply: Reply, family: str, answer: Route | None) -> None:
@@ -146,3 +133,36 @@ class TritonPythonModel:
 
 class _Cancelled(Exception):
     """The caller went away: the answer ends here."""
+
+
+class _Call:
+    """A call sent to a family (`sent`: its BLS exec, running on a thread); its replies, read once.
+
+    The caller's cancellation is checked before each reply up to the final one, never after:
+    once our final response is sent, Triton frees the request, and asking it then crashes the
+    server (TRITONBACKEND_ResponseFactoryIsCancelled on a freed factory)."""
+
+    def __init__(self, sent, request, cancel_request):
+        self.sent, self.request, self.cancel_request = sent, request, cancel_request
+
+    def __iter__(self):
+        finished = False
+        for response in self.sent.result():
+            if not finished and self.request.is_cancelled():
+                self.cancel_request()
+                raise _Cancelled()
+            if response.has_error():
+                yield Reply(True, error=_ENSEMBLE_PREFIX.sub("", response.error().message()), payload=response)
+                return
+            if not response.output_tensors():  # the empty response that only carries the final flag
+                continue
+            finish_reason = _scalar(response, "FINISH_REASON").decode()
+            finished = bool(finish_reason)
+            yield Reply(finished, finish_reason, float(_scalar(response, "CONFIDENCE")),
+                        int(_scalar(response, "COMPLETION_TOKENS")), _scalar(response, "MODEL_VERSION").decode(),
+                        payload=response)
+
+    def drain(self) -> None:
+        """Read an abandoned call to its end, without asking the (maybe finished) request anything."""
+        for _ in self.sent.result():
+            pass
