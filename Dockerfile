@@ -6,7 +6,7 @@ RUN pip install --no-cache-dir -r requirements-gateway.txt
 COPY protos protos
 RUN python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/vlm/v1/vlm.proto
 # The gateway uses the light modules of vlm_serving only (parameter bounds, image sniffing, tensors).
-COPY vlm_serving/__init__.py vlm_serving/sampling.py vlm_serving/images.py vlm_serving/ensemble_client.py vlm_serving/
+COPY vlm_serving/__init__.py vlm_serving/generation/sampling.py vlm_serving/preprocessing/images.py vlm_serving/ensemble_client.py vlm_serving/
 COPY gateway gateway
 ENV VLM_LISTEN_ADDRESS=0.0.0.0:50051 \
     VLM_METRICS_ADDRESS=0.0.0.0 \

@@ -57,7 +57,7 @@ $(STAMP): requirements.txt pyproject.toml deploy/vlm-dont-write-bytecode.pth
 # vision encoder exported to ONNX (build/models/<family>/onnx/encoder.{fp32,int8,fp16}.onnx).
 models: setup
 	$(PY) -m vlm_serving.tiny_checkpoints build/models
-	$(PY) -m vlm_serving.encoder_export build/models/qwen2_5_vl build/models/pixtral
+	$(PY) -m vlm_serving.encoding.encoder_export build/models/qwen2_5_vl build/models/pixtral
 
 # model_repository/*/config.pbtxt for PROFILE=cpu|gpu (more options: python -m vlm_serving.deploy.render -h).
 configs: setup

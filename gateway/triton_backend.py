@@ -32,7 +32,7 @@ from gateway.errors import ApiError, invalid_argument
 from vlm_serving.deploy.render import pipeline
 from vlm_serving.ensemble_client import ResponseChunk, build_inputs, parse_response
 from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
-from vlm_serving.sampling import SamplingParams
+from vlm_serving.generation.sampling import SamplingParams
 
 log = logging.getLogger("gateway")
 _IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)

@@ -13,8 +13,8 @@ from vlm.v1 import vlm_pb2
 from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
 from vlm_serving.deploy.render import ROUTER
-from vlm_serving.images import ImageError, ImageLimits, check_encoded
-from vlm_serving.sampling import SamplingParams
+from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
+from vlm_serving.generation.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")
 # ASCII only: the id goes back in gRPC metadata, which allows nothing else.
@@ -51,7 +51,7 @@ DETAILS = {vlm_pb2.IMAGE_DETAIL_AUTO: "auto", vlm_pb2.IMAGE_DETAIL_LOW: "low", v
 
 def sampling_params(config, stream: bool) -> SamplingParams:
     """The proto's config; fields left unset (or 0 where 0 is out of range) stay None: the
-    model's defaults apply to them (`vlm_serving.sampling.SamplingDefaults`)."""
+    model's defaults apply to them (`vlm_serving.generation.sampling.SamplingDefaults`)."""
     def present(name: str):
         return getattr(config, name) if config.HasField(name) else None
 

@@ -44,7 +44,7 @@ from vlm_serving.deploy.render import PROFILES, Batching, copy_model_code, rende
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
 from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonServer
 from vlm_serving.tiny_checkpoints import with_real_image_limits
-from vlm_serving.preprocess import load_preprocessor
+from vlm_serving.preprocessing.preprocess import load_preprocessor
 
 BENCH = BUILD / "bench"
 PERF_ANALYZER = BUILD / "perf" / "bin" / "perf_analyzer"

@@ -30,8 +30,8 @@ from PIL import Image
 
 from perf.workload import workload
 from vlm_serving.deploy.triton_server import BUILD
-from vlm_serving.encoder import OnnxEncoder
-from vlm_serving.preprocess import load_preprocessor
+from vlm_serving.encoding.encoder import OnnxEncoder
+from vlm_serving.preprocessing.preprocess import load_preprocessor
 
 BENCH = BUILD / "bench"
 THREADS = min(2, os.cpu_count() or 1)  # the serving instance's share of this 2-core machine
@@ -45,7 +45,7 @@ def mid_size_qwen_checkpoint() -> Path:
     """The tiny Qwen2.5-VL checkpoint with a mid-size vision tower (random weights), exported."""
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-    from vlm_serving.encoder_export import export
+    from vlm_serving.encoding.encoder_export import export
 
     target = BENCH / "mid_qwen2_5_vl"
     if not (target / "onnx" / "encoder.fp32.onnx").is_file():
@@ -107,9 +107,9 @@ def encoder_speed(family: str, checkpoint: Path, pictures: list[Image.Image], ro
 
 def int8_token_agreement(family: str, items, max_tokens: int = 16) -> tuple[float, int]:
     """Share of greedy tokens (position by position) the int8 encoder's answers share with fp32's."""
-    from vlm_serving.generation import BatchGenerator, GenerationRequest
-    from vlm_serving.loading import load_model
-    from vlm_serving.sampling import SamplingParams
+    from vlm_serving.generation.batch import BatchGenerator, GenerationRequest
+    from vlm_serving.generation.loading import load_model
+    from vlm_serving.generation.sampling import SamplingParams
 
     checkpoint = BUILD / "models" / family
     preprocessor = load_preprocessor(family, checkpoint)
@@ -172,7 +172,7 @@ def profile() -> None:
     import onnxruntime as ort
     from transformers import AutoModelForImageTextToText
 
-    from vlm_serving.encoder_inputs import QWEN_SPEC, graph_inputs, pack
+    from vlm_serving.encoding.encoder_inputs import QWEN_SPEC, graph_inputs, pack
 
     checkpoint = mid_size_qwen_checkpoint()
     preprocessor = load_preprocessor("qwen2_5_vl", checkpoint)

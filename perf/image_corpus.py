@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from vlm_serving.image_kind import ImageKind
+from vlm_serving.preprocessing.image_kind import ImageKind
 
 DEFAULT_DIRECTORY = Path(__file__).resolve().parents[1] / "build" / "image_corpus"
 

@@ -19,7 +19,7 @@ import time
 from PIL import Image
 
 from perf.image_corpus import build
-from vlm_serving.image_kind import ImageKind, classify
+from vlm_serving.preprocessing.image_kind import ImageKind, classify
 
 
 def one_megapixel(image: Image.Image) -> Image.Image:

@@ -25,7 +25,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.triton_backend import TritonBackend
 from perf.workload import WorkItem, messages, workload
-from vlm_serving.sampling import SamplingParams
+from vlm_serving.generation.sampling import SamplingParams
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from vlm_serving.deploy.render import FAMILIES
 from vlm_serving.deploy.triton_server import BUILD
-from vlm_serving.preprocess import load_preprocessor
+from vlm_serving.preprocessing.preprocess import load_preprocessor
 
 
 def request() -> tuple[list[bytes], str]:

@@ -88,8 +88,8 @@ def processor_inputs(family: str, checkpoint: Path, messages: list, images: list
 def served_size(family: str, checkpoint: Path) -> dict:
     """The image processor `size` at which the service processes every image of a tiny checkpoint:
     each resolution preset clamps to the checkpoint's own maximum (tests/unit/test_preprocess.py)."""
-    from vlm_serving.image_kind import ImageKind
-    from vlm_serving.preprocess import load_preprocessor
+    from vlm_serving.preprocessing.image_kind import ImageKind
+    from vlm_serving.preprocessing.preprocess import load_preprocessor
 
     preprocessor = load_preprocessor(family, checkpoint)
     sizes = {json.dumps(preprocessor.transformers_size(preprocessor.presets.range_for(kind, None))) for kind in ImageKind}

@@ -1,7 +1,7 @@
 """Call a family's Triton ensemble through `tritonclient` (the gRPC stream API it needs).
 
 Used by the tests and the benchmarks; the public gRPC gateway builds the same tensors. Messages
-follow `vlm_serving.chat`; images are encoded files, one per image part.
+follow `vlm_serving.preprocessing.chat`; images are encoded files, one per image part.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from vlm_serving.image_kind import ImageKind
+from vlm_serving.preprocessing.image_kind import ImageKind
 
 PRIMARY = "qwen2_5_vl"
 SPECIALIST = "pixtral"

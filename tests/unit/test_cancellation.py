@@ -1,6 +1,6 @@
 """The cancellation board: a request, and the sub-requests model auto makes for it."""
 
-from vlm_serving.cancellation import CancellationBoard, subrequest_id
+from vlm_serving.generation.cancellation import CancellationBoard, subrequest_id
 
 
 def test_cancelling_a_request_cancels_its_subrequests_and_not_the_other_way_round(tmp_path):

@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from tests.conftest import FAMILIES
-from vlm_serving.encoder import EmbeddingCache, EncoderChanges, OnnxEncoder, embed_batch
-from vlm_serving.encoder_export import export_fp16
-from vlm_serving.encoder_inputs import PIXTRAL_SPEC, QWEN_SPEC, image_digest, pack, pixtral_image_inputs, qwen_image_inputs
-from vlm_serving.encoder_inputs import segment_layout, unpack
+from vlm_serving.encoding.encoder import EmbeddingCache, EncoderChanges, OnnxEncoder, embed_batch
+from vlm_serving.encoding.encoder_export import export_fp16
+from vlm_serving.encoding.encoder_inputs import PIXTRAL_SPEC, QWEN_SPEC, image_digest, pack, pixtral_image_inputs, qwen_image_inputs
+from vlm_serving.encoding.encoder_inputs import segment_layout, unpack
 
 # Patch grids (rows, cols) per call: single images of several sizes, then several different sizes at once.
 QWEN_CALLS = [[(4, 4)], [(8, 16)], [(22, 14)], [(4, 6), (10, 8)], [(16, 16), (4, 4), (6, 10)]]
@@ -219,7 +219,7 @@ def test_encoder_changes_are_seen_by_another_process(tmp_path):
 
 
 def test_missing_variant_says_how_to_export(checkpoints, tmp_path):
-    with pytest.raises(FileNotFoundError, match="vlm_serving.encoder_export"):
+    with pytest.raises(FileNotFoundError, match="vlm_serving.encoding.encoder_export"):
         OnnxEncoder("pixtral", tmp_path, "fp16")
     with pytest.raises(ValueError, match="use one of fp32, int8, fp16"):
         OnnxEncoder("pixtral", checkpoints / "pixtral" / "onnx", "bf16")
@@ -261,7 +261,7 @@ def test_one_requests_failing_images_do_not_fail_its_batch_mates():
             raise MemoryError("failed to allocate the attention scores")
         return [image["pixel_values"] * 2 for image in images]
 
-    from vlm_serving.encoder import encode_each_request
+    from vlm_serving.encoding.encoder import encode_each_request
 
     answers = encode_each_request(encode, [[small[0]], [huge, small[1]], [small[2]]])
     assert isinstance(answers[1], MemoryError)
@@ -274,7 +274,7 @@ def test_export_works_from_a_checkpoint_with_bin_weights(checkpoints, tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vlm_serving.encoder_export import export
+    from vlm_serving.encoding.encoder_export import export
 
     source = checkpoints / "pixtral"
     target = tmp_path / "pixtral"

@@ -6,11 +6,11 @@ import torch
 
 from tests.conftest import FAMILIES, encode, picture
 from tests.reference import served_size, transformers_generate
-from vlm_serving.encoder import OnnxEncoder
-from vlm_serving.generation import BatchGenerator, GenerationRequest
-from vlm_serving.loading import load_model
-from vlm_serving.preprocess import load_preprocessor
-from vlm_serving.sampling import SamplingParams
+from vlm_serving.encoding.encoder import OnnxEncoder
+from vlm_serving.generation.batch import BatchGenerator, GenerationRequest
+from vlm_serving.generation.loading import load_model
+from vlm_serving.preprocessing.preprocess import load_preprocessor
+from vlm_serving.generation.sampling import SamplingParams
 
 
 class Family:
@@ -167,7 +167,7 @@ class ScriptedGenerator:
         self.asked_cancelled = []
 
     def generate(self, requests, on_update, is_cancelled):
-        from vlm_serving.generation import RequestUpdate
+        from vlm_serving.generation.batch import RequestUpdate
 
         for index in range(self.rows):
             if self.fail_after == index:
@@ -179,7 +179,7 @@ class ScriptedGenerator:
 
 
 def deliver(generator, failing_sends=(), failing_errors=()):
-    from vlm_serving.generation import run_batch
+    from vlm_serving.generation.batch import run_batch
 
     finals, logged = {}, []
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from perf.image_corpus import build
-from vlm_serving.image_kind import ImageKind, classify
+from vlm_serving.preprocessing.image_kind import ImageKind, classify
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import encode, picture
-from vlm_serving.images import ImageError, ImageLimits, decode_image, sniff_format
+from vlm_serving.preprocessing.images import ImageError, ImageLimits, decode_image, sniff_format
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
@@ -135,7 +135,7 @@ def test_extreme_aspect_ratio_is_refused():
 
 
 def test_upright_size_reads_headers_only_and_leaves_bad_data_to_decoding():
-    from vlm_serving.images import upright_size
+    from vlm_serving.preprocessing.images import upright_size
 
     png = encode(picture(120, 80))
     assert upright_size(png[:200]) == (120, 80)  # truncated pixels: the header still gives the size

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vlm_serving.loading import CheckpointError, load_model
+from vlm_serving.generation.loading import CheckpointError, load_model
 
 
 def test_missing_checkpoint_says_how_to_get_one(tmp_path):
@@ -48,7 +48,7 @@ def test_bitsandbytes_modes_pass_transformers_environment_checks(checkpoints, mo
     finds every package it needs (before: ImportError, accelerate missing)."""
     from transformers.quantizers import AutoHfQuantizer
 
-    from vlm_serving.loading import load_kwargs
+    from vlm_serving.generation.loading import load_kwargs
 
     kwargs = load_kwargs(checkpoints / "qwen2_5_vl", mode, "cuda:0")
     quantizer = AutoHfQuantizer.from_config(kwargs["quantization_config"], pre_quantized=False)
@@ -64,7 +64,7 @@ def test_awq_mode_builds_its_config_and_the_gpu_image_has_its_backend(checkpoint
     from transformers import AwqConfig
     from transformers.quantizers import AutoHfQuantizer
 
-    from vlm_serving.loading import load_kwargs
+    from vlm_serving.generation.loading import load_kwargs
 
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
         "quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}}))

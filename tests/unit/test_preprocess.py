@@ -7,9 +7,9 @@ from PIL import Image, ImageOps
 
 from tests.conftest import FAMILIES, encode, picture
 from tests.reference import processor_inputs
-from vlm_serving.chat import MessageError
-from vlm_serving.images import ImageError
-from vlm_serving.preprocess import load_preprocessor
+from vlm_serving.preprocessing.chat import MessageError
+from vlm_serving.preprocessing.images import ImageError
+from vlm_serving.preprocessing.preprocess import load_preprocessor
 
 # (width, height, mode, format): small (upscaled to the minimum), large (downscaled to the
 # maximum), odd sizes, extreme aspect, and every mode conversion.
@@ -188,7 +188,7 @@ def test_pixtral_refuses_an_image_too_wide_to_keep_a_row_naming_it(checkpoints):
 def test_image_tokens_counted_from_the_header_equal_the_built_ones(family, size):
     _, _, preprocessor = family
     data = encode(picture(*size))
-    from vlm_serving.images import upright_size
+    from vlm_serving.preprocessing.images import upright_size
 
     built = preprocessor([data], json.dumps(user(1)))
     pixels = preprocessor.presets.range_for(built.image_kinds[0], None)
@@ -201,7 +201,7 @@ def test_exif_rotation_is_counted_from_the_header(family):
     exif = image.getexif()
     exif[0x0112] = 6  # a quarter turn: the upright picture is 100 wide, 300 high
     data = encode(image, "JPEG", exif=exif.tobytes())
-    from vlm_serving.images import upright_size
+    from vlm_serving.preprocessing.images import upright_size
 
     assert upright_size(data) == (100, 300)
     built = preprocessor([data], json.dumps(user(1)))
@@ -211,7 +211,7 @@ def test_exif_rotation_is_counted_from_the_header(family):
 
 def test_over_budget_requests_are_refused_from_the_headers_before_any_decoding(family, monkeypatch):
     name, checkpoint, preprocessor = family
-    from vlm_serving import preprocess
+    from vlm_serving.preprocessing import preprocess
 
     decoded = []
     monkeypatch.setattr(preprocess, "decode_image", lambda *args, **kwargs: decoded.append(args) or None)
@@ -232,8 +232,8 @@ def test_over_budget_requests_are_refused_from_the_headers_before_any_decoding(f
 
 # ---- resolution presets ------------------------------------------------------------------------
 
-from vlm_serving.image_kind import ImageKind  # noqa: E402
-from vlm_serving.resolution import ImageDetail, PixelRange, ResolutionPresets, parse_detail  # noqa: E402
+from vlm_serving.preprocessing.image_kind import ImageKind  # noqa: E402
+from vlm_serving.preprocessing.resolution import ImageDetail, PixelRange, ResolutionPresets, parse_detail  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -253,7 +253,7 @@ PRESET_CASES = [(kind, detail) for kind in ImageKind for detail in (None, ImageD
 @pytest.mark.parametrize("kind,detail", PRESET_CASES, ids=[f"{k.value}-{d.value if d else 'auto'}" for k, d in PRESET_CASES])
 def test_each_kind_and_detail_is_processed_at_its_preset_and_equals_transformers_there(real_limits, monkeypatch, kind, detail):
     name, checkpoint, preprocessor = real_limits
-    from vlm_serving import preprocess
+    from vlm_serving.preprocessing import preprocess
 
     monkeypatch.setattr(preprocess, "classify", lambda image: kind)  # the policy apart from the classifier
     seed_preset = {ImageKind.PHOTO: (256, 768), ImageKind.DOCUMENT: (512, 1024), ImageKind.DIAGRAM: (768, 1536)}

@@ -71,7 +71,7 @@ def test_ensemble_wires_preprocess_embed_generate(family):
 def test_render_repository_writes_one_config_per_model(tmp_path):
     written = render_repository(tmp_path, PROFILES["cpu"])
     assert sorted(p.parent.name for p in written) == sorted(
-        ["cancel"] + list(FAMILIES)
+        ["cancel", "auto"] + list(FAMILIES)
         + [f"{f}_{role}" for f in FAMILIES for role in ("preprocess", "embed", "encoder", "generate")]
     )
     cancel = parse((tmp_path / "cancel" / "config.pbtxt").read_text())
@@ -81,7 +81,7 @@ def test_render_repository_writes_one_config_per_model(tmp_path):
 def test_generate_config_carries_the_checkpoints_sampling_defaults(tmp_path):
     import json
 
-    from vlm_serving.sampling import SamplingDefaults
+    from vlm_serving.generation.sampling import SamplingDefaults
 
     (tmp_path / "pixtral").mkdir()
     (tmp_path / "pixtral" / "generation_config.json").write_text(json.dumps(
@@ -122,3 +122,17 @@ def test_generate_config_carries_the_checkpoints_context(tmp_path, checkpoints):
         assert int(config.parameters["context_tokens"].string_value) == expected
     missing = parse(render_family("pixtral", replace(PROFILES["cpu"], checkpoints_dir=tmp_path))["pixtral_generate"])
     assert missing.parameters["context_tokens"].string_value == "0"
+
+
+def test_the_router_config_takes_the_ensembles_inputs_and_the_routing_options():
+    import math
+
+    from vlm_serving.deploy.render import render_router
+
+    config = parse(render_router(PROFILES["cpu"]))
+    inputs = {tensor.name: tensor for tensor in config.input}
+    assert {"MESSAGES", "IMAGES", "DETAIL", "MAX_TOKENS", "STREAM", "REQUEST_ID", "CONFIDENCE_THRESHOLD", "FALLBACK"} <= set(inputs)
+    assert inputs["CONFIDENCE_THRESHOLD"].optional and inputs["FALLBACK"].optional
+    assert "ROUTE_INFO" in {tensor.name for tensor in config.output}
+    assert config.model_transaction_policy.decoupled
+    assert float(config.parameters["confidence_threshold"].string_value) == pytest.approx(math.log(0.85), abs=1e-5)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vlm_serving.image_kind import ImageKind
+from vlm_serving.preprocessing.image_kind import ImageKind
 from vlm_serving.routing import DEFAULT_CONFIDENCE_THRESHOLD, Reply, RouteReason, RoutingOptions, route
 
 PHOTO, DOCUMENT, DIAGRAM = ImageKind.PHOTO, ImageKind.DOCUMENT, ImageKind.DIAGRAM

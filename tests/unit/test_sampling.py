@@ -1,6 +1,6 @@
 import pytest
 
-from vlm_serving.sampling import ParameterError, SamplingParams, TextAssembler
+from vlm_serving.generation.sampling import ParameterError, SamplingParams, TextAssembler
 
 
 class CharTokenizer:

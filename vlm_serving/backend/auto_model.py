@@ -22,11 +22,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import model_parameters, optional_input
-from vlm_serving.cancellation import subrequest_id
+from vlm_serving.generation.cancellation import subrequest_id
 from vlm_serving.deploy.render import REQUEST_PARAMETERS, RESPONSE_TENSORS
 from vlm_serving.errors import CALLER_ERROR_PREFIX
-from vlm_serving.image_kind import classify
-from vlm_serving.images import ImageError, decode_image
+from vlm_serving.preprocessing.image_kind import classify
+from vlm_serving.preprocessing.images import ImageError, decode_image
 from vlm_serving.routing import Reply, Route, RoutingOptions, route
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

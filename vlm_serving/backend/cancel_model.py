@@ -1,4 +1,4 @@
-"""Triton adapter for `vlm_serving.cancellation`: REQUEST_IDS in, each put on the board."""
+"""Triton adapter for `vlm_serving.generation.cancellation`: REQUEST_IDS in, each put on the board."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import required_input
-from vlm_serving.cancellation import CancellationBoard
+from vlm_serving.generation.cancellation import CancellationBoard
 
 
 class TritonPythonModel:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlm_serving.encoder_inputs import SPECS, ImageInputs, PackedImages, pack, unpack
+from vlm_serving.encoding.encoder_inputs import SPECS, ImageInputs, PackedImages, pack, unpack
 from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
 
 

@@ -1,4 +1,4 @@
-"""Triton adapter for `vlm_serving.encoder.embed_batch`: each request's image embeddings, from the
+"""Triton adapter for `vlm_serving.encoding.encoder.embed_batch`: each request's image embeddings, from the
 cache or from the family's encoder model (a BLS call per request with unseen images, all in
 flight together so that the encoder's dynamic batcher joins them)."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, image_tensors, model_parameters, read_images
-from vlm_serving.encoder import EmbeddingCache, EncoderChanges, embed_batch
-from vlm_serving.encoder_inputs import split_per_image
+from vlm_serving.encoding.encoder import EmbeddingCache, EncoderChanges, embed_batch
+from vlm_serving.encoding.encoder_inputs import split_per_image
 
 
 class TritonPythonModel:

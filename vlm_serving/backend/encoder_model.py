@@ -1,4 +1,4 @@
-"""Triton adapter for `vlm_serving.encoder.OnnxEncoder`: the images of every request in a batch
+"""Triton adapter for `vlm_serving.encoding.encoder.OnnxEncoder`: the images of every request in a batch
 run as one ONNX Runtime call and are split back per request."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, model_parameters, read_images
-from vlm_serving.encoder import EncoderChanges, OnnxEncoder, encode_each_request, encoder_identity
+from vlm_serving.encoding.encoder import EncoderChanges, OnnxEncoder, encode_each_request, encoder_identity
 
 
 class TritonPythonModel:

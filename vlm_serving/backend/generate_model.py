@@ -1,4 +1,4 @@
-"""Triton adapter for `vlm_serving.generation` (decoupled): a batch of requests in, responses out
+"""Triton adapter for `vlm_serving.generation.batch` (decoupled): a batch of requests in, responses out
 through each request's response sender, as text deltas (STREAM true) or one whole answer."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
-from vlm_serving.cancellation import CancellationBoard
+from vlm_serving.generation.cancellation import CancellationBoard
 from vlm_serving.deploy.render import LANGUAGE_IMAGE_TENSORS
-from vlm_serving.generation import BatchGenerator, GenerationRequest, RequestUpdate, run_batch
-from vlm_serving.loading import load_model, load_tokenizer
-from vlm_serving.sampling import ParameterError, SamplingParams
+from vlm_serving.generation.batch import BatchGenerator, GenerationRequest, RequestUpdate, run_batch
+from vlm_serving.generation.loading import load_model, load_tokenizer
+from vlm_serving.generation.sampling import ParameterError, SamplingParams
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -1,4 +1,4 @@
-"""Triton adapter for `vlm_serving.preprocess`: IMAGES + MESSAGES in; token ids, the encoder's
+"""Triton adapter for `vlm_serving.preprocessing.preprocess`: IMAGES + MESSAGES in; token ids, the encoder's
 packed inputs and the language model's image tensors out."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import error_response, image_tensors, model_parameters, optional_input, required_input
-from vlm_serving.chat import MessageError
-from vlm_serving.images import ImageError, ImageLimits
-from vlm_serving.preprocess import load_preprocessor
-from vlm_serving.resolution import ResolutionPresets, parse_detail
-from vlm_serving.sampling import SamplingParams
+from vlm_serving.preprocessing.chat import MessageError
+from vlm_serving.preprocessing.images import ImageError, ImageLimits
+from vlm_serving.preprocessing.preprocess import load_preprocessor
+from vlm_serving.preprocessing.resolution import ResolutionPresets, parse_detail
+from vlm_serving.generation.sampling import SamplingParams
 
 
 class TritonPythonModel:

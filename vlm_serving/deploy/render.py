@@ -22,12 +22,12 @@ from string import Template
 
 import numpy as np
 
-from vlm_serving.encoder import VARIANTS
-from vlm_serving.encoder_inputs import SPECS
-from vlm_serving.loading import checkpoint_context_tokens
-from vlm_serving.resolution import ImageDetail, ResolutionPresets
+from vlm_serving.encoding.encoder import VARIANTS
+from vlm_serving.encoding.encoder_inputs import SPECS
+from vlm_serving.generation.loading import checkpoint_context_tokens
+from vlm_serving.preprocessing.resolution import ImageDetail, ResolutionPresets
 from vlm_serving.routing import DEFAULT_CONFIDENCE_THRESHOLD
-from vlm_serving.sampling import SamplingDefaults
+from vlm_serving.generation.sampling import SamplingDefaults
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -38,7 +38,7 @@ _TRITON_TYPES = {np.float32: "TYPE_FP32", np.int64: "TYPE_INT64", np.int32: "TYP
 
 def encoder_tensors(family: str) -> list[tuple[str, str, str]]:
     """(name, Triton type, dims) of the encoder's inputs: its graph inputs for a request's images,
-    packed, and IMAGE_LAYOUT (entries per image of each), see vlm_serving.encoder_inputs."""
+    packed, and IMAGE_LAYOUT (entries per image of each), see vlm_serving.encoding.encoder_inputs."""
     spec = SPECS[family]
     tensors = [
         (entry.name.upper(), _TRITON_TYPES[entry.dtype], ", ".join(str(d) for d in (-1, *entry.row_dims)))
@@ -53,7 +53,7 @@ IMAGE_EMBEDS = [("IMAGE_EMBEDS", "TYPE_FP32", "-1, -1")]
 # Which encoder computed the embeddings (model/version/variant/weights mtime), for the cache.
 ENCODER_IDENTITY = [("ENCODER_IDENTITY", "TYPE_STRING", "1")]
 # Every per-request parameter is optional; the defaults are `SamplingParams`'. REQUEST_ID names
-# the request for cancellation (see vlm_serving/cancellation.py).
+# the request for cancellation (see vlm_serving/generation/cancellation.py).
 REQUEST_PARAMETERS = [
     ("MAX_TOKENS", "TYPE_INT32", "1"),
     ("TEMPERATURE", "TYPE_FP32", "1"),

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vlm_serving.cancellation import board_path
+from vlm_serving.generation.cancellation import board_path
 from vlm_serving.deploy.triton_server import (BUILD, REPO_ROOT, TritonError, TritonServer, busy_ports,
                                               stop_process_group, tail)
 

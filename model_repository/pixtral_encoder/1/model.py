@@ -1,3 +1,3 @@
-"""pixtral_encoder: Triton adapter in vlm_serving/backend/encoder_model.py, logic in vlm_serving/encoder.py."""
+"""pixtral_encoder: Triton adapter in vlm_serving/backend/encoder_model.py, logic in vlm_serving/encoding/encoder.py."""
 
 from vlm_serving.backend.encoder_model import TritonPythonModel  # noqa: F401

@@ -22,7 +22,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from vlm_serving.sampling import SamplingParams
+from vlm_serving.generation.sampling import SamplingParams
 
 
 def _tensor(name: str, datatype: str, array: np.ndarray):

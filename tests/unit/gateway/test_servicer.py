@@ -20,7 +20,7 @@ from gateway.settings import Settings
 from vlm_serving.deploy.render import pipeline
 from tests.conftest import encode, http_host, picture, serving_file
 from vlm_serving.ensemble_client import ResponseChunk
-from vlm_serving.sampling import SamplingDefaults
+from vlm_serving.generation.sampling import SamplingDefaults
 
 KEY = (("authorization", "Bearer secret"),)
 

@@ -4,7 +4,7 @@ Each family reproduces its transformers processor exactly (same resize, same flo
 same placeholder expansion), only faster: normalization is a per-channel lookup table on the uint8
 pixels, patchify is one transpose, and image placeholders are expanded in token ids rather than by
 tokenizing a string with thousands of repeated placeholder tokens. Each image also gets the index
-tensors its vision encoder graph takes (`vlm_serving.encoder_inputs`), so the encoder is pure
+tensors its vision encoder graph takes (`vlm_serving.encoding.encoder_inputs`), so the encoder is pure
 tensor work.
 """
 
@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlm_serving.chat import count_images, load_chat_template, parse_messages, prompt_ids
-from vlm_serving.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
-from vlm_serving.image_kind import ImageKind, classify
-from vlm_serving.images import ImageError, ImageLimits, decode_image, upright_size
-from vlm_serving.loading import context_tokens
-from vlm_serving.resolution import ImageDetail, PixelRange, ResolutionPresets
+from vlm_serving.preprocessing.chat import count_images, load_chat_template, parse_messages, prompt_ids
+from vlm_serving.encoding.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
+from vlm_serving.preprocessing.image_kind import ImageKind, classify
+from vlm_serving.preprocessing.images import ImageError, ImageLimits, decode_image, upright_size
+from vlm_serving.generation.loading import context_tokens
+from vlm_serving.preprocessing.resolution import ImageDetail, PixelRange, ResolutionPresets
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
 

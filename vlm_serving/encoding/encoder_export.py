@@ -1,13 +1,13 @@
 """Export each family's vision encoder to ONNX from a transformers checkpoint.
 
-    python -m vlm_serving.encoder_export build/models/qwen2_5_vl            # -> <checkpoint>/onnx/
-    python -m vlm_serving.encoder_export /weights/qwen2.5-vl-7b --variants fp16
+    python -m vlm_serving.encoding.encoder_export build/models/qwen2_5_vl            # -> <checkpoint>/onnx/
+    python -m vlm_serving.encoding.encoder_export /weights/qwen2.5-vl-7b --variants fp16
 
 writes ``encoder.<variant>.onnx`` (fp32; int8: ONNX Runtime dynamic quantization, for CPU; fp16: for
 the CUDA provider; all three unless ``--variants`` says otherwise) plus ``encoder.json`` (family,
 hidden size) into ``<checkpoint>/onnx/``.
 
-The graphs take the inputs of `vlm_serving.encoder_inputs.graph_inputs` (patches plus precomputed
+The graphs take the inputs of `vlm_serving.encoding.encoder_inputs.graph_inputs` (patches plus precomputed
 index tensors) with dynamic patch, image and window counts. Two changes make the towers
 exportable, neither changes the arithmetic: attention within each segment (image, or Qwen's
 window) runs as one batched `scaled_dot_product_attention` over the segments padded to the
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlm_serving.encoder import VARIANTS
-from vlm_serving.encoder_inputs import OUTPUT_NAME, SPECS
+from vlm_serving.encoding.encoder import VARIANTS
+from vlm_serving.encoding.encoder_inputs import OUTPUT_NAME, SPECS
 
 
 
@@ -40,7 +40,7 @@ def segment_attention(query, key, value, gather, scatter, scale: float) -> torch
     """Attention within each segment (an image, or one of Qwen's windows) as one batched call.
 
     query/key/value [rows, heads, dim]; `gather` [segments, longest] and `scatter` [rows] come from
-    `vlm_serving.encoder_inputs.segment_layout`: rows are gathered into a padded segment batch
+    `vlm_serving.encoding.encoder_inputs.segment_layout`: rows are gathered into a padded segment batch
     (padding slots point at an appended zero row and are masked as keys), attended, and
     scattered back to row order. Costs segments x longest^2, not rows^2.
     """
@@ -143,7 +143,7 @@ def family_of(checkpoint: Path) -> str:
 
 def example_inputs(family: str, model) -> dict[str, np.ndarray]:
     """Two images of different sizes: export traces a multi-image call."""
-    from vlm_serving.encoder_inputs import graph_inputs, pack, pixtral_image_inputs, qwen_image_inputs
+    from vlm_serving.encoding.encoder_inputs import graph_inputs, pack, pixtral_image_inputs, qwen_image_inputs
 
     generator = np.random.default_rng(0)
     if family == "qwen2_5_vl":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_serving.encoder_inputs import OUTPUT_NAME, SPECS, ImageInputs, graph_inputs, image_digest, pack, split_per_image
+from vlm_serving.encoding.encoder_inputs import OUTPUT_NAME, SPECS, ImageInputs, graph_inputs, image_digest, pack, split_per_image
 
 VARIANTS = ("fp32", "int8", "fp16")
 
@@ -30,7 +30,7 @@ def encoder_file(onnx_dir: str | Path, variant: str) -> Path:
     path = Path(onnx_dir) / f"encoder.{variant}.onnx"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} does not exist; export it with `python -m vlm_serving.encoder_export <checkpoint> --variants {variant}`"
+            f"{path} does not exist; export it with `python -m vlm_serving.encoding.encoder_export <checkpoint> --variants {variant}`"
         )
     return path
 

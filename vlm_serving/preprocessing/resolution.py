@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 
-from vlm_serving.image_kind import ImageKind
+from vlm_serving.preprocessing.image_kind import ImageKind
 
 
 class ImageDetail(str, Enum):

@@ -20,8 +20,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers import StoppingCriteriaList
 
-from vlm_serving.loading import context_tokens
-from vlm_serving.sampling import SamplingDefaults, SamplingParams, TextAssembler
+from vlm_serving.generation.loading import context_tokens
+from vlm_serving.generation.sampling import SamplingDefaults, SamplingParams, TextAssembler
 
 FINISH_STOP = "stop"  # end-of-sequence token or a stop sequence
 FINISH_LENGTH = "length"  # max_tokens reached

@@ -1,0 +1,1 @@
+"""Encoding: image patches to embeddings (the ONNX vision towers, their export, and the cache)."""
