@@ -2,7 +2,7 @@
 
 A model is its family's pipeline: `<family>_preprocess`, `<family>_encoder`, `<family>_embed` and
 `<family>_generate`, then the `<family>` ensemble; the router `auto` is only itself
-(`vlm_serving.deploy.render.own_models`). Triton loads a new copy beside the serving one and switches when it is
+(`vlm_serving.pipelines.own_models`). Triton loads a new copy beside the serving one and switches when it is
 ready, so requests keep being answered during a load; a failed load leaves the old copy serving.
 """
 
@@ -19,7 +19,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 from gateway.settings import Settings
 from gateway.servicer import model_info
 from gateway.triton_backend import TritonBackend, unloading
-from vlm_serving.deploy.render import own_models
+from vlm_serving.pipelines import own_models
 
 log = logging.getLogger("gateway.admin")
 # Triton's answer to a load or unload while it polls its repository.

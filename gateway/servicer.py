@@ -18,7 +18,7 @@ from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
 from gateway.triton_backend import TritonBackend, is_unloaded, pipeline_ready, to_api_error
 from gateway.validation import ValidatedRequest, validate
-from vlm_serving.deploy.render import ROUTER
+from vlm_serving.pipelines import ROUTER
 
 log = logging.getLogger("gateway")
 

@@ -29,7 +29,7 @@ from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import ApiError, invalid_argument
-from vlm_serving.deploy.render import pipeline
+from vlm_serving.pipelines import pipeline
 from vlm_serving.ensemble_client import ResponseChunk, build_inputs, parse_response
 from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
 from vlm_serving.generation.sampling import SamplingParams

@@ -12,7 +12,7 @@ from vlm.v1 import vlm_pb2
 
 from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
-from vlm_serving.deploy.render import ROUTER
+from vlm_serving.pipelines import ROUTER
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
 from vlm_serving.generation.sampling import SamplingParams
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from vlm_serving.deploy.render import FAMILIES
+from vlm_serving.pipelines import FAMILIES
 from vlm_serving.deploy.triton_server import BUILD
 from vlm_serving.preprocessing.preprocess import load_preprocessor
 

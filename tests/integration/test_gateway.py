@@ -14,7 +14,7 @@ from vlm.v1 import vlm_pb2
 from gateway.errors import field_violations
 from tests.integration.conftest import KEY, PNG, make_repository, start_gateway, start_server
 from vlm_client import VLMClient
-from vlm_serving.deploy.render import pipeline
+from vlm_serving.pipelines import pipeline
 
 pytestmark = pytest.mark.integration
 PUBLIC = {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral"}

@@ -15,7 +15,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 from tests.integration.conftest import KEY, make_repository, start_gateway, start_server
 from vlm_client import VLMClient
 from vlm_serving import tiny_checkpoints
-from vlm_serving.deploy.render import pipeline
+from vlm_serving.pipelines import pipeline
 from vlm_serving.ensemble_client import generate, user_message
 
 pytestmark = pytest.mark.integration

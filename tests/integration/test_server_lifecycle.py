@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import encode, picture
 from tests.integration.conftest import KEY, make_repository, start_gateway, start_server
 from vlm_client import VLMClient
-from vlm_serving.deploy.render import pipeline
+from vlm_serving.pipelines import pipeline
 from vlm_serving.ensemble_client import generate, user_message
 
 pytestmark = pytest.mark.integration

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -86,3 +87,24 @@ def test_compose_file_validates():
     result = subprocess.run([*_compose_command(), "config", "--quiet"], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_gateway_image_holds_every_module_the_gateway_imports(tmp_path):
+    """Only what the Dockerfile copies of vlm_serving (with gateway/ and the generated protos),
+    imported by a fresh interpreter: a module the gateway needs and the image lacks fails here."""
+    app = tmp_path / "app"
+    for line in (REPO_ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY vlm_serving/"):
+            *sources, target = line.split()[1:]
+            (app / target).mkdir(parents=True, exist_ok=True)
+            for source in sources:
+                shutil.copy(REPO_ROOT / source, app / target)
+    shutil.copytree(REPO_ROOT / "gateway", app / "gateway")
+    # The checkout's editable install would serve any module the image lacks: drop its finder.
+    probe = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
+             "getattr(f, '__module__', '')]; import gateway.server, gateway.admin, gateway.healthcheck, vlm_serving; "
+             "print(vlm_serving.__file__)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=app, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=f"{app}{os.pathsep}{REPO_ROOT / 'build' / 'gen'}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith(str(app)), "the probe must import the image's copy, not the checkout"

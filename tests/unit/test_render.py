@@ -4,7 +4,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from vlm_serving.deploy.render import FAMILIES, PROFILES, render_family, render_repository
+from vlm_serving.deploy.render import PROFILES, render_family, render_repository
+from vlm_serving.pipelines import FAMILIES
 
 
 def parse(text: str) -> model_config_pb2.ModelConfig:

@@ -25,13 +25,13 @@ import numpy as np
 from vlm_serving.encoding.encoder import VARIANTS
 from vlm_serving.encoding.encoder_inputs import SPECS
 from vlm_serving.generation.loading import checkpoint_context_tokens
+from vlm_serving.generation.sampling import SamplingDefaults
+from vlm_serving.pipelines import FAMILIES, ROUTER
 from vlm_serving.preprocessing.resolution import ImageDetail, ResolutionPresets
 from vlm_serving.routing import DEFAULT_CONFIDENCE_THRESHOLD
-from vlm_serving.generation.sampling import SamplingDefaults
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-FAMILIES = ("qwen2_5_vl", "pixtral")
 
 _TRITON_TYPES = {np.float32: "TYPE_FP32", np.int64: "TYPE_INT64", np.int32: "TYPE_INT32"}
 
@@ -76,26 +76,6 @@ RESPONSE_TENSORS = [
     ("MODEL_VERSION", "TYPE_STRING", "1"),
     ("IMAGE_INFO", "TYPE_STRING", "1"),
 ]
-
-
-ROUTER = "auto"
-
-
-def pipeline(ensemble: str) -> list[str]:
-    """A family's Triton models in load order: each before the models that call it (the encoder
-    before the embed step that calls it through BLS, which Triton does not know of; the steps
-    before the ensemble). Loading the ensemble alone would leave the encoder out. The router's
-    pipeline is both families' and then itself: it serves when all of them do."""
-    if ensemble == ROUTER:
-        return [model for family in FAMILIES for model in pipeline(family)] + [ROUTER]
-    steps = ("preprocess", "encoder", "embed", "generate")
-    return [f"{ensemble}_{step}" for step in steps] + [ensemble]
-
-
-def own_models(ensemble: str) -> list[str]:
-    """The models an admin load or unload of `ensemble` touches: the router only itself (its
-    families are models of their own)."""
-    return [ROUTER] if ensemble == ROUTER else pipeline(ensemble)
 
 
 @dataclass(frozen=True)

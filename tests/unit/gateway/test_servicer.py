@@ -17,7 +17,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 from gateway import server as gateway_server
 from gateway.errors import field_violations
 from gateway.settings import Settings
-from vlm_serving.deploy.render import pipeline
+from vlm_serving.pipelines import pipeline
 from tests.conftest import encode, http_host, picture, serving_file
 from vlm_serving.ensemble_client import ResponseChunk
 from vlm_serving.generation.sampling import SamplingDefaults
