@@ -277,6 +277,21 @@ def write_example_image(path: Path) -> None:
     image.save(path)
 
 
+def write_example_chart(path: Path) -> None:
+    """A bar chart for the demo of model auto, which sends diagrams to Pixtral."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(6, 4), dpi=100)
+    axes = figure.add_subplot()
+    axes.bar(["Mon", "Tue", "Wed", "Thu", "Fri"], [12, 19, 7, 15, 22], color="#4c72b0")
+    axes.set(title="Requests per day (thousands)", ylabel="requests")
+    figure.savefig(path)
+    plt.close(figure)
+
+
 BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "pixtral": build_pixtral}
 
 
@@ -298,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         build(target, args.seed)
         print(f"{target}: built in {time.perf_counter() - start:.1f}s")
     write_example_image(args.out_dir / "example.png")
+    write_example_chart(args.out_dir / "example_chart.png")
     return 0
 
 
