@@ -171,3 +171,26 @@ def test_a_routed_request_past_its_deadline_is_deadline_exceeded_and_frees_qwens
     started = time.perf_counter()
     client.generate("qwen2.5-vl", "short", max_tokens=4)
     assert time.perf_counter() - started < uncancelled / 3
+
+
+def test_metrics_count_routes_by_reason_and_images_by_kind(client, gateway):
+    import re
+    import urllib.request
+
+    def counts() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5).read().decode()
+        return {name: float(value) for name, value in re.findall(r"^(vlm_(?:routed_requests|images)_total\{[^}]*\}) (\S+)$",
+                                                                  text, re.M)}
+
+    before = counts()
+    routed(client, CHART)
+    routed(client, PHOTO, threshold=0.0)
+    after = counts()
+
+    def grew(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('vlm_routed_requests_total{reason="image_kind"}') == 1
+    assert grew('vlm_routed_requests_total{reason="low_confidence"}') == 1
+    assert grew('vlm_images_total{kind="diagram",model="auto"}') == 1
+    assert grew('vlm_images_total{kind="photo",model="auto"}') == 1

@@ -13,10 +13,18 @@ const client = createClient(address, apiKey);
 
 test.after(() => client.close());
 
-test('lists both models as ready', async () => {
+test('lists both models and the router as ready', async () => {
   const models = await client.listModels();
-  assert.deepEqual(models.map((m) => m.name).sort(), ['pixtral', 'qwen2.5-vl']);
+  assert.deepEqual(models.map((m) => m.name).sort(), ['auto', 'pixtral', 'qwen2.5-vl']);
   assert.ok(models.every((m) => m.ready));
+});
+
+test('auto answers from one of the models and says how', async () => {
+  const answer = await client.generate(userRequest('auto', 'What is in the picture?', [image], { max_tokens: 4 }));
+  assert.ok(['qwen2.5-vl', 'pixtral'].includes(answer.model));
+  assert.equal(answer.route.attempts.at(-1).model, answer.model);
+  assert.notEqual(answer.route.reason, 'ROUTE_REASON_UNSPECIFIED');
+  assert.equal(answer.route.images.length, 1);
 });
 
 for (const model of ['qwen2.5-vl', 'pixtral']) {
