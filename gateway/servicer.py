@@ -18,7 +18,7 @@ from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
 from gateway.triton_backend import TritonBackend, is_unloaded, pipeline_ready, to_api_error
 from gateway.validation import ValidatedRequest, validate
-from vlm_serving.pipelines import ROUTER
+from vlm_serving.pipelines import FAMILIES, ROUTER
 
 log = logging.getLogger("gateway")
 
@@ -186,13 +186,20 @@ async def model_info(backend: TritonBackend, name: str, ensemble: str, index: li
             info.versions.add(version=entry.get("version", ""), state=entry.get("state", ""),
                               reason=entry.get("reason", ""))
     info.ready = pipeline_ready(index, ensemble)
-    if info.ready and ensemble != ROUTER:
-        parameters = await backend.model_parameters(f"{ensemble}_generate")
-        info.quantization = parameters.get("quantization", "")
-        info.context_tokens = int(parameters.get("context_tokens") or 0)
-        limit = int(parameters.get("max_tokens_limit") or 0)
-        # A prompt takes at least one token of the context.
-        info.max_tokens = min(limit, info.context_tokens - 1) if info.context_tokens else limit
-        if parameters.get("sampling_defaults"):
-            info.defaults.CopyFrom(vlm_pb2.GenerationConfig(**json.loads(parameters["sampling_defaults"])))
+    if not info.ready:
+        return info
+    if ensemble == ROUTER:
+        # What a request to the router may ask: what both families accept (either may answer).
+        families = [await model_info(backend, name, family, index) for family in FAMILIES]
+        info.context_tokens = min(family.context_tokens for family in families)
+        info.max_tokens = min(family.max_tokens for family in families)
+        return info
+    parameters = await backend.model_parameters(f"{ensemble}_generate")
+    info.quantization = parameters.get("quantization", "")
+    info.context_tokens = int(parameters.get("context_tokens") or 0)
+    limit = int(parameters.get("max_tokens_limit") or 0)
+    # A prompt takes at least one token of the context.
+    info.max_tokens = min(limit, info.context_tokens - 1) if info.context_tokens else limit
+    if parameters.get("sampling_defaults"):
+        info.defaults.CopyFrom(vlm_pb2.GenerationConfig(**json.loads(parameters["sampling_defaults"])))
     return info

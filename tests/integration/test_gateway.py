@@ -67,6 +67,7 @@ def test_list_models(client):
     assert set(models) == set(PUBLIC) | {"auto"}
     auto = models.pop("auto")
     assert auto.ready and auto.family == "auto" and [(v.version, v.state) for v in auto.versions] == [("1", "READY")]
+    assert (auto.context_tokens, auto.max_tokens) == (4096, 4095)
     for name, model in models.items():
         assert model.ready and model.family == PUBLIC[name] and model.quantization == "none"
         assert [(v.version, v.state) for v in model.versions] == [("1", "READY")]

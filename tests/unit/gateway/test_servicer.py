@@ -55,7 +55,9 @@ class ScriptedBackend:
         return [{"name": name, "version": "1", "state": "READY"} for name in pipeline("auto")]
 
     async def model_parameters(self, name):
-        return {"quantization": "int8", "sampling_defaults": SamplingDefaults(0.7, 0.8, 20, 1.05).to_json()}
+        context = {"pixtral_generate": "8192", "qwen2_5_vl_generate": "4096"}[name]
+        return {"quantization": "int8", "sampling_defaults": SamplingDefaults(0.7, 0.8, 20, 1.05).to_json(),
+                "context_tokens": context, "max_tokens_limit": "4096"}
 
     async def close(self):
         pass
@@ -235,6 +237,9 @@ def test_list_models_reports_versions_readiness_and_quantization():
         assert set(models) == {"pixtral", "qwen2.5-vl", "auto"}
         auto = models["auto"]  # the router: its own versions, no generation step of its own
         assert (auto.family, auto.ready, auto.quantization, [v.version for v in auto.versions]) == ("auto", True, "", ["1"])
+        # Either family may answer: the router accepts what both do.
+        assert (models["pixtral"].context_tokens, models["pixtral"].max_tokens) == (8192, 4096)
+        assert (auto.context_tokens, auto.max_tokens) == (4096, 4095)
         pixtral = models["pixtral"]
         assert (pixtral.family, pixtral.ready, pixtral.quantization) == ("pixtral", True, "int8")
         assert [(v.version, v.state) for v in pixtral.versions] == [("1", "READY")]
