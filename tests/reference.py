@@ -12,6 +12,7 @@ computed as `ProcessorMixin.model_input_names` does, from the tokenizer's and im
 
 from __future__ import annotations
 
+import functools
 import json
 
 from pathlib import Path
@@ -85,6 +86,7 @@ def processor_inputs(family: str, checkpoint: Path, messages: list, images: list
     return tensors
 
 
+@functools.lru_cache(maxsize=None)
 def served_size(family: str, checkpoint: Path) -> dict:
     """The image processor `size` at which the service processes every image of a tiny checkpoint:
     each resolution preset clamps to the checkpoint's own maximum (tests/unit/test_preprocess.py)."""

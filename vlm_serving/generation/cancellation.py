@@ -55,9 +55,10 @@ class CancellationBoard:
         """Whether `request_id`, or the request it is a sub-request of (`subrequest_id`), was cancelled."""
         if not request_id:
             return False
+        # Asked for every running row at every generation step: one comparison pass per id.
         parent, separator, _ = request_id.rpartition(SUBREQUEST_SEPARATOR)
-        hashes = [_hash(request_id)] + ([_hash(parent)] if separator else [])
-        return bool(np.isin(self.slots[:SLOTS], hashes).any())
+        ring = self.slots[:SLOTS]
+        return bool((ring == _hash(request_id)).any()) or bool(separator and (ring == _hash(parent)).any())
 
 
 def subrequest_id(parent: str, name: str) -> str:
