@@ -4,48 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FAMILIES, encode, picture
+from tests.conftest import FAMILIES, picture
+from tests.families import Family, ask
 from tests.reference import served_size, transformers_generate
-from vlm_serving.encoding.encoder import OnnxEncoder
-from vlm_serving.generation.batch import BatchGenerator, GenerationRequest
+from vlm_serving.generation.batch import BatchGenerator
 from vlm_serving.generation.loading import load_model
-from vlm_serving.preprocessing.preprocess import load_preprocessor
 from vlm_serving.generation.sampling import SamplingParams
-
-
-class Family:
-    def __init__(self, name, checkpoint):
-        self.name, self.checkpoint = name, checkpoint
-        self.preprocessor = load_preprocessor(name, checkpoint)
-        self.model = load_model(checkpoint)
-        self.generator = BatchGenerator(name, self.model, self.preprocessor.tokenizer)
-        self.encoder = OnnxEncoder(name, checkpoint / "onnx")  # fp32, as served by default
-        self.eos = self.generator.eos_ids
-
-    def request(self, messages, pictures, **params) -> GenerationRequest:
-        """Preprocess -> ONNX encoder -> a generation request: the served path without Triton."""
-        pre = self.preprocessor([encode(p) for p in pictures], json.dumps(messages))
-        embeddings = self.encoder.encode(pre.images)
-        return GenerationRequest(
-            pre.input_ids, SamplingParams(**params),
-            image_embeds=np.concatenate(embeddings) if embeddings else None,
-            language_tensors=pre.language_tensors, image_tokens=pre.image_tokens,
-        )
-
-    def run(self, requests, is_cancelled=lambda index: False):
-        updates = {}
-        self.generator.generate(requests, lambda i, u: updates.setdefault(i, []).append(u), is_cancelled)
-        return [updates[i] for i in range(len(requests))]
-
-    def until_eos(self, tokens):
-        for i, token in enumerate(tokens):
-            if token in self.eos:
-                return tokens[:i]
-        return tokens
-
-
-def ask(text, images=0):
-    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -56,75 +56,138 @@ class RequestUpdate:
     confidence: float = 0.0
 
 
-@dataclass
-class _RowState:
-    request: GenerationRequest
-    text: TextAssembler
-    logprobs: list[float] = field(default_factory=list)
-    pending_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""
+class RowProgress:
+    """One request's answer so far: its text, log-probabilities and unsent tokens; decides when it ends.
+
+    Shared by both schedulers (the static batch below and `engine.InflightEngine`).
+    """
+
+    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int]):
+        self.request = request
+        self.text = TextAssembler(tokenizer, request.params.stop)
+        self.eos_ids = eos_ids
+        self.logprobs: list[float] = []
+        self.pending_ids: list[int] = []
+        self.finish_reason = ""
+
+    def advance(self, token: int, logprob: float, is_cancelled: Callable[[], bool]) -> RequestUpdate | None:
+        """Take the row's next token: the final update if the row ends here, a text delta to
+        stream, or None (nothing to send yet)."""
+        params = self.request.params
+        self.logprobs.append(logprob)
+        delta = ""
+        if token in self.eos_ids:
+            self.finish_reason = FINISH_STOP
+        else:
+            self.pending_ids.append(token)
+            delta = self.text.add(token)
+            if self.text.stopped:
+                self.finish_reason = FINISH_STOP
+            elif len(self.logprobs) >= params.max_tokens:
+                self.finish_reason = FINISH_LENGTH
+            elif is_cancelled():
+                self.finish_reason = FINISH_CANCELLED
+        if self.finish_reason:
+            return self.final(delta)
+        if params.stream and delta:
+            update = RequestUpdate(text=delta, token_ids=self.pending_ids)
+            self.pending_ids = []
+            return update
+        return None
+
+    def end(self, reason: str) -> RequestUpdate:
+        """End the row now (cancelled, or out of length) with its final update."""
+        self.finish_reason = reason
+        return self.final("")
+
+    def final(self, unsent: str) -> RequestUpdate:
+        """The final update: the last delta (streaming) or the whole text. `unsent` is text
+        already released by the assembler but not yet sent."""
+        stream = self.request.params.stream
+        last_delta = unsent + self.text.flush()
+        return RequestUpdate(
+            text=last_delta if stream else self.text.text,
+            token_ids=self.pending_ids if stream else self.text.token_ids,
+            finished=True,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.request.input_ids),
+            completion_tokens=len(self.logprobs),
+            image_tokens=self.request.image_tokens,
+            confidence=float(np.mean(self.logprobs)) if self.logprobs else 0.0,
+        )
 
 
 UpdateSink = Callable[[int, RequestUpdate], None]
 
 
+def penalize_repetitions(scores: torch.Tensor, seen: list, params: list[SamplingParams]) -> None:
+    """Each row's repetition penalty on the tokens it has seen (prompt and answer), in place, as
+    transformers' `RepetitionPenaltyLogitsProcessor` does."""
+    for i, row_params in enumerate(params):
+        if row_params.repetition_penalty == 1.0:
+            continue
+        tokens = torch.as_tensor(seen[i], device=scores.device)
+        picked = scores[i].gather(0, tokens)
+        picked = torch.where(picked < 0, picked * row_params.repetition_penalty, picked / row_params.repetition_penalty)
+        scores[i].scatter_(0, tokens, picked)
+
+
+def choose_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """Each row's next token: the argmax for greedy rows; for rows that sample, a draw with the
+    row's own seeded generator after its temperature, top-k and top-p, vectorised over those rows."""
+    tokens = scores.argmax(dim=-1)
+    sampling = [i for i, row in enumerate(params) if row.temperature > 0.0]
+    if not sampling:
+        return tokens
+    device = scores.device
+    index = torch.tensor(sampling, device=device)
+    vocab = scores.shape[-1]
+    temperature = torch.tensor([params[i].temperature for i in sampling], device=device)[:, None]
+    logits, order = torch.sort(scores.index_select(0, index).float() / temperature, dim=-1, descending=True)
+    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in sampling], device=device)
+    logits = logits.masked_fill(torch.arange(vocab, device=device)[None, :] >= top_k[:, None], float("-inf"))
+    top_p = torch.tensor([params[i].top_p for i in sampling], device=device)[:, None]
+    probs = torch.softmax(logits, dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+    drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)
+    cdf = torch.softmax(logits.masked_fill(drop, float("-inf")), dim=-1).cumsum(-1)
+    draws = torch.cat([torch.rand(1, generator=generators[i]) for i in sampling]).to(device)
+    picked = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).clamp(max=vocab - 1)
+    tokens[index] = order.gather(1, picked).squeeze(1)
+    return tokens
+
+
 class _PerRequestSampling(LogitsProcessor):
-    def __init__(self, rows: list[_RowState], pad_lengths: list[int]):
-        self.rows = rows
+    """Applies each row's penalty and, for rows that sample, leaves only the drawn token selectable."""
+
+    def __init__(self, rows: list[RowProgress], pad_lengths: list[int]):
+        self.params = [row.request.params for row in rows]
         self.pad_lengths = pad_lengths
         self.generators = []
-        for row in rows:
-            seed = row.request.params.seed
+        for params in self.params:
             generator = torch.Generator()
-            generator.manual_seed(seed if seed is not None else random.getrandbits(63))
+            generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
             self.generators.append(generator)
         self.last_logprobs: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.last_logprobs = torch.log_softmax(scores.float(), dim=-1)
-        for i, row in enumerate(self.rows):
-            params = row.request.params
-            if params.repetition_penalty != 1.0:
-                seen = input_ids[i, self.pad_lengths[i] :]
-                picked = scores[i].gather(0, seen)
-                picked = torch.where(
-                    picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty
-                )
-                scores[i].scatter_(0, seen, picked)
-            if params.temperature > 0.0:
-                token = self._sample(scores[i], params, self.generators[i])
+        penalize_repetitions(scores, [input_ids[i, pad:] for i, pad in enumerate(self.pad_lengths)], self.params)
+        sampling = [i for i, params in enumerate(self.params) if params.temperature > 0.0]
+        if sampling:
+            tokens = choose_tokens(scores, self.params, self.generators)
+            for i in sampling:
+                token = int(tokens[i])
                 scores[i].fill_(float("-inf"))
                 scores[i, token] = 0.0
         return scores
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-        logits = logits.float().cpu() / params.temperature
-        if 0 < params.top_k < logits.numel():
-            kth = torch.topk(logits, params.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
-            logits[order[drop]] = float("-inf")
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
-
 
 class _PerRequestProgress(StoppingCriteria):
-    def __init__(
-        self,
-        rows: list[_RowState],
-        sampling: _PerRequestSampling,
-        eos_ids: set[int],
-        on_update: UpdateSink,
-        is_cancelled: Callable[[int], bool],
-    ):
+    def __init__(self, rows: list[RowProgress], sampling: _PerRequestSampling, on_update: UpdateSink,
+                 is_cancelled: Callable[[int], bool]):
         self.rows = rows
         self.sampling = sampling
-        self.eos_ids = eos_ids
         self.on_update = on_update
         self.is_cancelled = is_cancelled
 
@@ -134,52 +197,11 @@ class _PerRequestProgress(StoppingCriteria):
         done = []
         for i, (row, token) in enumerate(zip(self.rows, new_tokens)):
             if not row.finish_reason:
-                self._advance(i, row, token, float(logprobs[i, token]))
+                update = row.advance(token, float(logprobs[i, token]), lambda index=i: self.is_cancelled(index))
+                if update is not None:
+                    self.on_update(i, update)
             done.append(bool(row.finish_reason))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    def _advance(self, index: int, row: _RowState, token: int, logprob: float) -> None:
-        params = row.request.params
-        row.logprobs.append(logprob)
-        delta = ""
-        if token in self.eos_ids:
-            row.finish_reason = FINISH_STOP
-        else:
-            row.pending_ids.append(token)
-            delta = row.text.add(token)
-            if row.text.stopped:
-                row.finish_reason = FINISH_STOP
-            elif len(row.logprobs) >= params.max_tokens:
-                row.finish_reason = FINISH_LENGTH
-            elif self.is_cancelled(index):
-                row.finish_reason = FINISH_CANCELLED
-        if row.finish_reason:
-            report(index, row, self.on_update, delta)
-        elif params.stream and delta:
-            self.on_update(index, RequestUpdate(text=delta, token_ids=row.pending_ids))
-            row.pending_ids = []
-
-
-def report(index: int, row: _RowState, on_update: UpdateSink, unsent: str) -> None:
-    """The final update of a row: the last delta (streaming) or the whole text.
-
-    `unsent` is text already released by the assembler but not yet sent.
-    """
-    stream = row.request.params.stream
-    last_delta = unsent + row.text.flush()
-    on_update(
-        index,
-        RequestUpdate(
-            text=last_delta if stream else row.text.text,
-            token_ids=row.pending_ids if stream else row.text.token_ids,
-            finished=True,
-            finish_reason=row.finish_reason,
-            prompt_tokens=len(row.request.input_ids),
-            completion_tokens=len(row.logprobs),
-            image_tokens=row.request.image_tokens,
-            confidence=float(np.mean(row.logprobs)) if row.logprobs else 0.0,
-        ),
-    )
 
 
 def run_batch(
@@ -265,7 +287,7 @@ class BatchGenerator:
         Every request gets exactly one update with `finished=True`, its last.
         """
         requests = [replace(request, params=request.params.resolve(self.defaults)) for request in requests]
-        rows = [_RowState(request, TextAssembler(self.tokenizer, request.params.stop)) for request in requests]
+        rows = [RowProgress(request, self.tokenizer, self.eos_ids) for request in requests]
         longest = max(len(r.input_ids) for r in requests)
         pad_lengths = [longest - len(r.input_ids) for r in requests]
         input_ids = torch.full((len(requests), longest), self.pad_id, dtype=torch.long)
@@ -274,7 +296,7 @@ class BatchGenerator:
             input_ids[i, pad_lengths[i] :] = torch.from_numpy(request.input_ids)
             attention_mask[i, pad_lengths[i] :] = 1
         sampling = _PerRequestSampling(rows, pad_lengths)
-        progress = _PerRequestProgress(rows, sampling, self.eos_ids, on_update, is_cancelled)
+        progress = _PerRequestProgress(rows, sampling, on_update, is_cancelled)
         # Every field the rows' own sampling handles is set here to transformers' neutral value:
         # left unset, `generate` would fill it from the checkpoint's generation config and apply
         # it a second time (and before the confidence is taken).
@@ -297,8 +319,7 @@ class BatchGenerator:
             )
         for i, row in enumerate(rows):
             if not row.finish_reason:  # generate stopped at its own length limit
-                row.finish_reason = FINISH_LENGTH
-                report(i, row, on_update, "")
+                on_update(i, row.end(FINISH_LENGTH))
 
     def model_inputs(self, requests: list[GenerationRequest], input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,462 @@
+"""In-flight batching: requests join and leave the running batch at every generation step.
+
+One `InflightEngine` per generation instance owns the running batch. Each `step()`:
+1. ends cancelled rows (waiting or running) and frees their cache at once;
+2. admits waiting requests while the batch has room: at most `max_running` rows, and a
+   key/value-cache budget in tokens that the admitted rows can never exceed however long they run;
+3. prefills the admitted requests together, at most `prefill_chunk_tokens` tokens per step, so a
+   long prompt with images never stalls the running rows for more than one chunk;
+4. runs one decode step for every running row and streams each row's new text;
+5. retires finished, stopped and failed rows, freeing their cache.
+
+Key/value cache: a dense, left-padded `DynamicCache` over the running rows (what Hugging Face's
+text-generation-inference did with transformers models). A prefilled group is merged in by
+left-padding the shorter of the two caches to the longer and concatenating rows; retired rows are
+filtered out and the columns that only padding still holds are trimmed. The README says why this
+and not a slot or paged cache (measured by `perf/engine.py`).
+
+Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
+positions (images take fewer positions than tokens) follow every row exactly; image embeddings
+enter at prefill only. Each row keeps its own parameters, seed, stop sequences, penalty and
+cancellation; greedy rows give exactly plain `generate`'s tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from vlm_serving.generation.batch import (
+    FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
+    penalize_repetitions,
+)
+from vlm_serving.generation.sampling import ParameterError
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is full: the request is refused now (retry later), never queued without bound."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much one generation instance runs at once (rendered into the model config per profile)."""
+
+    # Rows decoded together at each step.
+    max_running: int = 16
+    # Key/value-cache budget in token slots: rows × padded columns of the dense cache, for every
+    # layer (bytes = this × layers × 2 × kv heads × head dim × dtype size). Admission reserves each
+    # row's prompt + max_tokens, so the budget holds for the rows' whole lives.
+    cache_tokens: int = 65536
+    # Prompt tokens prefilled per step (rows × columns of one prefill forward).
+    prefill_chunk_tokens: int = 512
+    # Requests waiting for a row; beyond this many, new ones are refused (EngineFull).
+    max_waiting: int = 64
+
+
+@dataclass
+class RequestSink:
+    """Where one request's answer goes; the engine calls these from its own thread."""
+
+    send_update: Callable[[RequestUpdate], None]
+    send_error: Callable[[Exception], None]
+    is_cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class EngineStats:
+    """What the engine has done so far (read by metrics and tests)."""
+
+    running: int = 0
+    waiting: int = 0
+    prefilling: int = 0
+    cache_tokens_used: int = 0
+    peak_cache_tokens: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    finished: int = 0
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    sink: RequestSink
+    progress: RowProgress
+    generator: torch.Generator
+    # The prompt's and generated tokens, for the repetition penalty (as plain `generate` sees them).
+    seen: list[int]
+    # Prompt + max_tokens: the most cache columns this row can ever hold.
+    reserve: int
+    # Where the row's last chosen token (fed at the next decode step) sits.
+    next_position: int = 0
+    last_token: int = 0
+    ended: bool = False
+
+
+@dataclass
+class _PrefillGroup:
+    """Rows prefilled together: their padded prompt embeddings, positions, and own cache so far."""
+
+    rows: list[_Row]
+    embeds: torch.Tensor  # [rows, columns, hidden]
+    mask: torch.Tensor  # [rows, columns], 0 on the left padding
+    positions: torch.Tensor  # [3, rows, columns] (Qwen2.5-VL) or [rows, columns]
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0  # columns prefilled so far
+
+    @property
+    def columns(self) -> int:
+        return self.mask.shape[1]
+
+
+class InflightEngine:
+    """The running batch of one model instance; drive it with `step()` or a `EngineLoop` thread."""
+
+    def __init__(self, generator: BatchGenerator, limits: EngineLimits = EngineLimits()):
+        self.generator = generator
+        self.model = generator.model
+        self.limits = limits
+        self.device = generator.device
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._prefill: _PrefillGroup | None = None
+        self._running: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [running rows, columns]
+        self.on_step: Callable[[EngineStats], None] = lambda stats: None
+        self.wakeup = threading.Event()
+
+    # ----- admission (any thread) -----
+
+    def submit(self, request: GenerationRequest, sink: RequestSink) -> None:
+        """Queue a request. Raises ParameterError if it can never fit, EngineFull if the queue is full."""
+        self.generator.check_images(request)
+        request = replace(request, params=request.params.resolve(self.generator.defaults))
+        reserve = len(request.input_ids) + request.params.max_tokens
+        if reserve > self.limits.cache_tokens:
+            raise ParameterError(
+                f"prompt of {len(request.input_ids)} tokens + max_tokens {request.params.max_tokens} exceeds this "
+                f"model's key/value-cache budget of {self.limits.cache_tokens} tokens per instance; shorten the "
+                "prompt or lower max_tokens"
+            )
+        seed = request.params.seed
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else random.getrandbits(63))
+        row = _Row(request, sink, RowProgress(request, self.generator.tokenizer, self.generator.eos_ids),
+                   generator, request.input_ids.tolist(), reserve)
+        with self._lock:
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise EngineFull(
+                    f"Exceeds maximum queue size: {self.limits.max_waiting} requests already wait for this model's "
+                    "generation rows"
+                )
+            self._waiting.append(row)
+            self.stats.waiting = len(self._waiting)
+        self.wakeup.set()
+
+    @property
+    def idle(self) -> bool:
+        return not (self._waiting or self._prefill or self._running)
+
+    # ----- one iteration (the engine's thread only) -----
+
+    def step(self) -> bool:
+        """One iteration of the loop; False when there was nothing to do."""
+        if self.idle:
+            return False
+        started = time.perf_counter()
+        with torch.inference_mode():
+            self._end_cancelled()
+            self._admit()
+            if self._prefill is not None:
+                self._prefill_chunk()
+            if self._running:
+                self._decode()
+        self._account(time.perf_counter() - started)
+        return True
+
+    def _end_cancelled(self) -> None:
+        with self._lock:
+            gone = [row for row in self._waiting if row.sink.is_cancelled()]
+            for row in gone:
+                self._waiting.remove(row)
+        for row in gone:
+            self._finish(row, row.progress.end(FINISH_CANCELLED))
+        cancelled = [row for row in self._running if row.sink.is_cancelled()]
+        for row in cancelled:
+            self._finish(row, row.progress.end(FINISH_CANCELLED))
+        if cancelled:
+            self._retire()
+
+    def _admit(self) -> None:
+        """Move waiting rows into a new prefill group while the batch and the cache budget allow."""
+        if self._prefill is not None:
+            return
+        admitted: list[_Row] = []
+        with self._lock:
+            while self._waiting:
+                candidate = self._waiting[0]
+                rows = self._running + admitted + [candidate]
+                if len(rows) > self.limits.max_running:
+                    break
+                # The dense cache holds every row at the longest row's length: this bound holds for
+                # the rows' whole lives (each row's length stays within its reserve).
+                if len(rows) * max(row.reserve for row in rows) > self.limits.cache_tokens:
+                    break
+                admitted.append(self._waiting.popleft())
+            self.stats.waiting = len(self._waiting)
+        if admitted:
+            self._prefill = self._prefill_group(admitted)
+
+    def _prefill_group(self, rows: list[_Row]) -> _PrefillGroup:
+        generator = self.generator
+        longest = max(len(row.request.input_ids) for row in rows)
+        hidden = self.model.get_input_embeddings()
+        embeds, masks, positions = [], [], []
+        for row in rows:
+            request = row.request
+            ids = torch.from_numpy(request.input_ids).to(self.device)
+            row_embeds = hidden(ids)
+            if request.image_embeds is not None and len(request.image_embeds):
+                image_rows = torch.from_numpy(request.image_embeds).to(row_embeds)
+                row_embeds = row_embeds.masked_scatter((ids == generator.image_token_id)[:, None], image_rows)
+            row_positions = self._prompt_positions(request, ids)
+            row.next_position = int(row_positions.max()) + 1
+            pad = longest - len(ids)
+            embeds.append(torch.nn.functional.pad(row_embeds, (0, 0, pad, 0)))
+            masks.append(torch.nn.functional.pad(torch.ones_like(ids), (pad, 0)))
+            positions.append(torch.nn.functional.pad(row_positions, (pad, 0), value=1))
+        return _PrefillGroup(rows, torch.stack(embeds), torch.stack(masks), torch.stack(positions, dim=-2))
+
+    def _prompt_positions(self, request: GenerationRequest, ids: torch.Tensor) -> torch.Tensor:
+        """[3, tokens] (Qwen2.5-VL's temporal, height, width) or [tokens] positions of a prompt."""
+        arange = torch.arange(len(ids), device=self.device)
+        if not self.generator.marks_modalities:
+            return arange
+        grid = request.language_tensors.get("image_grid_thw")
+        if grid is None or not len(grid):
+            return arange.expand(3, -1)
+        image_tokens = (ids == self.generator.image_token_id).to(torch.int32)
+        positions, _ = self.model.model.get_rope_index(
+            ids[None], mm_token_type_ids=image_tokens[None],
+            image_grid_thw=torch.from_numpy(np.asarray(grid)).to(self.device),
+            attention_mask=torch.ones_like(ids)[None],
+        )
+        return positions[:, 0]
+
+    def _prefill_chunk(self) -> None:
+        group = self._prefill
+        width = max(1, self.limits.prefill_chunk_tokens // len(group.rows))
+        end = min(group.columns, group.done + width)
+        try:
+            out = self.model(
+                inputs_embeds=group.embeds[:, group.done : end],
+                attention_mask=group.mask[:, :end],
+                position_ids=group.positions[..., group.done : end],
+                cache=group.cache, use_cache=True, logits_to_keep=1,
+            )
+        except Exception as exc:
+            self._prefill = None
+            self._fail(group.rows, exc)
+            return
+        self.stats.prefill_tokens += int(group.mask[:, group.done : end].sum())
+        group.done = end
+        if end == group.columns:
+            self._prefill = None
+            self._advance(group.rows, out.logits[:, -1])
+            self._join(group)
+
+    def _join(self, group: _PrefillGroup) -> None:
+        """Merge a prefilled group's cache into the running batch (rows that already ended left out)."""
+        keep = [i for i, row in enumerate(group.rows) if not row.ended]
+        if not keep:
+            return
+        cache, mask = group.cache, group.mask
+        if len(keep) < len(group.rows):
+            cache, mask = _select(cache, mask, keep)
+        rows = [group.rows[i] for i in keep]
+        if not self._running:
+            self._cache, self._mask, self._running = cache, mask, rows
+            self._trim()
+            return
+        columns = max(self._mask.shape[1], mask.shape[1])
+        for ours, theirs in zip(self._cache.layers, cache.layers):
+            ours.keys = torch.cat([_pad_left(ours.keys, columns), _pad_left(theirs.keys, columns)])
+            ours.values = torch.cat([_pad_left(ours.values, columns), _pad_left(theirs.values, columns)])
+        self._mask = torch.cat([_pad_left(self._mask, columns), _pad_left(mask, columns)])
+        self._running += rows
+
+    def _decode(self) -> None:
+        rows = self._running
+        last = torch.tensor([[row.last_token] for row in rows], device=self.device)
+        position = torch.tensor([[row.next_position] for row in rows], device=self.device)
+        if self.generator.marks_modalities:
+            position = position.expand(3, -1, -1)
+        self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
+        try:
+            out = self.model(input_ids=last, attention_mask=self._mask, position_ids=position,
+                             cache=self._cache, use_cache=True)
+        except Exception as exc:
+            self._running, self._cache, self._mask = [], None, None
+            self._fail(rows, exc)
+            return
+        self.stats.decode_tokens += len(rows)
+        for row in rows:
+            row.next_position += 1
+        self._advance(rows, out.logits[:, -1])
+        self._retire()
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token from its logits; stream it; end the rows that are done."""
+        scores = logits.float()
+        logprobs = torch.log_softmax(scores, dim=-1)
+        penalize_repetitions(scores, [row.seen for row in rows], [row.request.params for row in rows])
+        tokens = choose_tokens(scores, [row.request.params for row in rows], [row.generator for row in rows]).tolist()
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            row.seen.append(token)
+            row.last_token = token
+            update = row.progress.advance(token, float(logprobs[i, token]), row.sink.is_cancelled)
+            if update is None:
+                continue
+            if update.finished:
+                self._finish(row, update)
+            else:
+                self._send(row, update)
+
+    def _retire(self) -> None:
+        keep = [i for i, row in enumerate(self._running) if not row.ended]
+        if len(keep) == len(self._running):
+            return
+        if not keep:
+            self._running, self._cache, self._mask = [], None, None
+            return
+        self._cache, self._mask = _select(self._cache, self._mask, keep)
+        self._running = [self._running[i] for i in keep]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the leading columns that only padding holds (the longest row left)."""
+        used = int(self._mask.any(dim=0).nonzero()[0])
+        if used:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[:, :, used:]
+                layer.values = layer.values[:, :, used:]
+            self._mask = self._mask[:, used:]
+
+    # ----- answers -----
+
+    def _send(self, row: _Row, update: RequestUpdate) -> None:
+        try:
+            row.sink.send_update(update)
+        except Exception as exc:  # this caller cannot be reached: end its row, not the batch
+            self._fail([row], exc)
+
+    def _finish(self, row: _Row, update: RequestUpdate) -> None:
+        if row.ended:
+            return
+        row.ended = True
+        self.stats.finished += 1
+        try:
+            row.sink.send_update(update)
+        except Exception as exc:
+            row.ended = False
+            self._fail([row], exc)
+
+    def _fail(self, rows: list[_Row], exc: Exception) -> None:
+        for row in rows:
+            if row.ended:
+                continue
+            row.ended = True
+            self.stats.finished += 1
+            try:
+                row.sink.send_error(exc)
+            except Exception:
+                pass  # nothing more can reach this caller
+
+    def fail_all(self, exc: Exception) -> None:
+        """End every request the engine holds with `exc` (the instance is going away)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        prefilling = self._prefill.rows if self._prefill else []
+        self._fail(waiting + prefilling + self._running, exc)
+        self._prefill, self._running, self._cache, self._mask = None, [], None, None
+        self._account(0.0)
+
+    def _account(self, seconds: float) -> None:
+        stats = self.stats
+        stats.steps += 1 if seconds else 0
+        stats.step_seconds += seconds
+        stats.running = len(self._running)
+        stats.waiting = len(self._waiting)
+        stats.prefilling = len(self._prefill.rows) if self._prefill else 0
+        used = 0 if self._mask is None else self._mask.numel()
+        if self._prefill is not None:
+            used += len(self._prefill.rows) * self._prefill.done
+        stats.cache_tokens_used = used
+        stats.peak_cache_tokens = max(stats.peak_cache_tokens, used)
+        self.on_step(stats)
+
+
+def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """Left-pad the column dimension (-2 of a cache [rows, heads, columns, dim], -1 of a mask) with zeros."""
+    dim = -1 if tensor.dim() == 2 else -2
+    missing = columns - tensor.shape[dim]
+    if not missing:
+        return tensor
+    return torch.nn.functional.pad(tensor, (missing, 0) if dim == -1 else (0, 0, missing, 0))
+
+
+def _select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    index = torch.tensor(keep, device=mask.device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)
+    return cache, mask.index_select(0, index)
+
+
+class EngineLoop:
+    """Runs an engine's steps on a thread of its own until `stop()`."""
+
+    def __init__(self, engine: InflightEngine, log_error: Callable[[str], None] = lambda message: None):
+        self.engine = engine
+        self.log_error = log_error
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            # Cleared before the step: a request submitted after this point wakes the wait below.
+            engine.wakeup.clear()
+            try:
+                worked = engine.step()
+            except Exception as exc:  # a bug in the loop itself: end what it holds, keep serving
+                self.log_error(f"generation step failed: {exc!r}")
+                engine.fail_all(exc)
+                worked = True
+            if not worked:
+                engine.wakeup.wait(timeout=1.0)
+
+    def stop(self, grace_s: float, reason: Exception) -> None:
+        """Let held requests finish for up to `grace_s`, then end the rest with `reason`."""
+        deadline = time.monotonic() + grace_s
+        while not self.engine.idle and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
+        self._stopping = True
+        self.engine.wakeup.set()
+        self._thread.join(timeout=30)
+        self.engine.fail_all(reason)
