@@ -90,6 +90,12 @@ def triton(name: str, servers: list, **profile_changes) -> TritonServer:
 _LOOP: asyncio.AbstractEventLoop | None = None
 
 
+def run_on_bench_loop(coroutine):
+    global _LOOP
+    _LOOP = _LOOP or asyncio.new_event_loop()
+    return _LOOP.run_until_complete(coroutine)
+
+
 def load(target, items, concurrency, requests, max_tokens, stream=False):
     async def go():
         client = target()
@@ -98,9 +104,7 @@ def load(target, items, concurrency, requests, max_tokens, stream=False):
         finally:
             await client.close()
 
-    global _LOOP
-    _LOOP = _LOOP or asyncio.new_event_loop()
-    return _LOOP.run_until_complete(go())
+    return run_on_bench_loop(go())
 
 
 def failures(*results) -> str:

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import math
 import os
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import grpc
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.triton_backend import TritonBackend
-from perf.workload import WorkItem, messages, workload
+from perf.workload import SHORT_TOKENS, WorkItem, messages, workload
 from vlm_serving.generation.sampling import SamplingParams
 
 
@@ -47,6 +48,8 @@ class LoadResult:
     errors_by_code: Counter = field(default_factory=Counter)
     # Model "auto": answers by (route reason, answering family).
     routes: Counter = field(default_factory=Counter)
+    # Latencies of the requests that asked for a short answer (mixed workloads).
+    short_latencies: list[float] = field(default_factory=list)
 
     @property
     def errors(self) -> int:
@@ -123,33 +126,59 @@ class TritonTarget:
         await self.backend.close()
 
 
+async def _measured_call(target, item: WorkItem, max_tokens: int, stream: bool, result: LoadResult) -> None:
+    """One request, its latency, tokens and time to first text (or its error) into `result`."""
+    tokens_asked = item.max_tokens or max_tokens
+    started = time.perf_counter()
+    try:
+        first, tokens = await target.call(item, tokens_asked, stream)
+    except grpc.aio.AioRpcError as error:
+        result.errors_by_code[error.code().name] += 1
+        return
+    except Exception as error:  # Triton's own errors on the direct path, say
+        result.errors_by_code[type(error).__name__] += 1
+        return
+    latency = time.perf_counter() - started
+    result.latencies.append(latency)
+    result.completion_tokens.append(tokens)
+    if tokens_asked <= SHORT_TOKENS:
+        result.short_latencies.append(latency)
+    if first is not None:
+        result.first_text.append(first)
+
+
 async def run_load(target, items: list[WorkItem], concurrency: int, requests: int, max_tokens: int,
                    stream: bool = False, warmup: int = 4) -> LoadResult:
+    """Closed loop: `concurrency` workers, each sending its next request when its last one ends."""
     for item in items[:warmup]:
-        await target.call(item, max_tokens, stream)
+        await target.call(item, item.max_tokens or max_tokens, stream)
     result = LoadResult(requests=requests, seconds=0.0)
     counter = iter(range(requests))
 
     async def worker():
         for i in counter:
-            started = time.perf_counter()
-            try:
-                first, tokens = await target.call(items[i % len(items)], max_tokens, stream)
-            except grpc.aio.AioRpcError as error:
-                result.errors_by_code[error.code().name] += 1
-                continue
-            except Exception as error:  # Triton's own errors on the direct path, say
-                result.errors_by_code[type(error).__name__] += 1
-                continue
-            result.latencies.append(time.perf_counter() - started)
-            result.completion_tokens.append(tokens)
-            if first is not None:
-                result.first_text.append(first)
+            await _measured_call(target, items[i % len(items)], max_tokens, stream, result)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.seconds = time.perf_counter() - started
     result.routes = getattr(target, "routes", Counter())
+    return result
+
+
+async def run_open_loop(target, items: list[WorkItem], rate: float, requests: int, max_tokens: int = 16,
+                        stream: bool = True, seed: int = 0) -> LoadResult:
+    """Open loop: requests arrive as a Poisson process of `rate` per second (all at once when
+    `rate` is infinite), whatever the answers before them are doing; latencies include queueing."""
+    arrivals = random.Random(seed)
+    result = LoadResult(requests=requests, seconds=0.0)
+    started, due, calls = time.perf_counter(), 0.0, []
+    for i in range(requests):
+        due += 0.0 if math.isinf(rate) else arrivals.expovariate(rate)
+        await asyncio.sleep(max(0.0, started + due - time.perf_counter()))
+        calls.append(asyncio.ensure_future(_measured_call(target, items[i % len(items)], max_tokens, stream, result)))
+    await asyncio.gather(*calls)
+    result.seconds = time.perf_counter() - started
     return result
 
 

@@ -35,6 +35,21 @@ def synthetic_image(width: int, height: int, fmt: str, seed: int) -> bytes:
 class WorkItem:
     prompt: str
     image: bytes | None  # None: a text-only request
+    max_tokens: int | None = None  # None: the run's
+
+
+# The mixed workload of the scheduling benchmarks: most answers short, some long.
+SHORT_TOKENS, LONG_TOKENS = 16, 128
+
+
+def mixed_workload(count: int = 20) -> list[WorkItem]:
+    """1 request in 5 asks for a long answer; every other one carries an image."""
+    items = []
+    for i in range(count):
+        spec = IMAGE_SPECS[(i // 2) % len(IMAGE_SPECS)]
+        image = synthetic_image(*spec, seed=100 + i) if i % 2 == 0 else None
+        items.append(WorkItem(PROMPTS[i % len(PROMPTS)], image, LONG_TOKENS if i % 5 == 4 else SHORT_TOKENS))
+    return items
 
 
 def workload(count: int = 16, with_images: bool = True) -> list[WorkItem]:

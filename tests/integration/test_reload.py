@@ -155,14 +155,14 @@ def test_three_reloads_under_load_fail_no_request(own_stack, tmp_path, capsys):
         text = config.read_text()
         assert 'max_tokens_limit" value: { string_value: "4096"' in text
         config.write_text(text.replace('string_value: "4096"', 'string_value: "2048"')
-                          .replace("max_queue_delay_microseconds: 5000", "max_queue_delay_microseconds: 2000"))
+                          .replace('"max_running" value: { string_value: "16"', '"max_running" value: { string_value: "8"'))
         time.sleep(1.1)
         started = time.monotonic()
         stub.LoadModel(vlm_pb2.LoadModelRequest(model="qwen2.5-vl"), metadata=metadata, timeout=300)
         reloads["changed config"] = (started, time.monotonic())
         served = triton_grpc.InferenceServerClient(triton.grpc_url).get_model_config(GENERATE, as_json=True)["config"]
         assert served["parameters"]["max_tokens_limit"]["string_value"] == "2048"
-        assert served["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"
+        assert served["parameters"]["max_running"]["string_value"] == "8"
         # 3. A broken version: the load fails, says why, and version 2 goes on serving.
         add_version(repository, 3, broken="weights for version 3 are corrupt")
         started = time.monotonic()

@@ -22,9 +22,35 @@ def test_every_rendered_config_is_a_valid_model_config(profile, family):
         if name != family:
             assert config.backend == "python"
             batching = config.dynamic_batching
-            assert batching.preferred_batch_size and batching.max_queue_delay_microseconds > 0
+            if name != f"{family}_generate":
+                assert batching.preferred_batch_size and batching.max_queue_delay_microseconds > 0
             assert batching.default_queue_policy.max_queue_size > 0, "overload must be refused, not queued forever"
     assert configs[f"{family}_generate"].model_transaction_policy.decoupled
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_the_generation_scheduler_and_its_limits_are_rendered(profile):
+    from vlm_serving.generation.scheduling import EngineLimits
+
+    inflight = parse(render_family("qwen2_5_vl", PROFILES[profile])["qwen2_5_vl_generate"])
+    assert inflight.parameters["scheduler"].string_value == "inflight"
+    assert EngineLimits.from_parameters({k: v.string_value for k, v in inflight.parameters.items()}) == PROFILES[profile].engine
+    # In flight, Triton hands every request to the engine at once: no delay, no preferred sizes.
+    assert inflight.dynamic_batching.max_queue_delay_microseconds == 0 and not inflight.dynamic_batching.preferred_batch_size
+    static = parse(render_family("qwen2_5_vl", replace(PROFILES[profile], scheduler="static"))["qwen2_5_vl_generate"])
+    assert static.parameters["scheduler"].string_value == "static"
+    assert static.dynamic_batching.max_queue_delay_microseconds == PROFILES[profile].generate_batching.max_queue_delay_us > 0
+    assert list(static.dynamic_batching.preferred_batch_size) == list(PROFILES[profile].generate_batching.preferred_batch_sizes)
+
+
+def test_render_cli_sets_the_scheduler_and_engine_limits(tmp_path):
+    from vlm_serving.deploy.render import main
+
+    main(["--repository", str(tmp_path), "--scheduler", "static", "--max-running", "4", "--cache-tokens", "9000",
+          "--prefill-chunk-tokens", "128"])
+    parameters = parse((tmp_path / "pixtral_generate" / "config.pbtxt").read_text()).parameters
+    assert {key: parameters[key].string_value for key in ("scheduler", "max_running", "cache_tokens", "prefill_chunk_tokens")} \
+        == {"scheduler": "static", "max_running": "4", "cache_tokens": "9000", "prefill_chunk_tokens": "128"}
 
 
 def test_cpu_profile_runs_everything_on_cpu_instances():

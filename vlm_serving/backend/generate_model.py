@@ -1,5 +1,9 @@
-"""Triton adapter for `vlm_serving.generation.batch` (decoupled): a batch of requests in, responses out
-through each request's response sender, as text deltas (STREAM true) or one whole answer."""
+"""Triton adapter for the generation step (decoupled): requests in, responses out through each
+request's response sender, as text deltas (STREAM true) or one whole answer.
+
+Scheduler `inflight` (default): `execute` hands each request to the instance's engine
+(`vlm_serving.generation.engine`) and returns; the engine's thread answers. Scheduler `static`:
+`execute` runs one `generate` over the dynamic batch (`vlm_serving.generation.batch`)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ from vlm_serving.backend.common import error_response, model_parameters, optiona
 from vlm_serving.generation.cancellation import CancellationBoard
 from vlm_serving.deploy.render import LANGUAGE_IMAGE_TENSORS
 from vlm_serving.generation.batch import BatchGenerator, GenerationRequest, RequestUpdate, run_batch
+from vlm_serving.generation.engine import EngineFull, EngineLoop, EngineStats, InflightEngine, RequestSink
 from vlm_serving.generation.loading import load_model, load_tokenizer
 from vlm_serving.generation.sampling import ParameterError, SamplingParams
+from vlm_serving.generation.scheduling import EngineLimits
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -58,6 +64,54 @@ def to_response(update: RequestUpdate, version: str, image_info: bytes) -> "pb_u
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
 
+class EngineMetrics:
+    """The engine's state on Triton's metrics endpoint (`vlm_engine_*`), at most once a second
+    (each update crosses to the server process) and whenever the engine falls idle."""
+
+    INTERVAL_S = 1.0
+    GAUGES = (("running", "Rows in the running batch"), ("waiting", "Requests waiting for a row"),
+              ("prefilling", "Rows being prefilled"), ("cache_tokens_used", "Key/value-cache token slots in use"))
+    COUNTERS = (("steps", "Engine steps"), ("step_seconds", "Seconds spent in engine steps"),
+                ("decode_tokens", "Tokens decoded (one per running row and step)"),
+                ("prefill_tokens", "Prompt tokens prefilled"))
+
+    def __init__(self, model: str, version: str, cache_budget: int, log_error):
+        labels = {"model": model, "version": version}
+        # The families must outlive their metrics (Triton refuses updates to a deleted family's).
+        self.families = []
+
+        def metric(name: str, text: str, kind):
+            family = pb_utils.MetricFamily(name, text, kind)
+            self.families.append(family)
+            return family.Metric(labels=labels)
+
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.gauges = {name: metric(f"vlm_engine_{name}", text, gauge) for name, text in self.GAUGES}
+        self.counters = {name: metric(f"vlm_engine_{name}_total", text, counter) for name, text in self.COUNTERS}
+        self.budget = metric("vlm_engine_cache_tokens_budget", "Key/value-cache token slots allowed", gauge)
+        self.budget.set(cache_budget)
+        self.reported = EngineStats()
+        self.last = 0.0
+        self.log_error = log_error
+
+    def update(self, stats: EngineStats) -> None:
+        now = time.monotonic()
+        idle = not (stats.running or stats.waiting or stats.prefilling)
+        if now - self.last < self.INTERVAL_S and not idle:
+            return
+        self.last = now
+        try:
+            for name, gauge in self.gauges.items():
+                gauge.set(getattr(stats, name))
+            for name, counter in self.counters.items():
+                increase = getattr(stats, name) - getattr(self.reported, name)
+                if increase:
+                    counter.increment(increase)
+                    setattr(self.reported, name, getattr(stats, name))
+        except Exception as exc:  # metrics never fail a request
+            self.log_error(f"engine metrics not updated: {exc!r}")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
@@ -78,9 +132,18 @@ class TritonPythonModel:
                 f"differ from the rendered config's {parameters.get('sampling_defaults')} (ListModels shows the "
                 "latter); re-render the configs for this checkpoint"
             )
+        self.scheduler = parameters.get("scheduler", "static")
+        if self.scheduler == "inflight":
+            limits = EngineLimits.from_parameters(parameters)
+            self.engine = InflightEngine(self.generator, limits)
+            log_error = lambda message: self.logger.log_error(f"{self.family}: {message}")  # noqa: E731
+            self.metrics = EngineMetrics(args["model_name"], self.version, limits.cache_tokens, log_error)
+            self.engine.on_step = self.metrics.update
+            self.loop = EngineLoop(self.engine, log_error=log_error)
+            self.loop.start()
         self.logger.log_info(
             f"{args['model_name']} version {self.version}: loaded {parameters['checkpoint']} quantization={parameters['quantization']} "
-            f"on {device} in {time.perf_counter() - started:.1f}s"
+            f"on {device} in {time.perf_counter() - started:.1f}s; scheduler {self.scheduler}"
         )
 
     def _read(self, request) -> GenerationRequest:
@@ -92,13 +155,15 @@ class TritonPythonModel:
                 f"prompt of {len(input_ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
                 f"context of {self.generator.max_context} tokens; shorten the prompt or lower max_tokens"
             )
+        # Copies: in flight, the engine reads them after `execute` has returned and Triton may have
+        # released the request's input buffers.
         language_tensors = {
-            name.lower(): required_input(request, name)[0] for name, _, _ in LANGUAGE_IMAGE_TENSORS[self.family]
+            name.lower(): required_input(request, name)[0].copy() for name, _, _ in LANGUAGE_IMAGE_TENSORS[self.family]
         }
         generation_request = GenerationRequest(
             input_ids=input_ids.astype(np.int64),
             params=params,
-            image_embeds=required_input(request, "IMAGE_EMBEDS")[0],
+            image_embeds=required_input(request, "IMAGE_EMBEDS")[0].copy(),
             language_tensors=language_tensors,
             image_tokens=int(_scalar(request, "IMAGE_TOKENS", 0)),
         )
@@ -106,34 +171,54 @@ class TritonPythonModel:
         return generation_request
 
     def execute(self, requests):
-        accepted, senders, request_ids, image_infos = [], [], [], []
+        accepted = []
         for request in requests:
             sender = request.get_response_sender()
             try:
-                accepted.append(self._read(request))
+                generation_request = self._read(request)
             except (ParameterError, ValueError) as exc:
                 sender.send(error_response(exc), flags=FINAL)
                 continue
             except Exception as exc:  # never leave a request's stream open
                 sender.send(error_response(exc, caller_error=False), flags=FINAL)
                 continue
-            senders.append((request, sender))
             request_id = optional_input(request, "REQUEST_ID")
-            request_ids.append("" if request_id is None else request_id.reshape(-1)[0].decode("utf-8"))
+            request_id = "" if request_id is None else request_id.reshape(-1)[0].decode("utf-8")
             image_info = optional_input(request, "IMAGE_INFO")
-            image_infos.append(b"[]" if image_info is None else bytes(image_info.reshape(-1)[0]))
-        if not accepted:
-            return None
-
-        def is_cancelled(index: int) -> bool:
-            return senders[index][0].is_cancelled() or self.cancellations.is_cancelled(request_ids[index])
-
-        run_batch(
-            self.generator, accepted,
-            send_update=lambda index, update: senders[index][1].send(
-                to_response(update, self.version, image_infos[index]), flags=FINAL if update.finished else 0),
-            send_error=lambda index, exc: senders[index][1].send(error_response(exc, caller_error=False), flags=FINAL),
-            is_cancelled=is_cancelled,
-            log_error=lambda message: self.logger.log_error(f"{self.family}: {message}"),
-        )
+            image_info = b"[]" if image_info is None else bytes(image_info.reshape(-1)[0])
+            accepted.append((generation_request, sender, self._sink(request, sender, request_id, image_info)))
+        if self.scheduler == "inflight":
+            for generation_request, sender, sink in accepted:
+                self._submit(generation_request, sender, sink)
+        elif accepted:
+            sinks = [sink for _, _, sink in accepted]
+            run_batch(
+                self.generator, [generation_request for generation_request, _, _ in accepted],
+                send_update=lambda index, update: sinks[index].send_update(update),
+                send_error=lambda index, exc: sinks[index].send_error(exc),
+                is_cancelled=lambda index: sinks[index].is_cancelled(),
+                log_error=lambda message: self.logger.log_error(f"{self.family}: {message}"),
+            )
         return None
+
+    def _sink(self, request, sender, request_id: str, image_info: bytes) -> RequestSink:
+        return RequestSink(
+            send_update=lambda update: sender.send(to_response(update, self.version, image_info),
+                                                   flags=FINAL if update.finished else 0),
+            send_error=lambda exc: sender.send(error_response(exc, caller_error=False), flags=FINAL),
+            is_cancelled=lambda: request.is_cancelled() or self.cancellations.is_cancelled(request_id),
+        )
+
+    def _submit(self, generation_request: GenerationRequest, sender, sink: RequestSink) -> None:
+        try:
+            self.engine.submit(generation_request, sink)
+        except (ParameterError, ValueError) as exc:
+            sender.send(error_response(exc), flags=FINAL)
+        except EngineFull as exc:
+            # Triton core's own queue-full message: the gateway answers RESOURCE_EXHAUSTED (retryable).
+            error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+            sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+
+    def finalize(self):
+        if self.scheduler == "inflight":
+            self.loop.stop(grace_s=30.0, reason=RuntimeError("the generation model was unloaded mid-request; retry"))

@@ -26,6 +26,7 @@ from vlm_serving.encoding.encoder import VARIANTS
 from vlm_serving.encoding.encoder_inputs import SPECS
 from vlm_serving.generation.loading import checkpoint_context_tokens
 from vlm_serving.generation.sampling import SamplingDefaults
+from vlm_serving.generation.scheduling import SCHEDULERS, EngineLimits
 from vlm_serving.pipelines import FAMILIES, ROUTER
 from vlm_serving.preprocessing.resolution import ImageDetail, ResolutionPresets
 from vlm_serving.routing import DEFAULT_CONFIDENCE_THRESHOLD
@@ -107,6 +108,10 @@ class Profile:
     embed_batching: Batching = Batching(16, (4, 8, 16), 200, 128)
     encoder_batching: Batching = Batching(16, (4, 8, 16), 2000, 128)
     generate_batching: Batching = Batching(16, (8, 16), 5000, 64)
+    # inflight (requests join and leave the running batch at every step, within `engine`) or
+    # static (one `generate` per dynamic batch, `generate_batching`): generation/scheduling.py.
+    scheduler: str = "inflight"
+    engine: EngineLimits = EngineLimits()
     checkpoints_dir: Path = field(default=REPO_ROOT / "build" / "models")
     max_tokens_limit: int = 4096
     max_images: int = 16
@@ -133,6 +138,8 @@ PROFILES = {
         preprocess_instances=4,
         encoder_variant="fp16",
         generate_batching=Batching(32, (8, 16, 32), 5000, 256),
+        # Qwen2.5-VL-7B in bf16 keeps 56 KiB of keys and values per token: 262144 tokens = 14 GiB.
+        engine=EngineLimits(max_running=64, cache_tokens=262144, prefill_chunk_tokens=2048, max_waiting=256),
     ),
 }
 
@@ -158,11 +165,20 @@ def _dynamic_batching(batching: Batching) -> str:
     sizes = ", ".join(str(size) for size in batching.preferred_batch_sizes)
     return (
         "dynamic_batching {\n"
-        f"  preferred_batch_size: [ {sizes} ]\n"
-        f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n"
+        + (f"  preferred_batch_size: [ {sizes} ]\n" if sizes else "")
+        + f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n"
         f"  default_queue_policy {{ max_queue_size: {batching.max_queue_size} }}\n"
         "}"
     )
+
+
+def generate_batching(profile: Profile) -> Batching:
+    """The generation model's dynamic batching. In flight, `execute` only hands requests to the
+    instance's engine: Triton holds none back (no delay, no preferred sizes), the engine's bounded
+    queue does the waiting."""
+    if profile.scheduler == "static":
+        return profile.generate_batching
+    return replace(profile.generate_batching, preferred_batch_sizes=(), max_queue_delay_us=0)
 
 
 def _instance_group(count: int, kind: str, gpus: tuple[int, ...] = ()) -> str:
@@ -242,7 +258,10 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         max_tokens_limit=profile.max_tokens_limit,
         sampling_defaults=SamplingDefaults.of_checkpoint(checkpoint).to_json(),
         context_tokens=checkpoint_context_tokens(checkpoint),
-        dynamic_batching=_dynamic_batching(profile.generate_batching),
+        scheduler=profile.scheduler,
+        engine_parameters="\n".join(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+                                     for key, value in profile.engine.to_parameters().items()),
+        dynamic_batching=_dynamic_batching(generate_batching(profile)),
         instance_group=_instance_group(profile.generate_instances, profile.kind, profile.gpus),
     )
     ensemble = Template((TEMPLATES / "ensemble.pbtxt").read_text()).substitute(
@@ -314,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", help="none, int8 (CPU), bnb-int8, bnb-nf4 or awq (GPU)")
     parser.add_argument("--generate-instances", type=int, help="generation instances (per GPU on gpu)")
     parser.add_argument("--encoder-instances", type=int, help="vision encoder instances (per GPU on gpu)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help="generation scheduling (default inflight)")
+    parser.add_argument("--max-running", type=int, help="in flight: rows decoded together per generation instance")
+    parser.add_argument("--cache-tokens", type=int, help="in flight: key/value-cache budget in tokens per instance")
+    parser.add_argument("--prefill-chunk-tokens", type=int, help="in flight: prompt tokens prefilled per step")
     parser.add_argument("--encoder-variant", choices=VARIANTS, help="ONNX encoder variant")
     parser.add_argument("--encoder-cache-mib", type=int, help="image embedding cache size (0: off; default 1024)")
     parser.add_argument("--version-policy", help="versions that serve: latest:N (default latest:1), all, specific:1,2")
@@ -332,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, generate_instances=args.generate_instances)
     if args.encoder_instances:
         profile = replace(profile, encoder_instances=args.encoder_instances)
+    if args.scheduler:
+        profile = replace(profile, scheduler=args.scheduler)
+    engine = {key: value for key, value in (("max_running", args.max_running), ("cache_tokens", args.cache_tokens),
+                                             ("prefill_chunk_tokens", args.prefill_chunk_tokens)) if value}
+    profile = replace(profile, engine=replace(profile.engine, **engine))
     if args.encoder_variant:
         profile = replace(profile, encoder_variant=args.encoder_variant)
     if args.encoder_cache_mib is not None:

@@ -39,26 +39,11 @@ from vlm_serving.generation.batch import (
     penalize_repetitions,
 )
 from vlm_serving.generation.sampling import ParameterError
+from vlm_serving.generation.scheduling import EngineLimits
 
 
 class EngineFull(RuntimeError):
     """The waiting queue is full: the request is refused now (retry later), never queued without bound."""
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """How much one generation instance runs at once (rendered into the model config per profile)."""
-
-    # Rows decoded together at each step.
-    max_running: int = 16
-    # Key/value-cache budget in token slots: rows × padded columns of the dense cache, for every
-    # layer (bytes = this × layers × 2 × kv heads × head dim × dtype size). Admission reserves each
-    # row's prompt + max_tokens, so the budget holds for the rows' whole lives.
-    cache_tokens: int = 65536
-    # Prompt tokens prefilled per step (rows × columns of one prefill forward).
-    prefill_chunk_tokens: int = 512
-    # Requests waiting for a row; beyond this many, new ones are refused (EngineFull).
-    max_waiting: int = 64
 
 
 @dataclass

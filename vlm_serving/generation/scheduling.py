@@ -1,0 +1,41 @@
+"""How a generation instance schedules its requests (light: the config renderer imports it).
+
+- `static`: each execution runs one `generate` over the batch Triton's dynamic batcher formed
+  (`batch.BatchGenerator`); a request that arrives a step later waits for the whole batch.
+- `inflight`: one loop per instance owns the running batch and lets requests join and leave at
+  every step (`engine.InflightEngine`), within `EngineLimits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+SCHEDULERS = ("inflight", "static")
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much one generation instance runs at once (rendered into the model config per profile)."""
+
+    # Rows decoded together at each step.
+    max_running: int = 16
+    # Key/value-cache budget in token slots: rows × padded columns of the dense cache, for every
+    # layer (bytes = this × layers × 2 × kv heads × head dim × dtype size). Admission reserves each
+    # row's prompt + max_tokens, so the budget holds for the rows' whole lives.
+    cache_tokens: int = 65536
+    # Prompt tokens prefilled per step (rows × columns of one prefill forward).
+    prefill_chunk_tokens: int = 512
+    # Requests waiting for a row; beyond this many, new ones are refused (EngineFull).
+    max_waiting: int = 64
+
+    def to_parameters(self) -> dict[str, str]:
+        """As model-config parameters (string values)."""
+        return {name.name: str(getattr(self, name.name)) for name in fields(self)}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> "EngineLimits":
+        limits = cls(**{name.name: int(parameters[name.name]) for name in fields(cls) if name.name in parameters})
+        for name in fields(limits):
+            if getattr(limits, name.name) < 1:
+                raise ValueError(f"engine limit {name.name}={getattr(limits, name.name)} must be at least 1")
+        return limits
