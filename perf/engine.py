@@ -153,8 +153,26 @@ def timed_sink(timing: Timing, done: queue.Queue) -> RequestSink:
     return RequestSink(send, fail)
 
 
-def run_inflight(generator: BatchGenerator, limits: EngineLimits, requests, arrivals: list[float]) -> list[Timing]:
+@dataclass
+class CacheUse:
+    """Over a run's steps: token slots of the dense cache, those holding real tokens, step seconds."""
+
+    slots: int = 0
+    real: int = 0
+    cache_seconds: float = 0.0
+    step_seconds: float = 0.0
+
+    def record(self, stats) -> None:
+        self.slots += stats.cache_tokens_used
+        self.real += stats.cache_tokens_real
+        self.cache_seconds, self.step_seconds = stats.cache_seconds, stats.step_seconds
+
+
+def run_inflight(generator: BatchGenerator, limits: EngineLimits, requests, arrivals: list[float],
+                 cache_use: CacheUse | None = None) -> list[Timing]:
     engine = InflightEngine(generator, limits)
+    if cache_use is not None:
+        engine.on_step = cache_use.record
     loop = EngineLoop(engine, log_error=progress).start()
     done: queue.Queue = queue.Queue()
     timings = []
@@ -233,7 +251,7 @@ class Run:
 
 
 def step_overhead(generator: BatchGenerator, shape: Shape, device: str) -> tuple[float, float]:
-    """Seconds per token for one request alone: (engine, plain `generate`); median of 3 each."""
+    """Seconds per token for one request alone: (engine, plain `generate`); median of 7 alternating rounds."""
     request, _ = make_requests(generator, shape, 2)[1]  # text only
     request = GenerationRequest(request.input_ids, SamplingParams(max_tokens=shape.long_tokens))
     ids = torch.from_numpy(request.input_ids)[None].to(device)
@@ -249,7 +267,7 @@ def step_overhead(generator: BatchGenerator, shape: Shape, device: str) -> tuple
         return timing.tokens
 
     per_token = {"engine": [], "plain": []}
-    for _ in range(3):
+    for _ in range(7):
         for name, call in (("engine", engine), ("plain", plain)):
             started = time.perf_counter()
             tokens = call()
@@ -275,7 +293,8 @@ def measure(family: str, model, tokenizer, shape: Shape, device: str, count: int
 
     progress(f"{family}: saturation ({count} requests waiting at the start), static then in flight")
     static = Run(run_static(generator, shape.max_batch, requests, [0.0] * count))
-    inflight = Run(run_inflight(generator, limits, requests, [0.0] * count))
+    cache_use = CacheUse()
+    inflight = Run(run_inflight(generator, limits, requests, [0.0] * count, cache_use))
     rate = 0.7 * static.requests_per_s
     arrivals = np.cumsum(np.random.default_rng(1).exponential(1 / rate, count)).tolist()
     progress(f"{family}: open loop at {rate:.2f} req/s (70% of static's saturation), static then in flight")
@@ -288,6 +307,10 @@ def measure(family: str, model, tokenizer, shape: Shape, device: str, count: int
          f"{inflight.requests_per_s:.2f} / {static.requests_per_s:.2f} req/s; "
          f"{inflight.tokens_per_s:.0f} / {static.tokens_per_s:.0f} tokens/s",
          inflight.requests_per_s / static.requests_per_s, ">= 1.5"),
+        (f"{family}: dense cache at saturation: merging and filtering rows, share of step time "
+         f"(padding share of the cache's token slots: {1 - cache_use.real / max(cache_use.slots, 1):.0%})",
+         f"{cache_use.cache_seconds:.3f} of {cache_use.step_seconds:.2f} s",
+         cache_use.cache_seconds / cache_use.step_seconds, "reported"),
         (f"{family}: p99 latency of short requests at {rate:.2f} req/s, in flight / static",
          f"{inflight_open.short_p99():.2f} / {static_open.short_p99():.2f} s",
          inflight_open.short_p99() / static_open.short_p99(), "<= 0.3"),

@@ -164,6 +164,23 @@ def test_a_cancelled_row_frees_its_slot_for_a_waiting_request_at_the_next_step(f
     assert waiting.final.completion_tokens == 4
 
 
+def test_callers_that_leave_while_waiting_or_prefilling_end_cancelled_and_nothing_follows(family):
+    engine = InflightEngine(family.generator, EngineLimits(max_running=1, prefill_chunk_tokens=8))
+    prefilling, waiting, after = Caller(), Caller(), Caller()
+    engine.submit(family.request(ask("a prompt long enough for several chunks", 1), [picture(64, 64)],
+                                 max_tokens=50, stream=True), prefilling.sink())
+    engine.submit(family.request(ask("waiting"), [], max_tokens=50, stream=True), waiting.sink())
+    engine.step()
+    assert engine.stats.prefilling == 1 and engine.stats.waiting == 1
+    prefilling.cancelled = waiting.cancelled = True
+    engine.submit(family.request(ask("after"), [], max_tokens=3), after.sink())
+    drive(engine, {})
+    for caller in (prefilling, waiting):
+        assert caller.final.finish_reason == "cancelled" and caller.final.completion_tokens == 0
+        assert len(caller.updates) == 1
+    assert after.final.completion_tokens == 3
+
+
 def test_the_cache_budget_is_never_exceeded_and_queue_overflow_is_refused(family):
     requests = [family.request(ask("question " * n, n % 2), [picture(64, 64)] if n % 2 else [], max_tokens=10 + 7 * n)
                 for n in range(6)]

@@ -62,8 +62,12 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     prefilling: int = 0
+    # Token slots of the dense cache (rows x columns), and those holding a real token (not padding).
     cache_tokens_used: int = 0
+    cache_tokens_real: int = 0
     peak_cache_tokens: int = 0
+    # Seconds spent merging rows into the cache and filtering them out (the dense cache's price).
+    cache_seconds: float = 0.0
     steps: int = 0
     step_seconds: float = 0.0
     decode_tokens: int = 0
@@ -118,6 +122,7 @@ class InflightEngine:
         self._running: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [running rows, columns]
+        self._waiting_checked = 0.0
         self.on_step: Callable[[EngineStats], None] = lambda stats: None
         self.wakeup = threading.Event()
 
@@ -170,13 +175,27 @@ class InflightEngine:
         self._account(time.perf_counter() - started)
         return True
 
+    WAITING_CHECK_INTERVAL_S = 0.1
+
     def _end_cancelled(self) -> None:
-        with self._lock:
-            gone = [row for row in self._waiting if row.sink.is_cancelled()]
+        """End the rows whose callers went away: running and prefilling ones at every step, waiting
+        ones at most every WAITING_CHECK_INTERVAL_S (a long queue would otherwise cost a check per
+        request per step)."""
+        now = time.monotonic()
+        if now - self._waiting_checked >= self.WAITING_CHECK_INTERVAL_S:
+            self._waiting_checked = now
+            with self._lock:
+                gone = [row for row in self._waiting if row.sink.is_cancelled()]
+                for row in gone:
+                    self._waiting.remove(row)
             for row in gone:
-                self._waiting.remove(row)
-        for row in gone:
-            self._finish(row, row.progress.end(FINISH_CANCELLED))
+                self._finish(row, row.progress.end(FINISH_CANCELLED))
+        if self._prefill is not None:
+            for row in self._prefill.rows:
+                if not row.ended and row.sink.is_cancelled():
+                    self._finish(row, row.progress.end(FINISH_CANCELLED))
+            if all(row.ended for row in self._prefill.rows):
+                self._prefill = None
         cancelled = [row for row in self._running if row.sink.is_cancelled()]
         for row in cancelled:
             self._finish(row, row.progress.end(FINISH_CANCELLED))
@@ -188,9 +207,13 @@ class InflightEngine:
         if self._prefill is not None:
             return
         admitted: list[_Row] = []
+        gone: list[_Row] = []
         with self._lock:
             while self._waiting:
                 candidate = self._waiting[0]
+                if candidate.sink.is_cancelled():
+                    gone.append(self._waiting.popleft())
+                    continue
                 rows = self._running + admitted + [candidate]
                 if len(rows) > self.limits.max_running:
                     break
@@ -200,6 +223,8 @@ class InflightEngine:
                     break
                 admitted.append(self._waiting.popleft())
             self.stats.waiting = len(self._waiting)
+        for row in gone:
+            self._finish(row, row.progress.end(FINISH_CANCELLED))
         if admitted:
             self._prefill = self._prefill_group(admitted)
 
@@ -259,7 +284,9 @@ class InflightEngine:
         if end == group.columns:
             self._prefill = None
             self._advance(group.rows, out.logits[:, -1])
+            started = time.perf_counter()
             self._join(group)
+            self.stats.cache_seconds += time.perf_counter() - started
 
     def _join(self, group: _PrefillGroup) -> None:
         """Merge a prefilled group's cache into the running batch (rows that already ended left out)."""
@@ -299,7 +326,9 @@ class InflightEngine:
         for row in rows:
             row.next_position += 1
         self._advance(rows, out.logits[:, -1])
+        started = time.perf_counter()
         self._retire()
+        self.stats.cache_seconds += time.perf_counter() - started
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Choose each row's next token from its logits; stream it; end the rows that are done."""
@@ -308,9 +337,13 @@ class InflightEngine:
         penalize_repetitions(scores, [row.seen for row in rows], [row.request.params for row in rows])
         tokens = choose_tokens(scores, [row.request.params for row in rows], [row.generator for row in rows]).tolist()
         for i, (row, token) in enumerate(zip(rows, tokens)):
+            if row.ended:  # cancelled while its group was prefilled
+                continue
             row.seen.append(token)
             row.last_token = token
-            update = row.progress.advance(token, float(logprobs[i, token]), row.sink.is_cancelled)
+            # Cancellation is read once per step, before the forward (`_end_cancelled`): in Triton
+            # each read crosses to the server process.
+            update = row.progress.advance(token, float(logprobs[i, token]), _never)
             if update is None:
                 continue
             if update.finished:
@@ -384,12 +417,19 @@ class InflightEngine:
         stats.running = len(self._running)
         stats.waiting = len(self._waiting)
         stats.prefilling = len(self._prefill.rows) if self._prefill else 0
-        used = 0 if self._mask is None else self._mask.numel()
+        used = real = 0
+        if self._mask is not None:
+            used, real = self._mask.numel(), int(self._mask.sum())
         if self._prefill is not None:
             used += len(self._prefill.rows) * self._prefill.done
-        stats.cache_tokens_used = used
+            real += int(self._prefill.mask[:, : self._prefill.done].sum())
+        stats.cache_tokens_used, stats.cache_tokens_real = used, real
         stats.peak_cache_tokens = max(stats.peak_cache_tokens, used)
         self.on_step(stats)
+
+
+def _never() -> bool:
+    return False
 
 
 def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
