@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/python
 PROTO := protos/vlm/v1/vlm.proto
 
-.PHONY: setup system-tools protos node perf-tools bench sweep models configs up down run test test-unit test-integration clean
+.PHONY: setup system-tools protos node perf-tools bench bench-gpu sweep models configs up down run test test-unit test-integration clean
 
 setup: $(STAMP) protos node
 
@@ -90,6 +90,13 @@ perf-tools: setup
 BENCH_ARGS ?=
 bench: models configs
 	$(PY) -m perf.bench $(BENCH_ARGS)
+
+# The generation engine alone (no Triton) at the real Qwen2.5-VL-7B and Pixtral-12B configurations,
+# random bf16 weights, static against in flight. Needs only torch and transformers: on a GPU machine
+# without this Makefile's venv, run `python -m perf.engine --config real --device cuda` from the root.
+GPU_PYTHON ?= python3
+bench-gpu:
+	$(GPU_PYTHON) -m perf.engine --config real --device cuda $(BENCH_ARGS)
 
 # perf_analyzer concurrency sweeps (CSV under build/perf/sweeps/) against the running stack (`make up`).
 sweep: perf-tools

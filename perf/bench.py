@@ -4,7 +4,7 @@
 
 1. gateway throughput / direct Triton throughput (same ensemble, same requests, concurrency 16),
    and the gateway's added p50 latency on a trivial request (text only, one token);
-2. dynamic batching on / off (max batch 1), direct to Triton, concurrency 16;
+2. batching on (in flight, the default) / off (static, max batch 1), direct to Triton, concurrency 16;
 3. preprocessing images/s, ours / transformers' own image processors, on the same pictures
    (outputs equal to 1e-5, else the row is marked);
 4. streaming time to first text / whole-response time at 64 output tokens;
@@ -14,7 +14,9 @@
 6. a repeated image's request latency, cache hit / miss (tiny tower; a 4x1280 tower serving);
 8. model auto: its overhead over Qwen2.5-VL directly (fallback off, photos), what a fallback costs,
    and what holding Qwen's answer for the fallback costs a stream's first text;
-9. the image-kind classifier: time per megapixel and held-out accuracy (perf/image_kinds.py).
+9. the image-kind classifier: time per megapixel and held-out accuracy (perf/image_kinds.py);
+10, 11. in-flight against static batching, and the whole stack against the seeds' batch loop
+   (perf/inflight.py; the engine alone, also on a GPU: perf/engine.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -215,7 +217,7 @@ def main() -> int:
         # speed drifts by up to a third over minutes, and alternating keeps a ratio's two sides
         # under the same conditions. Each ratio is the median of the rounds' ratios.
         unbatched = triton("unbatched", servers, preprocess_batching=Batching(1, (1,), 0, 256),
-                           generate_batching=Batching(1, (1,), 0, 256))
+                           generate_batching=Batching(1, (1,), 0, 256), scheduler="static")
         batched = triton("batched", servers)
         gateway = GatewayProcess(triton_url=batched.grpc_url, address=f"127.0.0.1:{free_port()}",
                                  metrics_port=free_port(), log_path=BENCH / "gateway.log",
@@ -233,7 +235,7 @@ def main() -> int:
         pairs, ratio, failed = alternate(
             lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(64), 32),
             lambda: load(lambda: TritonTarget(unbatched.grpc_url, "qwen2_5_vl"), images, 16, n(48), 32))
-        rows.append(("2", "dynamic batching on / off (max batch 1), c=16, 32 tokens",
+        rows.append(("2", "batching on (default: in flight) / off (static, max batch 1), c=16, 32 tokens",
                      " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 4", "x",
                      failed))
         unbatched.stop()
@@ -337,6 +339,9 @@ def main() -> int:
                  ">= 0.9", "x", ""))
     progress("rows 5, 7: vision encoders")
     rows += encoder_rows(rounds=max(2, int(3 * scale)))
+    from perf.inflight import rows as scheduling_rows
+
+    rows += scheduling_rows(scale)
 
     print("\n| # | measure | measured | ratio | goal |")
     print("| --- | --- | --- | --- | --- |")

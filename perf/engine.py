@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from perf.load import percentile
+from perf.stats import percentile
 from vlm_serving.generation.batch import BatchGenerator, GenerationRequest, run_batch
 from vlm_serving.generation.engine import EngineLoop, InflightEngine, RequestSink
 from vlm_serving.generation.loading import load_model, load_tokenizer
@@ -52,10 +52,9 @@ class IdTokenizer:
         return "".join(chr(0x4E00 + int(i) % 20000) for i in ids)
 
 
-def real_model(family: str, device: str):
-    """Random bf16 weights at the real configuration (built on the device: no checkpoint to read)."""
-    from transformers import AutoModelForImageTextToText, LlavaConfig, MistralConfig, PixtralVisionConfig
-    from transformers import Qwen2_5_VLConfig
+def real_config(family: str):
+    """The published Qwen2.5-VL-7B-Instruct / Pixtral-12B configurations (their config.json values)."""
+    from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig, Qwen2_5_VLConfig
 
     if family == "qwen2_5_vl":
         config = Qwen2_5_VLConfig(
@@ -78,6 +77,14 @@ def real_model(family: str, device: str):
             multimodal_projector_bias=True, projector_hidden_act="gelu",
         )
         config.text_config.eos_token_id, config.text_config.pad_token_id = 2, 11
+    return config
+
+
+def real_model(family: str, device: str):
+    """Random bf16 weights at the real configuration (built on the device: no checkpoint to read)."""
+    from transformers import AutoModelForImageTextToText
+
+    config = real_config(family)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     model.generation_config.eos_token_id = config.get_text_config().eos_token_id
@@ -354,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(row[0]) for row in rows)
     print(f"{'measure'.ljust(width)} | {'values':40} | ratio | goal")
     for name, values, ratio, goal in rows:
-        print(f"{name.ljust(width)} | {values:40} | {ratio:5.2f} | {goal}")
+        print(f"{name.ljust(width)} | {values:40} | {ratio:6.3f} | {goal}")
     return 0
 
 

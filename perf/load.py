@@ -25,17 +25,9 @@ import grpc
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.triton_backend import TritonBackend
+from perf.stats import percentile
 from perf.workload import SHORT_TOKENS, WorkItem, messages, workload
 from vlm_serving.generation.sampling import SamplingParams
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile: the smallest value with at least q% of the values at or below it
-    (p50 of 1..100 is 50, p99 of 100 values the 99th)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 @dataclass

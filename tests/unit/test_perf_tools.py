@@ -37,3 +37,17 @@ def test_failures_are_counted_by_code_and_mark_the_bench_row(failing_every, ok):
     assert failures(result) == f"RESOURCE_EXHAUSTED x{9 - ok}"
     assert result.throughput >= 0 and "RESOURCE_EXHAUSTED" in result.summary()
     assert failures(LoadResult(requests=1, seconds=0.0)) == "" and LoadResult(requests=1, seconds=0.0).throughput == 0.0
+
+
+def test_the_engine_benchmark_runs_both_schedulers_and_prints_its_rows(checkpoints, capsys):
+    """perf/engine.py is what runs on the GPU machine (`make bench-gpu`); here at tiny size."""
+    from perf.engine import main
+
+    assert main(["--requests", "8", "--family", "pixtral", "--checkpoints", str(checkpoints)]) == 0
+    table = capsys.readouterr().out
+    for measure in ("throughput at saturation", "p99 latency of short requests", "p99 time to first token",
+                    "engine / plain generate"):
+        row = next(line for line in table.splitlines() if measure in line)
+        assert float(row.split("|")[-2]) > 0, row
+    cache = next(line for line in table.splitlines() if "merging and filtering rows" in line)
+    assert "padding share of the cache's token slots" in cache and 0 <= float(cache.split("|")[-2]) < 1
