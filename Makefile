@@ -7,6 +7,7 @@ PROFILE ?= cpu
 # explicit (default: models change only through LoadModel) or poll (Triton watches the repository).
 MODEL_CONTROL ?= explicit
 TRITON_WHEEL := nvidia-pytriton==0.7.0
+XGRAMMAR_WHEEL := xgrammar==0.2.8
 STAMP := $(VENV)/.installed
 
 GEN := build/gen/python
@@ -48,7 +49,7 @@ $(GEN)/vlm/v1/vlm_pb2_grpc.py: $(PROTO) $(STAMP)
 $(STAMP): requirements.txt pyproject.toml deploy/vlm-dont-write-bytecode.pth
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --disable-pip-version-check -q -r requirements.txt
-	$(PIP) install --disable-pip-version-check -q --no-deps $(TRITON_WHEEL)
+	$(PIP) install --disable-pip-version-check -q --no-deps $(TRITON_WHEEL) $(XGRAMMAR_WHEEL)
 	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import shutil, sysconfig; shutil.copy('deploy/vlm-dont-write-bytecode.pth', sysconfig.get_paths()['purelib'])"
 	touch $(STAMP)

@@ -82,6 +82,8 @@ def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image
         image = _IMAGE_ERROR.match(text)
         if image and int(image.group(1)) < len(image_fields):
             return invalid_argument([(image_fields[int(image.group(1))], image.group(2))])
+        if text.startswith("response_format"):  # found when the generation step compiled it
+            return invalid_argument([("config.response_format", text)])
         return invalid_argument([("messages", text)])
     if text.startswith(INTERNAL_ERROR_PREFIX):
         return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text.removeprefix(INTERNAL_ERROR_PREFIX)}")
@@ -327,6 +329,7 @@ class TritonBackend:
             stop=list(params.stop),
             repetition_penalty=params.repetition_penalty,
             stream=params.stream,
+            response_format=params.response_format.to_wire(),
             request_id=triton_id,
             detail=detail,
             **(routing or {}),

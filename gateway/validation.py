@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
 from vlm_serving.pipelines import ROUTER
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
+from vlm_serving.generation import structured
 from vlm_serving.generation.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")
@@ -49,6 +51,28 @@ class ValidatedRequest:
 DETAILS = {vlm_pb2.IMAGE_DETAIL_AUTO: "auto", vlm_pb2.IMAGE_DETAIL_LOW: "low", vlm_pb2.IMAGE_DETAIL_HIGH: "high"}
 
 
+FORMAT_TYPES = {
+    vlm_pb2.ResponseFormat.RESPONSE_FORMAT_TYPE_UNSPECIFIED: structured.TEXT,
+    vlm_pb2.ResponseFormat.RESPONSE_FORMAT_TEXT: structured.TEXT,
+    vlm_pb2.ResponseFormat.RESPONSE_FORMAT_JSON_OBJECT: structured.JSON_OBJECT,
+    vlm_pb2.ResponseFormat.RESPONSE_FORMAT_JSON_SCHEMA: structured.JSON_SCHEMA,
+    vlm_pb2.ResponseFormat.RESPONSE_FORMAT_REGEX: structured.REGEX,
+    vlm_pb2.ResponseFormat.RESPONSE_FORMAT_CHOICE: structured.CHOICE,
+}
+
+
+def response_format(message) -> structured.ResponseFormat:
+    """The proto's format; an unknown type stays unknown, for `violations` to name."""
+    schema = message.json_schema
+    if schema:
+        try:  # canonical form, so equal schemas share one compiled grammar
+            schema = json.dumps(json.loads(schema), separators=(",", ":"), sort_keys=True)
+        except json.JSONDecodeError:
+            pass  # violations() names it
+    return structured.ResponseFormat(type=FORMAT_TYPES.get(message.type, f"unknown type {message.type}"),
+                                     schema=schema, pattern=message.regex, choices=tuple(message.choices))
+
+
 def sampling_params(config, stream: bool) -> SamplingParams:
     """The proto's config; fields left unset (or 0 where 0 is out of range) stay None: the
     model's defaults apply to them (`vlm_serving.generation.sampling.SamplingDefaults`)."""
@@ -56,6 +80,7 @@ def sampling_params(config, stream: bool) -> SamplingParams:
         return getattr(config, name) if config.HasField(name) else None
 
     return SamplingParams(
+        response_format=response_format(config.response_format),
         max_tokens=config.max_tokens or SamplingParams().max_tokens,
         temperature=present("temperature"),
         top_p=present("top_p") or None,

@@ -27,7 +27,7 @@ _PARAMETER_TENSORS = {
     "confidence_threshold": ("CONFIDENCE_THRESHOLD", "FP32", np.float32),
     "fallback": ("FALLBACK", "BOOL", np.bool_),
 }
-_STRING_TENSORS = {"request_id": "REQUEST_ID", "detail": "DETAIL"}
+_STRING_TENSORS = {"request_id": "REQUEST_ID", "detail": "DETAIL", "response_format": "RESPONSE_FORMAT"}
 
 
 @dataclass
@@ -102,7 +102,7 @@ def build_inputs(messages: list[dict[str, Any]], images: list[bytes], **params: 
     if stop:
         inputs.append(tensor("STOP", "BYTES", np.array([[s.encode() for s in stop]], dtype=np.object_)))
     for key, value in params.items():
-        if value is None:
+        if value is None or value == "":
             continue
         if key in _STRING_TENSORS:
             inputs.append(tensor(_STRING_TENSORS[key], "BYTES", np.array([[value.encode()]], dtype=np.object_)))

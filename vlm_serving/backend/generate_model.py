@@ -20,6 +20,7 @@ from vlm_serving.generation.engine import EngineFull, EngineLoop, EngineStats, I
 from vlm_serving.generation.loading import load_model, load_tokenizer
 from vlm_serving.generation.sampling import ParameterError, SamplingParams
 from vlm_serving.generation.scheduling import EngineLimits
+from vlm_serving.generation.structured import ResponseFormat
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -32,6 +33,7 @@ def _scalar(request, name: str, default):
 def read_params(request) -> SamplingParams:
     """The request's parameters; those it leaves out stay None (the model's defaults apply)."""
     stop = optional_input(request, "STOP")
+    response_format = optional_input(request, "RESPONSE_FORMAT")
 
     def given(name: str, kind):
         value = _scalar(request, name, None)
@@ -46,6 +48,8 @@ def read_params(request) -> SamplingParams:
         stop=() if stop is None else tuple(s.decode("utf-8") for s in stop.reshape(-1)),
         repetition_penalty=given("REPETITION_PENALTY", float),
         stream=bool(given("STREAM", bool)),
+        response_format=ResponseFormat.from_wire(
+            "" if response_format is None else response_format.reshape(-1)[0].decode("utf-8")),
     )
 
 
@@ -150,6 +154,8 @@ class TritonPythonModel:
         input_ids = required_input(request, "INPUT_IDS").reshape(-1)
         params = read_params(request)
         params.validate(self.max_tokens_limit)
+        if params.response_format.constrained and self.scheduler != "inflight":
+            raise ParameterError("response_format needs the in-flight scheduler (render --scheduler inflight)")
         if len(input_ids) + params.max_tokens > self.generator.max_context:
             raise ParameterError(
                 f"prompt of {len(input_ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "

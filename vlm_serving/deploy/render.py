@@ -65,6 +65,8 @@ REQUEST_PARAMETERS = [
     ("REPETITION_PENALTY", "TYPE_FP32", "1"),
     ("STREAM", "TYPE_BOOL", "1"),
     ("REQUEST_ID", "TYPE_STRING", "1"),
+    # The answer's shape (vlm_serving/generation/structured.py; empty or absent: free text).
+    ("RESPONSE_FORMAT", "TYPE_STRING", "1"),
 ]
 RESPONSE_TENSORS = [
     ("TEXT", "TYPE_STRING", "1"),

@@ -38,6 +38,7 @@ from vlm_serving.generation.batch import (
     FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
     penalize_repetitions,
 )
+from vlm_serving.generation.grammar import FormatCompiler, RowGrammar, mask_rows
 from vlm_serving.generation.sampling import ParameterError
 from vlm_serving.generation.scheduling import EngineLimits
 
@@ -85,6 +86,8 @@ class _Row:
     seen: list[int]
     # Prompt + max_tokens: the most cache columns this row can ever hold.
     reserve: int
+    # The row's response format, where it has one (constrained decoding).
+    grammar: RowGrammar | None = None
     # Where the row's last chosen token (fed at the next decode step) sits.
     next_position: int = 0
     last_token: int = 0
@@ -115,6 +118,8 @@ class InflightEngine:
         self.model = generator.model
         self.limits = limits
         self.device = generator.device
+        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        self.formats = FormatCompiler(generator.tokenizer, self.vocab_size, generator.eos_ids)
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -139,11 +144,12 @@ class InflightEngine:
                 f"model's key/value-cache budget of {self.limits.cache_tokens} tokens per instance; shorten the "
                 "prompt or lower max_tokens"
             )
+        grammar = self.formats.row(request.params.response_format)  # compiled before any generation
         seed = request.params.seed
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         row = _Row(request, sink, RowProgress(request, self.generator.tokenizer, self.generator.eos_ids),
-                   generator, request.input_ids.tolist(), reserve)
+                   generator, request.input_ids.tolist(), reserve, grammar)
         with self._lock:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise EngineFull(
@@ -335,10 +341,17 @@ class InflightEngine:
         scores = logits.float()
         logprobs = torch.log_softmax(scores, dim=-1)
         penalize_repetitions(scores, [row.seen for row in rows], [row.request.params for row in rows])
+        mask_rows(scores, [None if row.ended else row.grammar for row in rows], self.vocab_size)
         tokens = choose_tokens(scores, [row.request.params for row in rows], [row.generator for row in rows]).tolist()
         for i, (row, token) in enumerate(zip(rows, tokens)):
             if row.ended:  # cancelled while its group was prefilled
                 continue
+            if row.grammar is not None:
+                try:
+                    row.grammar.accept(token)
+                except RuntimeError as exc:
+                    self._fail([row], exc)
+                    continue
             row.seen.append(token)
             row.last_token = token
             # Cancellation is read once per step, before the forward (`_end_cancelled`): in Triton

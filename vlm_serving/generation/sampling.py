@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from vlm_serving.generation.structured import ResponseFormat
+
 
 class ParameterError(ValueError):
     """A generation parameter out of bounds; the message names it and the bound."""
@@ -69,6 +71,8 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     repetition_penalty: float | None = None
     stream: bool = False
+    # The shape the answer must take (free text by default), enforced token by token.
+    response_format: ResponseFormat = ResponseFormat()
 
     def resolve(self, defaults: SamplingDefaults) -> "SamplingParams":
         """Every unset field from `defaults`."""
@@ -92,7 +96,8 @@ class SamplingParams:
             ("stop", len(self.stop) <= 8, f"{len(self.stop)} stop sequences is over the limit of 8"),
             ("stop", all(0 < len(s) <= 64 for s in self.stop), "each stop sequence must be 1 to 64 characters"),
         ]
-        return [(name, message) for name, ok, message in checks if not ok]
+        return [(name, message) for name, ok, message in checks if not ok] + [
+            ("response_format", message) for message in self.response_format.violations()]
 
     def validate(self, max_tokens_limit: int) -> None:
         problems = self.violations(max_tokens_limit)

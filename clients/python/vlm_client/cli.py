@@ -13,7 +13,7 @@ import sys
 import grpc
 from vlm.v1 import vlm_pb2
 
-from vlm_client.client import VLMClient
+from vlm_client.client import VLMClient, response_format
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--detail", choices=("auto", "low", "high"),
                           help="image detail: auto sizes each image by its kind (photo, document, diagram), "
                                "low and high force the smallest and largest size (default: the model's)")
+    shape = generate.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid under this JSON Schema file")
+    shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
+    shape.add_argument("--regex", help="the answer matches this regular expression as a whole")
+    shape.add_argument("--choice", action="append", help="the answer is exactly one of these (repeatable)")
     commands.add_parser("models", help="list served models")
     for name, text in (("load", "load or reload a model from the repository (admin key)"),
                        ("unload", "unload a model (admin key)")):
@@ -92,6 +97,13 @@ def _run(client: VLMClient, args) -> int:
                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                   detail=args.detail)
     config = {name: value for name, value in config.items() if value is not None}  # unset: the model's
+    if args.json_schema or args.json_object or args.regex is not None or args.choice:
+        schema = None
+        if args.json_schema:
+            with open(args.json_schema, encoding="utf-8") as file:
+                schema = file.read()
+        config["response_format"] = response_format(json_schema=schema, json_object=args.json_object,
+                                                    regex=args.regex, choices=args.choice)
     routing = {"confidence_threshold": args.confidence_threshold, "disable_fallback": args.no_fallback or None}
     if any(value is not None for value in routing.values()):
         config["routing"] = {name: value for name, value in routing.items() if value is not None}

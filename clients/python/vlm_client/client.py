@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 import os
 import random
@@ -33,6 +35,24 @@ def retry_info_delay(error: grpc.RpcError) -> float | None:
             detail.Unpack(info)
             return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
     return None
+
+
+def response_format(*, json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
+                    choices: Iterable[str] | None = None) -> vlm_pb2.ResponseFormat:
+    """A ResponseFormat for `build_request(..., response_format=...)`: give exactly one of a JSON
+    Schema (a dict or JSON text), json_object, a regex or choices."""
+    given = [json_schema is not None, json_object, regex is not None, choices is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of json_schema, json_object, regex or choices")
+    Format = vlm_pb2.ResponseFormat
+    if json_schema is not None:
+        schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        return Format(type=Format.RESPONSE_FORMAT_JSON_SCHEMA, json_schema=schema)
+    if json_object:
+        return Format(type=Format.RESPONSE_FORMAT_JSON_OBJECT)
+    if regex is not None:
+        return Format(type=Format.RESPONSE_FORMAT_REGEX, regex=regex)
+    return Format(type=Format.RESPONSE_FORMAT_CHOICE, choices=list(choices))
 
 
 def build_request(

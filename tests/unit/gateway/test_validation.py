@@ -10,6 +10,7 @@ from tests.conftest import encode, picture
 SETTINGS = Settings(api_keys=frozenset({"k"}), max_images=2, max_image_bytes=50_000, max_prompt_chars=100,
                     image_url_allowlist=("images.internal",))
 PNG = encode(picture(20, 20))
+FORMAT = vlm_pb2.ResponseFormat
 
 
 def request(*parts, role="user", model="pixtral", **config):
@@ -87,11 +88,32 @@ def test_missing_model_names_the_field():
         (request(text("x"), top_k=5000), "config.top_k", "must be in [0, 1000]"),
         (request(text("x"), repetition_penalty=3), "config.repetition_penalty", "must be in (0, 2]"),
         (request(text("x"), stop=[""]), "config.stop", "1 to 64 characters"),
+        (request(text("x"), response_format=FORMAT(type=FORMAT.RESPONSE_FORMAT_JSON_SCHEMA, json_schema="{nope")),
+         "config.response_format", "the schema is not JSON"),
+        (request(text("x"), response_format=FORMAT(type=FORMAT.RESPONSE_FORMAT_JSON_SCHEMA, json_schema='{"type": 5}')),
+         "config.response_format", "not a valid JSON Schema at type"),
+        (request(text("x"), response_format=FORMAT(type=FORMAT.RESPONSE_FORMAT_JSON_SCHEMA,
+                                                    json_schema='{"if": {"type": "string"}}')),
+         "config.response_format", "#/if is not supported"),
+        (request(text("x"), response_format=FORMAT(type=FORMAT.RESPONSE_FORMAT_REGEX)), "config.response_format",
+         "the pattern is empty"),
+        (request(text("x"), response_format=FORMAT(type=FORMAT.RESPONSE_FORMAT_CHOICE)), "config.response_format",
+         "give 1 to 64 choices"),
+        (request(text("x"), response_format=FORMAT(type=9)), "config.response_format", "type must be one of"),
     ],
 )
 def test_each_bad_field_is_named_with_what_to_fix(req, field, message):
     found = violations(req)
     assert field in found and message in found[field], found
+
+
+def test_a_response_format_becomes_its_canonical_wire_form():
+    schema = '{ "type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}} }'
+    call = validate(request(text("x"), response_format=FORMAT(type=FORMAT.RESPONSE_FORMAT_JSON_SCHEMA, json_schema=schema)),
+                    SETTINGS, stream=False)
+    assert call.params.response_format.to_wire() == (
+        '{"schema":{"properties":{"a":{"type":"integer"}},"required":["a"],"type":"object"},"type":"json_schema"}')
+    assert not validate(request(text("x")), SETTINGS, stream=False).params.response_format.constrained
 
 
 def test_all_violations_are_reported_at_once():

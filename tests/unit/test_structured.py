@@ -1,0 +1,160 @@
+"""Constrained decoding in the in-flight engine: sampled answers always take their format."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from tests.conftest import FAMILIES, picture
+from tests.families import Family, ask
+from tests.reference import served_size, transformers_generate
+from tests.unit.test_engine import Caller, drive
+from vlm_serving.generation.engine import InflightEngine
+from vlm_serving.generation.sampling import ParameterError
+from vlm_serving.generation.scheduling import EngineLimits
+from vlm_serving.generation.structured import ResponseFormat
+
+SCHEMAS = {
+    "nested objects": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 12},
+            "address": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "zip": {"type": "integer", "minimum": 1000, "maximum": 99999}},
+                "required": ["city", "zip"], "additionalProperties": False},
+        },
+        "required": ["name", "address"], "additionalProperties": False,
+    },
+    "arrays and enums": {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["photo", "document", "diagram"]},
+            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
+            "flag": {"type": "boolean"},
+        },
+        "required": ["kind", "tags", "flag"], "additionalProperties": False,
+    },
+    "bounded numbers": {
+        "type": "object",
+        "properties": {
+            "box": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 4096},
+                    "minItems": 4, "maxItems": 4},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+        "required": ["box", "score"], "additionalProperties": False,
+    },
+    "array of objects with references": {
+        "type": "array",
+        "items": {"$ref": "#/$defs/item"},
+        "minItems": 1,
+        "maxItems": 3,
+        "$defs": {"item": {"type": "object", "properties": {
+            "label": {"type": "string", "minLength": 1, "maxLength": 8},
+            "count": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 9}, {"type": "null"}]}},
+            "required": ["label", "count"], "additionalProperties": False}},
+    },
+}
+REGEX = r"[A-Z][a-z]{2,8} [0-9]{1,3}"
+CHOICES = ("yes", "no", "maybe not")
+
+
+def formats():
+    """(name, format, validator, max_tokens, least share ending with STOP)."""
+    cases = [(f"json_schema: {name}", ResponseFormat("json_schema", schema=json.dumps(schema)),
+              lambda text, schema=schema: jsonschema.validate(json.loads(text), schema), 96, 0.9)
+             for name, schema in SCHEMAS.items()]
+    # Any JSON object, from random weights: nesting is a random walk, so many run long.
+    cases.append(("json_object", ResponseFormat("json_object"), lambda text: _is_object(json.loads(text)), 256, 0.2))
+    cases.append(("regex", ResponseFormat("regex", pattern=REGEX), lambda text: _check(re.fullmatch(REGEX, text)), 32, 0.9))
+    cases.append(("choice", ResponseFormat("choice", choices=CHOICES), lambda text: _check(text in CHOICES), 16, 0.9))
+    return cases
+
+
+def _is_object(value):
+    assert isinstance(value, dict), value
+
+
+def _check(ok):
+    assert ok
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, checkpoints):
+    return Family(request.param, checkpoints / request.param)
+
+
+@pytest.mark.parametrize("name, response_format, validate, max_tokens, least", formats(), ids=[case[0] for case in formats()])
+def test_every_sampled_answer_that_stops_takes_its_format(family, name, response_format, validate, max_tokens, least):
+    """50 answers sampled at temperature 1 from random weights, in one running batch: every one
+    that ends with STOP validates (no exceptions); the share ending with STOP within max_tokens is
+    printed (-s) and bounded below."""
+    engine = InflightEngine(family.generator, EngineLimits(max_running=64, cache_tokens=1 << 20))
+    callers = [Caller() for _ in range(50)]
+    for seed, caller in enumerate(callers):
+        request = family.request(ask("Answer in the format asked."), [], max_tokens=max_tokens, temperature=1.0, seed=seed,
+                                 response_format=response_format)
+        engine.submit(request, caller.sink())
+    drive(engine, {})
+    finals = [caller.final for caller in callers]
+    stopped = [final for final in finals if final.finish_reason == "stop"]
+    for final in stopped:
+        validate(final.text)
+    share = len(stopped) / len(finals)
+    print(f"{family.name} {name}: {len(stopped)} of {len(finals)} ended with STOP ({share:.0%})")
+    assert share >= least, f"only {share:.0%} ended within {max_tokens} tokens"
+    assert len({final.text for final in stopped}) > 1, "sampling with different seeds gives different answers"
+
+
+def test_rows_with_and_without_formats_share_a_batch_and_free_rows_stay_exact(family):
+    schema = SCHEMAS["arrays and enums"]
+    free = [(ask("What is in the picture?", 1), [picture(200, 120, seed=1)], 12), (ask("Hello there"), [], 10)]
+    free_callers = [Caller() for _ in free]
+    constrained = [Caller() for _ in range(3)]
+    arrivals = {0: [(free_callers[0], family.request(free[0][0], free[0][1], max_tokens=free[0][2]))]}
+    arrivals[2] = [(caller, family.request(ask("Tags?", 1), [picture(64, 64, seed=5)], max_tokens=64,
+                                           temperature=1.0, seed=seed, stream=True,
+                                           response_format=ResponseFormat("json_schema", schema=json.dumps(schema))))
+                   for seed, caller in enumerate(constrained)]
+    arrivals[4] = [(free_callers[1], family.request(free[1][0], free[1][1], max_tokens=free[1][2]))]
+    drive(InflightEngine(family.generator), arrivals)
+    size = served_size(family.name, family.checkpoint)
+    for caller, (messages, pictures, max_tokens) in zip(free_callers, free):
+        expected = family.until_eos(transformers_generate(family.name, family.checkpoint, messages, pictures, max_tokens, size))
+        assert caller.final.token_ids == expected
+    for caller in constrained:
+        text = "".join(update.text for update in caller.updates)  # streamed deltas join to the document
+        assert caller.final.finish_reason == "stop"
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_greedy_answer_cut_by_max_tokens_ends_with_length(family):
+    caller = Caller()
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+              "additionalProperties": False}
+    drive(InflightEngine(family.generator), {0: [(caller, family.request(
+        ask("Long text"), [], max_tokens=6, response_format=ResponseFormat("json_schema", schema=json.dumps(schema))))]})
+    assert caller.final.finish_reason == "length" and caller.final.completion_tokens == 6
+    assert caller.final.text.startswith('{"te'), "the grammar leads"
+    with pytest.raises(json.JSONDecodeError):  # incomplete, as the docs say
+        json.loads(caller.final.text)
+
+
+@pytest.mark.parametrize("response_format, message", [
+    (ResponseFormat("json_schema", schema="{not json"), "the schema is not JSON"),
+    (ResponseFormat("json_schema", schema='{"type": "objekt"}'), "not a valid JSON Schema at type"),
+    (ResponseFormat("json_schema", schema='{"not": {"type": "string"}}'), "#/not is not supported"),
+    (ResponseFormat("json_schema", schema='{"$ref": "http://example.com/s.json"}'), "refers outside the schema"),
+    (ResponseFormat("regex", pattern="(?<=a)b"), "Lookbehind is not supported"),
+    (ResponseFormat("regex", pattern="[a-z"), "regex: not supported"),
+    (ResponseFormat("choice", choices=()), "give 1 to 64 choices"),
+    (ResponseFormat("choice", choices=("a", "a")), "the choices repeat"),
+])
+def test_a_bad_format_is_refused_before_any_generation_naming_the_problem(family, response_format, message):
+    engine = InflightEngine(family.generator)
+    with pytest.raises(ParameterError, match=re.escape(message)):
+        engine.submit(family.request(ask("hi"), [], response_format=response_format), Caller().sink())
+    assert engine.idle
