@@ -46,10 +46,29 @@ def progress(message: str) -> None:
 
 class IdTokenizer:
     """Decodes any id to one character: random-weight models at real sizes emit ids that no small
-    tokenizer knows, and the text of random weights means nothing anyway."""
+    tokenizer knows, and the text of random weights means nothing anyway. Ids 0-127 stand for
+    ASCII (so grammars find their punctuation and digits)."""
+
+    @staticmethod
+    def piece(token: int) -> str:
+        return chr(token) if token < 128 else chr(0x4E00 + token % 20000)
 
     def decode(self, ids, **kwargs) -> str:
-        return "".join(chr(0x4E00 + int(i) % 20000) for i in ids)
+        return "".join(map(self.piece, ids))
+
+
+def format_compiler(generator: BatchGenerator):
+    """The engine's grammar compiler for `generator`'s tokenizer (the id tokenizer's own vocabulary)."""
+    from vlm_serving.generation.grammar import FormatCompiler
+
+    vocab_size = int(generator.model.config.get_text_config().vocab_size)
+    if not isinstance(generator.tokenizer, IdTokenizer):
+        return FormatCompiler.for_tokenizer(generator.tokenizer, vocab_size, generator.eos_ids)
+    import xgrammar as xgr
+
+    vocabulary = [IdTokenizer.piece(token) for token in range(vocab_size)]
+    return FormatCompiler(xgr.TokenizerInfo(vocabulary, vocab_type=xgr.VocabType.RAW, vocab_size=vocab_size,
+                                            stop_token_ids=sorted(generator.eos_ids)))
 
 
 def real_config(family: str):
@@ -160,6 +179,9 @@ def timed_sink(timing: Timing, done: queue.Queue) -> RequestSink:
     return RequestSink(send, fail)
 
 
+_FORMATS: dict = {}  # per generator: one compiler, so its cache serves every run
+
+
 @dataclass
 class CacheUse:
     """Over a run's steps: token slots of the dense cache, those holding real tokens, step seconds."""
@@ -178,6 +200,8 @@ class CacheUse:
 def run_inflight(generator: BatchGenerator, limits: EngineLimits, requests, arrivals: list[float],
                  cache_use: CacheUse | None = None) -> list[Timing]:
     engine = InflightEngine(generator, limits)
+    if any(request.params.response_format.constrained for request, _ in requests):
+        engine.formats = _FORMATS.setdefault(id(generator), format_compiler(generator))
     if cache_use is not None:
         engine.on_step = cache_use.record
     loop = EngineLoop(engine, log_error=progress).start()
@@ -283,6 +307,60 @@ def step_overhead(generator: BatchGenerator, shape: Shape, device: str) -> tuple
     return statistics.median(per_token["engine"]), statistics.median(per_token["plain"])
 
 
+TYPICAL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "objects": {"type": "array", "maxItems": 4, "items": {"type": "object", "properties": {
+            "label": {"type": "string", "maxLength": 16},
+            "bbox_2d": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 4096},
+                        "minItems": 4, "maxItems": 4}},
+            "required": ["label", "bbox_2d"], "additionalProperties": False}},
+        "caption": {"type": "string", "maxLength": 48},
+    },
+    "required": ["objects", "caption"], "additionalProperties": False,
+}
+
+
+def constrained_rows(family: str, generator: BatchGenerator, shape: Shape) -> list[tuple]:
+    """Tokens/s with a JSON Schema against free text (both sampled, temperature 1) at batch 1 and
+    16, and the schema's compile time, uncached and cached."""
+    import json
+
+    from vlm_serving.generation.structured import ResponseFormat
+
+    schema = ResponseFormat("json_schema", schema=json.dumps(TYPICAL_SCHEMA))
+    base = [request for request, _ in make_requests(generator, shape, 16)]
+
+    def tokens_per_s(rows: int, response_format: ResponseFormat) -> float:
+        requests = [(GenerationRequest(r.input_ids, SamplingParams(max_tokens=shape.long_tokens, temperature=1.0,
+                                                                   seed=i, response_format=response_format),
+                                       r.image_embeds, r.language_tensors, r.image_tokens), True)
+                    for i, r in enumerate(base[:rows])]
+        rates = []
+        for _ in range(3):
+            timings = Run(run_inflight(generator, EngineLimits(max_running=16, cache_tokens=1 << 20), requests,
+                                       [0.0] * rows))
+            rates.append(timings.tokens_per_s)
+        return statistics.median(rates)
+
+    rows = []
+    for batch in (1, 16):
+        progress(f"{family}: constrained against free decoding, batch {batch}")
+        constrained, free = tokens_per_s(batch, schema), tokens_per_s(batch, ResponseFormat())
+        rows.append((f"{family}: tokens/s with a JSON Schema / free text, batch {batch} (sampled)",
+                     f"{constrained:.0f} / {free:.0f} tokens/s", constrained / free, ">= 0.9"))
+    compiler = format_compiler(generator)
+    started = time.perf_counter()
+    compiler.compile(schema)
+    uncached = time.perf_counter() - started
+    started = time.perf_counter()
+    compiler.compile(schema)
+    cached = time.perf_counter() - started
+    rows.append((f"{family}: compiling a typical JSON Schema (objects with boxes and a caption), cached / uncached",
+                 f"{cached * 1000:.3f} / {uncached * 1000:.1f} ms", cached / uncached, "reported"))
+    return rows
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -309,7 +387,7 @@ def measure(family: str, model, tokenizer, shape: Shape, device: str, count: int
     inflight_open = Run(run_inflight(generator, limits, requests, arrivals))
     progress(f"{family}: per-step cost at batch 1")
     engine_s, plain_s = step_overhead(generator, shape, device)
-    return [
+    return constrained_rows(family, generator, shape) + [
         (f"{family}: throughput at saturation, in flight / static",
          f"{inflight.requests_per_s:.2f} / {static.requests_per_s:.2f} req/s; "
          f"{inflight.tokens_per_s:.0f} / {static.tokens_per_s:.0f} tokens/s",

@@ -158,3 +158,19 @@ def test_a_bad_format_is_refused_before_any_generation_naming_the_problem(family
     with pytest.raises(ParameterError, match=re.escape(message)):
         engine.submit(family.request(ask("hi"), [], response_format=response_format), Caller().sink())
     assert engine.idle
+
+
+def test_compiled_formats_are_cached_by_their_canonical_form_within_a_byte_bound(family):
+    from vlm_serving.generation.grammar import FormatCompiler
+
+    compiler = FormatCompiler.for_tokenizer(family.generator.tokenizer, family.generator.model.config.get_text_config().vocab_size,
+                                            family.generator.eos_ids)
+    first = compiler.compile(ResponseFormat("json_schema", schema=json.dumps(SCHEMAS["nested objects"], sort_keys=True)))
+    assert compiler.compile(ResponseFormat("json_schema", schema=json.dumps(SCHEMAS["nested objects"], sort_keys=True))) is first
+    nested = ResponseFormat("json_schema", schema=json.dumps(SCHEMAS["nested objects"], sort_keys=True)).to_wire()
+    compiler.cache_bytes = compiler.cached_bytes + 1  # room for this grammar only
+    for name in ("arrays and enums", "bounded numbers", "array of objects with references"):
+        compiler.compile(ResponseFormat("json_schema", schema=json.dumps(SCHEMAS[name], sort_keys=True)))
+        assert compiler.cached_bytes <= compiler.cache_bytes or len(compiler.cache) == 1
+    assert nested not in compiler.cache, "the least recently used grammar was evicted"
+    assert compiler.cached_bytes == sum(grammar.memory_size_bytes for grammar in compiler.cache.values())

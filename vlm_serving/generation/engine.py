@@ -119,7 +119,7 @@ class InflightEngine:
         self.limits = limits
         self.device = generator.device
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
-        self.formats = FormatCompiler(generator.tokenizer, self.vocab_size, generator.eos_ids)
+        self._formats: FormatCompiler | None = None
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -144,7 +144,8 @@ class InflightEngine:
                 f"model's key/value-cache budget of {self.limits.cache_tokens} tokens per instance; shorten the "
                 "prompt or lower max_tokens"
             )
-        grammar = self.formats.row(request.params.response_format)  # compiled before any generation
+        # Compiled before any generation (a bad format never takes a row).
+        grammar = self.formats.row(request.params.response_format) if request.params.response_format.constrained else None
         seed = request.params.seed
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
@@ -159,6 +160,17 @@ class InflightEngine:
             self._waiting.append(row)
             self.stats.waiting = len(self._waiting)
         self.wakeup.set()
+
+    @property
+    def formats(self) -> FormatCompiler:
+        """The tokenizer's grammar compiler, made at the first request with a response format."""
+        if self._formats is None:
+            self._formats = FormatCompiler.for_tokenizer(self.generator.tokenizer, self.vocab_size, self.generator.eos_ids)
+        return self._formats
+
+    @formats.setter
+    def formats(self, compiler: FormatCompiler) -> None:
+        self._formats = compiler
 
     @property
     def idle(self) -> bool:

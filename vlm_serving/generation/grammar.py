@@ -5,15 +5,17 @@ tokenizers a typical schema compiled in 3-5 ms and a step's mask took 0.06-0.18 
 1.9.1 compiled faster (0.8 ms) but one sampled path cost 89 ms per step on the Qwen tokenizer.
 xgrammar is also what vLLM, SGLang and TensorRT-LLM use.
 
-`FormatCompiler` (one per tokenizer) compiles formats, with xgrammar's own cache keyed by the
-format and bounded in bytes; `RowGrammar` follows one row's tokens; `mask_rows` applies every
+`FormatCompiler` (one per tokenizer) compiles formats, cached by the format's canonical form and
+bounded in bytes; `RowGrammar` follows one row's tokens; `mask_rows` applies every
 constrained row's mask to the batch's logits in one call, so rows with and without formats share
 a batch.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 
 import torch
 import xgrammar as xgr
@@ -26,16 +28,42 @@ CACHE_BYTES = 64 * 1024 * 1024
 
 
 class FormatCompiler:
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: set[int], cache_bytes: int = CACHE_BYTES):
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids))
-        self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=True, cache_limit_bytes=cache_bytes)
-        self.vocab_size = vocab_size
+    def __init__(self, info: xgr.TokenizerInfo, cache_bytes: int = CACHE_BYTES):
+        self.info = info
+        # Our own cache, keyed by the format's canonical form: a hit skips the schema -> grammar
+        # conversion too. Bounded by the compiled grammars' bytes, least recently used out first.
+        self.compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self.cache: collections.OrderedDict[str, xgr.CompiledGrammar] = collections.OrderedDict()
+        self.cache_bytes = cache_bytes
+        self.cached_bytes = 0
+        self.lock = threading.Lock()  # Triton may call execute on several threads
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, vocab_size: int, eos_ids: set[int]) -> "FormatCompiler":
+        """For a Hugging Face tokenizer; `vocab_size`: the model's logits (may exceed the tokenizer's)."""
+        return cls(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids)))
 
     def compile(self, response_format: ResponseFormat) -> xgr.CompiledGrammar:
-        """The format's grammar; ParameterError naming the problem if it cannot be compiled."""
+        """The format's grammar (cached); ParameterError naming the problem if it cannot be compiled."""
         problems = response_format.violations()
         if problems:
             raise ParameterError("response_format: " + "; ".join(problems))
+        key = response_format.to_wire()
+        with self.lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
+        compiled = self._compile(response_format)
+        with self.lock:
+            if key not in self.cache:
+                self.cache[key] = compiled
+                self.cached_bytes += compiled.memory_size_bytes
+                while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+                    _, evicted = self.cache.popitem(last=False)
+                    self.cached_bytes -= evicted.memory_size_bytes
+        return compiled
+
+    def _compile(self, response_format: ResponseFormat) -> xgr.CompiledGrammar:
         try:
             if response_format.type in (JSON_SCHEMA, JSON_OBJECT):
                 schema = response_format.schema if response_format.type == JSON_SCHEMA else '{"type":"object"}'

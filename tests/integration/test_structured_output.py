@@ -1,0 +1,74 @@
+"""Response formats through the real stack (gateway -> Triton -> the engine's grammar masks)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import grpc
+import jsonschema
+import pytest
+
+from tests.integration.conftest import KEY, PNG
+from vlm_client import VLMClient, response_format
+
+pytestmark = pytest.mark.integration
+SCHEMA = {
+    "type": "object",
+    "properties": {"kind": {"enum": ["photo", "document", "diagram"]},
+                   "objects": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
+                   "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["kind", "objects", "count"], "additionalProperties": False,
+}
+
+
+@pytest.fixture
+def client(gateway):
+    with VLMClient(gateway.address, api_key=KEY, timeout=120) as client:
+        yield client
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "pixtral", "auto"])
+def test_a_json_schema_answer_validates_unary_and_streamed(client, model):
+    shape = response_format(json_schema=SCHEMA)
+    for seed in range(3):
+        answer = client.generate(model, "Describe the picture as JSON.", [PNG], max_tokens=96, temperature=1.0,
+                                 seed=seed, response_format=shape)
+        assert answer.finish_reason == 1, answer  # STOP
+        jsonschema.validate(json.loads(answer.text), SCHEMA)
+    streamed = list(client.stream(model, "Describe the picture as JSON.", [PNG], max_tokens=96, response_format=shape))
+    jsonschema.validate(json.loads("".join(message.text for message in streamed)), SCHEMA)
+
+
+def test_regex_and_choice_answers_match(client):
+    answer = client.generate("qwen2.5-vl", "A name and a number", max_tokens=32, temperature=1.0, seed=3,
+                             response_format=response_format(regex=r"[A-Z][a-z]{2,8} [0-9]{1,3}"))
+    assert re.fullmatch(r"[A-Z][a-z]{2,8} [0-9]{1,3}", answer.text), answer.text
+    answer = client.generate("pixtral", "Is it a photo?", [PNG], max_tokens=8,
+                             response_format=response_format(choices=["yes", "no"]))
+    assert answer.text in ("yes", "no")
+
+
+@pytest.mark.parametrize("shape, message", [
+    (response_format(json_schema="{nope"), "the schema is not JSON"),  # refused by the gateway
+    (response_format(json_schema={"type": "object", "not": {"required": ["a"]}}), "#/not is not supported"),
+    (response_format(regex="(?<=a)b"), "Lookbehind is not supported"),  # refused when the engine compiles it
+])
+def test_a_bad_format_is_invalid_argument_on_config_response_format(client, shape, message):
+    with pytest.raises(grpc.RpcError) as refused:
+        client.generate("pixtral", "hi", max_tokens=8, response_format=shape)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.response_format" in refused.value.details() and message in refused.value.details()
+
+
+def test_the_cli_takes_a_json_schema_file(gateway, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    image = tmp_path / "picture.png"
+    image.write_bytes(PNG)
+    result = subprocess.run([".venv/bin/vlm", "--address", gateway.address, "generate", "--model", "pixtral",
+                             "--image", str(image), "--json-schema", str(schema), "--max-tokens", "96", "What is it?"],
+                            capture_output=True, text=True, timeout=120, env={"VLM_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), SCHEMA)
