@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import grpc
 from tritonclient.utils import InferenceServerException
@@ -18,7 +19,9 @@ from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
 from gateway.triton_backend import TritonBackend, is_unloaded, pipeline_ready, to_api_error
 from gateway.validation import ValidatedRequest, validate
+from vlm_serving import tasks
 from vlm_serving.pipelines import FAMILIES, ROUTER
+from vlm_serving.preprocessing.images import stored_geometry
 
 log = logging.getLogger("gateway")
 
@@ -45,8 +48,11 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         family = chunk.route.get("family")
         return self.public_names.get(family, family) if family else requested
 
-    def _finish(self, message, chunk) -> None:
-        """Finish reason, usage, confidence and route onto a GenerateResponse or the last stream message."""
+    def _finish(self, message, chunk, outcome: "TaskOutcome | None") -> None:
+        """Finish reason, usage, confidence, route and the task's result onto a GenerateResponse or
+        the last stream message."""
+        if outcome is not None:
+            outcome.write(message)
         message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
         message.usage.CopyFrom(vlm_pb2.Usage(
             prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens, image_tokens=chunk.image_tokens
@@ -69,12 +75,12 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
     async def Generate(self, request, context):
         answer = vlm_pb2.GenerateResponse(model=request.model)
 
-        async def collect(chunk, call):
+        async def collect(chunk, call, outcome):
             answer.text += chunk.text
             answer.request_id = call.request_id
             answer.model = self._answering_model(request.model, chunk)
             if chunk.finished:
-                self._finish(answer, chunk)
+                self._finish(answer, chunk, outcome)
 
         await self._serve(request, context, "Generate", False, collect)
         return answer
@@ -82,11 +88,11 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
     async def GenerateStream(self, request, context):
         # Written with context.write (not yielded), so the deadline also covers the wait for a
         # slow reader: a yield would hand that wait to gRPC, out of reach of our deadline.
-        async def send(chunk, call):
+        async def send(chunk, call, outcome):
             message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=self._answering_model(request.model, chunk),
                                                      request_id=call.request_id)
             if chunk.finished:
-                self._finish(message, chunk)
+                self._finish(message, chunk, outcome)
             await context.write(message)
 
         await self._serve(request, context, "GenerateStream", True, send)
@@ -153,10 +159,15 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         if call.ensemble == ROUTER:
             routing = {"confidence_threshold": call.confidence_threshold, "fallback": call.fallback}
         chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id,
-                                       call.detail, routing)
+                                       call.detail, routing, call.task)
+        text, outcome = [], None
         try:
             async with aclosing(chunks):
                 async for chunk in chunks:
+                    text.append(chunk.text)
+                    if chunk.finished and call.task:
+                        outcome = TaskOutcome.of(call.task, chunk.route.get("family") or call.ensemble, "".join(text),
+                                                 chunk, images)
                     if first is None and chunk.text:
                         first = time.perf_counter() - started
                         self.metrics.first_token.labels(call.model).observe(first)
@@ -172,9 +183,59 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                             "model": call.model, "images": len(images), "stream": call.params.stream,
                             "finish_reason": chunk.finish_reason, "completion_tokens": chunk.completion_tokens,
                             "latency_s": round(time.perf_counter() - started, 4)}})
-                    await deliver(chunk, call)
+                    await deliver(chunk, call, outcome)
         except InferenceServerException as exc:
             raise to_api_error(exc, call.model, call.ensemble, [image.field for image in call.images]) from None
+
+
+RESULT_FIELDS = {tasks.Detections: "detections", tasks.TextLines: "text_lines", tasks.Document: "document",
+                 tasks.Table: "table", tasks.Caption: "caption"}
+
+
+def _box(box: tasks.Box | None) -> vlm_pb2.Box | None:
+    return None if box is None else vlm_pb2.Box(x_min=box.x_min, y_min=box.y_min, x_max=box.x_max, y_max=box.y_max)
+
+
+def result_message(result):
+    """The proto of a task's typed result."""
+    if isinstance(result, tasks.Detections):
+        return vlm_pb2.Detections(detections=[vlm_pb2.Detection(label=d.label, box=_box(d.box), image_index=d.image)
+                                              for d in result.detections])
+    if isinstance(result, tasks.TextLines):
+        return vlm_pb2.TextLines(lines=[vlm_pb2.TextLine(text=line.text, box=_box(line.box), image_index=line.image)
+                                        for line in result.lines])
+    if isinstance(result, tasks.Document):
+        return vlm_pb2.Document(markdown=result.markdown)
+    if isinstance(result, tasks.Table):
+        return vlm_pb2.Table(header=result.header, rows=[vlm_pb2.Table.Row(cells=row) for row in result.rows])
+    return vlm_pb2.Caption(text=result.text)
+
+
+@dataclass
+class TaskOutcome:
+    """A task's typed result, or why there is none."""
+
+    result: object = None
+    error: str = ""
+
+    @classmethod
+    def of(cls, task: str, family: str, text: str, chunk, images: list[bytes]) -> "TaskOutcome":
+        """From the final chunk (each image's served size) and the images as sent (their headers:
+        stored size and EXIF orientation; Triton has already accepted them)."""
+        try:
+            geometry = [tasks.ImageGeometry(*stored_geometry(data), image["width"], image["height"])
+                        for data, image in zip(images, chunk.images)]
+            return cls(result=tasks.parse(task, family, text, geometry))
+        except (tasks.ParseError, tasks.TaskError) as exc:
+            if chunk.finish_reason == "length":
+                return cls(error=f"max_tokens cut the answer before its {task} result was complete (finish reason "
+                                 "LENGTH); raise max_tokens")
+            return cls(error=f"the answer holds no {task} result: {exc}")
+
+    def write(self, message) -> None:
+        if self.result is not None:
+            getattr(message, RESULT_FIELDS[type(self.result)]).CopyFrom(result_message(self.result))
+        message.result_error = self.error
 
 
 async def model_info(backend: TritonBackend, name: str, ensemble: str, index: list[dict]) -> vlm_pb2.ModelInfo:

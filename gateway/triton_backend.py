@@ -307,6 +307,7 @@ class TritonBackend:
         request_id: str,
         detail: str | None = None,
         routing: dict | None = None,
+        task: str | None = None,
     ) -> AsyncIterator[ResponseChunk]:
         """The ensemble's responses as chunks (`routing`: model "auto"'s confidence_threshold and
         fallback).
@@ -332,6 +333,7 @@ class TritonBackend:
             response_format=params.response_format.to_wire(),
             request_id=triton_id,
             detail=detail,
+            task=task,
             **(routing or {}),
         )
         # tritonclient's own request builder (a private helper of the pinned 2.73 release).

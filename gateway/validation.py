@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 import grpc
@@ -15,6 +15,7 @@ from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
 from vlm_serving.pipelines import ROUTER
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
+from vlm_serving import tasks
 from vlm_serving.generation import structured
 from vlm_serving.generation.sampling import SamplingParams
 
@@ -46,8 +47,12 @@ class ValidatedRequest:
     # Model "auto" only: its confidence threshold (None: the server's) and whether it may fall back.
     confidence_threshold: float | None = None
     fallback: bool | None = None
+    # A task's name (vlm_serving/tasks.py); None: free chat.
+    task: str | None = None
 
 
+TASKS = {getattr(vlm_pb2, f"TASK_{name.upper()}"): name for name in tasks.TASKS}
+TASK_NAMES = [f"TASK_{name.upper()}" for name in tasks.TASKS]
 DETAILS = {vlm_pb2.IMAGE_DETAIL_AUTO: "auto", vlm_pb2.IMAGE_DETAIL_LOW: "low", vlm_pb2.IMAGE_DETAIL_HIGH: "high"}
 
 
@@ -181,6 +186,15 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     if threshold is not None and not -100.0 <= threshold <= 0.0:
         violations.append(("routing.confidence_threshold",
                            f"{threshold:g} is out of range; a mean log-probability per token, -100 to 0"))
+    task = TASKS.get(request.task)
+    if request.task and task is None:
+        violations.append(("task", f"{request.task} is not a Task value; use one of {', '.join(TASK_NAMES)}"))
+    if task:
+        if params.response_format.constrained:
+            violations.append(("config.response_format", f"task {task} shapes its own answer; leave response_format unset"))
+        if not image_parts:
+            violations.append(("messages", f"task {task} needs at least one image"))
+        params = replace(params, response_format=tasks.output_format(task, image_parts))
     if violations:
         raise invalid_argument(violations)
     return ValidatedRequest(
@@ -193,6 +207,7 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
         detail=DETAILS.get(request.detail),
         confidence_threshold=threshold,
         fallback=(not request.routing.disable_fallback) if routed else None,
+        task=task,
     )
 
 

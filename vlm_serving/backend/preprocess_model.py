@@ -39,7 +39,9 @@ class TritonPythonModel:
             budget = SamplingParams().max_tokens if max_tokens is None else int(max_tokens.reshape(-1)[0])
             detail = optional_input(request, "DETAIL")
             detail = None if detail is None else parse_detail(detail.reshape(-1)[0])
-            result = self.preprocessor(encoded, messages, max_tokens=budget, detail=detail)
+            task = optional_input(request, "TASK")
+            task = None if task is None else task.reshape(-1)[0].decode("utf-8") or None
+            result = self.preprocessor(encoded, messages, max_tokens=budget, detail=detail, task=task)
         except (ImageError, MessageError, ValueError) as exc:
             return error_response(exc)
         except Exception as exc:  # one request's unexpected failure must not fail its batch-mates

@@ -83,6 +83,12 @@ def upright_size(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
     return width, height
 
 
+def stored_geometry(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) of the file's stored pixel grid, from the header alone."""
+    image = _open_checked(data, limits, f"image {index}")
+    return image.width, image.height, _orientation(image)
+
+
 def _orientation(image: Image.Image) -> int:
     """The EXIF orientation the header holds (1 when none or unreadable: decoding reports a bad file)."""
     try:

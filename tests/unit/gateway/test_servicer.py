@@ -35,12 +35,14 @@ class ScriptedBackend:
         self.calls = []
         self.details = []
         self.routings = []
+        self.tasks = []
         self.ready = True
 
-    async def generate(self, ensemble, messages, images, params, request_id, detail=None, routing=None):
+    async def generate(self, ensemble, messages, images, params, request_id, detail=None, routing=None, task=None):
         self.calls.append((ensemble, messages, images, params))
         self.details.append(detail)
         self.routings.append(routing)
+        self.tasks.append(task)
         for item in self.script:
             if isinstance(item, Exception):
                 raise item
@@ -105,6 +107,53 @@ def test_generate_joins_the_chunks_and_reports_usage():
             attempts=[vlm_pb2.RouteAttempt(model="pixtral", model_version="3", confidence=-0.5, completion_tokens=2)],
             reason=vlm_pb2.ROUTE_REASON_REQUESTED,
             images=[vlm_pb2.ProcessedImage(kind=vlm_pb2.IMAGE_KIND_DIAGRAM, width=448, height=336)])
+
+    run(test)
+
+
+def task_request(task, *parts, model="qwen2.5-vl", **config):
+    return vlm_pb2.GenerateRequest(model=model, task=task, config=vlm_pb2.GenerationConfig(**config), messages=[
+        vlm_pb2.Message(role="user", parts=list(parts))])
+
+
+def test_a_task_sets_its_format_and_answers_with_boxes_in_the_sent_images_pixels():
+    png = encode(picture(640, 480))
+
+    async def test(stub, backend, gw, channel):
+        images = [{"kind": "photo", "width": 320, "height": 240}]
+        backend.script = [ResponseChunk('```json\n[{"bbox_2d": [10, 20, 110', [1], False),
+                          ResponseChunk(', 220], "label": "cat"}]\n```', [2], True, "stop", 12, 2, 4, -0.5, "1", images)]
+        answer = await stub.Generate(task_request(vlm_pb2.TASK_GROUNDING, vlm_pb2.Part(image=vlm_pb2.Image(data=png)),
+                                                  vlm_pb2.Part(text="cats")), metadata=KEY)
+        assert answer.WhichOneof("result") == "detections" and not answer.result_error
+        assert answer.detections == vlm_pb2.Detections(detections=[vlm_pb2.Detection(
+            label="cat", box=vlm_pb2.Box(x_min=20, y_min=40, x_max=220, y_max=440), image_index=0)])
+        _, _, _, params = backend.calls[0]
+        assert backend.tasks == ["grounding"] and params.response_format.type == "json_schema"
+        last = [m async for m in stub.GenerateStream(task_request(
+            vlm_pb2.TASK_GROUNDING, vlm_pb2.Part(image=vlm_pb2.Image(data=png))), metadata=KEY)][-1]
+        assert last.detections == answer.detections
+
+        backend.script = [ResponseChunk('[{"bbox_2d": [10, 2', [1], True, "length", 12, 2, 4, -0.5, "1", images)]
+        cut = await stub.Generate(task_request(vlm_pb2.TASK_GROUNDING, vlm_pb2.Part(image=vlm_pb2.Image(data=png))),
+                                  metadata=KEY)
+        assert cut.WhichOneof("result") is None and "max_tokens cut the answer" in cut.result_error
+
+    run(test)
+
+
+@pytest.mark.parametrize("parts, config, field, message", [
+    ([vlm_pb2.Part(text="no image")], {}, "messages", "task ocr needs at least one image"),
+    ([vlm_pb2.Part(image=vlm_pb2.Image(data=b"x"))],
+     {"response_format": vlm_pb2.ResponseFormat(type=vlm_pb2.ResponseFormat.RESPONSE_FORMAT_JSON_OBJECT)},
+     "config.response_format", "shapes its own answer"),
+])
+def test_a_task_refuses_what_it_cannot_serve(parts, config, field, message):
+    async def test(stub, backend, gw, channel):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Generate(task_request(vlm_pb2.TASK_OCR, *parts, **config), metadata=KEY)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in dict(field_violations(refused.value))[field]
 
     run(test)
 
