@@ -72,3 +72,38 @@ def test_the_cli_takes_a_json_schema_file(gateway, tmp_path):
                             capture_output=True, text=True, timeout=120, env={"VLM_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     jsonschema.validate(json.loads(result.stdout), SCHEMA)
+
+
+RESULT_OF = {"TASK_CAPTION": "caption", "TASK_OCR": "text_lines", "TASK_DOCUMENT": "document",
+             "TASK_GROUNDING": "detections", "TASK_CHART": "table"}
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "pixtral", "auto"])
+@pytest.mark.parametrize("task", sorted(RESULT_OF) + ["TASK_VQA"])
+def test_each_task_returns_its_result_type(client, model, task):
+    from vlm.v1 import vlm_pb2
+
+    structured = task in ("TASK_OCR", "TASK_GROUNDING", "TASK_CHART")
+    answer = client.generate(model, "cats and dogs", [PNG, PNG], max_tokens=1024 if structured else 48,
+                             task=vlm_pb2.Task.Value(task))
+    if structured:  # the schema brings the JSON to its end (free text runs to max_tokens on the tiny models)
+        assert answer.finish_reason == vlm_pb2.FINISH_REASON_STOP, (answer.finish_reason, answer.text[-200:])
+    assert answer.WhichOneof("result") == RESULT_OF.get(task) and not answer.result_error, answer.result_error
+    for item in list(answer.detections.detections) + list(answer.text_lines.lines):
+        assert item.image_index in (0, 1)  # two images: each item says which
+        if item.HasField("box"):
+            assert 0 <= item.box.x_min <= item.box.x_max <= 120 and 0 <= item.box.y_min <= item.box.y_max <= 90
+
+
+def test_the_cli_prints_a_grounding_result(gateway, tmp_path):
+    image = tmp_path / "picture.png"
+    image.write_bytes(PNG)
+    result = subprocess.run([".venv/bin/vlm", "--address", gateway.address, "generate", "--model", "qwen2.5-vl",
+                             "--image", str(image), "--task", "grounding", "--max-tokens", "1024", "the cat"],
+                            capture_output=True, text=True, timeout=120, env={"VLM_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "--- detections (label, box x_min y_min x_max y_max in pixels, image)" in result.stdout
+    as_json = subprocess.run([".venv/bin/vlm", "--address", gateway.address, "generate", "--model", "qwen2.5-vl",
+                              "--image", str(image), "--task", "grounding", "--max-tokens", "1024", "--json", "the cat"],
+                             capture_output=True, text=True, timeout=120, env={"VLM_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
+    assert "detections" in json.loads(as_json.stdout)

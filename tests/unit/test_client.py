@@ -280,3 +280,21 @@ def test_vlm_models_shows_why_a_version_failed(capsys):
         assert "versions=none loaded" in qwen
     finally:
         holder[0].stop(0)
+
+
+def test_the_cli_prints_each_kind_of_typed_result_readably():
+    from vlm.v1 import vlm_pb2
+
+    from vlm_client.cli import describe_result
+
+    box = vlm_pb2.Box(x_min=1, y_min=2, x_max=30.4, y_max=40.6)
+    answer = vlm_pb2.GenerateResponse(detections=vlm_pb2.Detections(detections=[
+        vlm_pb2.Detection(label="cat", box=box, image_index=1)]))
+    assert describe_result(answer).splitlines()[1] == "cat\t[1, 2, 30, 41]\timage 1"
+    answer = vlm_pb2.GenerateResponse(text_lines=vlm_pb2.TextLines(lines=[
+        vlm_pb2.TextLine(text="TOTAL 9.99", box=box), vlm_pb2.TextLine(text="thanks")]))
+    assert describe_result(answer).splitlines()[1:] == ["TOTAL 9.99\t[1, 2, 30, 41]\timage 0", "thanks\t-\timage 0"]
+    answer = vlm_pb2.GenerateResponse(table=vlm_pb2.Table(header=["year", "sales"], rows=[
+        vlm_pb2.Table.Row(cells=["2023", "5"]), vlm_pb2.Table.Row(cells=["2024", "17"])]))
+    assert describe_result(answer).splitlines()[1:] == ["year  sales", "2023  5    ", "2024  17   "]
+    assert describe_result(vlm_pb2.GenerateResponse(result_error="max_tokens cut it")) == "[no result: max_tokens cut it]"

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 import grpc
+from google.protobuf import json_format
 from vlm.v1 import vlm_pb2
 
 from vlm_client.client import VLMClient, response_format
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--detail", choices=("auto", "low", "high"),
                           help="image detail: auto sizes each image by its kind (photo, document, diagram), "
                                "low and high force the smallest and largest size (default: the model's)")
+    generate.add_argument("--task", choices=("caption", "vqa", "ocr", "document", "grounding", "chart"),
+                          help="ask for a task's typed result: grounding (boxes of the objects the prompt names), "
+                               "ocr (text lines with boxes), document (Markdown), chart (a table), caption, vqa")
+    generate.add_argument("--json", action="store_true", help="print the whole answer as JSON (machine output)")
     shape = generate.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid under this JSON Schema file")
     shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
@@ -107,15 +112,24 @@ def _run(client: VLMClient, args) -> int:
     routing = {"confidence_threshold": args.confidence_threshold, "disable_fallback": args.no_fallback or None}
     if any(value is not None for value in routing.values()):
         config["routing"] = {name: value for name, value in routing.items() if value is not None}
+    if args.task:
+        config["task"] = args.task
     if args.stream:
         last = None
         for message in client.stream(args.model, args.prompt, args.image, **config):
-            print(message.text, end="", flush=True)
+            if not args.json:
+                print(message.text, end="", flush=True)
             last = message
-        print()
+        if not args.json:
+            print()
     else:
         last = client.generate(args.model, args.prompt, args.image, **config)
-        print(last.text)
+        if not args.json:
+            print(last.text)
+    if args.json:
+        print(json_format.MessageToJson(last, preserving_proto_field_name=True, indent=2))
+    elif last.WhichOneof("result") or last.result_error:
+        print(describe_result(last))
     images = " ".join(f"{vlm_pb2.ImageKind.Name(image.kind).removeprefix('IMAGE_KIND_').lower()}@{image.width}x{image.height}"
                       for image in last.route.images)
     route = ""
@@ -127,6 +141,32 @@ def _run(client: VLMClient, args) -> int:
           f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}"
           + (f" images={images}" if images else "") + route + "]", file=sys.stderr)
     return 0
+
+
+def describe_result(answer) -> str:
+    """A task's typed result, readably (boxes in pixels of the image as sent)."""
+    kind = answer.WhichOneof("result")
+    if kind is None:
+        return f"[no result: {answer.result_error}]"
+    result = getattr(answer, kind)
+
+    def box(b) -> str:
+        return f"[{b.x_min:.0f}, {b.y_min:.0f}, {b.x_max:.0f}, {b.y_max:.0f}]"
+
+    if kind == "detections":
+        lines = [f"{d.label}\t{box(d.box)}\timage {d.image_index}" for d in result.detections]
+        return "\n".join(["--- detections (label, box x_min y_min x_max y_max in pixels, image)", *lines])
+    if kind == "text_lines":
+        lines = [f"{line.text}\t{box(line.box) if line.HasField('box') else '-'}\timage {line.image_index}"
+                 for line in result.lines]
+        return "\n".join(["--- text lines (text, box, image)", *lines])
+    if kind == "table":
+        rows = [list(result.header)] + [list(row.cells) for row in result.rows]
+        widths = [max(len(row[i]) if i < len(row) else 0 for row in rows) for i in range(len(result.header))]
+        return "\n".join(["--- table"] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows])
+    if kind == "document":
+        return "--- document (Markdown)\n" + result.markdown
+    return "--- caption\n" + result.text
 
 
 def hint(error: grpc.RpcError, args, connected: bool) -> str:

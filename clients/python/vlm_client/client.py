@@ -63,13 +63,18 @@ def build_request(
     request_id: str = "",
     detail: int | str | None = None,
     routing: dict[str, Any] | None = None,
+    task: int | str | None = None,
     **config: Any,
 ) -> vlm_pb2.GenerateRequest:
     """A request from a prompt and images (one user turn), or from ready-made messages. `detail`:
     an ImageDetail value or its short name ("auto", "low", "high"); None: the model's default.
-    `routing` (model "auto"): RoutingOptions fields, e.g. {"confidence_threshold": -0.5}."""
+    `routing` (model "auto"): RoutingOptions fields, e.g. {"confidence_threshold": -0.5}.
+    `task`: a Task value or its short name ("grounding", "ocr", ...); the answer then carries the
+    task's typed result. `config`: GenerationConfig fields (see `response_format` for shapes)."""
     if isinstance(detail, str):
         detail = vlm_pb2.ImageDetail.Value(f"IMAGE_DETAIL_{detail.upper()}")
+    if isinstance(task, str):
+        task = vlm_pb2.Task.Value(f"TASK_{task.upper()}")
     if messages is None:
         parts = [vlm_pb2.Part(image=to_image(image)) for image in images]
         if prompt:
@@ -79,6 +84,7 @@ def build_request(
         model=model, messages=list(messages), config=vlm_pb2.GenerationConfig(**config), request_id=request_id,
         detail=detail or vlm_pb2.IMAGE_DETAIL_UNSPECIFIED,
         routing=vlm_pb2.RoutingOptions(**routing) if routing else None,
+        task=task or vlm_pb2.TASK_UNSPECIFIED,
     )
 
 
