@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from tritonclient.utils import InferenceServerException
@@ -19,7 +19,8 @@ from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
 from gateway.triton_backend import TritonBackend, is_unloaded, pipeline_ready, to_api_error
 from gateway.validation import ValidatedRequest, validate
-from vlm_serving import tasks
+from vlm_serving import tasks, tools
+from vlm_serving.generation.structured import TOOL_CALL
 from vlm_serving.pipelines import FAMILIES, ROUTER
 from vlm_serving.preprocessing.images import stored_geometry
 
@@ -48,7 +49,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         family = chunk.route.get("family")
         return self.public_names.get(family, family) if family else requested
 
-    def _finish(self, message, chunk, outcome: "TaskOutcome | None") -> None:
+    def _finish(self, message, chunk, outcome: "Outcome | None") -> None:
         """Finish reason, usage, confidence, route and the task's result onto a GenerateResponse or
         the last stream message."""
         if outcome is not None:
@@ -159,15 +160,14 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         if call.ensemble == ROUTER:
             routing = {"confidence_threshold": call.confidence_threshold, "fallback": call.fallback}
         chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id,
-                                       call.detail, routing, call.task)
+                                       call.detail, routing, call.task, tools.to_wire(call.tools))
         text, outcome = [], None
         try:
             async with aclosing(chunks):
                 async for chunk in chunks:
                     text.append(chunk.text)
-                    if chunk.finished and call.task:
-                        outcome = TaskOutcome.of(call.task, chunk.route.get("family") or call.ensemble, "".join(text),
-                                                 chunk, images)
+                    if chunk.finished and (call.task or call.tools):
+                        outcome = Outcome.of(call, chunk.route.get("family") or call.ensemble, "".join(text), chunk, images)
                     if first is None and chunk.text:
                         first = time.perf_counter() - started
                         self.metrics.first_token.labels(call.model).observe(first)
@@ -212,30 +212,38 @@ def result_message(result):
 
 
 @dataclass
-class TaskOutcome:
-    """A task's typed result, or why there is none."""
+class Outcome:
+    """What the gateway reads in a whole answer: a task's typed result (or why there is none) and
+    the tool calls."""
 
     result: object = None
     error: str = ""
+    tool_calls: list = field(default_factory=list)
 
     @classmethod
-    def of(cls, task: str, family: str, text: str, chunk, images: list[bytes]) -> "TaskOutcome":
+    def of(cls, call: ValidatedRequest, family: str, text: str, chunk, images: list[bytes]) -> "Outcome":
         """From the final chunk (each image's served size) and the images as sent (their headers:
         stored size and EXIF orientation; Triton has already accepted them)."""
-        try:
-            geometry = [tasks.ImageGeometry(*stored_geometry(data), image["width"], image["height"])
-                        for data, image in zip(images, chunk.images)]
-            return cls(result=tasks.parse(task, family, text, geometry))
-        except (tasks.ParseError, tasks.TaskError) as exc:
-            if chunk.finish_reason == "length":
-                return cls(error=f"max_tokens cut the answer before its {task} result was complete (finish reason "
-                                 "LENGTH); raise max_tokens")
-            return cls(error=f"the answer holds no {task} result: {exc}")
+        outcome = cls(tool_calls=tools.parse_calls(text, call.tools) if call.tools else [])
+        cut = chunk.finish_reason == "length"
+        if call.params.response_format.type == TOOL_CALL and not outcome.tool_calls:
+            outcome.error = ("max_tokens cut the call before it was complete (finish reason LENGTH); raise max_tokens"
+                             if cut else "the answer holds no valid call")
+        if call.task:
+            try:
+                geometry = [tasks.ImageGeometry(*stored_geometry(data), image["width"], image["height"])
+                            for data, image in zip(images, chunk.images)]
+                outcome.result = tasks.parse(call.task, family, text, geometry)
+            except (tasks.ParseError, tasks.TaskError) as exc:
+                outcome.error = (f"max_tokens cut the answer before its {call.task} result was complete (finish "
+                                 "reason LENGTH); raise max_tokens" if cut else f"the answer holds no {call.task} result: {exc}")
+        return outcome
 
     def write(self, message) -> None:
         if self.result is not None:
             getattr(message, RESULT_FIELDS[type(self.result)]).CopyFrom(result_message(self.result))
         message.result_error = self.error
+        message.tool_calls.extend(vlm_pb2.ToolCall(name=c.name, arguments=c.arguments) for c in self.tool_calls)
 
 
 async def model_info(backend: TritonBackend, name: str, ensemble: str, index: list[dict]) -> vlm_pb2.ModelInfo:

@@ -308,6 +308,7 @@ class TritonBackend:
         detail: str | None = None,
         routing: dict | None = None,
         task: str | None = None,
+        tools: str = "",
     ) -> AsyncIterator[ResponseChunk]:
         """The ensemble's responses as chunks (`routing`: model "auto"'s confidence_threshold and
         fallback).
@@ -334,6 +335,7 @@ class TritonBackend:
             request_id=triton_id,
             detail=detail,
             task=task,
+            tools=tools,
             **(routing or {}),
         )
         # tritonclient's own request builder (a private helper of the pinned 2.73 release).

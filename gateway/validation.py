@@ -15,7 +15,7 @@ from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
 from vlm_serving.pipelines import ROUTER
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
-from vlm_serving import tasks
+from vlm_serving import tasks, tools
 from vlm_serving.generation import structured
 from vlm_serving.generation.sampling import SamplingParams
 
@@ -49,10 +49,15 @@ class ValidatedRequest:
     fallback: bool | None = None
     # A task's name (vlm_serving/tasks.py); None: free chat.
     task: str | None = None
+    # Functions shown to the model (none when tool_choice is NONE); calls are parsed from the answer.
+    tools: list = field(default_factory=list)
 
 
 TASKS = {getattr(vlm_pb2, f"TASK_{name.upper()}"): name for name in tasks.TASKS}
 TASK_NAMES = [f"TASK_{name.upper()}" for name in tasks.TASKS]
+TOOL_CHOICES = {vlm_pb2.ToolChoice.TOOL_CHOICE_MODE_UNSPECIFIED: tools.AUTO, vlm_pb2.ToolChoice.TOOL_CHOICE_AUTO: tools.AUTO,
+                vlm_pb2.ToolChoice.TOOL_CHOICE_NONE: tools.NONE, vlm_pb2.ToolChoice.TOOL_CHOICE_REQUIRED: tools.REQUIRED,
+                vlm_pb2.ToolChoice.TOOL_CHOICE_NAMED: tools.NAMED}
 DETAILS = {vlm_pb2.IMAGE_DETAIL_AUTO: "auto", vlm_pb2.IMAGE_DETAIL_LOW: "low", vlm_pb2.IMAGE_DETAIL_HIGH: "high"}
 
 
@@ -66,14 +71,18 @@ FORMAT_TYPES = {
 }
 
 
+def _compact(schema: str) -> str:
+    """Compact JSON in the caller's order (equal schemas share one compiled grammar; the order of
+    properties is the order the model writes them); text that is not JSON stays, for the checks to name."""
+    try:
+        return json.dumps(json.loads(schema), separators=(",", ":"))
+    except json.JSONDecodeError:
+        return schema
+
+
 def response_format(message) -> structured.ResponseFormat:
     """The proto's format; an unknown type stays unknown, for `violations` to name."""
-    schema = message.json_schema
-    if schema:
-        try:  # canonical form, so equal schemas share one compiled grammar
-            schema = json.dumps(json.loads(schema), separators=(",", ":"), sort_keys=True)
-        except json.JSONDecodeError:
-            pass  # violations() names it
+    schema = _compact(message.json_schema) if message.json_schema else ""
     return structured.ResponseFormat(type=FORMAT_TYPES.get(message.type, f"unknown type {message.type}"),
                                      schema=schema, pattern=message.regex, choices=tuple(message.choices))
 
@@ -195,6 +204,18 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
         if not image_parts:
             violations.append(("messages", f"task {task} needs at least one image"))
         params = replace(params, response_format=tasks.output_format(task, image_parts))
+    tool_list = [tools.Tool(t.name, t.description, _compact(t.parameters) if t.parameters else tools.Tool.parameters)
+                 for t in request.tools]
+    choice = TOOL_CHOICES.get(request.tool_choice.mode)
+    if choice is None:
+        violations.append(("tool_choice.mode", f"{request.tool_choice.mode} is not a ToolChoice.Mode value"))
+        choice = tools.AUTO
+    violations += tools.violations(tool_list, choice, request.tool_choice.name)
+    if choice in (tools.REQUIRED, tools.NAMED):
+        if params.response_format.constrained:
+            violations.append(("tool_choice", f"tool_choice {choice} shapes the answer as a call; leave "
+                                              "config.response_format and task unset"))
+        params = replace(params, response_format=tools.call_format(tool_list, choice, request.tool_choice.name))
     if violations:
         raise invalid_argument(violations)
     return ValidatedRequest(
@@ -208,6 +229,7 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
         confidence_threshold=threshold,
         fallback=(not request.routing.disable_fallback) if routed else None,
         task=task,
+        tools=tool_list if choice != tools.NONE else [],
     )
 
 

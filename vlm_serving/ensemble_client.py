@@ -27,7 +27,8 @@ _PARAMETER_TENSORS = {
     "confidence_threshold": ("CONFIDENCE_THRESHOLD", "FP32", np.float32),
     "fallback": ("FALLBACK", "BOOL", np.bool_),
 }
-_STRING_TENSORS = {"request_id": "REQUEST_ID", "detail": "DETAIL", "response_format": "RESPONSE_FORMAT", "task": "TASK"}
+_STRING_TENSORS = {"request_id": "REQUEST_ID", "detail": "DETAIL", "response_format": "RESPONSE_FORMAT", "task": "TASK",
+                   "tools": "TOOLS"}
 
 
 @dataclass

@@ -182,9 +182,10 @@ def _with_image(properties: dict, required: list[str], image_count: int) -> dict
 
 
 def output_schema(task: str, image_count: int) -> dict | None:
-    """The JSON Schema a task's answer takes (None: free text)."""
+    """The JSON Schema a task's answer takes (None: free text). Properties are generated in the
+    order given: Qwen2.5-VL's own (box first)."""
     if task == GROUNDING:
-        item = _with_image({"label": {"type": "string", "minLength": 1, "maxLength": 64}, "bbox_2d": _box_schema()},
+        item = _with_image({"bbox_2d": _box_schema(), "label": {"type": "string", "minLength": 1, "maxLength": 64}},
                            ["bbox_2d", "label"], image_count)
         return {"type": "array", "items": item, "maxItems": 64}
     if task == OCR:
@@ -204,7 +205,7 @@ def output_format(task: str, image_count: int) -> ResponseFormat:
     schema = output_schema(task, image_count)
     if schema is None:
         return ResponseFormat()
-    return ResponseFormat(JSON_SCHEMA, schema=json.dumps(schema, separators=(",", ":"), sort_keys=True))
+    return ResponseFormat(JSON_SCHEMA, schema=json.dumps(schema, separators=(",", ":")))
 
 
 # ----- parsing -----

@@ -107,3 +107,34 @@ def test_the_cli_prints_a_grounding_result(gateway, tmp_path):
                               "--image", str(image), "--task", "grounding", "--max-tokens", "1024", "--json", "the cat"],
                              capture_output=True, text=True, timeout=120, env={"VLM_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
     assert "detections" in json.loads(as_json.stdout)
+
+
+ZOOM = {"name": "zoom", "description": "Zoom into a region of the picture", "parameters": {
+    "type": "object", "properties": {"box": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
+                                             "minItems": 4, "maxItems": 4}},
+    "required": ["box"], "additionalProperties": False}}
+WEATHER = {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "pixtral", "auto"])
+def test_a_required_tool_call_comes_back_typed_and_valid(client, model):
+    for seed, choice in enumerate(["required", "zoom"]):
+        answer = client.generate(model, "Look closer", [PNG], max_tokens=160, temperature=1.0, seed=seed,
+                                 tools=[ZOOM, WEATHER], tool_choice=choice)
+        [call] = answer.tool_calls
+        assert choice == "required" or call.name == "zoom"
+        schema = {"zoom": ZOOM, "get_weather": WEATHER}[call.name]["parameters"]
+        jsonschema.validate(json.loads(call.arguments), schema)
+    answer = client.generate(model, "Look closer", [PNG], max_tokens=16, tools=[ZOOM], tool_choice="none")
+    assert not answer.tool_calls
+
+
+def test_the_cli_calls_a_tool(gateway, tmp_path):
+    tool = tmp_path / "zoom.json"
+    tool.write_text(json.dumps(ZOOM))
+    result = subprocess.run([".venv/bin/vlm", "--address", gateway.address, "generate", "--model", "pixtral",
+                             "--tool", str(tool), "--tool-choice", "zoom", "--max-tokens", "160", "Look closer"],
+                            capture_output=True, text=True, timeout=120, env={"VLM_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "--- tool call\nzoom({\"box\":[" in result.stdout

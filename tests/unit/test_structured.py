@@ -16,6 +16,7 @@ from vlm_serving.generation.engine import InflightEngine
 from vlm_serving.generation.sampling import ParameterError
 from vlm_serving.generation.scheduling import EngineLimits
 from vlm_serving.generation.structured import ResponseFormat
+from vlm_serving.tools import Tool
 
 SCHEMAS = {
     "nested objects": {
@@ -174,3 +175,38 @@ def test_compiled_formats_are_cached_by_their_canonical_form_within_a_byte_bound
         assert compiler.cached_bytes <= compiler.cache_bytes or len(compiler.cache) == 1
     assert nested not in compiler.cache, "the least recently used grammar was evicted"
     assert compiler.cached_bytes == sum(grammar.memory_size_bytes for grammar in compiler.cache.values())
+
+
+WEATHER = Tool("get_weather", "The weather at a place", json.dumps({
+    "type": "object", "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 20},
+                                     "unit": {"enum": ["celsius", "fahrenheit"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "unit"], "additionalProperties": False}))
+ZOOM = Tool("zoom", "Zoom into a region", json.dumps({
+    "type": "object", "properties": {"box": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
+                                             "minItems": 4, "maxItems": 4}},
+    "required": ["box"], "additionalProperties": False}))
+
+
+@pytest.mark.parametrize("choice, named", [("required", ""), ("named", "zoom")])
+def test_every_sampled_tool_call_parses_and_its_arguments_validate(family, choice, named):
+    from vlm_serving import tools
+
+    tool_list = [WEATHER, ZOOM]
+    engine = InflightEngine(family.generator, EngineLimits(max_running=64, cache_tokens=1 << 20))
+    callers = [Caller() for _ in range(50)]
+    for seed, caller in enumerate(callers):
+        engine.submit(family.request(ask("Use a tool."), [], max_tokens=160, temperature=1.0, seed=seed,
+                                     response_format=tools.call_format(tool_list, choice, named)), caller.sink())
+    drive(engine, {})
+    stopped = [caller.final for caller in callers if caller.final.finish_reason == "stop"]
+    wrapper = tools.CALL_WRAPPERS[family.name]
+    for final in stopped:
+        assert final.text.startswith(wrapper[0]) and final.text.endswith(wrapper[1]), final.text
+        [call] = tools.parse_calls(final.text, tool_list)
+        schema = json.loads({tool.name: tool for tool in tool_list}[call.name].parameters)
+        jsonschema.validate(json.loads(call.arguments), schema)
+        assert choice != "named" or call.name == named
+    print(f"{family.name} tool_choice {choice}: {len(stopped)} of 50 ended with STOP")
+    assert len(stopped) >= 45
+    assert choice == "named" or {tools.parse_calls(f.text, tool_list)[0].name for f in stopped} == {"get_weather", "zoom"}

@@ -30,7 +30,7 @@ from vlm_serving.preprocessing.images import ImageError, decode_image
 from vlm_serving.routing import Reply, Route, RoutingOptions, route
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-FORWARDED_INPUTS = ["MESSAGES", "IMAGES", "DETAIL", "TASK"] + [name for name, _, _ in REQUEST_PARAMETERS]
+FORWARDED_INPUTS = ["MESSAGES", "IMAGES", "DETAIL", "TASK", "TOOLS"] + [name for name, _, _ in REQUEST_PARAMETERS]
 OUTPUTS = [name for name, _, _ in RESPONSE_TENSORS]
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 

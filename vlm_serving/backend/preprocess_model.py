@@ -3,6 +3,8 @@ packed inputs and the language model's image tensors out."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -41,7 +43,9 @@ class TritonPythonModel:
             detail = None if detail is None else parse_detail(detail.reshape(-1)[0])
             task = optional_input(request, "TASK")
             task = None if task is None else task.reshape(-1)[0].decode("utf-8") or None
-            result = self.preprocessor(encoded, messages, max_tokens=budget, detail=detail, task=task)
+            tools = optional_input(request, "TOOLS")
+            tools = [] if tools is None else json.loads(tools.reshape(-1)[0] or b"[]")
+            result = self.preprocessor(encoded, messages, max_tokens=budget, detail=detail, task=task, tools=tools)
         except (ImageError, MessageError, ValueError) as exc:
             return error_response(exc)
         except Exception as exc:  # one request's unexpected failure must not fail its batch-mates

@@ -41,6 +41,7 @@ from vlm_serving.generation.batch import (
 from vlm_serving.generation.grammar import FormatCompiler, RowGrammar, mask_rows
 from vlm_serving.generation.sampling import ParameterError
 from vlm_serving.generation.scheduling import EngineLimits
+from vlm_serving.tools import CALL_WRAPPERS
 
 
 class EngineFull(RuntimeError):
@@ -165,7 +166,8 @@ class InflightEngine:
     def formats(self) -> FormatCompiler:
         """The tokenizer's grammar compiler, made at the first request with a response format."""
         if self._formats is None:
-            self._formats = FormatCompiler.for_tokenizer(self.generator.tokenizer, self.vocab_size, self.generator.eos_ids)
+            self._formats = FormatCompiler.for_tokenizer(self.generator.tokenizer, self.vocab_size, self.generator.eos_ids,
+                                                         CALL_WRAPPERS.get(self.generator.family, ("", "")))
         return self._formats
 
     @formats.setter

@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import threading
 
 import torch
 import xgrammar as xgr
 
 from vlm_serving.generation.sampling import ParameterError
-from vlm_serving.generation.structured import CHOICE, JSON_OBJECT, JSON_SCHEMA, REGEX, ResponseFormat
+from vlm_serving.generation.structured import CHOICE, JSON_OBJECT, JSON_SCHEMA, REGEX, TOOL_CALL, ResponseFormat
 
 # Compiled grammars kept per tokenizer (xgrammar's cache, least recently used out first).
 CACHE_BYTES = 64 * 1024 * 1024
 
 
 class FormatCompiler:
-    def __init__(self, info: xgr.TokenizerInfo, cache_bytes: int = CACHE_BYTES):
+    def __init__(self, info: xgr.TokenizerInfo, cache_bytes: int = CACHE_BYTES,
+                 call_wrapper: tuple[str, str] = ("", "")):
         self.info = info
+        # The family's function-call markers around a TOOL_CALL format's JSON (vlm_serving/tools.py).
+        self.call_wrapper = call_wrapper
         # Our own cache, keyed by the format's canonical form: a hit skips the schema -> grammar
         # conversion too. Bounded by the compiled grammars' bytes, least recently used out first.
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=False)
@@ -39,9 +43,11 @@ class FormatCompiler:
         self.lock = threading.Lock()  # Triton may call execute on several threads
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, vocab_size: int, eos_ids: set[int]) -> "FormatCompiler":
+    def for_tokenizer(cls, tokenizer, vocab_size: int, eos_ids: set[int],
+                      call_wrapper: tuple[str, str] = ("", "")) -> "FormatCompiler":
         """For a Hugging Face tokenizer; `vocab_size`: the model's logits (may exceed the tokenizer's)."""
-        return cls(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids)))
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids))
+        return cls(info, call_wrapper=call_wrapper)
 
     def compile(self, response_format: ResponseFormat) -> xgr.CompiledGrammar:
         """The format's grammar (cached); ParameterError naming the problem if it cannot be compiled."""
@@ -68,6 +74,10 @@ class FormatCompiler:
             if response_format.type in (JSON_SCHEMA, JSON_OBJECT):
                 schema = response_format.schema if response_format.type == JSON_SCHEMA else '{"type":"object"}'
                 return self.compiler.compile_grammar(json_grammar(schema))
+            if response_format.type == TOOL_CALL:
+                prefix, suffix = self.call_wrapper
+                call = re.sub(r"^root ::=", "call_json ::=", json_grammar(response_format.schema), flags=re.M)
+                return self.compiler.compile_grammar(f"root ::= {json.dumps(prefix)} call_json {json.dumps(suffix)}\n{call}")
             if response_format.type == REGEX:
                 return self.compiler.compile_regex(response_format.pattern)
             if response_format.type == CHOICE:

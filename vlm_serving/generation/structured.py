@@ -14,7 +14,9 @@ import json
 from dataclasses import dataclass
 
 TEXT, JSON_OBJECT, JSON_SCHEMA, REGEX, CHOICE = "text", "json_object", "json_schema", "regex", "choice"
-FORMAT_TYPES = (TEXT, JSON_OBJECT, JSON_SCHEMA, REGEX, CHOICE)
+# A function call (vlm_serving/tools.py): JSON valid under `schema`, inside the family's call markers.
+TOOL_CALL = "tool_call"
+FORMAT_TYPES = (TEXT, JSON_OBJECT, JSON_SCHEMA, REGEX, CHOICE, TOOL_CALL)
 
 MAX_SCHEMA_BYTES = 64 * 1024
 # The JSON Schema keywords the grammar enforces (xgrammar 0.2.8; each covered by the sampled tests).
@@ -49,13 +51,13 @@ class ResponseFormat:
         if not self.constrained:
             return ""
         value: dict = {"type": self.type}
-        if self.type == JSON_SCHEMA:
+        if self.type in (JSON_SCHEMA, TOOL_CALL):
             value["schema"] = json.loads(self.schema)
         elif self.type == REGEX:
             value["pattern"] = self.pattern
         elif self.type == CHOICE:
             value["choices"] = list(self.choices)
-        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+        return json.dumps(value, separators=(",", ":"))
 
     @classmethod
     def from_wire(cls, text: str) -> "ResponseFormat":
@@ -71,7 +73,7 @@ class ResponseFormat:
         schema = value.get("schema")
         return cls(
             type=value["type"],
-            schema="" if schema is None else json.dumps(schema, separators=(",", ":"), sort_keys=True),
+            schema="" if schema is None else json.dumps(schema, separators=(",", ":")),
             pattern=str(value.get("pattern", "")),
             choices=tuple(str(choice) for choice in value.get("choices", ())),
         )
@@ -80,7 +82,7 @@ class ResponseFormat:
         """What is wrong with the format itself, before any model sees it (empty: nothing)."""
         if self.type not in FORMAT_TYPES:
             return [f"type must be one of {', '.join(FORMAT_TYPES)}"]
-        if self.type == JSON_SCHEMA:
+        if self.type in (JSON_SCHEMA, TOOL_CALL):
             return schema_violations(self.schema)
         if self.type == REGEX:
             if not self.pattern:

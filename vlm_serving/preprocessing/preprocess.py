@@ -27,6 +27,7 @@ from vlm_serving.preprocessing.image_kind import ImageKind, classify
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, decode_image, upright_size
 from vlm_serving.generation.loading import context_tokens
 from vlm_serving.tasks import apply_task
+from vlm_serving.tools import apply_tools
 from vlm_serving.preprocessing.resolution import ImageDetail, PixelRange, ResolutionPresets
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
@@ -107,16 +108,19 @@ class FamilyPreprocessor:
         self.table = normalization_table(processor.rescale_factor, processor.image_mean, processor.image_std)
 
     def __call__(self, encoded_images: list[bytes], messages_json: bytes | str, max_tokens: int = 1,
-                 detail: ImageDetail | None = None, task: str | None = None) -> PreprocessedRequest:
+                 detail: ImageDetail | None = None, task: str | None = None,
+                 tools: list[dict] = ()) -> PreprocessedRequest:
         """The request's tensors, each image processed at the pixel range its kind and `detail` give
         (None: the model's default detail). Before any image is decoded, the headers alone decide
         whether the request can fit: pixels per request, and prompt + the fewest image tokens the
         images can take + `max_tokens` within the context; after the images are classified, the
         exact count is checked again. `task` (vlm_serving/tasks.py): its instruction, in this
-        family's conventions, replaces the last user turn's text."""
+        family's conventions, replaces the last user turn's text; `tools` (vlm_serving/tools.py,
+        as functions): written into the system turn in this family's convention."""
         messages = parse_messages(messages_json)
         if task:
             messages = apply_task(messages, task, self.family)
+        messages = apply_tools(messages, list(tools), self.family)
         expected = count_images(messages)
         if expected != len(encoded_images):
             raise ImageError(

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import grpc
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                           help="ask for a task's typed result: grounding (boxes of the objects the prompt names), "
                                "ocr (text lines with boxes), document (Markdown), chart (a table), caption, vqa")
     generate.add_argument("--json", action="store_true", help="print the whole answer as JSON (machine output)")
+    generate.add_argument("--tool", action="append", default=[], metavar="FILE",
+                          help='a function the model may call: a JSON file {"name", "description", "parameters": '
+                               "a JSON Schema} (repeatable)")
+    generate.add_argument("--tool-choice", help="auto (default), none, required, or a tool's name")
     shape = generate.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid under this JSON Schema file")
     shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
@@ -114,6 +119,13 @@ def _run(client: VLMClient, args) -> int:
         config["routing"] = {name: value for name, value in routing.items() if value is not None}
     if args.task:
         config["task"] = args.task
+    if args.tool:
+        config["tools"] = []
+        for path in args.tool:
+            with open(path, encoding="utf-8") as file:
+                config["tools"].append(json.load(file))
+    if args.tool_choice:
+        config["tool_choice"] = args.tool_choice
     if args.stream:
         last = None
         for message in client.stream(args.model, args.prompt, args.image, **config):
@@ -130,6 +142,9 @@ def _run(client: VLMClient, args) -> int:
         print(json_format.MessageToJson(last, preserving_proto_field_name=True, indent=2))
     elif last.WhichOneof("result") or last.result_error:
         print(describe_result(last))
+    if not args.json:
+        for tool_call in last.tool_calls:
+            print(f"--- tool call\n{tool_call.name}({tool_call.arguments})")
     images = " ".join(f"{vlm_pb2.ImageKind.Name(image.kind).removeprefix('IMAGE_KIND_').lower()}@{image.width}x{image.height}"
                       for image in last.route.images)
     route = ""

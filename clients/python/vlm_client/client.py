@@ -64,17 +64,31 @@ def build_request(
     detail: int | str | None = None,
     routing: dict[str, Any] | None = None,
     task: int | str | None = None,
+    tools: Iterable[dict | vlm_pb2.Tool] = (),
+    tool_choice: str | None = None,
     **config: Any,
 ) -> vlm_pb2.GenerateRequest:
     """A request from a prompt and images (one user turn), or from ready-made messages. `detail`:
     an ImageDetail value or its short name ("auto", "low", "high"); None: the model's default.
     `routing` (model "auto"): RoutingOptions fields, e.g. {"confidence_threshold": -0.5}.
     `task`: a Task value or its short name ("grounding", "ocr", ...); the answer then carries the
-    task's typed result. `config`: GenerationConfig fields (see `response_format` for shapes)."""
+    task's typed result. `tools`: functions the model may call ({"name", "description", "parameters":
+    a JSON Schema dict or text}); `tool_choice`: "auto" (default), "none", "required" or a tool's name.
+    `config`: GenerationConfig fields (see `response_format` for shapes)."""
     if isinstance(detail, str):
         detail = vlm_pb2.ImageDetail.Value(f"IMAGE_DETAIL_{detail.upper()}")
     if isinstance(task, str):
         task = vlm_pb2.Task.Value(f"TASK_{task.upper()}")
+    tool_messages = [tool if isinstance(tool, vlm_pb2.Tool) else vlm_pb2.Tool(
+        name=tool["name"], description=tool.get("description", ""),
+        parameters=tool["parameters"] if isinstance(tool.get("parameters"), str) else json.dumps(tool.get("parameters", {})))
+        for tool in tools]
+    modes = {"auto": vlm_pb2.ToolChoice.TOOL_CHOICE_AUTO, "none": vlm_pb2.ToolChoice.TOOL_CHOICE_NONE,
+             "required": vlm_pb2.ToolChoice.TOOL_CHOICE_REQUIRED}
+    choice = None
+    if tool_choice:
+        choice = vlm_pb2.ToolChoice(mode=modes.get(tool_choice, vlm_pb2.ToolChoice.TOOL_CHOICE_NAMED),
+                                    name="" if tool_choice in modes else tool_choice)
     if messages is None:
         parts = [vlm_pb2.Part(image=to_image(image)) for image in images]
         if prompt:
@@ -85,6 +99,8 @@ def build_request(
         detail=detail or vlm_pb2.IMAGE_DETAIL_UNSPECIFIED,
         routing=vlm_pb2.RoutingOptions(**routing) if routing else None,
         task=task or vlm_pb2.TASK_UNSPECIFIED,
+        tools=tool_messages,
+        tool_choice=choice,
     )
 
 

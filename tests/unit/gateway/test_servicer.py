@@ -6,6 +6,7 @@ aio server on a loopback port. The real Triton path is covered end to end in tes
 
 import asyncio
 import ipaddress
+import json
 from types import SimpleNamespace
 
 import grpc
@@ -36,10 +37,13 @@ class ScriptedBackend:
         self.details = []
         self.routings = []
         self.tasks = []
+        self.tools = []
         self.ready = True
 
-    async def generate(self, ensemble, messages, images, params, request_id, detail=None, routing=None, task=None):
+    async def generate(self, ensemble, messages, images, params, request_id, detail=None, routing=None, task=None,
+                       tools=""):
         self.calls.append((ensemble, messages, images, params))
+        self.tools.append(tools)
         self.details.append(detail)
         self.routings.append(routing)
         self.tasks.append(task)
@@ -152,6 +156,60 @@ def test_a_task_refuses_what_it_cannot_serve(parts, config, field, message):
     async def test(stub, backend, gw, channel):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Generate(task_request(vlm_pb2.TASK_OCR, *parts, **config), metadata=KEY)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in dict(field_violations(refused.value))[field]
+
+    run(test)
+
+
+WEATHER = vlm_pb2.Tool(name="get_weather", description="weather", parameters=json.dumps(
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}))
+
+
+def tool_request(mode, name="", model="qwen2.5-vl"):
+    message = request(model=model, text="weather in Oslo?")
+    message.tools.append(WEATHER)
+    message.tool_choice.CopyFrom(vlm_pb2.ToolChoice(mode=mode, name=name))
+    return message
+
+
+def test_tool_calls_are_constrained_parsed_and_returned_typed_and_none_never_calls():
+    async def test(stub, backend, gw, channel):
+        call_text = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>'
+        backend.script = [ResponseChunk(call_text, [1], True, "stop", 12, 2, 0, -0.5, "1", [])]
+        answer = await stub.Generate(tool_request(vlm_pb2.ToolChoice.TOOL_CHOICE_REQUIRED), metadata=KEY)
+        assert list(answer.tool_calls) == [vlm_pb2.ToolCall(name="get_weather", arguments='{"city":"Oslo"}')]
+        _, _, _, params = backend.calls[-1]
+        assert params.response_format.type == "tool_call" and json.loads(backend.tools[-1])[0]["function"]["name"] == "get_weather"
+        answer = await stub.Generate(tool_request(vlm_pb2.ToolChoice.TOOL_CHOICE_AUTO), metadata=KEY)
+        assert len(answer.tool_calls) == 1
+        assert not backend.calls[-1][3].response_format.constrained, "auto leaves the model free to answer in text"
+        answer = await stub.Generate(tool_request(vlm_pb2.ToolChoice.TOOL_CHOICE_NONE), metadata=KEY)
+        assert not answer.tool_calls and backend.tools[-1] == "", "none: the model never sees the tools"
+        backend.script = [ResponseChunk('<tool_call>\n{"name":"get_weather","argu', [1], True, "length", 12, 2, 0, -0.5,
+                                        "1", [])]
+        answer = await stub.Generate(tool_request(vlm_pb2.ToolChoice.TOOL_CHOICE_NAMED, "get_weather"), metadata=KEY)
+        assert not answer.tool_calls and "max_tokens cut the call" in answer.result_error
+
+    run(test)
+
+
+@pytest.mark.parametrize("mutate, field, message", [
+    (lambda m: m.tool_choice.CopyFrom(vlm_pb2.ToolChoice(mode=vlm_pb2.ToolChoice.TOOL_CHOICE_NAMED, name="nope")),
+     "tool_choice.name", "'nope' is not one of the tools"),
+    (lambda m: m.tools.append(WEATHER), "tools[1].name", "given twice"),
+    (lambda m: m.tools.append(vlm_pb2.Tool(name="bad name")), "tools[1].name", "letters, digits"),
+    (lambda m: m.tools.append(vlm_pb2.Tool(name="x", parameters='{"type": "string"}')), "tools[1].parameters",
+     "the arguments are a JSON object"),
+    (lambda m: m.config.response_format.CopyFrom(vlm_pb2.ResponseFormat(
+        type=vlm_pb2.ResponseFormat.RESPONSE_FORMAT_JSON_OBJECT)), "tool_choice", "leave config.response_format"),
+])
+def test_bad_tools_are_refused_naming_the_field(mutate, field, message):
+    async def test(stub, backend, gw, channel):
+        bad = tool_request(vlm_pb2.ToolChoice.TOOL_CHOICE_REQUIRED)
+        mutate(bad)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Generate(bad, metadata=KEY)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in dict(field_violations(refused.value))[field]
 

@@ -111,8 +111,9 @@ def test_a_response_format_becomes_its_canonical_wire_form():
     schema = '{ "type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}} }'
     call = validate(request(text("x"), response_format=FORMAT(type=FORMAT.RESPONSE_FORMAT_JSON_SCHEMA, json_schema=schema)),
                     SETTINGS, stream=False)
+    # Compact, and in the caller's order: properties are generated in the order the schema gives them.
     assert call.params.response_format.to_wire() == (
-        '{"schema":{"properties":{"a":{"type":"integer"}},"required":["a"],"type":"object"},"type":"json_schema"}')
+        '{"type":"json_schema","schema":{"type":"object","required":["a"],"properties":{"a":{"type":"integer"}}}}')
     assert not validate(request(text("x")), SETTINGS, stream=False).params.response_format.constrained
 
 
