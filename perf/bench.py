@@ -16,7 +16,9 @@
    and what holding Qwen's answer for the fallback costs a stream's first text;
 9. the image-kind classifier: time per megapixel and held-out accuracy (perf/image_kinds.py);
 10, 11. in-flight against static batching, and the whole stack against the seeds' batch loop
-   (perf/inflight.py; the engine alone, also on a GPU: perf/engine.py).
+   (perf/inflight.py; the engine alone, also on a GPU: perf/engine.py);
+12. constrained decoding: tokens/s with a JSON Schema against free text at batch 1 and 16, and
+   a typical schema's compile time cached and uncached (perf/engine.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -200,6 +202,19 @@ def perf_analyzer(server: TritonServer, ensemble: str, stream: bool) -> str:
     return f"{float(row['Inferences/Second']):.1f} infer/s, p50 {int(row['p50 latency']) / 1000:.0f} ms"
 
 
+def constrained_decoding_rows() -> list[tuple]:
+    """Rows 12a-c: perf.engine's constrained-decoding measures on the tiny Qwen2.5-VL, in the engine."""
+    from perf.engine import SHAPES, constrained_rows
+    from vlm_serving.generation.batch import BatchGenerator
+    from vlm_serving.generation.loading import load_model, load_tokenizer
+
+    checkpoint = BUILD / "models" / "qwen2_5_vl"
+    generator = BatchGenerator("qwen2_5_vl", load_model(checkpoint), load_tokenizer(checkpoint))
+    goals = {">= 0.9": "x", "reported": "x"}
+    return [(f"12{'abc'[i]}", name.removeprefix("qwen2_5_vl: "), measured, ratio, goal, goals[goal], "")
+            for i, (name, measured, ratio, goal) in enumerate(constrained_rows("qwen2_5_vl", generator, SHAPES["tiny"]))]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Benchmarks with ratios measured in one run.")
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier)")
@@ -342,6 +357,8 @@ def main() -> int:
     from perf.inflight import rows as scheduling_rows
 
     rows += scheduling_rows(scale)
+    progress("row 12: constrained decoding")
+    rows += constrained_decoding_rows()
 
     print("\n| # | measure | measured | ratio | goal |")
     print("| --- | --- | --- | --- | --- |")
