@@ -51,14 +51,17 @@ class FormatCompiler:
 
     def compile(self, response_format: ResponseFormat) -> xgr.CompiledGrammar:
         """The format's grammar (cached); ParameterError naming the problem if it cannot be compiled."""
-        problems = response_format.violations()
-        if problems:
-            raise ParameterError("response_format: " + "; ".join(problems))
-        key = response_format.to_wire()
+        try:
+            key = response_format.to_wire()
+        except ValueError:  # not JSON: the checks below name it
+            key = None
         with self.lock:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 return self.cache[key]
+        problems = response_format.violations()  # checked once per format, not on every hit
+        if problems:
+            raise ParameterError("response_format: " + "; ".join(problems))
         compiled = self._compile(response_format)
         with self.lock:
             if key not in self.cache:
