@@ -12,9 +12,10 @@ COPY vlm_serving/generation/__init__.py vlm_serving/generation/sampling.py vlm_s
 COPY vlm_serving/preprocessing/__init__.py vlm_serving/preprocessing/images.py vlm_serving/preprocessing/
 COPY gateway gateway
 ENV VLM_LISTEN_ADDRESS=0.0.0.0:50051 \
+    VLM_HTTP_ADDRESS=0.0.0.0:8080 \
     VLM_METRICS_ADDRESS=0.0.0.0 \
     PYTHONUNBUFFERED=1
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 USER 65532
 HEALTHCHECK --interval=10s --timeout=5s --retries=3 CMD ["python", "-m", "gateway.healthcheck"]
 CMD ["python", "-m", "gateway"]

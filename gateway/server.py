@@ -42,20 +42,66 @@ class Gateway:
     metrics: Metrics
     metrics_http: object  # prometheus_client's HTTP server
     health_watcher: asyncio.Task
+    http: "HttpServer | None" = None
 
     @property
     def metrics_port(self) -> int:
         return self.metrics_http.server_port
 
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
+
     async def stop(self, grace: float = 5.0) -> None:
         self.health_watcher.cancel()
+        if self.http:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.backend.close()
         self.metrics_http.shutdown()
         self.metrics_http.server_close()
 
 
-async def watch_health(settings: Settings, backend: TritonBackend, servicer: health.aio.HealthServicer) -> None:
+class Readiness:
+    """Whether every served model is ready (set by `watch_health`; read by the HTTP API's /health)."""
+
+    serving = False
+
+    def __call__(self) -> bool:
+        return self.serving
+
+
+class HttpServer:
+    """The OpenAI-compatible API on uvicorn, in the gRPC server's event loop."""
+
+    def __init__(self, app, address: str):
+        import uvicorn
+
+        host, _, port = address.rpartition(":")
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host or "localhost", port=int(port), log_level="warning",
+                                                    lifespan="off", access_log=False))
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises why it could not start
+                raise OSError("the HTTP server stopped before it started")
+            await asyncio.sleep(0.02)
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task:
+            await self.task
+
+
+async def watch_health(settings: Settings, backend: TritonBackend, servicer: health.aio.HealthServicer,
+                       readiness: Readiness | None = None) -> None:
     """SERVING only while Triton and every served model are ready; re-checked every few seconds."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -68,6 +114,8 @@ async def watch_health(settings: Settings, backend: TritonBackend, servicer: hea
             index = []
         states = {name: pipeline_ready(index, ensemble) for name, ensemble in settings.models.items()}
         overall = all(states.values())
+        if readiness is not None:
+            readiness.serving = overall
         for name, ready in states.items():
             await servicer.set(f"{SERVICE_NAME}/{name}", serving if ready else not_serving)
         for service in ("", SERVICE_NAME):
@@ -91,9 +139,8 @@ async def start(settings: Settings) -> Gateway:
         interceptors=[AuthInterceptor(settings.api_keys, ADMIN_METHODS, settings.admin_api_keys, public)],
         options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
     )
-    vlm_pb2_grpc.add_VisionLanguageServiceServicer_to_server(
-        VisionLanguageServicer(settings, backend, metrics), server
-    )
+    servicer = VisionLanguageServicer(settings, backend, metrics)
+    vlm_pb2_grpc.add_VisionLanguageServiceServicer_to_server(servicer, server)
     vlm_pb2_grpc.add_ModelAdminServiceServicer_to_server(ModelAdminServicer(settings, backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -107,11 +154,19 @@ async def start(settings: Settings) -> Gateway:
         raise OSError(f"cannot listen on {settings.listen_address}")
     metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
     await server.start()
-    watcher = asyncio.get_running_loop().create_task(watch_health(settings, backend, health_servicer))
+    readiness = Readiness()
+    watcher = asyncio.get_running_loop().create_task(watch_health(settings, backend, health_servicer, readiness))
+    http = None
+    if settings.http_address != "off":
+        from gateway.http_api import create_app
+
+        http = HttpServer(create_app(settings, servicer, readiness), settings.http_address)
+        await http.start()
     log.info("listening", extra={"fields": {"address": settings.listen_address, "port": port,
+                                            "http": f"{settings.http_address} ({http.port if http else 'off'})",
                                             "triton": settings.triton_url,
                                             "metrics": f"{settings.metrics_address}:{metrics_server.server_port}"}})
-    return Gateway(server, port, backend, health_servicer, metrics, metrics_server, watcher)
+    return Gateway(server, port, backend, health_servicer, metrics, metrics_server, watcher, http)
 
 
 async def main() -> None:

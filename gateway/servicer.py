@@ -73,9 +73,8 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
             vlm_pb2.ProcessedImage(kind=IMAGE_KINDS[image["kind"]], width=image["width"], height=image["height"])
             for image in chunk.images]))
 
-    async def Generate(self, request, context):
-        answer = vlm_pb2.GenerateResponse(model=request.model)
-
+    def collector(self, request, answer: vlm_pb2.GenerateResponse):
+        """A `deliver` that folds every chunk into `answer` (a whole GenerateResponse)."""
         async def collect(chunk, call, outcome):
             answer.text += chunk.text
             answer.request_id = call.request_id
@@ -83,18 +82,25 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
             if chunk.finished:
                 self._finish(answer, chunk, outcome)
 
-        await self._serve(request, context, "Generate", False, collect)
+        return collect
+
+    def stream_message(self, request, chunk, call, outcome) -> vlm_pb2.GenerateStreamResponse:
+        message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=self._answering_model(request.model, chunk),
+                                                 request_id=call.request_id)
+        if chunk.finished:
+            self._finish(message, chunk, outcome)
+        return message
+
+    async def Generate(self, request, context):
+        answer = vlm_pb2.GenerateResponse(model=request.model)
+        await self._serve(request, context, "Generate", False, self.collector(request, answer))
         return answer
 
     async def GenerateStream(self, request, context):
         # Written with context.write (not yielded), so the deadline also covers the wait for a
         # slow reader: a yield would hand that wait to gRPC, out of reach of our deadline.
         async def send(chunk, call, outcome):
-            message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=self._answering_model(request.model, chunk),
-                                                     request_id=call.request_id)
-            if chunk.finished:
-                self._finish(message, chunk, outcome)
-            await context.write(message)
+            await context.write(self.stream_message(request, chunk, call, outcome))
 
         await self._serve(request, context, "GenerateStream", True, send)
 
@@ -108,7 +114,14 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         return vlm_pb2.ListModelsResponse(models=models)
 
     async def _serve(self, request, context, method: str, stream: bool, deliver) -> None:
-        """One request to its end, with metrics and logs; every way it can fail ends in a status."""
+        error = await self.handle(request, context, method, stream, deliver)
+        if error is not None:
+            await context.abort_with_status(error.to_status())
+
+    async def handle(self, request, context, method: str, stream: bool, deliver) -> ApiError | None:
+        """One request to its end, with metrics and logs, whichever API it came by; every way it can
+        fail ends in the ApiError returned. `context` needs `time_remaining()` (seconds, or None)
+        and `set_trailing_metadata(pairs)`; `deliver(chunk, call, outcome)` sends each chunk."""
         model = request.model if request.model in self.settings.models else "unknown"
         with self.metrics.track(model, method) as outcome:
             try:
@@ -122,7 +135,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                 outcome["code"] = error.code
                 log.info("request refused", extra={"fields": {"model": model, "method": method,
                                                                "code": error.code.name, "error": error.message}})
-                await context.abort_with_status(error.to_status())
+            return error
 
     async def _attempt(self, request, context, stream: bool, deliver) -> ApiError | None:
         request_id = request.request_id

@@ -23,6 +23,8 @@ class Settings:
     """Gateway settings; `from_env` documents the variable behind each field."""
 
     listen_address: str = "localhost:50051"
+    # The OpenAI-compatible HTTP API (gateway/http_api.py), host:port; "off": none.
+    http_address: str = "localhost:8080"
     triton_url: str = "localhost:8001"
     # Public model name -> Triton ensemble (named after its family), or the router "auto".
     models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral",
@@ -95,6 +97,7 @@ class Settings:
             raise SettingsError(f"VLM_IMAGE_URL_ALLOWED_NETWORKS: {exc} (use CIDRs such as 10.0.0.0/8)") from None
         return cls(
             listen_address=env.get("VLM_LISTEN_ADDRESS", defaults.listen_address),
+            http_address=env.get("VLM_HTTP_ADDRESS", defaults.http_address),
             triton_url=env.get("VLM_TRITON_URL", defaults.triton_url),
             models=models,
             api_keys=api_keys | admin_keys,

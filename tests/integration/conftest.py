@@ -68,9 +68,10 @@ def image_host():
 
 
 def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
-    port, metrics = free_ports(2)
+    port, metrics, http = free_ports(3)
     gateway = GatewayProcess(
         triton_url=triton_url, address=f"127.0.0.1:{port}", metrics_port=metrics, log_path=log_dir / "gateway.log",
+        http_address=f"127.0.0.1:{http}",
         extra_env={"VLM_API_KEYS": KEY, "VLM_HEALTH_POLL_S": "0.5", "VLM_METRICS_ADDRESS": "127.0.0.1", **env},
     )
     gateway.start()

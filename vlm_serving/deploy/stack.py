@@ -40,6 +40,9 @@ class GatewayProcess:
     triton_url: str
     address: str = "localhost:50051"
     metrics_port: int = 9090
+    # The OpenAI-compatible HTTP API's host:port; "off" (the default here, so gateways side by side
+    # never compete for one port; `make run` serves it on localhost:8080).
+    http_address: str = "off"
     api_keys: str = DEV_API_KEY
     log_path: Path = BUILD / "gateway.log"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -53,6 +56,7 @@ class GatewayProcess:
             VLM_TRITON_URL=self.triton_url,
             VLM_LISTEN_ADDRESS=self.address,
             VLM_METRICS_PORT=str(self.metrics_port),
+            VLM_HTTP_ADDRESS=self.http_address,
             **self.extra_env,
         )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         triton_url=triton.grpc_url,
         address=os.environ.get("VLM_LISTEN_ADDRESS", "localhost:50051"),
         metrics_port=int(os.environ.get("VLM_METRICS_PORT", 9090)),
+        http_address=os.environ.get("VLM_HTTP_ADDRESS", "localhost:8080"),
     )
     busy = busy_ports(triton.address, {"TRITON_HTTP_PORT": triton.http_port, "TRITON_GRPC_PORT": triton.grpc_port,
                                        "TRITON_METRICS_PORT": triton.metrics_port})
     listen = urlsplit(f"//{gateway.address}")
     busy += busy_ports(listen.hostname or "localhost", {"VLM_LISTEN_ADDRESS": listen.port})
     busy += busy_ports(os.environ.get("VLM_METRICS_ADDRESS", "127.0.0.1"), {"VLM_METRICS_PORT": gateway.metrics_port})
+    if gateway.http_address != "off":
+        http = urlsplit(f"//{gateway.http_address}")
+        busy += busy_ports(http.hostname or "localhost", {"VLM_HTTP_ADDRESS": http.port})
     if busy:
         print(f"stack: {', '.join(busy)} already in use; stop what holds it or choose another port with "
               "that setting", file=sys.stderr)
@@ -191,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             pid_file.unlink(missing_ok=True)
         print(f"stack: {exc}", file=sys.stderr)
         return 1
-    print(f"gateway: serving vlm.v1 on {gateway.address} (metrics :{gateway.metrics_port}; log {gateway.log_path})")
+    print(f"gateway: serving vlm.v1 on {gateway.address}, the OpenAI-compatible API on http://{gateway.http_address} "
+          f"(metrics :{gateway.metrics_port}; log {gateway.log_path})")
     print(f"try:  {try_command(gateway.address)}")
     if args.action == "up":
         print("stop with:  make down")

@@ -74,7 +74,7 @@ def run(test, channel_options=(), **settings_changes):
 
     async def main():
         settings = Settings(listen_address="127.0.0.1:0", api_keys=frozenset({"secret"}), metrics_port=0,
-                            health_poll_s=0.05, **settings_changes)
+                            health_poll_s=0.05, **{"http_address": "127.0.0.1:0", **settings_changes})
         original = gateway_server.TritonBackend
         gateway_server.TritonBackend = ScriptedBackend
         try:
