@@ -18,7 +18,8 @@
 10, 11. in-flight against static batching, and the whole stack against the seeds' batch loop
    (perf/inflight.py; the engine alone, also on a GPU: perf/engine.py);
 12. constrained decoding: tokens/s with a JSON Schema against free text at batch 1 and 16, and
-   a typical schema's compile time cached and uncached (perf/engine.py).
+   a typical schema's compile time cached and uncached (perf/engine.py);
+13. the OpenAI-compatible HTTP API's throughput / gRPC's, through the same gateway, c=16.
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -42,7 +43,7 @@ from PIL import Image
 
 from perf.encoders import mid_size_qwen_checkpoint, rows as encoder_rows
 from perf.image_kinds import accuracy_and_time as classifier_accuracy_and_time
-from perf.load import GatewayTarget, TritonTarget, run_load
+from perf.load import GatewayTarget, HttpTarget, TritonTarget, run_load
 from perf.workload import perf_analyzer_input, synthetic_image, workload
 from vlm_serving.deploy.render import PROFILES, Batching, copy_model_code, render_repository
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
@@ -236,7 +237,7 @@ def main() -> int:
         batched = triton("batched", servers)
         gateway = GatewayProcess(triton_url=batched.grpc_url, address=f"127.0.0.1:{free_port()}",
                                  metrics_port=free_port(), log_path=BENCH / "gateway.log",
-                                 extra_env={"VLM_API_KEYS": KEY})
+                                 http_address=f"127.0.0.1:{free_port()}", extra_env={"VLM_API_KEYS": KEY})
         gateway.start()
         servers.append(gateway)
         gateway.wait_serving(60)
@@ -273,6 +274,14 @@ def main() -> int:
         rows.append(("1b", "gateway added p50 latency, trivial request (text, 1 token), c=1",
                      " ; ".join(f"{a:.2f}" for a in added) + " ms", None if failed else statistics.median(added),
                      "<= 1 ms", "ms", failed))
+
+        progress("row 13: the OpenAI-compatible HTTP API against gRPC")
+        pairs, ratio, failed = alternate(
+            lambda: load(lambda: HttpTarget(f"http://{gateway.http_address}", KEY, "qwen2.5-vl"), images, 16, n(96), 16),
+            lambda: load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 16, n(96), 16))
+        rows.append(("13", "OpenAI HTTP / gRPC throughput through the same gateway, c=16, 16 tokens, same requests",
+                     " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 0.9",
+                     "x", failed))
 
         progress("row 4: time to first text")
         streamed = load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 1, n(24), 64, stream=True)

@@ -90,6 +90,35 @@ class GatewayTarget:
         await self.channel.close()
 
 
+class HttpTarget:
+    """The same requests through the gateway's OpenAI-compatible HTTP API (httpx, keep-alive)."""
+
+    def __init__(self, base_url: str, api_key: str, model: str):
+        import httpx2
+
+        self.client = httpx2.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
+                                         timeout=300, limits=httpx2.Limits(max_connections=64))
+        self.model = model
+
+    async def call(self, item: WorkItem, max_tokens: int, stream: bool) -> tuple[float | None, int]:
+        import base64
+
+        content = [{"type": "text", "text": item.prompt}]
+        if item.image:
+            content.insert(0, {"type": "image_url",
+                               "image_url": {"url": "data:image/png;base64," + base64.b64encode(item.image).decode()}})
+        body = {"model": self.model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
+        if stream:
+            raise NotImplementedError("HttpTarget measures unary calls")
+        response = await self.client.post("/v1/chat/completions", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        return None, response.json()["usage"]["completion_tokens"]
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
 class TritonTarget:
     """The same requests straight to the ensemble, sent the way the gateway sends them (its
     Triton backend: one shared stream), so the difference to GatewayTarget is the public-API hop."""
