@@ -78,8 +78,9 @@ class HttpServer:
         import uvicorn
 
         host, _, port = address.rpartition(":")
+        # httptools: the C HTTP parser (h11, the pure-Python one, cost a tenth of the throughput).
         self.server = uvicorn.Server(uvicorn.Config(app, host=host or "localhost", port=int(port), log_level="warning",
-                                                    lifespan="off", access_log=False))
+                                                    lifespan="off", access_log=False, http="httptools"))
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:
