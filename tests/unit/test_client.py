@@ -298,3 +298,27 @@ def test_the_cli_prints_each_kind_of_typed_result_readably():
         vlm_pb2.Table.Row(cells=["2023", "5"]), vlm_pb2.Table.Row(cells=["2024", "17"])]))
     assert describe_result(answer).splitlines()[1:] == ["year  sales", "2023  5    ", "2024  17   "]
     assert describe_result(vlm_pb2.GenerateResponse(result_error="max_tokens cut it")) == "[no result: max_tokens cut it]"
+
+
+def test_batch_items_from_a_folder_and_a_manifest_and_a_torn_output_line_is_cut(tmp_path):
+    from vlm_client.batch import ManifestError, finished_ids, folder_items, manifest_items
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.PNG", "a/b/y.jpg", "a/z.txt"):
+        (tmp_path / name).write_bytes(b"...")
+    items = folder_items(tmp_path / "a", "Describe", "pixtral", "caption", {"max_tokens": 8})
+    assert [(i.id, i.model, i.task, i.params) for i in items] == [
+        ("b/y.jpg", "pixtral", "caption", {"max_tokens": 8}), ("x.PNG", "pixtral", "caption", {"max_tokens": 8})]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "1", "image": "a/x.PNG", "temperature": 0.5}\n\n'
+                        '{"id": "2", "images": ["https://h/i.png"], "prompt": "own", "model": "auto", "task": "ocr"}\n')
+    first, second = manifest_items(manifest, "default prompt", "pixtral", None, {"max_tokens": 8})
+    assert (first.images, first.prompt, first.model, first.params) == (
+        [str(tmp_path / "a/x.PNG")], "default prompt", "pixtral", {"max_tokens": 8, "temperature": 0.5})
+    assert (second.images, second.prompt, second.model, second.task) == (["https://h/i.png"], "own", "auto", "ocr")
+    manifest.write_text('{"id": "1", "colour": "red", "model": "pixtral"}\n')
+    with pytest.raises(ManifestError, match="m.jsonl:1: unknown field"):
+        manifest_items(manifest, "", None, None, {})
+    output = tmp_path / "out.jsonl"
+    output.write_text('{"id": "1", "input": {}}\n{"id": "2", "inp')
+    assert finished_ids(output) == {"1"} and output.read_text() == '{"id": "1", "input": {}}\n'

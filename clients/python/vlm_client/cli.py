@@ -61,11 +61,24 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
     shape.add_argument("--regex", help="the answer matches this regular expression as a whole")
     shape.add_argument("--choice", action="append", help="the answer is exactly one of these (repeatable)")
+    batch = commands.add_parser("batch", help="run a folder of images or a JSONL manifest, results as JSONL (resumable)")
+    batch.add_argument("source", help="a folder (its images, recursively) or a .jsonl manifest: one "
+                       '{"id", "images": [paths or URLs], "prompt", "model", "task", parameters} per line')
+    batch.add_argument("--output", required=True, help="JSONL results; rerunning skips the ids already in it")
+    batch.add_argument("--model", help="the model for every item (a manifest line may name its own)")
+    batch.add_argument("--prompt", default="", help="the prompt for every item (a manifest line may give its own)")
+    batch.add_argument("--task", choices=("caption", "vqa", "ocr", "document", "grounding", "chart"))
+    batch.add_argument("--max-tokens", type=int)
+    batch.add_argument("--temperature", type=float)
+    batch.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: %(default)s)")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands.add_parser("models", help="list served models")
     for name, text in (("load", "load or reload a model from the repository (admin key)"),
                        ("unload", "unload a model (admin key)")):
         commands.add_parser(name, help=text).add_argument("model")
     args = parser.parse_args(argv)
+    if args.command == "batch":
+        return _batch(args)
     with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout) as client:
         try:
             return _run(client, args)
@@ -156,6 +169,45 @@ def _run(client: VLMClient, args) -> int:
           f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}"
           + (f" images={images}" if images else "") + route + "]", file=sys.stderr)
     return 0
+
+
+def _batch(args) -> int:
+    """Exit 0 when every item succeeded, 2 when some failed (their lines say why), 1 when none ran."""
+    import asyncio
+    from pathlib import Path
+
+    from vlm_client.batch import ManifestError, folder_items, manifest_items, run_batch
+    from vlm_client.client import AsyncVLMClient
+
+    source = Path(args.source)
+    params = {name: value for name, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+              if value is not None}
+    try:
+        if source.is_dir():
+            if not args.model:
+                print("error: --model is needed for a folder", file=sys.stderr)
+                return 1
+            items = folder_items(source, args.prompt, args.model, args.task, params)
+        elif source.is_file():
+            items = manifest_items(source, args.prompt, args.model, args.task, params)
+        else:
+            print(f"error: no such folder or manifest: {source}", file=sys.stderr)
+            return 1
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    async def go():
+        async with AsyncVLMClient(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+            return await run_batch(client, items, Path(args.output), args.concurrency, progress=not args.no_progress)
+
+    try:
+        summary = asyncio.run(go())
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.output} holds every finished item; rerun the same command to go on", file=sys.stderr)
+        return 130
+    print(summary.line(), file=sys.stderr)
+    return 2 if summary.failed else 0
 
 
 def describe_result(answer) -> str:
