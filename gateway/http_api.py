@@ -349,7 +349,9 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
 
     async def _stream(request: Request, body: ChatCompletionRequest, generate_request, context, created: int):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        queue: asyncio.Queue = asyncio.Queue()
+        # Bounded as on gRPC: a reader that falls this far behind holds up its own generation,
+        # which then fails with RESOURCE_EXHAUSTED (the backend's backlog) or its deadline.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=settings.max_stream_backlog)
 
         async def deliver(chunk, call, outcome):
             await queue.put(servicer.stream_message(generate_request, chunk, call, outcome))

@@ -197,6 +197,20 @@ class CacheUse:
         self.cache_seconds, self.step_seconds = stats.cache_seconds, stats.step_seconds
 
 
+def arrive(requests, arrivals: list[float], submit) -> list[Timing]:
+    """Hand each (request, is short) to `submit(request, timing)` at its arrival offset (seconds)."""
+    timings = []
+    start = time.perf_counter()
+    for (request, short), offset in zip(requests, arrivals):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        timing = Timing(arrival=time.perf_counter(), short=short)
+        timings.append(timing)
+        submit(request, timing)
+    return timings
+
+
 def run_inflight(generator: BatchGenerator, limits: EngineLimits, requests, arrivals: list[float],
                  cache_use: CacheUse | None = None) -> list[Timing]:
     engine = InflightEngine(generator, limits)
@@ -206,15 +220,7 @@ def run_inflight(generator: BatchGenerator, limits: EngineLimits, requests, arri
         engine.on_step = cache_use.record
     loop = EngineLoop(engine, log_error=progress).start()
     done: queue.Queue = queue.Queue()
-    timings = []
-    start = time.perf_counter()
-    for (request, short), offset in zip(requests, arrivals):
-        delay = start + offset - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        timing = Timing(arrival=time.perf_counter(), short=short)
-        timings.append(timing)
-        engine.submit(request, timed_sink(timing, done))
+    timings = arrive(requests, arrivals, lambda request, timing: engine.submit(request, timed_sink(timing, done)))
     for _ in requests:
         done.get()
     loop.stop(grace_s=0, reason=RuntimeError("benchmark over"))
@@ -243,15 +249,7 @@ def run_static(generator: BatchGenerator, max_batch: int, requests, arrivals: li
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    timings = []
-    start = time.perf_counter()
-    for (request, short), offset in zip(requests, arrivals):
-        delay = start + offset - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        timing = Timing(arrival=time.perf_counter(), short=short)
-        timings.append(timing)
-        waiting.put((request, timing))
+    timings = arrive(requests, arrivals, lambda request, timing: waiting.put((request, timing)))
     for _ in requests:
         done.get()
     server.join()

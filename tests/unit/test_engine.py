@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from tests.conftest import FAMILIES, picture
 from tests.families import Family, ask
@@ -120,16 +121,25 @@ def test_seeded_sampling_repeats_beside_greedy_rows(family):
     assert runs[0][1] == runs[1][1] == runs[2][1] == reference(family, messages, pictures, 16)
 
 
-def test_repetition_penalty_and_confidence_match_the_static_scheduler(family):
-    requests = lambda: [family.request(ask("Repeat repeat repeat"), [], max_tokens=16, repetition_penalty=1.5),
-                        family.request(ask("How confident are you?", 1), [picture(80, 60)], max_tokens=8)]
-    [[penalized], [confident]] = family.run(requests())
+def test_repetition_penalty_and_confidence_match_transformers(family):
+    """Both rows in one running batch (the second joins at step 2); the references are transformers'
+    own `generate` with `repetition_penalty` and the model's own log-probabilities."""
+    penalized_request = family.request(ask("Repeat repeat repeat"), [], max_tokens=16, repetition_penalty=1.5)
+    confident_request = family.request(ask("How confident are you?"), [], max_tokens=8)
     callers = [Caller(), Caller()]
-    first, second = requests()
-    drive(InflightEngine(family.generator), {0: [(callers[0], first)], 2: [(callers[1], second)]})
-    assert callers[0].final.token_ids == penalized.token_ids
-    assert callers[1].final.token_ids == confident.token_ids
-    assert callers[1].final.confidence == pytest.approx(confident.confidence, abs=1e-4)
+    drive(InflightEngine(family.generator), {0: [(callers[0], penalized_request)], 2: [(callers[1], confident_request)]})
+    ids = torch.from_numpy(penalized_request.input_ids)[None]
+    with torch.inference_mode():
+        out = family.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                    do_sample=False, repetition_penalty=1.5)
+    assert callers[0].final.token_ids == family.until_eos(out[0, ids.shape[1] :].tolist())
+    final = callers[1].final
+    sequence = torch.tensor([confident_request.input_ids.tolist() + final.token_ids])
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(family.model(input_ids=sequence).logits[0].float(), dim=-1)
+    start = len(confident_request.input_ids) - 1
+    chosen = [logprobs[start + i, token].item() for i, token in enumerate(final.token_ids)]
+    assert final.confidence == pytest.approx(sum(chosen) / len(chosen), abs=1e-4) and final.confidence < 0
 
 
 def test_a_short_request_finishes_long_before_a_long_one_that_started_first(family):

@@ -10,6 +10,7 @@ JSON: {"type": "json_schema", "schema": {...}}, {"type": "json_object"}, {"type"
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -99,8 +100,18 @@ class ResponseFormat:
         return []
 
 
+@functools.lru_cache(maxsize=256)
+def _schema_problems(schema_text: str) -> tuple[str, ...]:
+    return tuple(_check_schema(schema_text))
+
+
 def schema_violations(schema_text: str) -> list[str]:
-    """Why `schema_text` is not a usable JSON Schema (draft 2020-12), or nothing."""
+    """Why `schema_text` is not a usable JSON Schema (draft 2020-12), or nothing. Cached by the
+    text: checking a schema costs milliseconds, and callers send the same few schemas again and again."""
+    return list(_schema_problems(schema_text))
+
+
+def _check_schema(schema_text: str) -> list[str]:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
