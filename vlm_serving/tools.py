@@ -71,10 +71,6 @@ def to_wire(tools: list[Tool]) -> str:
     return json.dumps([tool.as_function() for tool in tools], separators=(",", ":")) if tools else ""
 
 
-def from_wire(text: str) -> list[dict]:
-    return json.loads(text) if text else []
-
-
 def system_text(functions: list[dict], family: str) -> str:
     """The tools block of the system turn, in the family's convention."""
     listed = "\n".join(json.dumps(function, ensure_ascii=False) for function in functions)

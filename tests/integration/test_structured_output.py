@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.conftest import KEY, PNG
 from vlm_client import VLMClient, response_format
+from vlm_serving import tasks
 
 pytestmark = pytest.mark.integration
 SCHEMA = {
@@ -83,7 +84,7 @@ RESULT_OF = {"TASK_CAPTION": "caption", "TASK_OCR": "text_lines", "TASK_DOCUMENT
 def test_each_task_returns_its_result_type(client, model, task):
     from vlm.v1 import vlm_pb2
 
-    structured = task in ("TASK_OCR", "TASK_GROUNDING", "TASK_CHART")
+    structured = task.removeprefix("TASK_").lower() in tasks.STRUCTURED
     answer = client.generate(model, "cats and dogs", [PNG, PNG], max_tokens=1024 if structured else 48,
                              task=vlm_pb2.Task.Value(task))
     if structured:  # the schema brings the JSON to its end (free text runs to max_tokens on the tiny models)
