@@ -13,16 +13,18 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/python
 PROTO := protos/vlm/v1/vlm.proto
 
-.PHONY: setup system-tools protos node perf-tools bench bench-gpu sweep models configs up down run test test-unit test-integration clean
+.PHONY: setup system-tools protos node perf-tools bench bench-gpu sweep models configs up down run ui test test-unit test-integration clean
 
 setup: $(STAMP) protos node
 
-# Tools some tests drive: npm (the Node.js client) and docker-compose (validates docker-compose.yml).
+# Tools some tests drive: npm (the Node.js client), docker-compose (validates docker-compose.yml), and
+# chromium with chromedriver (the web UI's browser test).
 # Installed from Debian's packages where missing and apt-get can run (as root, as in CI); otherwise
 # named, and their tests skip on a developer machine (under CI=true they fail instead).
 system-tools:
 	@missing=""; command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing from Debian's packages:$$missing"; mkdir -p build; \
@@ -72,6 +74,13 @@ up: models configs
 
 down:
 	$(PY) -m vlm_serving.deploy.stack down
+
+# The web UI (Gradio, http://127.0.0.1:7860) over a running gateway (`make up`): its own process, the
+# Python client inside. UI_ARGS="--address host:50051 --port 7860"; the API key from VLM_API_KEY
+# (default: the local stack's dev-local-key).
+UI_ARGS ?=
+ui: setup
+	VLM_API_KEY=$${VLM_API_KEY:-dev-local-key} $(PY) -m vlm_client.webui $(UI_ARGS)
 
 test: models configs
 	$(PY) -m pytest -q

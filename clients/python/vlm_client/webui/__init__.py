@@ -1,0 +1,1 @@
+"""The web UI (Gradio) over the gateway: `python -m vlm_client.webui` or `make ui`."""

@@ -1,0 +1,84 @@
+"""The web UI: a Gradio page over the gateway's gRPC API, in its own process.
+
+    VLM_API_KEY=dev-local-key python -m vlm_client.webui            # http://127.0.0.1:7860
+    python -m vlm_client.webui --address gateway.internal:50051 --port 7860
+
+It talks to the gateway with the Python client, so it works against any deployment. The API key
+comes from the environment and stays in this process: the page never sees it. The page listens on
+127.0.0.1 unless told otherwise, and has no login of its own: put it behind one before binding it to
+other hosts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Gradio's usage statistics and version check reach the internet; a service's UI sends nothing out.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from vlm_client.client import VLMClient  # noqa: E402
+from vlm_client.webui.handlers import DETAILS, FALLBACK_MODELS, TASKS, WebUI  # noqa: E402
+
+# System fonts: the default theme would fetch its fonts from Google's servers.
+THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+# Uploads larger than the gateway's default image limit would only be refused by it.
+MAX_UPLOAD = "20mb"
+
+
+def build(ui: WebUI) -> gr.Blocks:
+    with gr.Blocks(title="Vision-language models") as page:
+        turns = gr.State([])
+        gr.Markdown("## Vision-language models\nAdd images, ask; the conversation is kept until *New conversation*.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chat = gr.Chatbot(label="Conversation", elem_id="chat", height=460, latex_delimiters=[],
+                                  feedback_options=None, buttons=["copy", "copy_all"])
+                box = gr.MultimodalTextbox(elem_id="ask", file_types=["image"], file_count="multiple",
+                                           sources=["upload"], placeholder="Ask about your images…",
+                                           show_label=False)
+                with gr.Row():
+                    stop = gr.Button("Stop", elem_id="stop", variant="secondary")
+                    new = gr.Button("New conversation", elem_id="new")
+            with gr.Column(scale=2):
+                model = gr.Dropdown(list(FALLBACK_MODELS), value="auto", label="Model", elem_id="model",
+                                    info="auto: Pixtral for diagrams, else Qwen2.5-VL with a fallback to Pixtral")
+                task = gr.Dropdown(list(TASKS), value="none", label="Task", elem_id="task",
+                                   info="A task's answer also comes as a typed result, shown below")
+                with gr.Accordion("Parameters", open=False):
+                    max_tokens = gr.Slider(1, 4096, value=256, step=1, label="Max tokens")
+                    temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature", info="0: greedy")
+                    top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="Top p")
+                    detail = gr.Radio(list(DETAILS), value="default", label="Image detail")
+                details = gr.Markdown(elem_id="details")
+                gallery = gr.Gallery(label="Boxes", elem_id="boxes", visible=False, columns=1, height=360,
+                                     object_fit="contain")
+                table = gr.Dataframe(label="Table", elem_id="table", visible=False, interactive=False)
+                markdown = gr.Markdown(elem_id="result", visible=False)
+        outputs = [box, chat, turns, details, gallery, table, markdown]
+        asked = box.submit(ui.respond, [box, turns, model, task, max_tokens, temperature, top_p, detail], outputs)
+        stop.click(None, cancels=[asked])
+        new.click(ui.clear, None, outputs, cancels=[asked])
+        chat.clear(ui.clear, None, outputs, cancels=[asked])  # the conversation panel's own bin
+        page.load(ui.models, None, [model, details])
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_client.webui", description=__doc__.split("\n")[0])
+    parser.add_argument("--address", default=os.environ.get("VLM_GATEWAY", "localhost:50051"),
+                        help="the gateway's gRPC host:port (default: $VLM_GATEWAY or %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="answers streaming at once across all visitors; more wait in line (default: %(default)s)")
+    args = parser.parse_args(argv)
+    client = VLMClient(args.address, timeout=600.0)  # the API key: VLM_API_KEY
+    page = build(WebUI(client))
+    page.queue(default_concurrency_limit=args.concurrency)
+    print(f"web UI on http://{args.host}:{args.port} (gateway {args.address})", file=sys.stderr, flush=True)
+    page.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, theme=THEME,
+                footer_links=[], ssr_mode=False, mcp_server=False, show_error=False, quiet=True)
+    return 0

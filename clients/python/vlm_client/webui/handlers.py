@@ -1,0 +1,230 @@
+"""The web UI's handlers: the conversation kept as turns, each question sent with the whole
+conversation through the Python client, the answer streamed into the page, the typed result drawn.
+
+Everything here is plain Python over the client and Gradio's update values, so it is tested without
+a browser (tests/unit/test_webui.py); `app.py` only lays the page out and wires these to it."""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import grpc
+from PIL import Image, ImageDraw, ImageOps
+from vlm.v1 import vlm_pb2
+
+from vlm_client.client import VLMClient
+from vlm_client.images import to_image
+
+# Shown when the gateway cannot be asked which models it serves; ListModels names these by default.
+FALLBACK_MODELS = ("auto", "qwen2.5-vl", "pixtral")
+# (label, value) pairs of the task menu; "none" is free chat.
+TASKS = (("Chat (free text)", "none"), ("Caption", "caption"), ("Question answering", "vqa"),
+         ("Read text (OCR, with boxes)", "ocr"), ("Document to Markdown", "document"),
+         ("Find objects (grounding, with boxes)", "grounding"), ("Chart to table", "chart"))
+DETAILS = (("Model's default", "default"), ("Auto (by image kind)", "auto"), ("Low", "low"), ("High", "high"))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of the conversation: a user's question with the images they added (paths of Gradio's
+    uploads), or the model's answer."""
+
+    role: str
+    text: str
+    images: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The page's controls, as one request's options."""
+
+    model: str
+    task: str = "none"
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    detail: str = "default"
+
+    def request_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"max_tokens": int(self.max_tokens), "temperature": float(self.temperature),
+                                   "top_p": float(self.top_p)}
+        if self.task != "none":
+            options["task"] = self.task
+        if self.detail != "default":
+            options["detail"] = self.detail
+        return options
+
+
+def to_messages(turns: Sequence[Turn]) -> list[vlm_pb2.Message]:
+    """The conversation as the API's messages: each user turn's images before its text (an empty
+    answer, which the API could not take as a message, is left out)."""
+    messages = []
+    for turn in turns:
+        parts = [vlm_pb2.Part(image=to_image(path)) for path in turn.images]
+        if turn.text:
+            parts.append(vlm_pb2.Part(text=turn.text))
+        if parts:
+            messages.append(vlm_pb2.Message(role=turn.role, parts=parts))
+    return messages
+
+
+def to_chat(turns: Sequence[Turn]) -> list[dict]:
+    """The conversation as Gradio Chatbot messages (images shown in the user's bubble)."""
+    chat = []
+    for turn in turns:
+        content: list[Any] = [{"path": path} for path in turn.images]
+        if turn.text:
+            content.append(turn.text)
+        chat.append({"role": turn.role, "content": content if turn.images else turn.text})
+    return chat
+
+
+def conversation_images(turns: Sequence[Turn]) -> list[str]:
+    """The request's images in message order: a result's image_index counts in this list."""
+    return [path for turn in turns for path in turn.images]
+
+
+def describe(last: vlm_pb2.GenerateStreamResponse) -> str:
+    """The answer's facts in Markdown: model and version, why it answered, confidence, tokens."""
+    finish = vlm_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+    lines = [f"**Model** {last.model} (version {last.model_version or '?'}) · **finish** {finish} · "
+             f"**confidence** {last.confidence:.3f} (mean log-probability per token)",
+             f"**Tokens** prompt {last.usage.prompt_tokens} (images {last.usage.image_tokens}) · "
+             f"answer {last.usage.completion_tokens}"]
+    if last.route.reason not in (vlm_pb2.ROUTE_REASON_UNSPECIFIED, vlm_pb2.ROUTE_REASON_REQUESTED):
+        reason = vlm_pb2.RouteReason.Name(last.route.reason).removeprefix("ROUTE_REASON_").lower().replace("_", " ")
+        attempts = " → ".join(f"{a.model} ({a.confidence:.3f})" for a in last.route.attempts)
+        lines.append(f"**Route** {reason}: {attempts}")
+    if last.route.images:
+        kinds = ", ".join(f"{vlm_pb2.ImageKind.Name(image.kind).removeprefix('IMAGE_KIND_').lower()} "
+                          f"at {image.width}×{image.height}" for image in last.route.images)
+        lines.append(f"**Images** {kinds}")
+    if last.result_error:
+        lines.append(f"**No typed result**: {last.result_error}")
+    return "\n\n".join(lines)
+
+
+def label_colour(label: str) -> tuple[int, int, int]:
+    """A stable, distinct colour per label (the same label is the same colour in every image)."""
+    hue = (sum(label.encode()) * 0.618033988749895) % 1.0
+    return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.85, 0.95))
+
+
+def draw_boxes(images: Sequence[str], boxes: Sequence[tuple[int, vlm_pb2.Box, str]]) -> list[tuple[Image.Image, str]]:
+    """Each image that has boxes, upright (EXIF orientation applied, as the service's boxes are),
+    with its boxes and labels drawn: (image, caption) pairs for a Gallery."""
+    drawn = []
+    for index, path in enumerate(images):
+        mine = [(box, label) for image_index, box, label in boxes if image_index == index]
+        if not mine:
+            continue
+        with Image.open(path) as source:
+            picture = ImageOps.exif_transpose(source).convert("RGB")
+        pen = ImageDraw.Draw(picture)
+        width = max(2, round(min(picture.size) / 150))
+        for box, label in mine:
+            colour = label_colour(label)
+            pen.rectangle((box.x_min, box.y_min, box.x_max, box.y_max), outline=colour, width=width)
+            if label:
+                left, top, right, bottom = pen.textbbox((box.x_min, box.y_min), label)
+                pen.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
+                pen.text((box.x_min, box.y_min), label, fill=(0, 0, 0))
+        drawn.append((picture, f"image {index + 1}: {len(mine)} box{'es' if len(mine) != 1 else ''}"))
+    return drawn
+
+
+def result_views(last: vlm_pb2.GenerateStreamResponse | None, images: Sequence[str]) -> tuple[dict, dict, dict]:
+    """Updates of the three result panels (boxes gallery, table, Markdown) for a finished answer:
+    the panel of its result type shown, the others hidden."""
+    kind = last.WhichOneof("result") if last is not None else None
+    result = getattr(last, kind) if kind else None
+    gallery = table = markdown = None
+    if kind == "detections":
+        gallery = draw_boxes(images, [(d.image_index, d.box, d.label) for d in result.detections])
+    elif kind == "text_lines":
+        gallery = draw_boxes(images, [(line.image_index, line.box, line.text) for line in result.lines
+                                      if line.HasField("box")])
+        markdown = "\n".join(f"- {line.text}" for line in result.lines)
+    elif kind == "table":
+        width = len(result.header)
+        rows = [list(row.cells)[:width] + [""] * (width - len(row.cells)) for row in result.rows]
+        table = {"headers": list(result.header), "data": rows or [[""] * width]}
+    elif kind == "document":
+        markdown = result.markdown
+    elif kind == "caption":
+        markdown = f"*{result.text}*"
+    return (gr.update(value=gallery, visible=bool(gallery)), gr.update(value=table, visible=table is not None),
+            gr.update(value=markdown or "", visible=markdown is not None))
+
+
+def hidden_results() -> tuple[dict, dict, dict]:
+    return result_views(None, ())
+
+
+def error_text(error: grpc.RpcError, address: str) -> str:
+    """A gRPC error as the page says it, with what to do where the status alone does not say."""
+    code = error.code()
+    text = f"**Error** {code.name}: {error.details()}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        text += "\n\nStart the UI with `VLM_API_KEY` set to a key the gateway accepts."
+    elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        text += f"\n\nIs the gateway at {address} running? (`make up` starts the local stack.)"
+    return text
+
+
+class WebUI:
+    """The handlers of one UI process, over one client (its API key from VLM_API_KEY, never sent
+    to the page)."""
+
+    def __init__(self, client: VLMClient):
+        self.client = client
+
+    def models(self) -> tuple[dict, str]:
+        """The model menu from the gateway's ListModels (with a note when it cannot be reached)."""
+        try:
+            names = [model.name for model in self.client.list_models(timeout=5)]
+            note = ""
+        except grpc.RpcError as error:
+            names, note = list(FALLBACK_MODELS), error_text(error, self.client.address)
+        default = "auto" if "auto" in names else (names[0] if names else None)
+        return gr.update(choices=names, value=default), note
+
+    def respond(self, message: dict | None, turns: list[Turn], model: str, task: str, max_tokens: float,
+                temperature: float, top_p: float, detail: str) -> Iterator[tuple]:
+        """Ask the question in `message` ({"text", "files"} of the multimodal box) after `turns`.
+        Yields (box, chat, turns, details, gallery, table, markdown) as the answer streams in. A
+        refused or failed request leaves the conversation as it was and the question in the box."""
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = tuple(message.get("files") or ())
+        if not text and not files:
+            yield (gr.update(), to_chat(turns), turns, "Type a question or add an image.", *hidden_results())
+            return
+        asked = [*turns, Turn("user", text, files)]
+        settings = Settings(model, task, max_tokens, temperature, top_p, detail)
+        text_so_far, last = "", None
+        yield (gr.update(value=None), to_chat(asked), turns, "*Thinking…*", *hidden_results())
+        try:
+            for chunk in self.client.stream(model, messages=to_messages(asked), **settings.request_options()):
+                text_so_far, last = text_so_far + chunk.text, chunk
+                # The answer so far is part of the conversation: a stopped answer stays as shown.
+                now = [*asked, Turn("assistant", text_so_far)]
+                yield (gr.update(), to_chat(now), now, "*Answering…*", *hidden_results())
+        except grpc.RpcError as error:
+            yield (gr.update(value={"text": text, "files": list(files)}), to_chat(turns), turns,
+                   error_text(error, self.client.address), *hidden_results())
+            return
+        except OSError as error:  # an uploaded file that cannot be read
+            yield (gr.update(value={"text": text, "files": list(files)}), to_chat(turns), turns,
+                   f"**Error** {error}", *hidden_results())
+            return
+        done = [*asked, Turn("assistant", text_so_far)]
+        yield (gr.update(), to_chat(done), done, describe(last), *result_views(last, conversation_images(done)))
+
+    def clear(self) -> tuple:
+        """A new conversation."""
+        return (gr.update(value=None), [], [], "", *hidden_results())
