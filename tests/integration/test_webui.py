@@ -202,3 +202,23 @@ def test_a_grounding_task_draws_its_boxes_on_the_image(webui, gateway, browser, 
     assert f"image 1: {found} box" in browser.find_element(By.ID, "boxes").text
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "webui-grounding.png"))
+
+
+def test_a_visitor_cannot_name_a_file_on_the_server(webui, tmp_path):
+    # Gradio's own API takes file references; one that was not uploaded through the page is refused
+    # before any handler reads it (the page's uploads are the only files a question can carry).
+    import json
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(encode(picture(20, 20)))
+    def ask_by_api(question):
+        call = urllib.request.Request(webui + "gradio_api/call/respond", method="POST",
+                                      headers={"Content-Type": "application/json"},
+                                      data=json.dumps({"data": [question, "pixtral", "none", 4, 0, 1, "default"]}).encode())
+        event = json.loads(urllib.request.urlopen(call, timeout=10).read())["event_id"]
+        return urllib.request.urlopen(f"{webui}gradio_api/call/respond/{event}", timeout=60).read().decode()
+
+    assert "event: complete" in ask_by_api({"text": "hi", "files": []})  # the call itself is right
+    named = {"text": "hi", "files": [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}]}
+    answer = ask_by_api(named)
+    assert answer.startswith("event: error") and "complete" not in answer
