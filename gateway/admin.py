@@ -4,6 +4,7 @@ A model is its family's pipeline: `<family>_preprocess`, `<family>_encoder`, `<f
 `<family>_generate`, then the `<family>` ensemble; the router `auto` is only itself
 (`vlm_serving.pipelines.own_models`). Triton loads a new copy beside the serving one and switches when it is
 ready, so requests keep being answered during a load; a failed load leaves the old copy serving.
+Every call reaches every live inference server of the pool at once, and answers each one's result.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.settings import Settings
 from gateway.servicer import model_info
-from gateway.triton_backend import TritonBackend, unloading
+from gateway.triton_backend import unloading
+from gateway.triton_pool import TritonPool
 from vlm_serving.pipelines import own_models
 
 log = logging.getLogger("gateway.admin")
@@ -31,7 +33,7 @@ POLL_MODE_REFUSAL = (
 
 
 class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
-    def __init__(self, settings: Settings, backend: TritonBackend):
+    def __init__(self, settings: Settings, backend: TritonPool):
         self.settings = settings
         self.backend = backend
 
@@ -41,39 +43,58 @@ class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
                                 f"model {name!r} is not served here; available: {', '.join(sorted(self.settings.models))}")
         return self.settings.models[name]
 
+    async def _on_every_server(self, operation: str, triton_model: str, context) -> dict[str, str]:
+        try:
+            results = await self.backend.on_every_server(operation, triton_model)
+        except InferenceServerException as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.message()}; retry when a server is back")
+        if any(error == _POLL_MODE for error in results.values()):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, POLL_MODE_REFUSAL)
+        return results
+
     async def LoadModel(self, request, context):
         ensemble = await self._ensemble(request.model, context)
         started = time.perf_counter()
         for triton_model in own_models(ensemble):
-            try:
-                await self.backend.load_model(triton_model)
-            except InferenceServerException as exc:
-                if exc.message() == _POLL_MODE:
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, POLL_MODE_REFUSAL)
+            results = await self._on_every_server("load_model", triton_model, context)
+            failed = {address: error for address, error in results.items() if error}
+            if failed:
                 log.warning("load failed", extra={"fields": {"model": request.model, "triton_model": triton_model,
-                                                             "error": exc.message()}})
+                                                             "errors": failed}})
+                loaded = [address for address, error in results.items() if not error]
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"loading {triton_model} failed; the previous version keeps serving: {exc.message()}",
+                    f"loading {triton_model} failed on " + "; ".join(f"{a}: {e}" for a, e in failed.items())
+                    + "; the previous version keeps serving there"
+                    + (f" (it loaded on {', '.join(loaded)})" if loaded else ""),
                 )
         index = await self._settled_index(ensemble, context)
         seconds = time.perf_counter() - started
-        log.info("loaded", extra={"fields": {"model": request.model, "load_seconds": round(seconds, 2)}})
+        log.info("loaded", extra={"fields": {"model": request.model, "load_seconds": round(seconds, 2),
+                                             "backends": sorted(results)}})
         info = await model_info(self.backend, request.model, ensemble, index)
-        return vlm_pb2.LoadModelResponse(model=info, load_seconds=seconds)
+        return vlm_pb2.LoadModelResponse(model=info, load_seconds=seconds, backends=backend_results(results))
 
     async def UnloadModel(self, request, context):
         ensemble = await self._ensemble(request.model, context)
         for triton_model in reversed(own_models(ensemble)):
-            try:
-                await self.backend.unload_model(triton_model)
-            except InferenceServerException as exc:
-                if exc.message() == _POLL_MODE:
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, POLL_MODE_REFUSAL)
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unloading {triton_model} failed: {exc.message()}")
+            results = await self._on_every_server("unload_model", triton_model, context)
+            failed = {address: error for address, error in results.items() if error}
+            if failed:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unloading {triton_model} failed on "
+                                    + "; ".join(f"{a}: {e}" for a, e in failed.items()))
         index = await self._settled_index(ensemble, context)
         log.info("unloaded", extra={"fields": {"model": request.model}})
-        return vlm_pb2.UnloadModelResponse(model=await model_info(self.backend, request.model, ensemble, index))
+        return vlm_pb2.UnloadModelResponse(model=await model_info(self.backend, request.model, ensemble, index),
+                                           backends=backend_results(results))
+
+    async def ListBackends(self, request, context):
+        return vlm_pb2.ListBackendsResponse(backends=[
+            vlm_pb2.Backend(address=server.address, healthy=server.healthy, outstanding_requests=server.outstanding,
+                            ready_models=[name for name, ensemble in sorted(self.settings.models.items())
+                                          if server.serves(ensemble)],
+                            last_error=server.last_error, retired=server.retired)
+            for server in self.backend.states()])
 
     async def _settled_index(self, ensemble: str, context) -> list[dict]:
         """Triton's repository index once no version of the pipeline is UNLOADING any more.
@@ -87,3 +108,7 @@ class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
             await asyncio.sleep(0.2)
             index = await self.backend.repository_index()
         return index
+
+
+def backend_results(results: dict[str, str]) -> list[vlm_pb2.BackendResult]:
+    return [vlm_pb2.BackendResult(address=address, error=error) for address, error in sorted(results.items())]

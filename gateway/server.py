@@ -21,7 +21,8 @@ from gateway.auth import PUBLIC_METHODS, AuthInterceptor
 from gateway.observability import Metrics, configure_logging
 from gateway.servicer import VisionLanguageServicer
 from gateway.settings import Settings
-from gateway.triton_backend import TritonBackend, pipeline_ready
+from gateway.triton_backend import TritonBackend
+from gateway.triton_pool import TritonPool
 
 log = logging.getLogger("gateway")
 SERVICE_NAME = vlm_pb2.DESCRIPTOR.services_by_name["VisionLanguageService"].full_name
@@ -37,11 +38,13 @@ ADMIN_METHODS = frozenset(
 class Gateway:
     server: grpc.aio.Server
     port: int
-    backend: TritonBackend
+    backend: TritonPool
     health: health.aio.HealthServicer
     metrics: Metrics
     metrics_http: object  # prometheus_client's HTTP server
     health_watcher: asyncio.Task
+    servicer: VisionLanguageServicer
+    readiness: "Readiness"
     http: "HttpServer | None" = None
 
     @property
@@ -51,6 +54,25 @@ class Gateway:
     @property
     def http_port(self) -> int | None:
         return self.http.port if self.http else None
+
+    async def drain(self, grace: float) -> None:
+        """A rolling update's stop: health says NOT_SERVING at once (gRPC and HTTP), new requests are
+        refused with UNAVAILABLE (retryable: another replica answers), requests in flight get up to
+        `grace` seconds to finish; then the rest are cancelled (their generation rows freed in Triton)
+        and everything closes."""
+        self.servicer.draining = True
+        self.health_watcher.cancel()
+        self.readiness.serving = False
+        await self.health.enter_graceful_shutdown()
+        in_flight = self.servicer.in_flight
+        log.info("draining", extra={"fields": {"in_flight": in_flight, "grace_s": grace}})
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.servicer.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.servicer.in_flight:
+            log.warning("grace period over: cancelling the requests left", extra={"fields": {
+                "cancelled": self.servicer.in_flight}})
+        await self.stop(1.0)  # a second to flush the last answers' ends; then whatever runs is cancelled
 
     async def stop(self, grace: float = 5.0) -> None:
         self.health_watcher.cancel()
@@ -80,7 +102,8 @@ class HttpServer:
         host, _, port = address.rpartition(":")
         # httptools: the C HTTP parser (h11, the pure-Python one, cost a tenth of the throughput).
         self.server = uvicorn.Server(uvicorn.Config(app, host=host or "localhost", port=int(port), log_level="warning",
-                                                    lifespan="off", access_log=False, http="httptools"))
+                                                    lifespan="off", access_log=False, http="httptools",
+                                                    timeout_graceful_shutdown=1))
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -101,19 +124,19 @@ class HttpServer:
             await self.task
 
 
-async def watch_health(settings: Settings, backend: TritonBackend, servicer: health.aio.HealthServicer,
+async def watch_health(settings: Settings, backend: TritonPool, servicer: health.aio.HealthServicer,
                        readiness: Readiness | None = None) -> None:
-    """SERVING only while Triton and every served model are ready; re-checked every few seconds."""
+    """Probes the inference servers every few seconds; SERVING only while every served model has a
+    server that can take its requests."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     last = None
     while True:
         try:
-            index = await backend.repository_index() if await backend.server_live() else []
-        except Exception as exc:  # never let the watcher die: an unreadable Triton is not serving
+            await backend.probe()
+        except Exception as exc:  # never let the watcher die: what it could not probe is not serving
             log.warning("health check failed", extra={"fields": {"error": str(exc)}})
-            index = []
-        states = {name: pipeline_ready(index, ensemble) for name, ensemble in settings.models.items()}
+        states = {name: backend.serves(ensemble) for name, ensemble in settings.models.items()}
         overall = all(states.values())
         if readiness is not None:
             readiness.serving = overall
@@ -128,10 +151,11 @@ async def watch_health(settings: Settings, backend: TritonBackend, servicer: hea
 
 
 async def start(settings: Settings) -> Gateway:
-    backend = TritonBackend(settings.triton_url, keepalive_s=settings.triton_keepalive_s,
-                            large_request_bytes=settings.triton_large_request_bytes,
-                            max_stream_backlog=settings.max_stream_backlog,
-                            connect_timeout_s=settings.triton_connect_timeout_s)
+    backend = TritonPool(settings.triton_url, lambda address: TritonBackend(
+        address, keepalive_s=settings.triton_keepalive_s, large_request_bytes=settings.triton_large_request_bytes,
+        max_stream_backlog=settings.max_stream_backlog, connect_timeout_s=settings.triton_connect_timeout_s),
+        resolve_s=settings.triton_resolve_s)
+    await backend.probe()  # know the servers' states before the first request
     metrics = Metrics()
     # The protos are the public contract: health and (by default) reflection answer without a key,
     # so `grpcurl -plaintext HOST list` works on first contact; every other RPC needs one.
@@ -167,7 +191,7 @@ async def start(settings: Settings) -> Gateway:
                                             "http": f"{settings.http_address} ({http.port if http else 'off'})",
                                             "triton": settings.triton_url,
                                             "metrics": f"{settings.metrics_address}:{metrics_server.server_port}"}})
-    return Gateway(server, port, backend, health_servicer, metrics, metrics_server, watcher, http)
+    return Gateway(server, port, backend, health_servicer, metrics, metrics_server, watcher, servicer, readiness, http)
 
 
 async def main() -> None:
@@ -179,5 +203,5 @@ async def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info("stopping")
-    await gateway.stop()
+    await gateway.drain(settings.drain_grace_s)
+    log.info("stopped")

@@ -44,6 +44,9 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         self.metrics = metrics
         # The public name of each family, for the answers model "auto" routes.
         self.public_names = {ensemble: name for name, ensemble in reversed(settings.models.items())}
+        # Set on SIGTERM: new requests are refused (retryably), those in flight finish.
+        self.draining = False
+        self.in_flight = 0
 
     def _answering_model(self, requested: str, chunk) -> str:
         family = chunk.route.get("family")
@@ -123,6 +126,16 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         fail ends in the ApiError returned. `context` needs `time_remaining()` (seconds, or None)
         and `set_trailing_metadata(pairs)`; `deliver(chunk, call, outcome)` sends each chunk."""
         model = request.model if request.model in self.settings.models else "unknown"
+        if self.draining:
+            return ApiError(grpc.StatusCode.UNAVAILABLE, "this gateway is shutting down and takes no new requests; "
+                            "retry (another replica answers)", retry_after_s=0.1)
+        self.in_flight += 1
+        try:
+            return await self._handle(request, context, model, method, stream, deliver)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request, context, model: str, method: str, stream: bool, deliver) -> ApiError | None:
         with self.metrics.track(model, method) as outcome:
             try:
                 error = await self._attempt(request, context, stream, deliver)

@@ -25,7 +25,10 @@ class Settings:
     listen_address: str = "localhost:50051"
     # The OpenAI-compatible HTTP API (gateway/http_api.py), host:port; "off": none.
     http_address: str = "localhost:8080"
+    # The inference servers: host:port, a comma-separated list of them, or dns:///NAME:PORT (every
+    # address NAME resolves to, e.g. a Kubernetes headless Service; re-resolved every triton_resolve_s).
     triton_url: str = "localhost:8001"
+    triton_resolve_s: float = 10.0
     # Public model name -> Triton ensemble (named after its family), or the router "auto".
     models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral",
                                                             "auto": "auto"})
@@ -62,6 +65,8 @@ class Settings:
     # Applied when the caller sets no deadline, so no request can hold capacity forever.
     default_timeout_s: float = 300.0
     health_poll_s: float = 2.0
+    # On SIGTERM, how long requests in flight may take to finish before they are cancelled.
+    drain_grace_s: float = 30.0
     log_level: str = "INFO"
 
     @classmethod
@@ -95,10 +100,17 @@ class Settings:
             networks = tuple(ipaddress.ip_network(item) for item in _list(env.get("VLM_IMAGE_URL_ALLOWED_NETWORKS", "")))
         except ValueError as exc:
             raise SettingsError(f"VLM_IMAGE_URL_ALLOWED_NETWORKS: {exc} (use CIDRs such as 10.0.0.0/8)") from None
+        from gateway.triton_pool import parse_targets
+
+        try:
+            parse_targets(env.get("VLM_TRITON_URL", defaults.triton_url))
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
             listen_address=env.get("VLM_LISTEN_ADDRESS", defaults.listen_address),
             http_address=env.get("VLM_HTTP_ADDRESS", defaults.http_address),
             triton_url=env.get("VLM_TRITON_URL", defaults.triton_url),
+            triton_resolve_s=number("VLM_TRITON_RESOLVE_S", defaults.triton_resolve_s, float),
             models=models,
             api_keys=api_keys | admin_keys,
             admin_api_keys=admin_keys,
@@ -120,6 +132,7 @@ class Settings:
             reflection=reflection,
             default_timeout_s=number("VLM_DEFAULT_TIMEOUT_S", defaults.default_timeout_s, float),
             health_poll_s=number("VLM_HEALTH_POLL_S", defaults.health_poll_s, float),
+            drain_grace_s=number("VLM_DRAIN_GRACE_S", defaults.drain_grace_s, float),
             log_level=env.get("VLM_LOG_LEVEL", defaults.log_level),
         )
 

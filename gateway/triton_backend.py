@@ -400,6 +400,8 @@ class TritonBackend:
         await self.client.unload_model(name)
 
     async def close(self) -> None:
+        if self._pending:  # the cancellations of requests that just ended: let them reach Triton
+            await asyncio.wait(self._pending, timeout=self.connect_timeout_s)
         if self._stream is not None:
             self._stream.close()
         for task in list(self._pending):

@@ -70,7 +70,8 @@ class ScriptedBackend:
 
 
 def run(test, channel_options=(), **settings_changes):
-    """Start a gateway on a free port with the scripted backend and run `test(stub, backend, gw)`."""
+    """Start a gateway on a free port with the scripted backend (as its one inference server) and run
+    `test(stub, backend, gw, channel)`."""
 
     async def main():
         settings = Settings(listen_address="127.0.0.1:0", api_keys=frozenset({"secret"}), metrics_port=0,
@@ -83,7 +84,8 @@ def run(test, channel_options=(), **settings_changes):
             gateway_server.TritonBackend = original
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}", options=list(channel_options)) as channel:
-                await test(vlm_pb2_grpc.VisionLanguageServiceStub(channel), gw.backend, gw, channel)
+                [server] = gw.backend.servers.values()  # the pool of one server, its backend scripted
+                await test(vlm_pb2_grpc.VisionLanguageServiceStub(channel), server.backend, gw, channel)
         finally:
             await gw.stop(0)
 
