@@ -17,14 +17,15 @@ PROTO := protos/vlm/v1/vlm.proto
 
 setup: $(STAMP) protos node
 
-# Tools some tests drive: npm (the Node.js client), docker-compose (validates docker-compose.yml), and
-# chromium with chromedriver (the web UI's browser test).
+# Tools some tests drive: npm (the Node.js client), docker-compose (validates docker-compose.yml),
+# chromium with chromedriver (the web UI's browser test) and kubectl (renders the Kustomize overlays).
 # Installed from Debian's packages where missing and apt-get can run (as root, as in CI); otherwise
 # named, and their tests skip on a developer machine (under CI=true they fail instead).
 system-tools:
 	@missing=""; command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || missing="$$missing chromium chromium-driver"; \
+	command -v kubectl >/dev/null || missing="$$missing kubectl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing from Debian's packages:$$missing"; mkdir -p build; \

@@ -44,7 +44,10 @@ def test_triton_reserves_gpus_mounts_the_repository_and_has_a_health_check(compo
 def test_gateway_waits_for_a_healthy_triton_and_needs_keys(compose):
     gateway = compose["services"]["gateway"]
     assert gateway["depends_on"]["triton"]["condition"] == "service_healthy"
-    assert gateway["environment"]["VLM_TRITON_URL"] == "triton:8001"
+    # Every replica of `--scale triton=N` through the service name, re-resolved.
+    assert gateway["environment"]["VLM_TRITON_URL"] == "dns:///triton:8001"
+    assert "ports" not in compose["services"]["triton"], "published ports would keep triton from scaling"
+    assert float(gateway["environment"]["VLM_DRAIN_GRACE_S"]) < float(gateway["stop_grace_period"].rstrip("s"))
     assert ":?" in gateway["environment"]["VLM_API_KEYS"], "compose must refuse to start without API keys"
     assert "gateway.healthcheck" in " ".join(gateway["healthcheck"]["test"])
 

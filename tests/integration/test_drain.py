@@ -1,0 +1,82 @@
+"""SIGTERM to the gateway, as a rolling update sends it: health says NOT_SERVING at once, new calls are
+refused, streams in flight finish within the grace period (or are cancelled after it, their
+generation rows freed in Triton), and the process exits 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from tests.integration.conftest import KEY, start_gateway
+from tests.integration.test_inflight import engine_metric, wait_for
+from vlm_client import VLMClient
+
+pytestmark = pytest.mark.integration
+
+
+def streams_in_flight(client, count: int, prompt: str, max_tokens: int, model="pixtral") -> tuple[list, list[threading.Event]]:
+    """`count` streams, each read to its end on its own thread; returns (their outcomes, their
+    "first text arrived" events)."""
+    outcomes: list = [None] * count
+    begun = [threading.Event() for _ in range(count)]
+
+    def read(i):
+        messages = 0
+        try:
+            for message in client.stream(model, f"{prompt} {i}", max_tokens=max_tokens):
+                messages += 1
+                begun[i].set()
+                last = message
+            outcomes[i] = ("finished", last.finish_reason, last.usage.completion_tokens)
+        except grpc.RpcError as error:
+            outcomes[i] = ("failed", error.code(), messages)
+            begun[i].set()
+
+    threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return outcomes, begun, threads
+
+
+def test_sigterm_lets_streams_in_flight_finish_and_refuses_new_calls(triton, tmp_path):
+    gateway = start_gateway(triton.grpc_url, tmp_path, VLM_DRAIN_GRACE_S="60")
+    try:
+        with VLMClient(gateway.address, api_key=KEY, retries=0, timeout=120) as client:
+            outcomes, begun, threads = streams_in_flight(client, 3, "Tell me about it", 300)
+            assert all(event.wait(60) for event in begun)
+            gateway.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            wait_for(lambda: gateway.health() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=2)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.generate("pixtral", "a new call", max_tokens=2)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
+            for thread in threads:
+                thread.join(60)
+        assert all(outcome[0] == "finished" and outcome[2] >= 1 for outcome in outcomes), outcomes
+        assert gateway.process.wait(30) == 0
+        assert time.monotonic() - signalled < 60
+    finally:
+        gateway.stop()
+
+
+def test_after_the_grace_period_the_rest_is_cancelled_and_its_rows_freed(triton, tmp_path):
+    gateway = start_gateway(triton.grpc_url, tmp_path, VLM_DRAIN_GRACE_S="1")
+    try:
+        with VLMClient(gateway.address, api_key=KEY, retries=0, timeout=300) as client:
+            # The tiny Qwen runs 4,000 tokens on this prompt without an end token: far beyond the grace.
+            outcomes, begun, threads = streams_in_flight(client, 1, "Tell me a long story", 4000, model="qwen2.5-vl")
+            assert begun[0].wait(60)
+            gateway.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            threads[0].join(30)
+            ended_after = time.monotonic() - signalled
+        assert outcomes[0][0] == "failed" and ended_after < 10, (outcomes, ended_after)
+        assert gateway.process.wait(30) == 0
+        wait_for(lambda: engine_metric(triton, "vlm_engine_running") == 0)  # the row was freed in Triton
+    finally:
+        gateway.stop()
