@@ -88,3 +88,24 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class PoolCollector:
+    """The Triton pool's state at each scrape: `vlm_backend_healthy{backend}` (1 takes requests,
+    0 ejected or not live) and `vlm_backend_requests_in_flight{backend}`."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        healthy = GaugeMetricFamily("vlm_backend_healthy", "Whether the inference server takes requests",
+                                    labels=["backend"])
+        in_flight = GaugeMetricFamily("vlm_backend_requests_in_flight",
+                                      "Requests this gateway has in flight on the inference server", labels=["backend"])
+        for server in self.pool.states():
+            healthy.add_metric([server.address], float(server.healthy and not server.retired))
+            in_flight.add_metric([server.address], float(server.outstanding))
+        yield healthy
+        yield in_flight

@@ -18,7 +18,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.admin import ModelAdminServicer
 from gateway.auth import PUBLIC_METHODS, AuthInterceptor
-from gateway.observability import Metrics, configure_logging
+from gateway.observability import Metrics, PoolCollector, configure_logging
 from gateway.servicer import VisionLanguageServicer
 from gateway.settings import Settings
 from gateway.triton_backend import TritonBackend
@@ -157,6 +157,7 @@ async def start(settings: Settings) -> Gateway:
         resolve_s=settings.triton_resolve_s)
     await backend.probe()  # know the servers' states before the first request
     metrics = Metrics()
+    metrics.registry.register(PoolCollector(backend))
     # The protos are the public contract: health and (by default) reflection answer without a key,
     # so `grpcurl -plaintext HOST list` works on first contact; every other RPC needs one.
     public = PUBLIC_METHODS | (REFLECTION_METHODS if settings.reflection == "public" else frozenset())

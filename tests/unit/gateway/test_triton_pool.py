@@ -254,3 +254,27 @@ def test_model_control_reaches_every_live_server_and_reports_each():
         assert results == {"a:1": "failed to load 'broken' on a:1", "b:1": "failed to load 'broken' on b:1"}
 
     asyncio.run(main())
+
+
+def test_metrics_show_each_servers_health_and_load():
+    from prometheus_client import CollectorRegistry
+
+    from gateway.observability import PoolCollector
+
+    async def main():
+        pool, servers = pool_of("a:1", "b:1")
+        servers["b:1"].live = False
+        await pool.probe()
+        registry = CollectorRegistry()
+        registry.register(PoolCollector(pool))
+        servers["a:1"].hold = asyncio.Event()
+        held = asyncio.create_task(answer(pool))
+        await asyncio.sleep(0.05)
+        sample = registry.get_sample_value
+        assert sample("vlm_backend_healthy", {"backend": "a:1"}) == 1 and sample("vlm_backend_healthy", {"backend": "b:1"}) == 0
+        assert sample("vlm_backend_requests_in_flight", {"backend": "a:1"}) == 1
+        servers["a:1"].hold.set()
+        await held
+        assert sample("vlm_backend_requests_in_flight", {"backend": "a:1"}) == 0
+
+    asyncio.run(main())
