@@ -243,10 +243,12 @@ class TritonPool:
         return list(merged.values())
 
     async def model_parameters(self, name: str) -> dict[str, str]:
+        """The model's config parameters, from a live server where it is READY (else any live one)."""
         live = self._live()
         if not live:
             raise InferenceServerException("no inference server is live", status=str(grpc.StatusCode.UNAVAILABLE))
-        return await live[0].backend.model_parameters(name)
+        ready = [s for s in live if any(e.get("name") == name and e.get("state") == "READY" for e in s.index)]
+        return await (ready or live)[0].backend.model_parameters(name)
 
     async def on_every_server(self, operation: str, name: str) -> dict[str, str]:
         """`operation` ("load_model" or "unload_model") of `name` on every live server at once:

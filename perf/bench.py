@@ -19,7 +19,8 @@
    (perf/inflight.py; the engine alone, also on a GPU: perf/engine.py);
 12. constrained decoding: tokens/s with a JSON Schema against free text at batch 1 and 16, and
    a typical schema's compile time cached and uncached (perf/engine.py);
-13. the OpenAI-compatible HTTP API's throughput / gRPC's, through the same gateway, c=16.
+13. the OpenAI-compatible HTTP API's throughput / gRPC's, through the same gateway, c=16;
+14. a gateway over two Triton servers / over one, same machine, c=16 (perf/pool_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -282,6 +283,11 @@ def main() -> int:
         rows.append(("13", "OpenAI HTTP / gRPC throughput through the same gateway, c=16, 16 tokens, same requests",
                      " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 0.9",
                      "x", failed))
+
+        progress("row 14: a gateway over two Triton servers against one")
+        from perf import pool_row
+
+        rows.append(pool_row.row(gateway, batched, servers, images, n(96)))
 
         progress("row 4: time to first text")
         streamed = load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 1, n(24), 64, stream=True)

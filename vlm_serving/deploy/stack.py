@@ -85,8 +85,11 @@ class GatewayProcess:
         raise TritonError(f"gateway not serving after {timeout:.0f}s:\n{tail(self.log_path)}")
 
     def stop(self) -> None:
+        """SIGTERM: the gateway drains (calls in flight finish for up to VLM_DRAIN_GRACE_S); killed
+        only if it is still there well after that."""
         if self.process is not None:
-            stop_process_group(self.process.pid, timeout=15)
+            grace = float(self.extra_env.get("VLM_DRAIN_GRACE_S") or os.environ.get("VLM_DRAIN_GRACE_S") or 30)
+            stop_process_group(self.process.pid, timeout=grace + 10)
             self.process.wait()
             self.process = None
 

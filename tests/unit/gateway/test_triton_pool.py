@@ -278,3 +278,13 @@ def test_metrics_show_each_servers_health_and_load():
         assert sample("vlm_backend_requests_in_flight", {"backend": "a:1"}) == 0
 
     asyncio.run(main())
+
+
+def test_model_parameters_come_from_a_server_where_the_model_is_ready():
+    async def main():
+        pool, servers = pool_of("a:1", "b:1")
+        servers["a:1"].index = []
+        await pool.probe()
+        assert await pool.model_parameters("pixtral_generate") == {"server": "b:1"}
+
+    asyncio.run(main())

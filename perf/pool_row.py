@@ -1,0 +1,75 @@
+"""Row 14 of `make bench` (also alone): throughput of a gateway over two Triton servers / over one,
+same machine, same requests, c=16.
+
+    .venv/bin/python -m perf.pool_row [--quick]
+
+Both servers run on this machine's cores: where one server already keeps every core busy, a second
+adds no compute, only scheduling (the ratio then says what the pool costs, not what it scales to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+from perf.bench import BENCH, KEY, failures, free_port, load, progress, triton
+from perf.load import GatewayTarget
+from perf.workload import workload
+from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
+
+MEASURE = "throughput, gateway over two Triton servers / over one, same machine, c=16, 16 tokens"
+GOAL = "reported (2 cores: both servers share them)"
+
+
+def gateway_over(triton_url: str, name: str, servers: list) -> GatewayProcess:
+    gateway = GatewayProcess(triton_url=triton_url, address=f"127.0.0.1:{free_port()}", metrics_port=free_port(),
+                             log_path=BENCH / f"gateway_{name}.log", extra_env={"VLM_API_KEYS": KEY})
+    gateway.start()
+    servers.append(gateway)
+    gateway.wait_serving(60)
+    return gateway
+
+
+def row(one: GatewayProcess, first_server, servers: list, images, requests: int) -> tuple:
+    """Start a second server and a gateway over both; alternate loads on it and on `one` (a gateway
+    over `first_server` alone). A row of `make bench`'s table."""
+    second = triton("pool_second", servers)
+    pooled = gateway_over(f"{first_server.grpc_url},{second.grpc_url}", "pool", servers)
+    pairs = []
+    try:
+        for round_ in range(3):
+            progress(f"row 14: round {round_ + 1} of 3 (two servers, then one)")
+            pairs.append((load(lambda: GatewayTarget(pooled.address, KEY, "qwen2.5-vl"), images, 16, requests, 16),
+                          load(lambda: GatewayTarget(one.address, KEY, "qwen2.5-vl"), images, 16, requests, 16)))
+    finally:  # the rows after this one run beside one server, as before
+        for process in (pooled, second):
+            process.stop()
+            servers.remove(process)
+    failed = failures(*(side for pair in pairs for side in pair))
+    ratio = None if failed else statistics.median(a.throughput / b.throughput for a, b in pairs)
+    measured = " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s"
+    return ("14", MEASURE, measured, ratio, GOAL, "x", failed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier)")
+    args = parser.parse_args(argv)
+    stop_on_signals()
+    BENCH.mkdir(parents=True, exist_ok=True)
+    servers = []
+    try:
+        first = triton("pool_first", servers)
+        one = gateway_over(first.grpc_url, "pool_one", servers)
+        _, measure, measured, ratio, goal, _, failed = row(one, first, servers, workload(16), 32 if args.quick else 96)
+        print("| # | measure | measured | ratio | goal |\n| --- | --- | --- | --- | --- |")
+        print(f"| 14 | {measure} | {measured} | {'not a result: ' + failed if failed else f'{ratio:.2f}x'} | {goal} |")
+    finally:
+        for process in reversed(servers):
+            process.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
