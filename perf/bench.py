@@ -80,11 +80,13 @@ def repository(name: str, **profile_changes) -> Path:
     return target
 
 
-def triton(name: str, servers: list, **profile_changes) -> TritonServer:
-    """A started server, on `servers` (stopped on exit) before it is waited for."""
+def triton(name: str, servers: list, env: dict[str, str] | None = None, **profile_changes) -> TritonServer:
+    """A started server, on `servers` (stopped on exit) before it is waited for; `env`: added to
+    its environment."""
     progress(f"starting Triton '{name}'")
     server = TritonServer(repository=repository(name, **profile_changes), http_port=free_port(),
-                          grpc_port=free_port(), metrics_port=free_port(), log_path=BENCH / f"{name}.log")
+                          grpc_port=free_port(), metrics_port=free_port(), log_path=BENCH / f"{name}.log",
+                          extra_env=env or {})
     server.start()
     servers.append(server)
     server.wait_ready(300)

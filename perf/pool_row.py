@@ -31,10 +31,10 @@ def gateway_over(triton_url: str, name: str, servers: list) -> GatewayProcess:
     return gateway
 
 
-def row(one: GatewayProcess, first_server, servers: list, images, requests: int) -> tuple:
-    """Start a second server and a gateway over both; alternate loads on it and on `one` (a gateway
-    over `first_server` alone). A row of `make bench`'s table."""
-    second = triton("pool_second", servers)
+def row(one: GatewayProcess, first_server, servers: list, images, requests: int, env: dict | None = None) -> tuple:
+    """Start a second server (with `env` added to its environment) and a gateway over both;
+    alternate loads on it and on `one` (a gateway over `first_server` alone). A row of `make bench`'s table."""
+    second = triton("pool_second", servers, env)
     pooled = gateway_over(f"{first_server.grpc_url},{second.grpc_url}", "pool", servers)
     pairs = []
     try:
@@ -55,14 +55,18 @@ def row(one: GatewayProcess, first_server, servers: list, images, requests: int)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier)")
+    parser.add_argument("--threads-per-server", type=int,
+                        help="OMP_NUM_THREADS and MKL_NUM_THREADS of each server (default: the libraries' own, one per core)")
     args = parser.parse_args(argv)
+    env = ({"OMP_NUM_THREADS": str(args.threads_per_server), "MKL_NUM_THREADS": str(args.threads_per_server)}
+           if args.threads_per_server else None)
     stop_on_signals()
     BENCH.mkdir(parents=True, exist_ok=True)
     servers = []
     try:
-        first = triton("pool_first", servers)
+        first = triton("pool_first", servers, env)
         one = gateway_over(first.grpc_url, "pool_one", servers)
-        _, measure, measured, ratio, goal, _, failed = row(one, first, servers, workload(16), 32 if args.quick else 96)
+        _, measure, measured, ratio, goal, _, failed = row(one, first, servers, workload(16), 32 if args.quick else 96, env)
         print("| # | measure | measured | ratio | goal |\n| --- | --- | --- | --- | --- |")
         print(f"| 14 | {measure} | {measured} | {'not a result: ' + failed if failed else f'{ratio:.2f}x'} | {goal} |")
     finally:
