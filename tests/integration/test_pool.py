@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -70,8 +72,7 @@ def served(server: TritonServer) -> int:
 
 def backends(gateway) -> dict[str, vlm_pb2.Backend]:
     with VLMClient(gateway.address, api_key=DEV_ADMIN_API_KEY) as admin:
-        reply = admin._call(admin.admin.ListBackends, vlm_pb2.ListBackendsRequest(), 10, idempotent=True)
-    return {backend.address: backend for backend in reply.backends}
+        return {backend.address: backend for backend in admin.list_backends(timeout=10)}
 
 
 def in_parallel(count: int, work) -> list:
@@ -102,6 +103,14 @@ def test_load_spreads_over_the_servers(servers, gateway):
     assert set(states) == {a.grpc_url, b.grpc_url}
     assert all(state.healthy and list(state.ready_models) == ["pixtral"] and state.outstanding_requests == 0
                for state in states.values())
+    listed = subprocess.run([sys.executable, "-m", "vlm_client.cli", "--address", gateway.address, "backends"],
+                            env={**os.environ, "VLM_API_KEY": DEV_ADMIN_API_KEY}, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(listed.stdout.splitlines()) == sorted(f"{server.grpc_url}\thealthy\tin_flight=0\tready=pixtral"
+                                                        for server in (a, b))
+    refused = subprocess.run([sys.executable, "-m", "vlm_client.cli", "--address", gateway.address, "backends"],
+                             env={**os.environ, "VLM_API_KEY": KEY}, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr  # admins only
 
 
 def test_a_new_version_is_loaded_on_every_server_and_named_once_ready_everywhere(servers, gateway):

@@ -3,6 +3,7 @@
     VLM_API_KEY=dev-local-key vlm generate --model qwen2.5-vl --image photo.jpg "What is this?" --stream
     VLM_API_KEY=dev-local-key vlm models
     VLM_API_KEY=dev-admin-key vlm load qwen2.5-vl     # put new versions/configs live (admin key)
+    VLM_API_KEY=dev-admin-key vlm backends            # the Triton servers behind the gateway
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: %(default)s)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands.add_parser("models", help="list served models")
+    commands.add_parser("backends", help="list the inference servers behind the gateway and their state (admin key)")
     for name, text in (("load", "load or reload a model from the repository (admin key)"),
                        ("unload", "unload a model (admin key)")):
         commands.add_parser(name, help=text).add_argument("model")
@@ -97,13 +99,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(client: VLMClient, args) -> int:
+    if args.command == "backends":
+        for backend in client.list_backends():
+            state = "retired" if backend.retired else "healthy" if backend.healthy else "ejected"
+            print(f"{backend.address}\t{state}\tin_flight={backend.outstanding_requests}\t"
+                  f"ready={','.join(backend.ready_models) or '-'}"
+                  + (f"\tlast_error={backend.last_error}" if backend.last_error else ""))
+        return 0
     if args.command in ("models", "load", "unload"):
         if args.command == "load":
             reply = client.load_model(args.model)
-            print(f"loaded in {reply.load_seconds:.1f}s", file=sys.stderr)
+            print(f"loaded in {reply.load_seconds:.1f}s on " + ", ".join(b.address for b in reply.backends),
+                  file=sys.stderr)
             models = [reply.model]
         elif args.command == "unload":
-            models = [client.unload_model(args.model).model]
+            reply = client.unload_model(args.model)
+            print("unloaded on " + ", ".join(b.address for b in reply.backends), file=sys.stderr)
+            models = [reply.model]
         else:
             models = client.list_models()
         for model in models:

@@ -214,6 +214,10 @@ class VLMClient(_Base):
     def unload_model(self, model: str, timeout: float | None = 120.0) -> vlm_pb2.UnloadModelResponse:
         return self._call(self.admin.UnloadModel, vlm_pb2.UnloadModelRequest(model=model), timeout)
 
+    def list_backends(self, timeout: float | None = None) -> list[vlm_pb2.Backend]:
+        """The inference servers behind the gateway and their state (admin key)."""
+        return list(self._call(self.admin.ListBackends, vlm_pb2.ListBackendsRequest(), timeout, idempotent=True).backends)
+
 
 class AsyncVLMClient(_Base):
     """asyncio client. `async with AsyncVLMClient(...) as client: await client.generate(...)`."""
