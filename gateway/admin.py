@@ -64,8 +64,8 @@ class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
                 loaded = [address for address, error in results.items() if not error]
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"loading {triton_model} failed on " + "; ".join(f"{a}: {e}" for a, e in failed.items())
-                    + "; the previous version keeps serving there"
+                    f"loading {triton_model} failed; the previous version keeps serving: "
+                    + "; ".join(f"on {a}: {e}" for a, e in failed.items())
                     + (f" (it loaded on {', '.join(loaded)})" if loaded else ""),
                 )
         index = await self._settled_index(ensemble, context)

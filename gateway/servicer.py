@@ -17,7 +17,8 @@ from gateway import image_urls
 from gateway.errors import ApiError
 from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
-from gateway.triton_backend import TritonBackend, is_unloaded, pipeline_ready, to_api_error
+from gateway.triton_backend import is_unloaded, pipeline_ready, to_api_error
+from gateway.triton_pool import NoServerReady, TritonPool
 from gateway.validation import ValidatedRequest, validate
 from vlm_serving import tasks, tools
 from vlm_serving.generation.structured import TOOL_CALL
@@ -38,7 +39,7 @@ FINISH_REASONS = {
 
 
 class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
-    def __init__(self, settings: Settings, backend: TritonBackend, metrics: Metrics):
+    def __init__(self, settings: Settings, backend: TritonPool, metrics: Metrics):
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
@@ -212,6 +213,9 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                     await deliver(chunk, call, outcome)
         except InferenceServerException as exc:
             raise to_api_error(exc, call.model, call.ensemble, [image.field for image in call.images]) from None
+        except NoServerReady as exc:  # said with the model's public name
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"model {call.model!r} is not ready on any inference server "
+                           f"({exc.states}); retry with backoff", retry_after_s=exc.retry_after_s) from None
 
 
 RESULT_FIELDS = {tasks.Detections: "detections", tasks.TextLines: "text_lines", tasks.Document: "document",
@@ -272,7 +276,7 @@ class Outcome:
         message.tool_calls.extend(vlm_pb2.ToolCall(name=c.name, arguments=c.arguments) for c in self.tool_calls)
 
 
-async def model_info(backend: TritonBackend, name: str, ensemble: str, index: list[dict]) -> vlm_pb2.ModelInfo:
+async def model_info(backend: TritonPool, name: str, ensemble: str, index: list[dict]) -> vlm_pb2.ModelInfo:
     """What ListModels says of one model: the versions of the generation step behind its ensemble."""
     info = vlm_pb2.ModelInfo(name=name, family=ensemble)
     versioned = ensemble if ensemble == ROUTER else f"{ensemble}_generate"

@@ -71,6 +71,16 @@ def message_of(error: ApiError | InferenceServerException) -> str:
     return error.message if isinstance(error, ApiError) else (error.message() or str(error))
 
 
+class NoServerReady(ApiError):
+    """No server of the pool can take the request now (retryable); `states` says why, per server."""
+
+    def __init__(self, ensemble: str, states: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE,
+                         f"no inference server can take {ensemble!r} now ({states}); retry with backoff",
+                         retry_after_s=1.0)
+        self.states = states
+
+
 @dataclass
 class Server:
     """One Triton server of the pool and what the gateway knows of it."""
@@ -201,14 +211,12 @@ class TritonPool:
             finally:
                 server.outstanding -= 1
 
-    def _none_ready(self, ensemble: str, tried: set[str]) -> ApiError:
+    def _none_ready(self, ensemble: str, tried: set[str]) -> NoServerReady:
         states = "; ".join(f"{s.address}: " + ("retired" if s.retired else "failed this request" if s.address in tried
                                                 else f"not serving it ({s.last_error})" if not s.healthy
                                                 else "model not ready")
                            for s in self.servers.values()) or f"no server found at {self.url}"
-        return ApiError(grpc.StatusCode.UNAVAILABLE,
-                        f"no inference server can take model {ensemble!r} now ({states}); retry with backoff",
-                        retry_after_s=1.0)
+        return NoServerReady(ensemble, states)
 
     # --- the model repository, across servers ----------------------------------------------------
 

@@ -497,3 +497,16 @@ def test_the_request_deadline_covers_fetching_its_image_urls():
 
         run(test, default_timeout_s=0.5, image_url_allowlist=(host,), image_url_timeout_s=10,
             image_url_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+
+
+def test_no_ready_server_is_unavailable_naming_the_public_model():
+    async def test(stub, backend, gw, channel):
+        backend.ready = False
+        await asyncio.sleep(0.2)  # the health watcher's probe finds it not live
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(request(model="qwen2.5-vl"), metadata=KEY)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details().startswith("model 'qwen2.5-vl' is not ready on any inference server (")
+        assert backend.calls == []
+
+    run(test)

@@ -170,8 +170,8 @@ def test_no_server_left_is_unavailable_with_retry_info_naming_each_server():
         with pytest.raises(ApiError) as refused:
             await answer(pool)
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE and refused.value.retry_after_s
-        assert "a:1: not serving it (failed to connect" in refused.value.message
-        assert "b:1: model not ready" in refused.value.message
+        assert "a:1: not serving it (failed to connect" in refused.value.states
+        assert "b:1: model not ready" in refused.value.states
         assert not pool.serves("pixtral") and await pool.server_live()  # b:1 is live, without the model
 
     asyncio.run(main())
