@@ -3,6 +3,7 @@ Triton stand-in of test_servicer (the real stack: tests/integration/test_openai_
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -135,3 +136,30 @@ def test_a_bad_key_an_oversized_body_a_full_queue_and_a_down_server_have_their_c
         assert down.value.status_code == 503
 
     run(test, max_request_bytes=4000)
+
+
+def test_a_stream_read_slowly_holds_its_generation_and_ends_at_its_deadline():
+    """The events wait in a queue of VLM_MAX_STREAM_BACKLOG: a reader that stalls holds up its own
+    generation (memory stays bounded) until the deadline ends it, as on gRPC."""
+    async def test(stub, backend, gw, channel):
+        # Far more than the socket buffers hold: the gateway must wait for the reader.
+        backend.script = [ResponseChunk("x" * 50_000, [1], False)] * 400 + [ResponseChunk("end", [2], True, "stop")]
+        body = {"model": "pixtral", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        events = []
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}", timeout=30) as client:
+            async with client.stream("POST", "/v1/chat/completions", json=body,
+                                     headers={"Authorization": "Bearer secret"}) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[len("data: "):])
+                        if len(events) == 1:
+                            await asyncio.sleep(2)  # a reader that stalls past the 1 s deadline
+        assert events[-1] == "[DONE]" and len(events) < 402
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "deadline_exceeded" or "deadline" in error["message"], error
+        sample = gw.metrics.registry.get_sample_value
+        assert sample("vlm_requests_total", {"model": "pixtral", "method": "GenerateStream",
+                                             "code": "DEADLINE_EXCEEDED"}) == 1
+
+    run(test, default_timeout_s=1.0, max_stream_backlog=4)
