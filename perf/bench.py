@@ -44,7 +44,7 @@ from PIL import Image
 
 from perf.encoders import mid_size_qwen_checkpoint, rows as encoder_rows
 from perf.image_kinds import accuracy_and_time as classifier_accuracy_and_time
-from perf.load import GatewayTarget, HttpTarget, TritonTarget, run_load
+from perf.load import GatewayTarget, TritonTarget, run_load
 from perf.workload import perf_analyzer_input, synthetic_image, workload
 from vlm_serving.deploy.render import PROFILES, Batching, copy_model_code, render_repository
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
@@ -219,6 +219,30 @@ def constrained_decoding_rows() -> list[tuple]:
             for i, (name, measured, ratio, goal) in enumerate(constrained_rows("qwen2_5_vl", generator, SHAPES["tiny"]))]
 
 
+def alternate(first, second, rounds=3):
+    """`first()` and `second()` (load runs) in alternation: (the pairs, the median throughput ratio or
+    None when a run failed, why it failed)."""
+    pairs = [(first(), second()) for _ in range(rounds)]
+    failed = failures(*(side for pair in pairs for side in pair))
+    return pairs, (None if failed else statistics.median(a.throughput / b.throughput for a, b in pairs)), failed
+
+
+def throughputs(pairs) -> str:
+    return " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s"
+
+
+def print_table(rows) -> None:
+    """Rows (key, measure, measured, ratio, goal, unit, failed) as the Markdown table RESULTS.md holds."""
+    print("\n| # | measure | measured | ratio | goal |")
+    print("| --- | --- | --- | --- | --- |")
+    for key, name, measured, ratio, goal, unit, failed in sorted(rows):
+        if failed:
+            value = f"not a result: {failed}"
+        else:
+            value = f"{ratio:.2f} ms" if unit == "ms" else f"{ratio:.2f}x"
+        print(f"| {key} | {name} | {measured} | {value} | {goal} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Benchmarks with ratios measured in one run.")
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier)")
@@ -245,18 +269,12 @@ def main() -> int:
         servers.append(gateway)
         gateway.wait_serving(60)
 
-        def alternate(first, second, rounds=3):
-            pairs = [(first(), second()) for _ in range(rounds)]
-            failed = failures(*(side for pair in pairs for side in pair))
-            return pairs, (None if failed else statistics.median(a.throughput / b.throughput for a, b in pairs)), failed
-
         progress("row 2: dynamic batching on / off")
         pairs, ratio, failed = alternate(
             lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(64), 32),
             lambda: load(lambda: TritonTarget(unbatched.grpc_url, "qwen2_5_vl"), images, 16, n(48), 32))
         rows.append(("2", "batching on (default: in flight) / off (static, max batch 1), c=16, 32 tokens",
-                     " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 4", "x",
-                     failed))
+                     throughputs(pairs), ratio, ">= 4", "x", failed))
         unbatched.stop()
         servers.remove(unbatched)
 
@@ -265,8 +283,7 @@ def main() -> int:
             lambda: load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 16, n(96), 16),
             lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(96), 16))
         rows.append(("1a", "gateway / direct Triton throughput, c=16, 16 tokens",
-                     " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 0.95", "x",
-                     failed))
+                     throughputs(pairs), ratio, ">= 0.95", "x", failed))
         added, runs = [], []
         for _ in range(3):
             via_gateway = load(lambda: GatewayTarget(gateway.address, KEY, "pixtral"), text_only, 1, n(100), 1)
@@ -279,12 +296,9 @@ def main() -> int:
                      "<= 1 ms", "ms", failed))
 
         progress("row 13: the OpenAI-compatible HTTP API against gRPC")
-        pairs, ratio, failed = alternate(
-            lambda: load(lambda: HttpTarget(f"http://{gateway.http_address}", KEY, "qwen2.5-vl"), images, 16, n(96), 16),
-            lambda: load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 16, n(96), 16))
-        rows.append(("13", "OpenAI HTTP / gRPC throughput through the same gateway, c=16, 16 tokens, same requests",
-                     " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s", ratio, ">= 0.9",
-                     "x", failed))
+        from perf import http_row
+
+        rows.append(http_row.row(gateway, images, n(96)))
 
         progress("row 14: a gateway over two Triton servers against one")
         from perf import pool_row
@@ -377,14 +391,7 @@ def main() -> int:
     progress("row 12: constrained decoding")
     rows += constrained_decoding_rows()
 
-    print("\n| # | measure | measured | ratio | goal |")
-    print("| --- | --- | --- | --- | --- |")
-    for key, name, measured, ratio, goal, unit, failed in sorted(rows):
-        if failed:
-            value = f"not a result: {failed}"
-        else:
-            value = f"{ratio:.2f} ms" if unit == "ms" else f"{ratio:.2f}x"
-        print(f"| {key} | {name} | {measured} | {value} | {goal} |")
+    print_table(rows)
     for note in notes:
         print(f"- {note}")
     return 0

@@ -10,10 +10,9 @@ adds no compute, only scheduling (the ratio then says what the pool costs, not w
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
-from perf.bench import BENCH, KEY, failures, free_port, load, progress, triton
+from perf.bench import BENCH, KEY, alternate, free_port, load, print_table, progress, throughputs, triton
 from perf.load import GatewayTarget
 from perf.workload import workload
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
@@ -36,20 +35,16 @@ def row(one: GatewayProcess, first_server, servers: list, images, requests: int,
     alternate loads on it and on `one` (a gateway over `first_server` alone). A row of `make bench`'s table."""
     second = triton("pool_second", servers, env)
     pooled = gateway_over(f"{first_server.grpc_url},{second.grpc_url}", "pool", servers)
-    pairs = []
     try:
-        for round_ in range(3):
-            progress(f"row 14: round {round_ + 1} of 3 (two servers, then one)")
-            pairs.append((load(lambda: GatewayTarget(pooled.address, KEY, "qwen2.5-vl"), images, 16, requests, 16),
-                          load(lambda: GatewayTarget(one.address, KEY, "qwen2.5-vl"), images, 16, requests, 16)))
+        progress("row 14: three rounds of two servers, then one")
+        pairs, ratio, failed = alternate(
+            lambda: load(lambda: GatewayTarget(pooled.address, KEY, "qwen2.5-vl"), images, 16, requests, 16),
+            lambda: load(lambda: GatewayTarget(one.address, KEY, "qwen2.5-vl"), images, 16, requests, 16))
     finally:  # the rows after this one run beside one server, as before
         for process in (pooled, second):
             process.stop()
             servers.remove(process)
-    failed = failures(*(side for pair in pairs for side in pair))
-    ratio = None if failed else statistics.median(a.throughput / b.throughput for a, b in pairs)
-    measured = " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s"
-    return ("14", MEASURE, measured, ratio, GOAL, "x", failed)
+    return ("14", MEASURE, throughputs(pairs), ratio, GOAL, "x", failed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         first = triton("pool_first", servers, env)
         one = gateway_over(first.grpc_url, "pool_one", servers)
-        _, measure, measured, ratio, goal, _, failed = row(one, first, servers, workload(16), 32 if args.quick else 96, env)
-        print("| # | measure | measured | ratio | goal |\n| --- | --- | --- | --- | --- |")
-        print(f"| 14 | {measure} | {measured} | {'not a result: ' + failed if failed else f'{ratio:.2f}x'} | {goal} |")
+        print_table([row(one, first, servers, workload(16), 32 if args.quick else 96, env)])
     finally:
         for process in reversed(servers):
             process.stop()
