@@ -23,6 +23,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import grpc
@@ -192,9 +193,11 @@ class TritonPool:
             delivered = False
             server.outstanding += 1
             try:
-                async for chunk in server.backend.generate(ensemble, *args, **kwargs):
-                    delivered = True
-                    yield chunk
+                # Closed with this generator: a caller who gives up cancels the request on its server now.
+                async with aclosing(server.backend.generate(ensemble, *args, **kwargs)) as chunks:
+                    async for chunk in chunks:
+                        delivered = True
+                        yield chunk
                 return
             except (InferenceServerException, ApiError) as error:
                 failure = server_failure(error)

@@ -28,16 +28,19 @@ class Scripted:
         self.address, self.live, self.index = address, True, list(READY)
         self.chunks = [ResponseChunk("Hel", [1], False), ResponseChunk("lo", [2], True, "stop")]
         self.error, self.fail_after, self.hold = None, 0, None
-        self.requests, self.loaded, self.closed = 0, [], False
+        self.requests, self.loaded, self.closed, self.ended = 0, [], False, 0
 
     async def generate(self, ensemble, *args, **kwargs):
         self.requests += 1
-        if self.hold is not None:
-            await self.hold.wait()
-        for sent, chunk in enumerate(self.chunks):
-            if self.error is not None and sent == self.fail_after:
-                raise self.error
-            yield chunk
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            for sent, chunk in enumerate(self.chunks):
+                if self.error is not None and sent == self.fail_after:
+                    raise self.error
+                yield chunk
+        finally:  # where TritonBackend cancels an unfinished request in Triton
+            self.ended += 1
 
     async def server_live(self):
         if not self.live:
@@ -286,5 +289,17 @@ def test_model_parameters_come_from_a_server_where_the_model_is_ready():
         servers["a:1"].index = []
         await pool.probe()
         assert await pool.model_parameters("pixtral_generate") == {"server": "b:1"}
+
+    asyncio.run(main())
+
+
+def test_a_caller_who_gives_up_ends_the_servers_request_at_once():
+    async def main():
+        pool, servers = pool_of("a:1")
+        await pool.probe()
+        chunks = pool.generate("pixtral", [], [], None, "r")
+        assert (await anext(chunks)).text == "Hel"
+        await chunks.aclose()
+        assert servers["a:1"].ended == 1 and pool.servers["a:1"].outstanding == 0
 
     asyncio.run(main())
