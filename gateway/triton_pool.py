@@ -176,8 +176,8 @@ class TritonPool:
         candidates = [s for s in self.servers.values() if s.serves(ensemble) and s.address not in tried]
         if not candidates:
             return None
-        turn = next(self._turn)
-        return min(candidates, key=lambda s: (s.outstanding, (candidates.index(s) - turn) % len(candidates)))
+        turn = next(self._turn) % len(candidates)
+        return min(candidates[turn:] + candidates[:turn], key=lambda s: s.outstanding)  # min keeps the first of ties
 
     # --- requests ---------------------------------------------------------------------------------
 
