@@ -2,13 +2,18 @@
 tool's parameter schema, and calls parsed from the answer.
 
 Light (no model code): the gateway validates tools and parses calls, preprocessing writes the tools
-into the prompt (it knows the family), the generation step wraps the call grammar in the family's
-call markers (`CALL_WRAPPERS`).
+and an earlier round's calls and results into the prompt (it knows the family), the generation step
+wraps the call grammar in the family's call markers (`CALL_WRAPPERS`).
 
 Formats: Qwen2.5-VL answers `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (the Qwen2.5
 tool format); Pixtral answers `[TOOL_CALLS][{"name": ..., "arguments": {...}}]` (Mistral's). Neither
-tiny nor released vision checkpoint's chat template renders tools, so the tool list is written into
-the system turn as those families' text templates do. One call per answer.
+tiny nor released vision checkpoint's chat template renders tools, calls or results, so the tool
+list is written into the system turn, and calls and results into assistant and user turns, as those
+families' text templates write them (`apply_tools`, `tool_turns`). Mistral's markers are control
+tokens in Mistral's own tokenizers; the tiny Pixtral tokenizer has none, and in any tokenizer these
+blocks reach the template as message text, which `chat.prompt_ids` encodes as text (no control
+token comes from a message): the model reads the markers spelled out, as a caller could also type
+them. One call per answer.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ AUTO, NONE, REQUIRED, NAMED = "auto", "none", "required", "named"
 TOOL_CHOICES = (AUTO, NONE, REQUIRED, NAMED)
 CALL_WRAPPERS = {"qwen2_5_vl": ("<tool_call>\n", "\n</tool_call>"), "pixtral": ("[TOOL_CALLS][", "]")}
 MAX_TOOLS = 32
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A call's id, as a request may send it back (protos/vlm/v1/vlm.proto, ToolCall.id).
+CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ def violations(tools: list[Tool], choice: str, named: str) -> list[tuple[str, st
         problems.append(("tools", f"{len(tools)} tools is over the limit of {MAX_TOOLS}"))
     names = [tool.name for tool in tools]
     for i, tool in enumerate(tools):
-        if not _NAME.match(tool.name):
+        if not NAME.fullmatch(tool.name):
             problems.append((f"tools[{i}].name", f"{tool.name!r}: 1 to 64 letters, digits, '_' or '-'"))
         if names.count(tool.name) > 1:
             problems.append((f"tools[{i}].name", f"{tool.name!r} is given twice"))
@@ -85,16 +92,83 @@ def system_text(functions: list[dict], family: str) -> str:
 
 
 def apply_tools(messages: list[dict], functions: list[dict], family: str) -> list[dict]:
-    """The messages with the tools block added to the system turn (one is added if there is none).
+    """The messages with the tools block added to the system turn (one is added if there is none);
+    a system message's content is one string here (chat.template_messages joins its parts).
     The block is the service's text: callers' text never becomes the markers (see chat.prompt_ids)."""
     if not functions:
         return messages
     block = system_text(functions, family)
     if messages and messages[0].get("role") == "system":
-        content = messages[0]["content"]
-        text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+        text = messages[0]["content"]
         return [{"role": "system", "content": f"{text}\n\n{block}" if text else block}, *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
+
+
+def tool_turns(messages: list[dict], family: str) -> list[dict]:
+    """The messages with an earlier round's calls and results as turns the family's chat template
+    renders (neither public template takes tool_calls or a "tool" role): each assistant message
+    that made calls holds them after its text, written as the family writes calls; a run of tool
+    messages becomes one user turn of their results. Pixtral's template needs user and assistant
+    turns to alternate, so there a user message right after the results joins their turn.
+
+    Qwen2.5's tool template: `<tool_call>\\n{"name": .., "arguments": {..}}\\n</tool_call>` per call,
+    one per line after the text; each result as `<tool_response>\\n...\\n</tool_response>`, one per line.
+    Mistral's (mistral_common, tokenizer V3): `[TOOL_CALLS][{"name": .., "arguments": {..}, "id": ..}, ..]`,
+    each result as `[TOOL_RESULTS]{"content": .., "call_id": ..}[/TOOL_RESULTS]` (content parsed
+    when it is JSON). Tool messages' content is one string here (chat.template_messages)."""
+    turns: list[dict] = []
+    results: list[str] = []  # the run of tool results being gathered
+    for message in messages:
+        if message["role"] == "tool":
+            results.append(_result_text(message, family))
+            continue
+        if results:
+            joined = _RESULT_SEPARATORS[family].join(results)
+            results = []
+            if family == "pixtral" and message["role"] == "user":
+                turns.append({**message, "content": [{"type": "text", "text": joined}, *_parts(message["content"])]})
+                continue
+            turns.append({"role": "user", "content": joined})
+        turns.append(_with_calls(message, family) if message.get("tool_calls") else message)
+    if results:
+        turns.append({"role": "user", "content": _RESULT_SEPARATORS[family].join(results)})
+    return turns
+
+
+# Between two results of one run: Qwen writes each block on a line of its own, Mistral back to back.
+_RESULT_SEPARATORS = {"qwen2_5_vl": "\n", "pixtral": ""}
+
+
+def _parts(content: str | list | None) -> list[dict]:
+    if isinstance(content, list):
+        return content
+    return [{"type": "text", "text": content}] if content else []
+
+
+def _with_calls(message: dict, family: str) -> dict:
+    """An assistant message whose calls follow its text (parts kept, so the template renders them)."""
+    calls = message["tool_calls"]
+    if family == "qwen2_5_vl":
+        written = "\n".join("<tool_call>\n" + json.dumps({"name": call["name"], "arguments": json.loads(call["arguments"])},
+                                                         ensure_ascii=False) + "\n</tool_call>" for call in calls)
+    else:
+        written = "[TOOL_CALLS]" + json.dumps([{"name": call["name"], "arguments": json.loads(call["arguments"])}
+                                               | ({"id": call["id"]} if call.get("id") else {}) for call in calls],
+                                              ensure_ascii=False)
+    parts = _parts(message["content"])
+    if parts and family == "qwen2_5_vl":  # the calls start on a line of their own after the text
+        written = "\n" + written
+    return {"role": "assistant", "content": [*parts, {"type": "text", "text": written}]}
+
+
+def _result_text(message: dict, family: str) -> str:
+    if family == "qwen2_5_vl":
+        return f"<tool_response>\n{message['content']}\n</tool_response>"
+    try:  # as mistral_common: JSON content is written as the value it holds
+        content = json.loads(message["content"])
+    except ValueError:
+        content = message["content"]
+    return f"[TOOL_RESULTS]{json.dumps({'content': content, 'call_id': message['tool_call_id']}, ensure_ascii=False)}[/TOOL_RESULTS]"
 
 
 def call_schema(tools: list[Tool]) -> dict:

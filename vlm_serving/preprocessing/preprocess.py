@@ -21,13 +21,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlm_serving.preprocessing.chat import count_images, load_chat_template, parse_messages, prompt_ids
+from vlm_serving.preprocessing.chat import count_images, load_chat_template, parse_messages, prompt_ids, template_messages
 from vlm_serving.encoding.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
 from vlm_serving.preprocessing.image_kind import ImageKind, classify
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, decode_image, upright_size
 from vlm_serving.generation.loading import context_tokens
 from vlm_serving.tasks import apply_task
-from vlm_serving.tools import apply_tools
 from vlm_serving.preprocessing.resolution import ImageDetail, PixelRange, ResolutionPresets
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
@@ -120,7 +119,7 @@ class FamilyPreprocessor:
         messages = parse_messages(messages_json)
         if task:
             messages = apply_task(messages, task, self.family)
-        messages = apply_tools(messages, list(tools), self.family)
+        messages = template_messages(messages, self.family, list(tools))
         expected = count_images(messages)
         if expected != len(encoded_images):
             raise ImageError(
