@@ -12,6 +12,8 @@ class SettingsError(ValueError):
 
 
 REFLECTION_MODES = ("public", "authenticated", "off")
+# What a request may carry besides its images: text, tool schemas (32 x 64 KiB), a response format.
+REQUEST_TEXT_ALLOWANCE = 4 * 1024 * 1024
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -32,6 +34,8 @@ class Settings:
     # Public model name -> Triton ensemble (named after its family), or the router "auto".
     models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral",
                                                             "auto": "auto"})
+    # Models this replica must serve to be ready (health SERVING); empty: ready while any model serves.
+    required_models: tuple[str, ...] = ()
     api_keys: frozenset[str] = frozenset()
     # Keys allowed to call admin RPCs (model loading); each must also be in api_keys.
     admin_api_keys: frozenset[str] = frozenset()
@@ -39,13 +43,20 @@ class Settings:
     metrics_port: int = 9090
     max_images: int = 16
     max_image_bytes: int = 20 * 1024 * 1024
-    # Largest request message accepted at all (gRPC refuses bigger ones with RESOURCE_EXHAUSTED).
-    max_request_bytes: int = 64 * 1024 * 1024
-    max_prompt_chars: int = 32_768
-    max_messages: int = 256
-    max_tokens_limit: int = 4096
     # All image bytes of one request, sent and fetched together.
     max_request_image_bytes: int = 64 * 1024 * 1024
+    # Largest request message accepted at all: gRPC refuses a bigger one (RESOURCE_EXHAUSTED) before
+    # parsing it, HTTP a bigger body (413, with 4/3 of it for base64). Default (from_env): the image
+    # budget plus REQUEST_TEXT_ALLOWANCE for text, tools and schemas.
+    max_request_bytes: int = 64 * 1024 * 1024 + 4 * 1024 * 1024
+    max_prompt_chars: int = 32_768
+    max_messages: int = 256
+    # Parts (text or image) per message and per request; empty text parts are refused.
+    max_parts_per_message: int = 64
+    max_parts: int = 256
+    max_tokens_limit: int = 4096
+    # Requests (HTTP/2 streams) one gRPC connection may have open at once; more wait in the client.
+    max_concurrent_streams: int = 100
     image_url_allowlist: tuple[str, ...] = ()
     # Addresses an allowlisted name may resolve to although they are not public (loopback,
     # private, link-local, ...): refused unless inside one of these networks.
@@ -89,6 +100,11 @@ class Settings:
             if any(len(pair) != 2 or not all(pair) for pair in pairs):
                 raise SettingsError("VLM_MODELS must look like 'qwen2.5-vl=qwen2_5_vl,pixtral=pixtral'")
             models = {name: ensemble for name, ensemble in pairs}
+        required = _list(env.get("VLM_REQUIRED_MODELS", ""))
+        unknown = [name for name in required if name not in models]
+        if unknown:
+            raise SettingsError(f"VLM_REQUIRED_MODELS names {', '.join(unknown)}, not served here "
+                                f"(VLM_MODELS serves {', '.join(models)})")
         api_keys = frozenset(_list(env.get("VLM_API_KEYS", "")))
         if not api_keys:
             raise SettingsError("VLM_API_KEYS is empty: set at least one API key (e.g. VLM_API_KEYS=dev-local-key)")
@@ -106,22 +122,28 @@ class Settings:
             parse_targets(env.get("VLM_TRITON_URL", defaults.triton_url))
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        image_budget = number("VLM_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes)
         return cls(
             listen_address=env.get("VLM_LISTEN_ADDRESS", defaults.listen_address),
             http_address=env.get("VLM_HTTP_ADDRESS", defaults.http_address),
             triton_url=env.get("VLM_TRITON_URL", defaults.triton_url),
             triton_resolve_s=number("VLM_TRITON_RESOLVE_S", defaults.triton_resolve_s, float),
             models=models,
+            required_models=required,
             api_keys=api_keys | admin_keys,
             admin_api_keys=admin_keys,
             metrics_address=env.get("VLM_METRICS_ADDRESS", defaults.metrics_address),
             metrics_port=number("VLM_METRICS_PORT", defaults.metrics_port),
             max_images=number("VLM_MAX_IMAGES", defaults.max_images),
             max_image_bytes=number("VLM_MAX_IMAGE_BYTES", defaults.max_image_bytes),
-            max_request_bytes=number("VLM_MAX_REQUEST_BYTES", defaults.max_request_bytes),
+            max_request_image_bytes=image_budget,
+            max_request_bytes=number("VLM_MAX_REQUEST_BYTES", image_budget + REQUEST_TEXT_ALLOWANCE),
             max_prompt_chars=number("VLM_MAX_PROMPT_CHARS", defaults.max_prompt_chars),
+            max_messages=number("VLM_MAX_MESSAGES", defaults.max_messages),
+            max_parts_per_message=number("VLM_MAX_PARTS_PER_MESSAGE", defaults.max_parts_per_message),
+            max_parts=number("VLM_MAX_PARTS", defaults.max_parts),
             max_tokens_limit=number("VLM_MAX_TOKENS_LIMIT", defaults.max_tokens_limit),
-            max_request_image_bytes=number("VLM_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes),
+            max_concurrent_streams=number("VLM_MAX_CONCURRENT_STREAMS", defaults.max_concurrent_streams),
             image_url_allowlist=_list(env.get("VLM_IMAGE_URL_ALLOWLIST", "")),
             image_url_allowed_networks=networks,
             image_url_timeout_s=number("VLM_IMAGE_URL_TIMEOUT_S", defaults.image_url_timeout_s, float),
@@ -135,6 +157,11 @@ class Settings:
             drain_grace_s=number("VLM_DRAIN_GRACE_S", defaults.drain_grace_s, float),
             log_level=env.get("VLM_LOG_LEVEL", defaults.log_level),
         )
+
+    @property
+    def max_http_body_bytes(self) -> int:
+        """The largest HTTP request body: images travel there as base64, 4/3 of their bytes."""
+        return self.max_request_bytes * 4 // 3
 
     def family_of(self, model: str) -> str:
         return self.models[model]

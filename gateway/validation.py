@@ -19,7 +19,12 @@ from vlm_serving import tasks, tools
 from vlm_serving.generation import structured
 from vlm_serving.generation.sampling import SamplingParams
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Roles whose messages hold text only.
+TEXT_ONLY_ROLES = ("system", "tool")
+# A tool's name (as vlm_serving.tools checks it) and a call's id.
+_NAME_OR_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_CALLS_PER_MESSAGE = 32
 # ASCII only: the id goes back in gRPC metadata, which allows nothing else.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
@@ -153,34 +158,7 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     violations: list[tuple[str, str]] = []
     if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         violations.append(("request_id", "1 to 128 ASCII letters, digits and _.:/- characters"))
-    if not request.messages:
-        violations.append(("messages", "at least one message is required"))
-    if len(request.messages) > settings.max_messages:
-        violations.append(("messages", f"{len(request.messages)} messages is over the limit of {settings.max_messages}"))
-    messages, images, text_chars = [], [], 0
-    for i, message in enumerate(request.messages):
-        where = f"messages[{i}]"
-        if message.role not in ROLES:
-            violations.append((f"{where}.role", f"{message.role!r} is not one of {', '.join(ROLES)}"))
-        if not message.parts:
-            violations.append((f"{where}.parts", "at least one part (text or image) is required"))
-        content = []
-        for j, part in enumerate(message.parts):
-            path = f"{where}.parts[{j}]"
-            kind = part.WhichOneof("kind")
-            if kind == "text":
-                text_chars += len(part.text)
-                content.append({"type": "text", "text": part.text})
-            elif kind == "image":
-                source = image_source(part.image, f"{path}.image", settings, violations)
-                if source is not None:
-                    images.append(source)
-                content.append({"type": "image"})
-            else:
-                violations.append((path, "set either text or image"))
-        messages.append({"role": message.role, "content": content})
-    if text_chars > settings.max_prompt_chars:
-        violations.append(("messages", f"{text_chars} characters of text is over the limit of {settings.max_prompt_chars}"))
+    messages, images = conversation(request.messages, settings, violations)
     image_parts = sum(1 for m in messages for c in m["content"] if c["type"] == "image")
     if image_parts > settings.max_images:
         violations.append(("messages", f"{image_parts} images is over the limit of {settings.max_images} per request"))
@@ -231,6 +209,96 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
         task=task,
         tools=tool_list if choice != tools.NONE else [],
     )
+
+
+def conversation(messages, settings: Settings, violations: list) -> tuple[list[dict], list[ImageSource]]:
+    """The messages as the preprocessor takes them and the images to fetch, every problem added to
+    `violations`. Counts are checked before anything is iterated: a flood of messages or parts is
+    refused at the cost of reading its lengths."""
+    if not messages:
+        violations.append(("messages", "at least one message is required"))
+    if len(messages) > settings.max_messages:
+        violations.append(("messages", f"{len(messages)} messages is over the limit of {settings.max_messages}"))
+        return [], []
+    floods = [(f"messages[{i}].parts", f"{len(m.parts)} parts is over the limit of {settings.max_parts_per_message} "
+                                       "per message") for i, m in enumerate(messages) if len(m.parts) > settings.max_parts_per_message]
+    total = sum(len(m.parts) for m in messages)
+    if total > settings.max_parts and not floods:
+        floods.append(("messages", f"{total} parts is over the limit of {settings.max_parts} per request"))
+    if floods:
+        violations += floods
+        return [], []
+    converted, images, text_chars, call_ids = [], [], 0, set()
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.role not in ROLES:
+            violations.append((f"{where}.role", f"{message.role!r} is not one of {', '.join(ROLES)}"))
+        if not message.parts and not message.tool_calls:
+            violations.append((f"{where}.parts", "at least one part (text or image) is required"))
+        content = []
+        for j, part in enumerate(message.parts):
+            path = f"{where}.parts[{j}]"
+            kind = part.WhichOneof("kind")
+            if kind == "text":
+                if not part.text:
+                    violations.append((f"{path}.text", "empty; leave the part out"))
+                text_chars += len(part.text)
+                content.append({"type": "text", "text": part.text})
+            elif kind == "image":
+                if message.role in TEXT_ONLY_ROLES:
+                    violations.append((f"{path}.image", f"a {message.role} message holds text only; send images in "
+                                                        "a user message"))
+                    continue
+                source = image_source(part.image, f"{path}.image", settings, violations)
+                if source is not None:
+                    images.append(source)
+                content.append({"type": "image"})
+            else:
+                violations.append((path, "set either text or image"))
+        entry = {"role": message.role, "content": content}
+        if message.tool_calls:
+            entry["tool_calls"], chars = tool_calls(message, where, violations)
+            text_chars += chars
+            call_ids.update(call["id"] for call in entry["tool_calls"])
+        if message.role == "tool":
+            if not message.tool_call_id:
+                violations.append((f"{where}.tool_call_id", "required in a tool message: the id of the call it answers"))
+            elif message.tool_call_id not in call_ids:
+                violations.append((f"{where}.tool_call_id", f"{message.tool_call_id!r} is not the id of a call in an "
+                                                            "earlier assistant message"))
+            entry["tool_call_id"] = message.tool_call_id
+        elif message.tool_call_id:
+            violations.append((f"{where}.tool_call_id", "only a tool message answers a call"))
+        converted.append(entry)
+    if text_chars > settings.max_prompt_chars:
+        violations.append(("messages", f"{text_chars} characters of text is over the limit of {settings.max_prompt_chars}"))
+    return converted, images
+
+
+def tool_calls(message, where: str, violations: list) -> tuple[list[dict], int]:
+    """An assistant message's earlier calls as the preprocessor takes them, and their characters."""
+    if message.role != "assistant":
+        violations.append((f"{where}.tool_calls", "only an assistant message carries tool calls"))
+    if len(message.tool_calls) > MAX_CALLS_PER_MESSAGE:
+        violations.append((f"{where}.tool_calls", f"{len(message.tool_calls)} calls is over the limit of "
+                                                  f"{MAX_CALLS_PER_MESSAGE} per message"))
+        return [], 0
+    calls, chars = [], 0
+    for k, call in enumerate(message.tool_calls):
+        path = f"{where}.tool_calls[{k}]"
+        if not _NAME_OR_ID.fullmatch(call.name):
+            violations.append((f"{path}.name", f"{call.name!r}: 1 to 64 letters, digits, '_' or '-'"))
+        if not _NAME_OR_ID.fullmatch(call.id):
+            violations.append((f"{path}.id", "1 to 64 letters, digits, '_' or '-': the id the answer gave the call"))
+        try:
+            arguments = json.loads(call.arguments)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            violations.append((f"{path}.arguments", "a JSON object, as the answer gave it"))
+        chars += len(call.name) + len(call.arguments)
+        calls.append({"id": call.id, "name": call.name, "arguments": call.arguments})
+    return calls, chars
 
 
 def check_image_bytes(data: bytes, settings: Settings) -> str | None:

@@ -1,0 +1,153 @@
+"""The front door under hostile traffic, on the real gateway process: callers without a key cost no
+memory, floods of parts are refused at once, and limits hold over both APIs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx2 as httpx
+import pytest
+from vlm.v1 import vlm_pb2, vlm_pb2_grpc
+
+from gateway.errors import field_violations
+from tests.integration.conftest import KEY, start_gateway
+
+pytestmark = pytest.mark.integration
+MiB = 1024 * 1024
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class PeakResident:
+    """Samples a process's resident memory every few milliseconds while in use; `.peak` is the most seen."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.running = pid, resident_bytes(pid), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, resident_bytes(self.pid))
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def front_door(triton, tmp_path_factory):
+    gateway = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("front-door"))
+    yield gateway
+    gateway.stop()
+
+
+def stub_of(channel) -> vlm_pb2_grpc.VisionLanguageServiceStub:
+    return vlm_pb2_grpc.VisionLanguageServiceStub(channel)
+
+
+def test_anonymous_compressed_calls_cost_the_gateway_no_memory(front_door):
+    # Each call is about 60 KiB on the wire and 60 MiB once inflated; none carries a key.
+    bomb = vlm_pb2.GenerateRequest(model="pixtral", messages=[vlm_pb2.Message(
+        role="user", parts=[vlm_pb2.Part(text="a" * (60 * MiB))])])
+    pid = front_door.process.pid
+    with grpc.insecure_channel(front_door.address, options=[("grpc.max_send_message_length", -1)],
+                               compression=grpc.Compression.Gzip) as channel:
+        stub = stub_of(channel)
+        with pytest.raises(grpc.RpcError):  # warm the connection and the refusal path
+            stub.Generate(vlm_pb2.GenerateRequest(model="pixtral"), timeout=30)
+        idle = resident_bytes(pid)
+        with PeakResident(pid) as memory, ThreadPoolExecutor(10) as pool:
+            calls = [pool.submit(stub.Generate.future(bomb, timeout=120).exception) for _ in range(10)]
+            errors = [call.result() for call in calls]
+    assert all(error.code() == grpc.StatusCode.UNAUTHENTICATED for error in errors), errors
+    grew = memory.peak - idle
+    assert grew < 100 * MiB, f"the gateway grew by {grew / MiB:.0f} MiB refusing calls without a key"
+
+
+def test_a_message_over_the_size_limit_is_refused_before_it_is_parsed(front_door):
+    # With a key, a 100 MiB (inflated) message is over the receive limit: refused by gRPC itself.
+    huge = vlm_pb2.GenerateRequest(model="pixtral", messages=[vlm_pb2.Message(
+        role="user", parts=[vlm_pb2.Part(text="a" * (100 * MiB))])])
+    with grpc.insecure_channel(front_door.address, options=[("grpc.max_send_message_length", -1)],
+                               compression=grpc.Compression.Gzip) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub_of(channel).Generate(huge, metadata=(("authorization", f"Bearer {KEY}"),), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+
+
+def test_a_flood_of_parts_is_refused_at_once_over_grpc(front_door):
+    flood = vlm_pb2.GenerateRequest(model="pixtral", messages=[vlm_pb2.Message(
+        role="user", parts=[vlm_pb2.Part(text="")] * 200_000)])
+    with grpc.insecure_channel(front_door.address) as channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub_of(channel).Generate(flood, metadata=(("authorization", f"Bearer {KEY}"),), timeout=60)
+        took = time.monotonic() - started
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("messages[0].parts", "200000 parts is over the limit of 64 per message") in field_violations(refused.value)
+    assert took < 1.0, took
+
+
+def test_empty_text_parts_are_refused(front_door):
+    request = vlm_pb2.GenerateRequest(model="pixtral", messages=[vlm_pb2.Message(
+        role="user", parts=[vlm_pb2.Part(text="Hi"), vlm_pb2.Part(text="")])])
+    with grpc.insecure_channel(front_door.address) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub_of(channel).Generate(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in field_violations(refused.value)] == ["messages[0].parts[1].text"]
+
+
+def test_a_flood_of_parts_is_refused_at_once_over_http_without_stalling_others(front_door):
+    body = json.dumps({"model": "pixtral", "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]
+                                                         * 1_000_000}]})
+    url = f"http://{front_door.http_address}"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    stalls = []
+
+    def probe_health():  # the event loop stays free: /health answers while the flood is parsed
+        while not done.is_set():
+            started = time.monotonic()
+            httpx.get(f"{url}/health", timeout=10)
+            stalls.append(time.monotonic() - started)
+            time.sleep(0.01)
+
+    done = threading.Event()
+    prober = threading.Thread(target=probe_health, daemon=True)
+    prober.start()
+    started = time.monotonic()
+    reply = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers, timeout=60)
+    took = time.monotonic() - started
+    done.set()
+    prober.join()
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "messages[0].content", reply.json()
+    assert took < 1.0 + 0.5, took  # the upload of 30 MB on loopback included
+    assert max(stalls) < 0.5, f"/health waited {max(stalls):.2f}s while the flood was parsed"
+
+
+def test_http_refuses_a_caller_without_a_key_before_reading_the_body(front_door):
+    # 50 MB declared, a few bytes sent: the refusal comes at once, without waiting for the body.
+    import socket
+
+    host, port = front_door.http_address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 50000000\r\n\r\n{\"model\":")
+        reply = connection.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 401"), reply
