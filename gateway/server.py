@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -56,54 +58,59 @@ class Gateway:
         return self.http.port if self.http else None
 
     async def drain(self, grace: float) -> None:
-        """A rolling update's stop: health says NOT_SERVING at once (gRPC and HTTP), new requests are
-        refused with UNAVAILABLE (retryable: another replica answers), requests in flight get up to
-        `grace` seconds to finish; then the rest are cancelled (their generation rows freed in Triton)
-        and everything closes."""
-        self.servicer.draining = True
+        """A rolling update's stop, moving clients rather than refusing them: health says NOT_SERVING
+        and every connection is told to go at once (gRPC: GOAWAY, so clients open new connections, to
+        another replica; HTTP: the listener closes, idle keep-alive connections close and busy ones
+        close after their answer). Requests in flight get up to `grace` seconds to finish; then the
+        rest are cancelled (their generation rows freed in Triton) and everything closes."""
         self.health_watcher.cancel()
-        self.readiness.serving = False
+        self.readiness.draining = True
         await self.health.enter_graceful_shutdown()
-        in_flight = self.servicer.in_flight
-        log.info("draining", extra={"fields": {"in_flight": in_flight, "grace_s": grace}})
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.servicer.in_flight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        if self.servicer.in_flight:
-            log.warning("grace period over: cancelling the requests left", extra={"fields": {
-                "cancelled": self.servicer.in_flight}})
-        await self.stop(1.0)  # a second to flush the last answers' ends; then whatever runs is cancelled
+        log.info("draining", extra={"fields": {"in_flight": self.servicer.in_flight, "grace_s": grace}})
+        await self.stop(grace)
 
     async def stop(self, grace: float = 5.0) -> None:
         self.health_watcher.cancel()
-        if self.http:
-            await self.http.stop()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), self.http.stop(grace) if self.http else asyncio.sleep(0))
+        if self.servicer.in_flight:
+            log.warning("grace period over: cancelled the requests left", extra={"fields": {
+                "cancelled": self.servicer.in_flight}})
         await self.backend.close()
         self.metrics_http.shutdown()
         self.metrics_http.server_close()
 
 
 class Readiness:
-    """Whether every served model is ready (set by `watch_health`; read by the HTTP API's /health)."""
+    """Whether this replica can serve (read by the HTTP API's /health): some model serves (or every
+    one of the required set does) and it is not draining. Set by `watch_health` and `drain`."""
 
-    serving = False
+    def __init__(self):
+        self.serving = False
+        self.draining = False
 
     def __call__(self) -> bool:
-        return self.serving
+        return self.serving and not self.draining
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's Server without its signal handling: the gateway owns SIGINT and SIGTERM (uvicorn
+    takes them over while it serves and re-raises them after it stops, which killed the process
+    in the middle of its drain)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 class HttpServer:
     """The OpenAI-compatible API on uvicorn, in the gRPC server's event loop."""
 
     def __init__(self, app, address: str):
-        import uvicorn
-
         host, _, port = address.rpartition(":")
         # httptools: the C HTTP parser (h11, the pure-Python one, cost a tenth of the throughput).
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host or "localhost", port=int(port), log_level="warning",
-                                                    lifespan="off", access_log=False, http="httptools",
-                                                    timeout_graceful_shutdown=1))
+        self.config = uvicorn.Config(app, host=host or "localhost", port=int(port), log_level="warning",
+                                     lifespan="off", access_log=False, http="httptools")
+        self.server = _UvicornServer(self.config)
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -118,7 +125,9 @@ class HttpServer:
     def port(self) -> int:
         return self.server.servers[0].sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float) -> None:
+        """Close the listener and idle connections now; answers in flight get `grace` seconds."""
+        self.config.timeout_graceful_shutdown = grace
         self.server.should_exit = True
         if self.task:
             await self.task
@@ -126,8 +135,11 @@ class HttpServer:
 
 async def watch_health(settings: Settings, backend: TritonPool, servicer: health.aio.HealthServicer,
                        readiness: Readiness | None = None) -> None:
-    """Probes the inference servers every few seconds; SERVING only while every served model has a
-    server that can take its requests."""
+    """Probes the inference servers every few seconds. Each model's own health service
+    (`vlm.v1.VisionLanguageService/<model>`) says whether it serves; the overall one ("" and the
+    service's name: what readiness probes ask) says SERVING while this replica can serve: while any
+    model serves, or, with `required_models` set, while every one of them does. One model's outage
+    never takes the replica out of a load balancer while other models answer."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     last = None
@@ -137,7 +149,8 @@ async def watch_health(settings: Settings, backend: TritonPool, servicer: health
         except Exception as exc:  # never let the watcher die: what it could not probe is not serving
             log.warning("health check failed", extra={"fields": {"error": str(exc)}})
         states = {name: backend.serves(ensemble) for name, ensemble in settings.models.items()}
-        overall = all(states.values())
+        required = settings.required_models
+        overall = all(states[name] for name in required) if required else any(states.values())
         if readiness is not None:
             readiness.serving = overall
         for name, ready in states.items():
@@ -163,7 +176,9 @@ async def start(settings: Settings) -> Gateway:
     public = PUBLIC_METHODS | (REFLECTION_METHODS if settings.reflection == "public" else frozenset())
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(settings.api_keys, ADMIN_METHODS, settings.admin_api_keys, public)],
-        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+        # Checked against the inflated size too: a compressed bomb is refused before it is parsed.
+        options=[("grpc.max_receive_message_length", settings.max_request_bytes),
+                 ("grpc.max_concurrent_streams", settings.max_concurrent_streams)],
     )
     servicer = VisionLanguageServicer(settings, backend, metrics)
     vlm_pb2_grpc.add_VisionLanguageServiceServicer_to_server(servicer, server)

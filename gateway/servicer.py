@@ -45,8 +45,6 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         self.metrics = metrics
         # The public name of each family, for the answers model "auto" routes.
         self.public_names = {ensemble: name for name, ensemble in reversed(settings.models.items())}
-        # Set on SIGTERM: new requests are refused (retryably), those in flight finish.
-        self.draining = False
         self.in_flight = 0
 
     def _answering_model(self, requested: str, chunk) -> str:
@@ -127,9 +125,6 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         fail ends in the ApiError returned. `context` needs `time_remaining()` (seconds, or None)
         and `set_trailing_metadata(pairs)`; `deliver(chunk, call, outcome)` sends each chunk."""
         model = request.model if request.model in self.settings.models else "unknown"
-        if self.draining:
-            return ApiError(grpc.StatusCode.UNAVAILABLE, "this gateway is shutting down and takes no new requests; "
-                            "retry (another replica answers)", retry_after_s=0.1)
         self.in_flight += 1
         try:
             return await self._handle(request, context, model, method, stream, deliver)
@@ -212,7 +207,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                             "latency_s": round(time.perf_counter() - started, 4)}})
                     await deliver(chunk, call, outcome)
         except InferenceServerException as exc:
-            raise to_api_error(exc, call.model, call.ensemble, [image.field for image in call.images]) from None
+            raise to_api_error(exc, call.model, [image.field for image in call.images]) from None
         except NoServerReady as exc:  # said with the model's public name
             raise ApiError(grpc.StatusCode.UNAVAILABLE, f"model {call.model!r} is not ready on any inference server "
                            f"({exc.states}); retry with backoff", retry_after_s=exc.retry_after_s) from None

@@ -39,6 +39,7 @@ class ScriptedBackend:
         self.tasks = []
         self.tools = []
         self.ready = True
+        self.unloaded: set[str] = set()  # Triton models left out of the repository index
 
     async def generate(self, ensemble, messages, images, params, request_id, detail=None, routing=None, task=None,
                        tools=""):
@@ -58,7 +59,8 @@ class ScriptedBackend:
     async def repository_index(self):
         if not self.ready:
             return []
-        return [{"name": name, "version": "1", "state": "READY"} for name in pipeline("auto")]
+        return [{"name": name, "version": "1", "state": "READY"} for name in pipeline("auto")
+                if name not in self.unloaded]
 
     async def model_parameters(self, name):
         context = {"pixtral_generate": "8192", "qwen2_5_vl_generate": "4096"}[name]
@@ -308,6 +310,29 @@ def test_health_needs_no_key_and_follows_triton():
     run(test)
 
 
+@pytest.mark.parametrize("required", [(), ("pixtral",)])
+def test_one_models_outage_leaves_the_replica_serving_unless_that_model_is_required(required):
+    async def test(stub, backend, gw, channel):
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status(service=""):
+            return (await health.Check(health_pb2.HealthCheckRequest(service=service))).status
+
+        backend.unloaded = {"pixtral_generate"}
+        await asyncio.sleep(0.2)
+        SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await status("vlm.v1.VisionLanguageService/pixtral") == NOT_SERVING
+        assert await status("vlm.v1.VisionLanguageService/auto") == NOT_SERVING
+        assert await status("vlm.v1.VisionLanguageService/qwen2.5-vl") == SERVING
+        expected = NOT_SERVING if required else SERVING
+        assert await status() == await status("vlm.v1.VisionLanguageService") == expected
+        assert gw.readiness() == (expected == SERVING)
+        models = {m.name: m.ready for m in (await stub.ListModels(vlm_pb2.ListModelsRequest(), metadata=KEY)).models}
+        assert models == {"pixtral": False, "auto": False, "qwen2.5-vl": True}
+
+    run(test, required_models=required)
+
+
 def test_validation_errors_carry_field_violations_and_skip_triton():
     async def test(stub, backend, gw, channel):
         bad = request()
@@ -437,7 +462,13 @@ def test_a_non_ascii_key_is_unauthenticated():
             context.aborted = (code, message)
 
         context.abort = abort
-        await refusal.unary_unary(None, context)
+
+        async def requests():  # the refusal never reads the request
+            raise AssertionError("the request was read")
+            yield
+
+        assert refusal.request_deserializer is None and refusal.stream_unary is not None
+        await refusal.stream_unary(requests(), context)
         return context.aborted
 
     code, message = asyncio.run(main())
