@@ -31,13 +31,34 @@ class _Refused(Exception):
     """Why an image cannot be had, worded for the caller."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Local-use NAT64 (RFC 8215): where the IPv4 address sits depends on the site's prefix length,
+# so no address in it is taken for public.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to, where the network translates or tunnels it:
+    IPv4-mapped, NAT64 (RFC 6052), 6to4, IPv4-compatible and Teredo (the client's address)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
+
+
 def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings) -> str | None:
     """Why the gateway may not connect to `address`, or None."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address) and embedded_ipv4(address) is not None:
+        address = embedded_ipv4(address)
     if any(address in network for network in settings.image_url_allowed_networks):
         return None
-    if address.is_global and not address.is_multicast:
+    if address.is_global and not address.is_multicast and address not in _LOCAL_NAT64:
         return None
     kind = next((name for name, flag in (("loopback", address.is_loopback), ("link-local (cloud metadata)", address.is_link_local),
                                          ("private", address.is_private), ("multicast", address.is_multicast))

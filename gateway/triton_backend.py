@@ -13,6 +13,7 @@ can act on (`to_api_error`).
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import re
 import uuid
@@ -41,8 +42,40 @@ _IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
 _TRITON_MODEL_NOT_READY = re.compile(r"^Request for unknown model: '[^']*' (is not found|has no available versions"
                                      r"|version \S+ is not (found|at ready state))")
 _TRITON_QUEUE_FULL = re.compile(r"^Exceeds maximum queue size")
-# Triton core puts the request's id in front of its own messages.
-_TRITON_REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")
+# What Triton core puts in front of a message: the request's id, the ensemble whose step failed.
+_TRITON_PREFIXES = re.compile(r"^(\[request id: [^\]]*\] |in ensemble '[^']*', )+")
+
+
+class TritonError(enum.Enum):
+    """What a Triton error provably is: one classification, for failover (triton_pool) and for
+    the caller's status code (`to_api_error`)."""
+
+    CALLER = "the request is invalid (our models' prefix)"
+    INTERNAL = "a model failed (our models' prefix)"
+    TRANSPORT = "the connection or stream failed (status UNAVAILABLE): the server may be gone"
+    DEADLINE = "the deadline passed"
+    QUEUE_FULL = "refused before it ran: the model's queue is full"
+    MODEL_NOT_READY = "refused before it ran: the model is not loaded on that server"
+    OTHER = "anything else"
+
+
+def classify(exc: InferenceServerException) -> tuple[TritonError, str]:
+    """The error's kind and its message without Triton's prefixes."""
+    text = _TRITON_PREFIXES.sub("", exc.message() or str(exc))
+    status = str(exc.status() or "")
+    if text.startswith(CALLER_ERROR_PREFIX):
+        return TritonError.CALLER, text[len(CALLER_ERROR_PREFIX):]
+    if text.startswith(INTERNAL_ERROR_PREFIX):
+        return TritonError.INTERNAL, text[len(INTERNAL_ERROR_PREFIX):]
+    if status == str(grpc.StatusCode.UNAVAILABLE):
+        return TritonError.TRANSPORT, text
+    if status == str(grpc.StatusCode.DEADLINE_EXCEEDED):
+        return TritonError.DEADLINE, text
+    if _TRITON_QUEUE_FULL.match(text):
+        return TritonError.QUEUE_FULL, text
+    if _TRITON_MODEL_NOT_READY.match(text):
+        return TritonError.MODEL_NOT_READY, text
+    return TritonError.OTHER, text
 
 
 def pipeline_ready(index: list[dict], ensemble: str) -> bool:
@@ -71,33 +104,31 @@ def unavailable(reason: str) -> InferenceServerException:
     return InferenceServerException(reason, status=str(grpc.StatusCode.UNAVAILABLE))
 
 
-def to_api_error(exc: InferenceServerException, model: str, ensemble: str, image_fields: list[str]) -> ApiError:
-    """Map by what the error provably is: our models' code prefix, the transport's status code,
-    Triton core's own anchored messages; anything else is INTERNAL (never a retryable guess)."""
-    message = exc.message() or str(exc)
-    status = str(exc.status() or "")
-    text = _TRITON_REQUEST_ID.sub("", message.split(f"in ensemble '{ensemble}', ", 1)[-1])
-    if text.startswith(CALLER_ERROR_PREFIX):
-        text = text[len(CALLER_ERROR_PREFIX) :]
+def to_api_error(exc: InferenceServerException, model: str, image_fields: list[str]) -> ApiError:
+    """Map by what the error provably is (`classify`); anything unknown is INTERNAL (never a
+    retryable guess)."""
+    kind, text = classify(exc)
+    if kind is TritonError.CALLER:
         image = _IMAGE_ERROR.match(text)
         if image and int(image.group(1)) < len(image_fields):
             return invalid_argument([(image_fields[int(image.group(1))], image.group(2))])
         if text.startswith("response_format"):  # found when the generation step compiled it
             return invalid_argument([("config.response_format", text)])
         return invalid_argument([("messages", text)])
-    if text.startswith(INTERNAL_ERROR_PREFIX):
-        return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text.removeprefix(INTERNAL_ERROR_PREFIX)}")
-    if status == str(grpc.StatusCode.UNAVAILABLE):
-        return ApiError(grpc.StatusCode.UNAVAILABLE, f"the inference server is unavailable ({message}); retry with backoff")
-    if status == str(grpc.StatusCode.DEADLINE_EXCEEDED):
+    if kind is TritonError.INTERNAL:
+        return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text}")
+    if kind is TritonError.TRANSPORT:
+        return ApiError(grpc.StatusCode.UNAVAILABLE,
+                        f"the inference server is unavailable ({exc.message() or exc}); retry with backoff")
+    if kind is TritonError.DEADLINE:
         return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer was complete")
     # Refused before it ran: the only errors a client may retry (they carry RetryInfo).
-    if _TRITON_QUEUE_FULL.match(text):
+    if kind is TritonError.QUEUE_FULL:
         return ApiError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {model!r} is at capacity (queue full); retry with backoff",
             retry_after_s=0.5,
         )
-    if _TRITON_MODEL_NOT_READY.match(text):
+    if kind is TritonError.MODEL_NOT_READY:
         return ApiError(grpc.StatusCode.UNAVAILABLE, f"model {model!r} is not ready on the inference server ({text})",
                         retry_after_s=1.0)
     return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text}")
@@ -330,6 +361,10 @@ class TritonBackend:
             seed=params.seed,
             stop=list(params.stop),
             repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logprobs=params.logprobs,
+            top_logprobs=params.top_logprobs,
             stream=params.stream,
             response_format=params.response_format.to_wire(),
             request_id=triton_id,

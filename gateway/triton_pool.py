@@ -10,9 +10,11 @@ Servers come from `VLM_TRITON_URL`: one `host:port`, a comma-separated list, or 
 for every address a name resolves to (a Kubernetes headless Service), re-resolved every
 `triton_resolve_s`. The health watcher calls `probe()` every `health_poll_s`: each server's liveness
 and repository index. A server whose request fails on the transport (connection lost, stream
-broken, connect refused) or that says the model is not ready is ejected at once and probed until it
-answers again. A request that had delivered nothing to its caller is then retried on another server;
-one that had (a stream producing text) fails with UNAVAILABLE, so no caller ever sees text twice.
+broken, connect refused) is ejected at once and probed until it answers again (the last server for
+a model is probed at once instead, and kept if it answers); one that says the model is not ready
+there is passed over for that request. A request that had delivered nothing to its caller is then
+retried on another server; one that had (a stream producing text) fails with UNAVAILABLE, so no
+caller ever sees text twice.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import ApiError
-from gateway.triton_backend import _TRITON_MODEL_NOT_READY, TritonBackend, is_unloaded, pipeline_ready
+from gateway.triton_backend import TritonBackend, TritonError, classify, is_unloaded, pipeline_ready
 from vlm_serving.ensemble_client import ResponseChunk
 
 log = logging.getLogger("gateway")
@@ -63,9 +65,7 @@ def server_failure(error: ApiError | InferenceServerException) -> str | None:
     broken: eject the server) or "model" (the model is not ready there: ask another)."""
     if isinstance(error, ApiError):  # refused before sending: no connection to that server
         return "transport" if error.code == grpc.StatusCode.UNAVAILABLE else None
-    if str(error.status() or "") == str(grpc.StatusCode.UNAVAILABLE):
-        return "transport"
-    return "model" if _TRITON_MODEL_NOT_READY.match(error.message() or "") else None
+    return {TritonError.TRANSPORT: "transport", TritonError.MODEL_NOT_READY: "model"}.get(classify(error)[0])
 
 
 def message_of(error: ApiError | InferenceServerException) -> str:
@@ -94,6 +94,8 @@ class Server:
     last_error: str = ""
     # Left the DNS answer: takes no new requests, closed once its last one ends.
     retired: bool = False
+    # A probe under way (after a failure), shared by every request that saw the failure.
+    recheck: asyncio.Task | None = None
 
     def serves(self, ensemble: str) -> bool:
         return self.healthy and not self.retired and pipeline_ready(self.index, ensemble)
@@ -168,6 +170,20 @@ class TritonPool:
             log.warning("backend ejected", extra={"fields": {"backend": server.address, "reason": reason}})
         server.healthy, server.last_error = False, reason
 
+    async def _on_transport_failure(self, server: Server, ensemble: str, reason: str) -> None:
+        """Eject a server whose connection failed, while others serve the model; the last one is
+        probed at once instead and stays if it answers (a stream that broke once must not take the
+        model out of service until the next scheduled probe)."""
+        if any(other.serves(ensemble) for other in self.servers.values() if other is not server):
+            self.eject(server, reason)
+            return
+        if server.recheck is None or server.recheck.done():
+            server.recheck = asyncio.get_running_loop().create_task(self._probe_one(server))
+        await asyncio.shield(server.recheck)
+        if server.healthy:
+            log.info("the only server for a model failed a request and answers its probe: kept", extra={
+                "fields": {"backend": server.address, "model": ensemble, "reason": reason}})
+
     def serves(self, ensemble: str) -> bool:
         """Whether some server can take the model's requests now."""
         return any(server.serves(ensemble) for server in self.servers.values())
@@ -204,7 +220,7 @@ class TritonPool:
                 if failure is None:
                     raise
                 if failure == "transport":
-                    self.eject(server, message_of(error))
+                    await self._on_transport_failure(server, ensemble, message_of(error))
                 if delivered:
                     raise InferenceServerException(
                         f"the inference server at {server.address} failed after the answer had begun "

@@ -50,14 +50,14 @@ def test_invalid_argument_carries_bad_request_details():
     ],
 )
 def test_triton_errors_map_to_actionable_codes(message, status, code, fragment):
-    error = to_api_error(InferenceServerException(message, status=status), "pixtral", "pixtral",
+    error = to_api_error(InferenceServerException(message, status=status), "pixtral",
                          ["messages[0].parts[0].image.data", "messages[0].parts[2].image.url"])
     assert error.code == code and fragment in error.message
 
 
 def test_image_error_names_the_image_field():
     error = to_api_error(InferenceServerException("in ensemble 'pixtral', INVALID_ARGUMENT: image 1: truncated or corrupt PNG data"),
-                         "pixtral", "pixtral", ["messages[0].parts[0].image.data", "messages[1].parts[0].image.url"])
+                         "pixtral", ["messages[0].parts[0].image.data", "messages[1].parts[0].image.url"])
     assert error.violations == [("messages[1].parts[0].image.url", "truncated or corrupt PNG data")]
 
 
@@ -181,6 +181,11 @@ def test_loopback_is_refused_unless_its_network_is_allowed(image_host, host_of):
     ("169.254.169.254", "link-local"), ("10.1.2.3", "private"), ("192.168.0.1", "private"),
     ("100.100.100.200", "non-public"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
     ("fd00:ec2::254", "private"), ("0.0.0.0", "private"), ("8.8.8.8", None), ("2606:4700::1111", None),
+    # Private IPv4 addresses inside IPv6 forms that reach them: NAT64, 6to4, IPv4-compatible, Teredo.
+    ("64:ff9b::a9fe:a9fe", "link-local"), ("64:ff9b::7f00:1", "loopback"), ("64:ff9b::808:808", None),
+    ("64:ff9b:1::a00:1", "non-public"), ("2002:a9fe:a9fe::1", "link-local"), ("2002:c0a8:1::", "private"),
+    ("2002:808:808::1", None), ("::169.254.169.254", "link-local"), ("::10.0.0.1", "private"),
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "private"),  # Teredo: client 10.0.0.1
 ])
 def test_only_public_addresses_are_reachable(address, refused):
     from gateway.image_urls import address_problem
@@ -221,7 +226,7 @@ def test_only_refusals_that_did_no_work_carry_retry_info():
     from grpc_status import rpc_status
 
     def retry_info(message, status=None):
-        error = to_api_error(InferenceServerException(message, status=status), "pixtral", "pixtral", [])
+        error = to_api_error(InferenceServerException(message, status=status), "pixtral", [])
         decoded = rpc_status.status_pb2.Status.FromString(error.to_status().trailing_metadata[0][1])
         return error.code, [d for d in decoded.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
 

@@ -153,13 +153,36 @@ def test_errors_of_the_request_itself_are_not_retried():
     asyncio.run(main())
 
 
-def test_a_model_not_ready_on_one_server_is_asked_of_another_without_ejecting_it():
+@pytest.mark.parametrize("message", [
+    "Request for unknown model: 'pixtral' is not found",
+    # As Triton says it of a step inside the ensemble, with the request's id in front.
+    "[request id: r.1f] in ensemble 'pixtral', Request for unknown model: 'pixtral_generate' version 1 is not at ready state",
+])
+def test_a_model_not_ready_on_one_server_is_asked_of_another_without_ejecting_it(message):
     async def main():
         pool, servers = pool_of("a:1", "b:1")
         await pool.probe()
-        servers["a:1"].error = InferenceServerException("Request for unknown model: 'pixtral' is not found")
+        servers["a:1"].error = InferenceServerException(message)
         assert [await answer(pool) for _ in range(2)] == ["Hello", "Hello"]
-        assert pool.servers["a:1"].healthy
+        assert pool.servers["a:1"].healthy and servers["a:1"].requests >= 1
+
+    asyncio.run(main())
+
+
+def test_the_only_server_is_probed_at_once_after_a_broken_stream_not_ejected_blind():
+    async def main():
+        pool, servers = pool_of("a:1", resolve_s=3600)
+        await pool.probe()
+        servers["a:1"].error = BROKEN  # one stream breaks; the server itself is fine
+        with pytest.raises(ApiError):
+            await answer(pool)
+        servers["a:1"].error = None
+        assert pool.servers["a:1"].healthy  # kept: it answered the probe made at once
+        assert await answer(pool) == "Hello"  # served before any scheduled probe
+        servers["a:1"].error, servers["a:1"].live = BROKEN, False  # now it is really gone
+        with pytest.raises(ApiError):
+            await answer(pool)
+        assert not pool.servers["a:1"].healthy
 
     asyncio.run(main())
 

@@ -78,7 +78,7 @@ def test_any_end_of_the_shared_stream_fails_every_waiter_at_once_and_the_next_re
         outcomes = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 8)
         waited = asyncio.get_running_loop().time() - started
         for outcome in outcomes:
-            assert to_api_error(outcome, "pixtral", "pixtral", []).code == grpc.StatusCode.UNAVAILABLE, outcome
+            assert to_api_error(outcome, "pixtral", []).code == grpc.StatusCode.UNAVAILABLE, outcome
         # All at once: well before the 10 s the waiters' answers would have taken.
         assert waited < 5, waited
         monkeypatch.undo()
