@@ -16,6 +16,6 @@ ENV VLM_LISTEN_ADDRESS=0.0.0.0:50051 \
     VLM_METRICS_ADDRESS=0.0.0.0 \
     PYTHONUNBUFFERED=1
 EXPOSE 50051 8080 9090
-USER 65532
+USER 65532:65532
 HEALTHCHECK --interval=10s --timeout=5s --retries=3 CMD ["python", "-m", "gateway.healthcheck"]
 CMD ["python", "-m", "gateway"]
