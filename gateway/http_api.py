@@ -1,11 +1,16 @@
 """An OpenAI-compatible HTTP API in the gateway process (FastAPI on uvicorn, the gRPC server's loop).
 
-`POST /v1/chat/completions` (unary and server-sent events), `GET /v1/models`, `GET /health`,
-`/openapi.json`. Each request is translated into the public API's `GenerateRequest` and served by
-the very servicer the gRPC API uses (`VisionLanguageServicer.handle`): one copy of validation,
-limits, routing, the Triton connection and metrics. Errors come back in OpenAI's error shape with
-HTTP codes mapped from the gRPC status. A client that disconnects cancels its generation, as a
-cancelled gRPC stream does.
+`POST /v1/chat/completions` (unary and server-sent events), `GET /v1/models`, `GET /v1/models/{id}`,
+`GET /health`, `/openapi.json`. Each request is translated into the public API's `GenerateRequest`
+(gateway/openai_protocol.py) and served by the very servicer the gRPC API uses
+(`VisionLanguageServicer.handle`): one copy of validation, limits, routing, the Triton connection
+and metrics. Errors come back in OpenAI's error shape with HTTP codes mapped from the gRPC status
+and the headers that tell the openai SDK what it may retry. A client that disconnects cancels its
+generation, as a cancelled gRPC stream does, before its first token too.
+
+The key is checked before the body is read; the body is bounded (4/3 of the gRPC message limit,
+for base64), its counts are checked before it is validated, and a large one is parsed off the event
+loop. Every response carries `x-request-id` (the caller's, when it sends a valid one).
 
 Beyond OpenAI's fields, answers carry `vlm` (confidence, model version, route, a task's result or
 why there is none); requests may carry `vlm` too (task, routing), e.g. through the SDK's `extra_body`.
@@ -14,261 +19,51 @@ why there is none); requests may carry `vlm` too (task, routing), e.g. through t
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
-import re
 import time
-from typing import Any, Literal
+import uuid
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from google.protobuf import json_format
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError
 from vlm.v1 import vlm_pb2
 
+from gateway import openai_protocol as protocol
 from gateway.auth import key_matches
 from gateway.errors import ApiError
+from gateway.openai_protocol import ChatCompletionRequest, HttpError, ParamNames, bad_request
+from gateway.openapi import describe
 from gateway.servicer import VisionLanguageServicer
 from gateway.settings import Settings
+from gateway.validation import REQUEST_ID
 
-STATUS_TO_HTTP = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-    grpc.StatusCode.CANCELLED: (499, "cancelled"),
-}
-FINISH_REASONS = {vlm_pb2.FINISH_REASON_STOP: "stop", vlm_pb2.FINISH_REASON_LENGTH: "length",
-                  vlm_pb2.FINISH_REASON_CANCELLED: "stop"}
-DETAILS = {"auto": vlm_pb2.IMAGE_DETAIL_AUTO, "low": vlm_pb2.IMAGE_DETAIL_LOW, "high": vlm_pb2.IMAGE_DETAIL_HIGH}
-_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,(.*)$", re.S)
+# Bodies larger than this are parsed on a worker thread: the event loop serves everyone else meanwhile.
+OFF_LOOP_BYTES = 64 * 1024
 
 
-# ----- the request body (OpenAI's chat completion fields this service serves) -----
+class RequestIds:
+    """ASGI middleware: every request gets an id (the caller's `x-request-id` when valid, else a new
+    one), kept in `scope["state"]` and sent back in the response's `x-request-id` header."""
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    def __init__(self, app):
+        self.app = app
 
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
 
-class ImageURL(_Open):
-    url: str = Field(description="a data:image/...;base64 URL, or an http(s) URL on the service's allowlist")
-    detail: Literal["auto", "low", "high"] | None = None
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
 
-
-class ContentPart(_Open):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class ChatMessage(_Open):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-
-
-class JSONSchemaFormat(_Open):
-    name: str = "answer"
-    schema_: dict = Field(alias="schema", default_factory=lambda: {"type": "object"})
-    strict: bool | None = None
-
-
-class ResponseFormatBody(_Open):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-
-class FunctionDefinition(_Open):
-    name: str
-    description: str = ""
-    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
-
-
-class ToolDefinition(_Open):
-    type: Literal["function"] = "function"
-    function: FunctionDefinition
-
-
-class NamedFunction(_Open):
-    name: str
-
-
-class NamedToolChoice(_Open):
-    type: Literal["function"] = "function"
-    function: NamedFunction
-
-
-class StreamOptions(_Open):
-    include_usage: bool = False
-
-
-class ServiceOptions(_Open):
-    """This service's own request options."""
-
-    task: Literal["caption", "vqa", "ocr", "document", "grounding", "chart"] | None = None
-    confidence_threshold: float | None = None
-    disable_fallback: bool = False
-
-
-class ChatCompletionRequest(_Open):
-    model: str
-    messages: list[ChatMessage]
-    max_tokens: int | None = Field(None, description="tokens to generate (default 64)")
-    max_completion_tokens: int | None = Field(None, description="as max_tokens (wins when both are given)")
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    response_format: ResponseFormatBody | None = None
-    tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    vlm: ServiceOptions | None = None
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, kind: str, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.param, self.code = status, kind, message, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
-
-    @classmethod
-    def of(cls, error: ApiError) -> "HttpError":
-        status, kind = STATUS_TO_HTTP.get(error.code, (500, "server_error"))
-        param = error.violations[0][0] if error.violations else None
-        return cls(status, kind, error.message, param, error.code.name.lower())
-
-
-def _bad(message: str, param: str) -> HttpError:
-    return HttpError(400, "invalid_request_error", message, param, "invalid_argument")
-
-
-# ----- translation -----
-
-def _parts(content, where: str) -> tuple[list[vlm_pb2.Part], list[str]]:
-    """The message's parts as the public API's, and the details its images asked for."""
-    if content is None:
-        return [], []
-    if isinstance(content, str):
-        return [vlm_pb2.Part(text=content)], []
-    parts, details = [], []
-    for j, part in enumerate(content):
-        if part.type == "text":
-            parts.append(vlm_pb2.Part(text=part.text or ""))
-            continue
-        if part.image_url is None:
-            raise _bad("an image_url part needs image_url.url", f"{where}.content[{j}].image_url")
-        url = part.image_url.url
-        data = _DATA_URL.match(url)
-        if data:
-            try:
-                image = vlm_pb2.Image(data=base64.b64decode(data.group(1), validate=True))
-            except (binascii.Error, ValueError):
-                raise _bad("the data URL's base64 does not decode", f"{where}.content[{j}].image_url.url") from None
-        elif url.startswith("data:"):
-            raise _bad("a data URL must be data:image/<type>;base64,<data>", f"{where}.content[{j}].image_url.url")
-        else:
-            image = vlm_pb2.Image(url=url)
-        parts.append(vlm_pb2.Part(image=image))
-        if part.image_url.detail:
-            details.append(part.image_url.detail)
-    return parts, details
-
-
-def to_generate_request(body: ChatCompletionRequest) -> vlm_pb2.GenerateRequest:
-    """The chat completion as the public API's request (what gRPC callers send)."""
-    if body.n != 1:
-        raise _bad(f"n={body.n}: this service returns one choice per request; send n=1 (or leave it out)", "n")
-    messages, details = [], []
-    for i, message in enumerate(body.messages):
-        if message.role == "tool":
-            raise _bad("tool results in the conversation are not supported yet; send the tool's result as "
-                       "a user message", f"messages[{i}].role")
-        parts, asked = _parts(message.content, f"messages[{i}]")
-        details += asked
-        role = "system" if message.role == "developer" else message.role
-        messages.append(vlm_pb2.Message(role=role, parts=parts))
-    if len(set(details)) > 1:
-        raise _bad(f"images ask for different details ({', '.join(sorted(set(details)))}); this service sizes "
-                   "every image of a request alike: give one detail", "messages")
-    config = vlm_pb2.GenerationConfig(max_tokens=body.max_completion_tokens or body.max_tokens or 0)
-    for name in ("temperature", "top_p", "seed"):
-        value = getattr(body, name)
-        if value is not None:
-            setattr(config, name, value)
-    if body.stop is not None:
-        config.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
-    if body.response_format is not None and body.response_format.type != "text":
-        Format = vlm_pb2.ResponseFormat
-        if body.response_format.type == "json_object":
-            config.response_format.CopyFrom(Format(type=Format.RESPONSE_FORMAT_JSON_OBJECT))
-        else:
-            schema = (body.response_format.json_schema or JSONSchemaFormat()).schema_
-            config.response_format.CopyFrom(Format(type=Format.RESPONSE_FORMAT_JSON_SCHEMA, json_schema=json.dumps(schema)))
-    request = vlm_pb2.GenerateRequest(model=body.model, messages=messages, config=config,
-                                      detail=DETAILS[details[0]] if details else vlm_pb2.IMAGE_DETAIL_UNSPECIFIED)
-    for tool in body.tools or ():
-        request.tools.append(vlm_pb2.Tool(name=tool.function.name, description=tool.function.description,
-                                          parameters=json.dumps(tool.function.parameters)))
-    Mode = vlm_pb2.ToolChoice
-    if isinstance(body.tool_choice, NamedToolChoice):
-        request.tool_choice.CopyFrom(Mode(mode=Mode.TOOL_CHOICE_NAMED, name=body.tool_choice.function.name))
-    elif body.tool_choice is not None:
-        modes = {"none": Mode.TOOL_CHOICE_NONE, "auto": Mode.TOOL_CHOICE_AUTO, "required": Mode.TOOL_CHOICE_REQUIRED}
-        request.tool_choice.CopyFrom(Mode(mode=modes[body.tool_choice]))
-    if body.vlm is not None:
-        if body.vlm.task:
-            request.task = vlm_pb2.Task.Value(f"TASK_{body.vlm.task.upper()}")
-        if body.vlm.confidence_threshold is not None or body.vlm.disable_fallback:
-            request.routing.CopyFrom(vlm_pb2.RoutingOptions(disable_fallback=body.vlm.disable_fallback))
-            if body.vlm.confidence_threshold is not None:
-                request.routing.confidence_threshold = body.vlm.confidence_threshold
-    return request
-
-
-def _tool_calls(calls, request_id: str) -> list[dict]:
-    return [{"id": f"call_{request_id[:24]}_{i}", "type": "function",
-             "function": {"name": call.name, "arguments": call.arguments}} for i, call in enumerate(calls)]
-
-
-def _usage(usage) -> dict:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
-
-
-def _extras(message) -> dict:
-    """The service's own fields of a final answer (`vlm` in the response)."""
-    extras = {"confidence": message.confidence, "model_version": message.model_version,
-              "route": json_format.MessageToDict(message.route, preserving_proto_field_name=True)}
-    result = message.WhichOneof("result")
-    if result:
-        extras["result"] = {result: json_format.MessageToDict(getattr(message, result), preserving_proto_field_name=True)}
-    if message.result_error:
-        extras["result_error"] = message.result_error
-    return extras
-
-
-def _finish_reason(message) -> str:
-    return "tool_calls" if message.tool_calls else FINISH_REASONS.get(message.finish_reason, "stop")
-
-
-def completion(answer: vlm_pb2.GenerateResponse, created: int) -> dict:
-    message: dict[str, Any] = {"role": "assistant", "content": None if answer.tool_calls else answer.text}
-    if answer.tool_calls:
-        message["tool_calls"] = _tool_calls(answer.tool_calls, answer.request_id)
-    return {"id": f"chatcmpl-{answer.request_id}", "object": "chat.completion", "created": created,
-            "model": answer.model, "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(answer),
-                                                "logprobs": None}],
-            "usage": _usage(answer.usage), "vlm": _extras(answer)}
+        await self.app(scope, receive, send_with_id)
 
 
 class _Deadline:
@@ -284,22 +79,56 @@ class _Deadline:
         pass
 
 
+def error_response(error: HttpError) -> JSONResponse:
+    return JSONResponse({"error": error.body()}, status_code=error.status, headers=error.headers())
+
+
+def parse_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
+    """The body as a request: JSON first, then its counts (cheap, before pydantic walks a flood
+    of parts), then the schema."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the body is not JSON ({exc})", None) from None
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if isinstance(messages, list):
+        if len(messages) > settings.max_messages:
+            raise bad_request(f"{len(messages)} messages is over the limit of {settings.max_messages}", "messages")
+        counts = [len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), list) else 1
+                  for m in messages]
+        for i, count in enumerate(counts):
+            if count > settings.max_parts_per_message:
+                raise bad_request(f"{count} parts is over the limit of {settings.max_parts_per_message} per message",
+                                  f"messages[{i}].content")
+        if sum(counts) > settings.max_parts:
+            raise bad_request(f"{sum(counts)} parts is over the limit of {settings.max_parts} per request", "messages")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise protocol.validation_problems(exc.errors()) from None
+
+
 def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambda: True) -> FastAPI:
-    app = FastAPI(title="VLM serving: OpenAI-compatible API", version="1",
+    # No /docs or /redoc: FastAPI's pages load their scripts from a public CDN. /openapi.json
+    # describes the API for any viewer or client generator.
+    app = FastAPI(title="VLM serving: OpenAI-compatible API", version="1", docs_url=None, redoc_url=None,
                   description="Chat completions with images over the same service as the vlm.v1 gRPC API.")
+    app.add_middleware(RequestIds)
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, error: HttpError):
-        return error.response()
-
-    from fastapi.exceptions import RequestValidationError
+        return error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"][1:]) or None
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors())
-        return _bad(f"invalid request: {problems}", param).response()
+        return error_response(protocol.validation_problems(
+            [dict(e, loc=tuple(e["loc"][1:])) for e in error.errors()]))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        request_id = request.scope.get("state", {}).get("request_id")
+        return error_response(HttpError(500, "server_error", f"internal error in the gateway (request id {request_id}); "
+                                        "the gateway logged the details under this id", code="internal"))
 
     def authenticate(request: Request) -> None:
         header = request.headers.get("authorization", "")
@@ -309,46 +138,44 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
                             code="invalid_api_key")
 
     async def body_of(request: Request) -> ChatCompletionRequest:
+        limit = settings.max_http_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_request_bytes:
+        if declared and declared.isdigit() and int(declared) > limit:
             raise HttpError(413, "invalid_request_error", f"the request body of {declared} bytes is over the limit of "
-                            f"{settings.max_request_bytes} bytes", code="request_too_large")
+                            f"{limit} bytes", code="request_too_large")
         raw = bytearray()
         async for piece in request.stream():
             raw += piece
-            if len(raw) > settings.max_request_bytes:
-                raise HttpError(413, "invalid_request_error", f"the request body is over the limit of "
-                                f"{settings.max_request_bytes} bytes", code="request_too_large")
-        try:
-            return ChatCompletionRequest.model_validate_json(bytes(raw))
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            errors = getattr(exc, "errors", lambda: [])()
-            if errors:
-                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
-                raise _bad(f"invalid request: {problems}", ".".join(str(p) for p in errors[0]["loc"]) or None) from None
-            raise _bad(f"the body is not JSON ({exc})", None) from None
+            if len(raw) > limit:
+                raise HttpError(413, "invalid_request_error", f"the request body is over the limit of {limit} bytes",
+                                code="request_too_large")
+        if len(raw) > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(parse_body, bytes(raw), settings)
+        return parse_body(bytes(raw), settings)
 
-    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authenticate(request)
         body = await body_of(request)
-        generate_request = to_generate_request(body)
+        generate_request = protocol.to_generate_request(body, request.scope["state"]["request_id"])
+        names = ParamNames(body)
         created = int(time.time())
         context = _Deadline(settings.default_timeout_s)
         if body.stream:
-            return await _stream(request, body, generate_request, context, created)
+            return await _stream(request, body, generate_request, names, context, created)
         answer = vlm_pb2.GenerateResponse(model=body.model)
         work = asyncio.ensure_future(servicer.handle(generate_request, context, "Generate", False,
                                                      servicer.collector(generate_request, answer)))
-        await _until_done_or_gone(request, work)
+        await _until_done_or_gone(request, work, work)
         error = work.result()
         if error is not None:
-            raise HttpError.of(error)
-        return JSONResponse(completion(answer, created))
+            raise HttpError.of(error, names)
+        return JSONResponse(protocol.completion(answer, created, bool(body.logprobs)))
 
-    async def _stream(request: Request, body: ChatCompletionRequest, generate_request, context, created: int):
+    async def _stream(request: Request, body: ChatCompletionRequest, generate_request, names: ParamNames, context,
+                      created: int):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        calls = protocol.CallMarkupFilter(bool(body.tools) and body.tool_choice != "none")
         # Bounded as on gRPC: a reader that falls this far behind holds up its own generation,
         # which then fails with RESOURCE_EXHAUSTED (the backend's backlog) or its deadline.
         queue: asyncio.Queue = asyncio.Queue(maxsize=settings.max_stream_backlog)
@@ -365,48 +192,58 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
                 await queue.put(ApiError(grpc.StatusCode.INTERNAL, f"internal error ({exc})"))
 
         work = asyncio.ensure_future(run())
-        first = await queue.get()
-        if isinstance(first, ApiError) or first is None:  # refused before any text: a plain HTTP error
-            if first is not None:
-                raise HttpError.of(first)
+        first_item = asyncio.ensure_future(queue.get())
+        await _until_done_or_gone(request, first_item, work)  # a client gone before the first token frees its row
+        first = first_item.result()
+        if isinstance(first, ApiError):  # refused before any text: a plain HTTP error
+            raise HttpError.of(first, names)
+
+        def event(item, choices: list[dict], **more) -> str:
+            return "data: " + json.dumps({"id": f"chatcmpl-{item.request_id}", "object": "chat.completion.chunk",
+                                          "created": created, "model": item.model, "choices": choices, **more}) + "\n\n"
 
         async def events():
-            item, sent_role = first, False
+            item, role = first, {"role": "assistant"}
             try:
                 while item is not None and not isinstance(item, ApiError):
-                    chunk_id = f"chatcmpl-{item.request_id}"
-                    delta: dict[str, Any] = {} if sent_role else {"role": "assistant"}
-                    sent_role = True
                     final = item.finish_reason != vlm_pb2.FINISH_REASON_UNSPECIFIED
-                    if item.text and not (final and item.tool_calls):
-                        delta["content"] = item.text
+                    text = calls.feed(item.text) + (calls.finish(bool(item.tool_calls)) if final else "")
+                    delta: dict[str, Any] = dict(role, **({"content": text} if text else {}))
                     if final and item.tool_calls:
-                        delta["tool_calls"] = [dict(call, index=i) for i, call in
-                                               enumerate(_tool_calls(item.tool_calls, item.request_id))]
-                    event = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": item.model,
-                             "choices": [{"index": 0, "delta": delta,
-                                          "finish_reason": _finish_reason(item) if final else None}]}
-                    if final:
-                        event["vlm"] = _extras(item)
-                    yield f"data: {json.dumps(event)}\n\n"
+                        delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(protocol.tool_calls(item.tool_calls))]
+                    if delta or final or item.logprobs:
+                        role = {}
+                        choice = {"index": 0, "delta": delta, "finish_reason": protocol.finish_reason(item) if final else None}
+                        if body.logprobs:
+                            choice["logprobs"] = protocol.logprobs(item.logprobs)
+                        # The service's own fields ride on the last chunk.
+                        yield event(item, [choice], **({"vlm": protocol.extras(item)} if final else {}))
                     if final and include_usage:
-                        usage = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                                 "model": item.model, "choices": [], "usage": _usage(item.usage)}
-                        yield f"data: {json.dumps(usage)}\n\n"
+                        yield event(item, [], usage=protocol.usage(item.usage))
                     item = await queue.get()
                 if isinstance(item, ApiError):  # after text was sent: an error event, as OpenAI's stream has
-                    yield f"data: {json.dumps({'error': _error_body(item)})}\n\n"
+                    yield f"data: {json.dumps({'error': HttpError.of(item, names).body()})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 work.cancel()  # a client that went away cancels its generation (the row is freed)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "vlm-serving"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authenticate(request)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "vlm-serving"}
-                                           for name in sorted(settings.models)]}
+        return {"object": "list", "data": [model_card(name) for name in sorted(settings.models)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        authenticate(request)
+        if model_id not in settings.models:
+            raise HttpError(404, "not_found_error", f"model {model_id!r} is not served here; available: "
+                            f"{', '.join(sorted(settings.models))}", "model", "model_not_found")
+        return model_card(model_id)
 
     @app.get("/health")
     async def health():
@@ -414,20 +251,18 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
             return {"status": "ok"}
         return JSONResponse({"status": "not ready"}, status_code=503)
 
+    app.openapi = lambda: describe(app)
     return app
 
 
-def _error_body(error: ApiError) -> dict:
-    http = HttpError.of(error)
-    return {"message": http.message, "type": http.kind, "param": http.param, "code": http.code}
-
-
-async def _until_done_or_gone(request: Request, work: asyncio.Future) -> None:
-    """Wait for `work`; cancel it if the client disconnects first (its generation row is freed)."""
-    while not work.done():
-        await asyncio.wait({work}, timeout=0.25)
-        if not work.done() and await request.is_disconnected():
-            work.cancel()
+async def _until_done_or_gone(request: Request, awaited: asyncio.Future, work: asyncio.Future) -> None:
+    """Wait for `awaited`; if the client disconnects first, cancel `work` (its generation row is
+    freed) and answer 499."""
+    while not awaited.done():
+        await asyncio.wait({awaited}, timeout=0.25)
+        if not awaited.done() and await request.is_disconnected():
+            for future in {awaited, work}:
+                future.cancel()
             try:
                 await work
             except asyncio.CancelledError:

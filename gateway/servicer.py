@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -79,6 +80,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         """A `deliver` that folds every chunk into `answer` (a whole GenerateResponse)."""
         async def collect(chunk, call, outcome):
             answer.text += chunk.text
+            answer.logprobs.extend(token_logprobs(chunk.logprobs))
             answer.request_id = call.request_id
             answer.model = self._answering_model(request.model, chunk)
             if chunk.finished:
@@ -88,7 +90,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
 
     def stream_message(self, request, chunk, call, outcome) -> vlm_pb2.GenerateStreamResponse:
         message = vlm_pb2.GenerateStreamResponse(text=chunk.text, model=self._answering_model(request.model, chunk),
-                                                 request_id=call.request_id)
+                                                 request_id=call.request_id, logprobs=token_logprobs(chunk.logprobs))
         if chunk.finished:
             self._finish(message, chunk, outcome)
         return message
@@ -217,6 +219,15 @@ RESULT_FIELDS = {tasks.Detections: "detections", tasks.TextLines: "text_lines", 
                  tasks.Table: "table", tasks.Caption: "caption"}
 
 
+def token_logprobs(entries: list[dict]) -> list[vlm_pb2.TokenLogprob]:
+    """The engine's per-token log-probabilities (ResponseChunk.logprobs) as the API's messages."""
+    return [vlm_pb2.TokenLogprob(token=entry["token"], bytes=bytes(entry["bytes"]), logprob=entry["logprob"],
+                                 top_logprobs=[vlm_pb2.TokenLogprob(token=top["token"], bytes=bytes(top["bytes"]),
+                                                                    logprob=top["logprob"])
+                                               for top in entry.get("top_logprobs", ())])
+            for entry in entries]
+
+
 def _box(box: tasks.Box | None) -> vlm_pb2.Box | None:
     return None if box is None else vlm_pb2.Box(x_min=box.x_min, y_min=box.y_min, x_max=box.x_max, y_max=box.y_max)
 
@@ -268,7 +279,9 @@ class Outcome:
         if self.result is not None:
             getattr(message, RESULT_FIELDS[type(self.result)]).CopyFrom(result_message(self.result))
         message.result_error = self.error
-        message.tool_calls.extend(vlm_pb2.ToolCall(name=c.name, arguments=c.arguments) for c in self.tool_calls)
+        # Each call gets an id the caller sends back with its result (Message.tool_call_id).
+        message.tool_calls.extend(vlm_pb2.ToolCall(name=c.name, arguments=c.arguments, id=f"call_{uuid.uuid4().hex[:24]}")
+                                  for c in self.tool_calls)
 
 
 async def model_info(backend: TritonPool, name: str, ensemble: str, index: list[dict]) -> vlm_pb2.ModelInfo:

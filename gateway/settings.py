@@ -55,6 +55,8 @@ class Settings:
     max_parts_per_message: int = 64
     max_parts: int = 256
     max_tokens_limit: int = 4096
+    # max_tokens for requests that leave it unset; None: until the answer or the context ends.
+    default_max_tokens: int | None = None
     # Requests (HTTP/2 streams) one gRPC connection may have open at once; more wait in the client.
     max_concurrent_streams: int = 100
     image_url_allowlist: tuple[str, ...] = ()
@@ -143,6 +145,7 @@ class Settings:
             max_parts_per_message=number("VLM_MAX_PARTS_PER_MESSAGE", defaults.max_parts_per_message),
             max_parts=number("VLM_MAX_PARTS", defaults.max_parts),
             max_tokens_limit=number("VLM_MAX_TOKENS_LIMIT", defaults.max_tokens_limit),
+            default_max_tokens=number("VLM_DEFAULT_MAX_TOKENS", defaults.default_max_tokens) or None,
             max_concurrent_streams=number("VLM_MAX_CONCURRENT_STREAMS", defaults.max_concurrent_streams),
             image_url_allowlist=_list(env.get("VLM_IMAGE_URL_ALLOWLIST", "")),
             image_url_allowed_networks=networks,

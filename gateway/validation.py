@@ -26,7 +26,7 @@ TEXT_ONLY_ROLES = ("system", "tool")
 _NAME_OR_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CALLS_PER_MESSAGE = 32
 # ASCII only: the id goes back in gRPC metadata, which allows nothing else.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
 @dataclass
@@ -92,21 +92,26 @@ def response_format(message) -> structured.ResponseFormat:
                                      schema=schema, pattern=message.regex, choices=tuple(message.choices))
 
 
-def sampling_params(config, stream: bool) -> SamplingParams:
+def sampling_params(config, stream: bool, default_max_tokens: int | None = None) -> SamplingParams:
     """The proto's config; fields left unset (or 0 where 0 is out of range) stay None: the
-    model's defaults apply to them (`vlm_serving.generation.sampling.SamplingDefaults`)."""
+    model's defaults apply to them (`vlm_serving.generation.sampling.SamplingDefaults`). An unset
+    max_tokens is the deployment's default, or None: until the answer or the context ends."""
     def present(name: str):
         return getattr(config, name) if config.HasField(name) else None
 
     return SamplingParams(
         response_format=response_format(config.response_format),
-        max_tokens=config.max_tokens or SamplingParams().max_tokens,
+        max_tokens=config.max_tokens or default_max_tokens,
         temperature=present("temperature"),
         top_p=present("top_p") or None,
         top_k=present("top_k"),
         seed=present("seed"),
         stop=tuple(config.stop),
         repetition_penalty=present("repetition_penalty") or None,
+        presence_penalty=present("presence_penalty") or None,
+        frequency_penalty=present("frequency_penalty") or None,
+        logprobs=config.logprobs,
+        top_logprobs=config.top_logprobs,
         stream=stream,
     )
 
@@ -156,13 +161,13 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
             f"model {request.model!r} is not served here; available: {', '.join(sorted(settings.models))}",
         )
     violations: list[tuple[str, str]] = []
-    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+    if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
         violations.append(("request_id", "1 to 128 ASCII letters, digits and _.:/- characters"))
     messages, images = conversation(request.messages, settings, violations)
     image_parts = sum(1 for m in messages for c in m["content"] if c["type"] == "image")
     if image_parts > settings.max_images:
         violations.append(("messages", f"{image_parts} images is over the limit of {settings.max_images} per request"))
-    params = sampling_params(request.config, stream)
+    params = sampling_params(request.config, stream, settings.default_max_tokens)
     violations += [(f"config.{name}", message) for name, message in params.violations(settings.max_tokens_limit)]
     if request.detail != vlm_pb2.IMAGE_DETAIL_UNSPECIFIED and request.detail not in DETAILS:
         violations.append(("detail", f"{request.detail} is not an ImageDetail value; use AUTO, LOW or HIGH"))

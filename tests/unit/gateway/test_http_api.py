@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 
 import httpx2 as httpx
 import openai
@@ -89,8 +90,18 @@ def test_models_health_and_the_openapi_document():
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}") as client:
             assert (await client.get("/health")).json() == {"status": "ok"}
             document = (await client.get("/openapi.json")).json()
-            assert "/v1/chat/completions" in document["paths"] and "/v1/models" in document["paths"]
+            assert set(document["paths"]) == {"/v1/chat/completions", "/v1/models", "/v1/models/{model_id}", "/health"}
             assert (await client.get("/v1/models")).status_code == 401, "the key is needed"
+            # Every reference resolves; every route's errors are documented; the key is declared.
+            text = json.dumps(document)
+            refs = set(re.findall(r'"#/components/schemas/([^"]+)"', text))
+            assert refs and refs <= set(document["components"]["schemas"]), refs - set(document["components"]["schemas"])
+            chat = document["paths"]["/v1/chat/completions"]["post"]
+            assert {"400", "401", "404", "413", "429", "500", "503", "504"} <= set(chat["responses"])
+            assert chat["security"] == [{"bearer": []}] and "422" not in chat["responses"]
+            body = document["components"]["schemas"]["ChatCompletionRequest"]
+            assert {"messages", "model", "logprobs", "top_logprobs", "presence_penalty"} <= set(body["properties"])
+            assert (await client.get("/docs")).status_code == 404, "no page that loads scripts from a CDN"
 
     run(test)
 
@@ -100,15 +111,30 @@ def test_models_health_and_the_openapi_document():
     (lambda c: c.chat.completions.create(model="gpt-4o", messages=ask()), openai.NotFoundError, 404, None),
     (lambda c: c.chat.completions.create(model="pixtral", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]),
-     openai.BadRequestError, 400, "messages[0].parts[0].image.data"),
+     openai.BadRequestError, 400, "messages[0].content[0].image_url.url"),
     (lambda c: c.chat.completions.create(model="pixtral", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]),
      openai.BadRequestError, 400, "messages[0].content[0].image_url.url"),
     (lambda c: c.chat.completions.create(model="pixtral", messages=ask(), temperature=9), openai.BadRequestError, 400,
-     "config.temperature"),
+     "temperature"),
     (lambda c: c.chat.completions.create(model="pixtral", messages=[{"role": "tool", "content": "42",
                                                                       "tool_call_id": "x"}]),
-     openai.BadRequestError, 400, "messages[0].role"),
+     openai.BadRequestError, 400, "messages[0].tool_call_id"),
+    # Every error names the field as the caller wrote it, not the gRPC API's path.
+    (lambda c: c.chat.completions.create(model="pixtral", messages=[{"role": "user", "content": ""}]),
+     openai.BadRequestError, 400, "messages[0].content"),
+    (lambda c: c.chat.completions.create(model="pixtral", messages=ask(), max_completion_tokens=99999),
+     openai.BadRequestError, 400, "max_completion_tokens"),
+    (lambda c: c.chat.completions.create(model="pixtral", messages=ask(), tools=[
+        {"type": "function", "function": {"name": "bad name"}}]), openai.BadRequestError, 400, "tools[0].function.name"),
+    (lambda c: c.chat.completions.create(model="pixtral", messages=ask(), seed=2**70), openai.BadRequestError, 400,
+     "seed"),
+    (lambda c: c.chat.completions.create(model="pixtral", messages=ask(), logit_bias={"5": 10}),
+     openai.BadRequestError, 400, "logit_bias"),
+    (lambda c: c.chat.completions.create(model="pixtral", messages=ask(), extra_body={"best_of": 3}),
+     openai.BadRequestError, 400, "best_of"),
+    (lambda c: c.chat.completions.create(model="pixtral", messages=ask(), top_logprobs=3), openai.BadRequestError,
+     400, "top_logprobs"),
 ])
 def test_errors_arrive_as_the_sdks_typed_exceptions_with_their_status_and_field(call, error, status, param):
     async def test(stub, backend, gw, channel):
@@ -126,7 +152,8 @@ def test_a_bad_key_an_oversized_body_a_full_queue_and_a_down_server_have_their_c
             await sdk(gw, key="wrong").chat.completions.create(model="pixtral", messages=ask())
         with pytest.raises(openai.APIStatusError) as too_big:
             await sdk(gw).chat.completions.create(model="pixtral", messages=ask("x" * 5000))
-        assert too_big.value.status_code == 413 and "over the limit of 4000 bytes" in too_big.value.message
+        # 4/3 of the message limit: images travel as base64 in JSON.
+        assert too_big.value.status_code == 413 and "over the limit of 5333 bytes" in too_big.value.message
         backend.script = [InferenceServerException("in ensemble 'pixtral', Exceeds maximum queue size")]
         with pytest.raises(openai.RateLimitError):
             await sdk(gw).chat.completions.create(model="pixtral", messages=[{"role": "user", "content": "hi"}])
@@ -163,3 +190,157 @@ def test_a_stream_read_slowly_holds_its_generation_and_ends_at_its_deadline():
                                              "code": "DEADLINE_EXCEEDED"}) == 1
 
     run(test, default_timeout_s=1.0, max_stream_backlog=4)
+
+
+def test_unset_max_tokens_and_vllms_extra_sampling_fields_reach_the_engine():
+    async def test(stub, backend, gw, channel):
+        await sdk(gw).chat.completions.create(model="pixtral", messages=ask(), presence_penalty=0.5,
+                                              frequency_penalty=-0.25, extra_body={"top_k": 5, "repetition_penalty": 1.1})
+        params = backend.calls[-1][3]
+        assert params.max_tokens is None  # until the answer or the context ends, not 64
+        assert (params.top_k, params.presence_penalty, params.frequency_penalty) == (5, 0.5, -0.25)
+        assert params.repetition_penalty == pytest.approx(1.1)
+
+    run(test)
+
+
+def test_retry_headers_tell_the_sdk_what_it_may_retry():
+    async def test(stub, backend, gw, channel):
+        retrying = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.http_port}/v1", api_key="secret", max_retries=2)
+        hi = [{"role": "user", "content": "hi"}]
+        # A refusal that did no work: retried, after the time the service gives.
+        backend.script = [InferenceServerException("in ensemble 'pixtral', Exceeds maximum queue size")]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}") as client:
+            reply = await client.post("/v1/chat/completions", headers={"Authorization": "Bearer secret"},
+                                      json={"model": "pixtral", "messages": hi})
+        assert reply.status_code == 429 and reply.headers["x-should-retry"] == "true"
+        assert reply.headers["retry-after-ms"] == "500"
+        calls = len(backend.calls)
+        with pytest.raises(openai.RateLimitError):
+            await retrying.chat.completions.create(model="pixtral", messages=hi)
+        assert len(backend.calls) - calls == 3
+        # Work that may have run (a deadline, a failure mid-answer): never repeated by the SDK.
+        for error in (InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"),
+                      InferenceServerException("in ensemble 'pixtral', INTERNAL: boom")):
+            backend.script = [ResponseChunk("Hel", [1], False), error]
+            calls = len(backend.calls)
+            with pytest.raises(openai.InternalServerError) as failed:
+                await retrying.chat.completions.create(model="pixtral", messages=hi)
+            assert failed.value.response.headers["x-should-retry"] == "false"
+            assert len(backend.calls) - calls == 1, "the SDK repeated work that had run"
+
+    run(test)
+
+
+def test_request_ids_come_back_in_a_header():
+    async def test(stub, backend, gw, channel):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}") as client:
+            mine = await client.post("/v1/chat/completions", headers={"Authorization": "Bearer secret",
+                                                                      "x-request-id": "trace-42"},
+                                     json={"model": "pixtral", "messages": [{"role": "user", "content": "hi"}]})
+            assert mine.headers["x-request-id"] == "trace-42" and mine.json()["id"] == "chatcmpl-trace-42"
+            refused = await client.get("/v1/models")
+            assert refused.status_code == 401 and len(refused.headers["x-request-id"]) == 32
+
+    run(test)
+
+
+def test_a_model_can_be_retrieved():
+    async def test(stub, backend, gw, channel):
+        model = await sdk(gw).models.retrieve("qwen2.5-vl")
+        assert (model.id, model.object) == ("qwen2.5-vl", "model")
+        with pytest.raises(openai.NotFoundError):
+            await sdk(gw).models.retrieve("gpt-4o")
+
+    run(test)
+
+
+def test_logprobs_come_back_per_token_whole_and_streamed():
+    async def test(stub, backend, gw, channel):
+        def token(text, logprob):
+            return {"token": text, "bytes": list(text.encode()), "logprob": logprob,
+                    "top_logprobs": [{"token": text, "bytes": list(text.encode()), "logprob": logprob},
+                                     {"token": "x", "bytes": [120], "logprob": -3.0}]}
+
+        backend.script = [ResponseChunk("Hel", [1], False, logprobs=[token("Hel", -0.25)]),
+                          ResponseChunk("lo", [2], True, "stop", 3, 2, 0, -0.5, "1", [], logprobs=[token("lo", -0.5)])]
+        answer = await sdk(gw).chat.completions.create(model="pixtral", messages=[{"role": "user", "content": "hi"}],
+                                                       logprobs=True, top_logprobs=2)
+        content = answer.choices[0].logprobs.content
+        assert [(t.token, t.logprob, t.bytes) for t in content] == [("Hel", -0.25, [72, 101, 108]), ("lo", -0.5, [108, 111])]
+        assert [top.token for top in content[0].top_logprobs] == ["Hel", "x"]
+        params = backend.calls[-1][3]
+        assert params.logprobs and params.top_logprobs == 2
+        chunks = [c async for c in await sdk(gw).chat.completions.create(
+            model="pixtral", messages=[{"role": "user", "content": "hi"}], logprobs=True, stream=True)]
+        assert [t.token for c in chunks for t in c.choices[0].logprobs.content] == ["Hel", "lo"]
+
+    run(test)
+
+
+def test_a_streamed_tool_call_arrives_as_tool_calls_only_never_as_content():
+    async def test(stub, backend, gw, channel):
+        tool = {"type": "function", "function": {"name": "zoom", "parameters": {"type": "object", "properties": {}}}}
+        pieces = ["Let me look. ", "[TOOL", "_CALLS][{\"name\":\"zoom\",", "\"arguments\":{}}]"]
+        backend.script = [ResponseChunk(p, [i], False) for i, p in enumerate(pieces)] + [
+            ResponseChunk("", [9], True, "stop", 3, 4, 0, -0.5, "1", [])]
+        chunks = [c async for c in await sdk(gw).chat.completions.create(
+            model="pixtral", messages=[{"role": "user", "content": "zoom in"}], tools=[tool], stream=True)]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert content == "Let me look. "
+        [call] = [call for c in chunks for call in c.choices[0].delta.tool_calls or ()]
+        assert (call.index, call.function.name, call.function.arguments) == (0, "zoom", "{}") and call.id.startswith("call_")
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # Text that only looked like the start of a marker is sent once the answer shows it is not one.
+        backend.script = [ResponseChunk("a [TOOL", [1], False), ResponseChunk(" box", [2], True, "stop", 3, 2, 0, -1, "1", [])]
+        chunks = [c async for c in await sdk(gw).chat.completions.create(
+            model="pixtral", messages=[{"role": "user", "content": "zoom in"}], tools=[tool], stream=True)]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "a [TOOL box"
+
+    run(test)
+
+
+def test_the_official_sdks_tool_loop_goes_back_as_a_tool_loop():
+    async def test(stub, backend, gw, channel):
+        client = sdk(gw)
+        tool = {"type": "function", "function": {"name": "weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"}]
+        backend.script = [ResponseChunk('[TOOL_CALLS][{"name":"weather","arguments":{"city":"Oslo"}}]', [1], True,
+                                        "stop", 3, 2, 0, -0.5, "1", [])]
+        first = await client.chat.completions.create(model="pixtral", messages=messages, tools=[tool])
+        call = first.choices[0].message.tool_calls[0]
+        messages += [first.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
+        backend.script = [ResponseChunk("It is 18C.", [1], True, "stop", 3, 2, 0, -0.5, "1", [])]
+        second = await client.chat.completions.create(model="pixtral", messages=messages, tools=[tool])
+        assert second.choices[0].message.content == "It is 18C."
+        sent = backend.calls[-1][1]
+        assert sent[2] == {"role": "assistant", "content": [], "tool_calls": [
+            {"id": call.id, "name": "weather", "arguments": '{"city":"Oslo"}'}]}
+        assert sent[3] == {"role": "tool", "content": [{"type": "text", "text": "18C"}], "tool_call_id": call.id}
+
+    run(test)
+
+
+def test_a_client_gone_before_the_first_token_ends_its_generation():
+    async def test(stub, backend, gw, channel):
+        started, ended = asyncio.Event(), asyncio.Event()
+
+        async def slow(*args, **kwargs):
+            started.set()
+            try:
+                await asyncio.sleep(60)  # a long prefill: no token yet
+                yield ResponseChunk("late", [1], True, "stop")
+            finally:
+                ended.set()
+
+        backend.generate = slow
+        body = {"model": "pixtral", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}", timeout=30) as client:
+            request = asyncio.ensure_future(client.post("/v1/chat/completions", json=body,
+                                                        headers={"Authorization": "Bearer secret"}))
+            await asyncio.wait_for(started.wait(), 10)
+            request.cancel()  # the client closes its connection
+        await asyncio.wait_for(ended.wait(), 5)
+
+    run(test)

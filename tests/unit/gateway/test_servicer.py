@@ -7,6 +7,7 @@ aio server on a loopback port. The real Triton path is covered end to end in tes
 import asyncio
 import ipaddress
 import json
+import re
 from types import SimpleNamespace
 
 import grpc
@@ -182,7 +183,9 @@ def test_tool_calls_are_constrained_parsed_and_returned_typed_and_none_never_cal
         call_text = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>'
         backend.script = [ResponseChunk(call_text, [1], True, "stop", 12, 2, 0, -0.5, "1", [])]
         answer = await stub.Generate(tool_request(vlm_pb2.ToolChoice.TOOL_CHOICE_REQUIRED), metadata=KEY)
-        assert list(answer.tool_calls) == [vlm_pb2.ToolCall(name="get_weather", arguments='{"city":"Oslo"}')]
+        [call] = answer.tool_calls
+        assert (call.name, call.arguments) == ("get_weather", '{"city":"Oslo"}')
+        assert re.fullmatch(r"call_[0-9a-f]{24}", call.id), call.id  # to send back with the tool's result
         _, _, _, params = backend.calls[-1]
         assert params.response_format.type == "tool_call" and json.loads(backend.tools[-1])[0]["function"]["name"] == "get_weather"
         answer = await stub.Generate(tool_request(vlm_pb2.ToolChoice.TOOL_CHOICE_AUTO), metadata=KEY)

@@ -42,7 +42,7 @@ def test_valid_request_becomes_chat_messages_with_defaults():
     params = call.params
     # Unset sampling fields stay unset: the model's defaults apply to them in the generation step.
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.repetition_penalty,
-            params.seed, params.stream) == (64, None, None, None, None, None, True)
+            params.seed, params.stream) == (None, None, None, None, None, None, True)
 
 
 def test_explicit_zero_temperature_and_top_k_are_kept_apart_from_unset():
@@ -151,3 +151,65 @@ def test_settings_from_env():
 def test_bad_settings_say_what_to_fix(env, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def conversation(*messages):
+    return vlm_pb2.GenerateRequest(model="pixtral", messages=list(messages))
+
+
+def message(role, *parts, **fields):
+    return vlm_pb2.Message(role=role, parts=list(parts), **fields)
+
+
+CALL = vlm_pb2.ToolCall(id="call_1", name="weather", arguments='{"city":"Paris"}')
+
+
+@pytest.mark.parametrize("req,field,message", [
+    (request(*[text("x")] * 65), "messages[0].parts", "65 parts is over the limit of 64 per message"),
+    (conversation(*[message("user", *[text("x")] * 60)] * 5), "messages", "300 parts is over the limit of 256"),
+    (request(text("x"), text("")), "messages[0].parts[1].text", "empty; leave the part out"),
+    (request(image(data=PNG), text("x"), role="system"), "messages[0].parts[0].image", "a system message holds text only"),
+    (conversation(message("user", text("x")), message("tool", text("18C"))), "messages[1].tool_call_id", "required"),
+    (conversation(message("user", text("x")), message("tool", text("18C"), tool_call_id="call_9")),
+     "messages[1].tool_call_id", "'call_9' is not the id of a call in an earlier assistant message"),
+    (conversation(message("user", text("x"), tool_calls=[CALL])), "messages[0].tool_calls",
+     "only an assistant message carries tool calls"),
+    (conversation(message("assistant", tool_calls=[vlm_pb2.ToolCall(id="c", name="w", arguments="[1]")])),
+     "messages[0].tool_calls[0].arguments", "a JSON object"),
+    (conversation(message("assistant", tool_calls=[vlm_pb2.ToolCall(id="bad id", name="w", arguments="{}")])),
+     "messages[0].tool_calls[0].id", "1 to 64 letters"),
+    (conversation(message("user", text("x"), tool_call_id="call_1")), "messages[0].tool_call_id",
+     "only a tool message answers a call"),
+    (request(text("x"), presence_penalty=3), "config.presence_penalty", "must be in [-2, 2]"),
+    (request(text("x"), logprobs=True, top_logprobs=21), "config.top_logprobs", "must be in [0, 20]"),
+])
+def test_bounds_on_counts_and_the_shape_of_a_conversation(req, field, message):
+    found = violations(req)
+    assert field in found and message in found[field], found
+
+
+def test_a_part_flood_is_refused_without_looking_at_its_parts():
+    found = violations(request(*[vlm_pb2.Part()] * 100_000))
+    assert found == {"messages[0].parts": "100000 parts is over the limit of 64 per message"}
+
+
+def test_a_tool_loop_becomes_the_preprocessors_messages():
+    call = validate(conversation(
+        message("system", text("Be brief.")), message("user", image(data=PNG), text("Weather here?")),
+        message("assistant", tool_calls=[CALL]), message("tool", text("18C, sunny"), tool_call_id="call_1"),
+    ), SETTINGS, stream=False)
+    assert call.messages == [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather here?"}]},
+        {"role": "assistant", "content": [], "tool_calls": [{"id": "call_1", "name": "weather",
+                                                            "arguments": '{"city":"Paris"}'}]},
+        {"role": "tool", "content": [{"type": "text", "text": "18C, sunny"}], "tool_call_id": "call_1"},
+    ]
+    assert len(call.images) == 1
+
+
+def test_unset_max_tokens_is_the_deployments_default_or_until_the_context_ends():
+    assert validate(request(text("x")), SETTINGS, stream=False).params.max_tokens is None
+    settings = Settings(api_keys=frozenset({"k"}), default_max_tokens=100)
+    assert validate(request(text("x")), settings, stream=False).params.max_tokens == 100
+    assert validate(request(text("x"), max_tokens=7), settings, stream=False).params.max_tokens == 7

@@ -1,0 +1,161 @@
+"""The HTTP API's OpenAPI description: every schema resolvable, every response a route can give
+documented (status, body, headers), the bearer key declared where it is needed.
+
+FastAPI describes only what it parses itself; the chat completion route reads its body on its own
+(the key is checked before the body is read), so its request body, its responses and theirs are
+described here, from the same pydantic models the routes use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict
+
+from gateway.openai_protocol import ChatCompletionRequest
+
+REF = "#/components/schemas/{model}"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class AnswerMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AnswerMessage
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: dict[str, Any] | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    vlm: dict[str, Any]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthBody(BaseModel):
+    status: Literal["ok", "not ready"]
+
+
+ERRORS = {
+    400: "the request is invalid: `error.param` names the field",
+    401: "missing or unknown API key",
+    404: "the model is not served here",
+    413: "the body is over the size limit",
+    429: "the model is at capacity; retry after `retry-after-ms`",
+    499: "the client went away before the answer",
+    500: "the service failed (`x-should-retry` says whether a retry may repeat work)",
+    503: "no inference server can take the model now; retry with backoff",
+    504: "no complete answer within the deadline",
+}
+REQUEST_ID = {"x-request-id": {"description": "the request's id (the caller's when it sent a valid one)",
+                               "schema": {"type": "string"}}}
+RETRY = {"x-should-retry": {"description": "whether the request may be retried as it is",
+                            "schema": {"type": "string", "enum": ["true", "false"]}},
+         "retry-after-ms": {"description": "when a retry may come (milliseconds)", "schema": {"type": "string"}},
+         "retry-after": {"description": "when a retry may come (seconds)", "schema": {"type": "string"}}}
+STATUSES = {
+    ("/v1/chat/completions", "post"): (400, 401, 404, 413, 429, 499, 500, 503, 504),
+    ("/v1/models", "get"): (401, 500),
+    ("/v1/models/{model_id}", "get"): (401, 404, 500),
+    ("/health", "get"): (),
+}
+
+
+def _schemas(*models: type[BaseModel]) -> dict[str, dict]:
+    """Each model's JSON schema under its name, with every model it refers to beside it."""
+    found = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template=REF)
+        found.update(schema.pop("$defs", {}))
+        found[model.__name__] = schema
+    return found
+
+
+def _json(model: type[BaseModel]) -> dict:
+    return {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
+
+
+def describe(app: FastAPI) -> dict:
+    if app.openapi_schema:
+        return app.openapi_schema
+    document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = document.setdefault("components", {})
+    components["schemas"] = _schemas(ChatCompletionRequest, ChatCompletion, ErrorBody, ModelList, ModelCard, HealthBody)
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                "description": "an API key of the service"}}
+    successes = {
+        ("/v1/chat/completions", "post"): {"description": "the answer: JSON, or server-sent events when stream is true",
+                                           "content": {**_json(ChatCompletion),
+                                                       "text/event-stream": {"schema": {"type": "string"}}}},
+        ("/v1/models", "get"): {"description": "the served models", "content": _json(ModelList)},
+        ("/v1/models/{model_id}", "get"): {"description": "the model", "content": _json(ModelCard)},
+        ("/health", "get"): {"description": "this replica can serve", "content": _json(HealthBody)},
+    }
+    for (path, method), statuses in STATUSES.items():
+        operation = document["paths"][path][method]
+        responses = {"200": dict(successes[(path, method)], headers=REQUEST_ID)}
+        for status in statuses:
+            responses[str(status)] = {"description": ERRORS[status], "content": _json(ErrorBody),
+                                      "headers": {**REQUEST_ID, **RETRY}}
+        if path == "/health":
+            responses["503"] = {"description": "this replica cannot serve now (no model ready, or draining)",
+                                "content": _json(HealthBody), "headers": REQUEST_ID}
+        else:
+            operation["security"] = [{"bearer": []}]
+        operation["responses"] = responses
+        if path == "/v1/chat/completions":
+            operation["requestBody"] = {"required": True, "content": _json(ChatCompletionRequest)}
+    app.openapi_schema = document
+    return document
