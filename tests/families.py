@@ -13,6 +13,15 @@ from vlm_serving.generation.sampling import SamplingParams
 from vlm_serving.preprocessing.preprocess import load_preprocessor
 
 
+# Prompts whose greedy answers end with the end-of-sequence token within 40 tokens.
+ENDING_PROMPTS = {"qwen2_5_vl": "Say it", "pixtral": "Why?"}
+
+
+def joined_text(logprobs: list[dict]) -> str:
+    """The text of log-probability entries' bytes, joined."""
+    return b"".join(bytes(entry["bytes"]) for entry in logprobs).decode("utf-8", errors="replace")
+
+
 class Family:
     def __init__(self, name, checkpoint):
         self.name, self.checkpoint = name, checkpoint

@@ -12,6 +12,7 @@ computed as `ProcessorMixin.model_input_names` does, from the tokenizer's and im
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 
@@ -113,3 +114,40 @@ def transformers_generate(family: str, checkpoint: Path, messages: list, images:
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     return out[0, prompt_length:].tolist()
+
+
+def transformers_logprobs(family: str, checkpoint: Path, messages: list, images: list[Image.Image], answer: list[int],
+                          size: dict | None = None) -> torch.Tensor:
+    """float32 [len(answer), vocab]: the log-softmax of the checkpoint's own logits at each token of
+    `answer`, from one forward over every processor tensor (images resized at `size`) with the
+    answer's tokens appended to the prompt."""
+    inputs = processor_inputs(family, checkpoint, messages, images, size)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True).eval()
+    batch = {name: torch.from_numpy(np.asarray(value)) for name, value in inputs.items()}
+    prompt_length = len(batch["input_ids"])
+    appended = {"input_ids": torch.tensor(answer), "attention_mask": torch.ones(len(answer), dtype=torch.long),
+                "mm_token_type_ids": torch.zeros(len(answer), dtype=torch.long)}
+    for name, tail in appended.items():
+        if name in batch:
+            batch[name] = torch.cat([batch[name], tail.to(batch[name].dtype)])[None]
+    with torch.inference_mode():
+        logits = model(**batch).logits[0, prompt_length - 1 : prompt_length - 1 + len(answer)]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def openai_penalized_greedy(model, eos_ids: set[int], prompt_ids: list[int], steps: int, presence: float,
+                            frequency: float) -> list[int]:
+    """Greedy decoding of a text prompt with the penalties as OpenAI documents them, on the model's
+    real logits: mu[j] -> mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence, where
+    c[j] counts token j in the answer so far. Ends before an end token, as the answer's ids do."""
+    answer: list[int] = []
+    for _ in range(steps):
+        with torch.inference_mode():
+            mu = model(input_ids=torch.tensor([prompt_ids + answer])).logits[0, -1].float().tolist()
+        for token, count in collections.Counter(answer).items():
+            mu[token] = mu[token] - count * frequency - float(count > 0) * presence
+        token = max(range(len(mu)), key=mu.__getitem__)
+        if token in eos_ids:
+            break
+        answer.append(token)
+    return answer

@@ -22,11 +22,17 @@ _PARAMETER_TENSORS = {
     "top_k": ("TOP_K", "INT32", np.int32),
     "seed": ("SEED", "INT64", np.int64),
     "repetition_penalty": ("REPETITION_PENALTY", "FP32", np.float32),
+    "presence_penalty": ("PRESENCE_PENALTY", "FP32", np.float32),
+    "frequency_penalty": ("FREQUENCY_PENALTY", "FP32", np.float32),
+    "logprobs": ("LOGPROBS", "BOOL", np.bool_),
+    "top_logprobs": ("TOP_LOGPROBS", "INT32", np.int32),
     "stream": ("STREAM", "BOOL", np.bool_),
     # Model "auto" only.
     "confidence_threshold": ("CONFIDENCE_THRESHOLD", "FP32", np.float32),
     "fallback": ("FALLBACK", "BOOL", np.bool_),
 }
+# Parameters whose default is what the models take for an absent tensor: not sent at the default.
+_DEFAULTS = {"logprobs": False, "top_logprobs": 0}
 _STRING_TENSORS = {"request_id": "REQUEST_ID", "detail": "DETAIL", "response_format": "RESPONSE_FORMAT", "task": "TASK",
                    "tools": "TOOLS"}
 
@@ -48,6 +54,9 @@ class ResponseChunk:
     images: list[dict] = field(default_factory=list)
     # Model "auto" only: {"family"} on every response; the last adds {"reason", "attempts"}.
     route: dict = field(default_factory=dict)
+    # With logprobs: per token of token_ids, {"token": its text alone, "bytes": its UTF-8 bytes,
+    # "logprob", "top_logprobs": [{"token", "bytes", "logprob"}, ...] most likely first}.
+    logprobs: list[dict] = field(default_factory=list)
 
 
 def parse_response(result) -> ResponseChunk:
@@ -56,8 +65,11 @@ def parse_response(result) -> ResponseChunk:
     token_ids = result.as_numpy("TOKEN_IDS").reshape(-1).tolist()
     route_info = result.as_numpy("ROUTE_INFO")
     route = {} if route_info is None else json.loads(route_info.reshape(-1)[0])
+    token_logprobs = result.as_numpy("TOKEN_LOGPROBS")
+    token_logprobs = b"" if token_logprobs is None else token_logprobs.reshape(-1)[0]
+    logprobs = json.loads(token_logprobs) if token_logprobs else []
     if not result.get_response().parameters["triton_final_response"].bool_param:
-        return ResponseChunk(text=text, token_ids=token_ids, finished=False, route=route)
+        return ResponseChunk(text=text, token_ids=token_ids, finished=False, route=route, logprobs=logprobs)
 
     def scalar(name):
         return result.as_numpy(name).reshape(-1)[0]
@@ -74,6 +86,7 @@ def parse_response(result) -> ResponseChunk:
         model_version=scalar("MODEL_VERSION").decode(),
         images=json.loads(scalar("IMAGE_INFO")),
         route=route,
+        logprobs=logprobs,
     )
 
 
@@ -103,7 +116,7 @@ def build_inputs(messages: list[dict[str, Any]], images: list[bytes], **params: 
     if stop:
         inputs.append(tensor("STOP", "BYTES", np.array([[s.encode() for s in stop]], dtype=np.object_)))
     for key, value in params.items():
-        if value is None or value == "":
+        if value is None or value == "" or (key in _DEFAULTS and value == _DEFAULTS[key]):
             continue
         if key in _STRING_TENSORS:
             inputs.append(tensor(_STRING_TENSORS[key], "BYTES", np.array([[value.encode()]], dtype=np.object_)))
@@ -118,10 +131,11 @@ def _merge(result: EnsembleResult, response) -> bool:
     chunk = parse_response(response)
     result.deltas.append(chunk.text)
     if chunk.finished:  # usage, finish reason and version come with the last response only
-        for name in (f.name for f in fields(ResponseChunk) if f.name not in ("text", "token_ids")):
+        for name in (f.name for f in fields(ResponseChunk) if f.name not in ("text", "token_ids", "logprobs")):
             setattr(result, name, getattr(chunk, name))
     result.text += chunk.text
     result.token_ids += chunk.token_ids
+    result.logprobs += chunk.logprobs
     return chunk.finished
 
 

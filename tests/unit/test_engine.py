@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.conftest import FAMILIES, picture
-from tests.families import Family, ask
-from tests.reference import served_size, transformers_generate
+from tests.families import ENDING_PROMPTS, Family, ask, joined_text
+from tests.reference import openai_penalized_greedy, served_size, transformers_generate, transformers_logprobs
+from vlm_serving.generation.batch import BatchGenerator
 from vlm_serving.generation.engine import EngineFull, EngineLimits, EngineLoop, InflightEngine, RequestSink
 from vlm_serving.generation.sampling import ParameterError
 
@@ -249,3 +250,115 @@ def test_the_loop_thread_serves_concurrent_submitters_and_stops_cleanly(family):
     engine.submit(family.request(ask("late"), [], max_tokens=4), left.sink())
     engine.fail_all(RuntimeError("the model is unloading"))
     assert "unloading" in str(left.errors[0])
+
+
+def test_logprobs_are_the_models_own_with_sorted_alternatives_and_cost_nothing_unasked(family):
+    """Against transformers' own forward over the processor's tensors (image included), with a
+    row that asks nothing running beside it."""
+    messages, pictures = ask("What is in the picture?", 1), [picture(200, 120, seed=1)]
+    asking, plain = Caller(), Caller()
+    drive(InflightEngine(family.generator), {
+        0: [(asking, family.request(messages, pictures, max_tokens=10, logprobs=True, top_logprobs=5))],
+        2: [(plain, family.request(ask("Hello there"), [], max_tokens=10, stream=True))],
+    })
+    final = asking.final
+    assert len(final.logprobs) == len(final.token_ids) == 10
+    expected = transformers_logprobs(family.name, family.checkpoint, messages, pictures, final.token_ids,
+                                     served_size(family.name, family.checkpoint))
+    for position, (token, entry) in enumerate(zip(final.token_ids, final.logprobs)):
+        data = family.generator.token_bytes(token)
+        assert (entry["token"], entry["bytes"]) == (data.decode("utf-8", errors="replace"), list(data))
+        assert entry["logprob"] == pytest.approx(expected[position, token].item(), abs=1e-4)
+        top = entry["top_logprobs"]
+        values = [alternative["logprob"] for alternative in top]
+        assert values == sorted(values, reverse=True) and len(top) == 5
+        assert values == pytest.approx(expected[position].topk(5).values.tolist(), abs=1e-4)
+        assert top[0]["bytes"] == entry["bytes"] and top[0]["logprob"] == entry["logprob"], "greedy chose the likeliest"
+    assert joined_text(final.logprobs) == final.text
+    assert plain.updates and all(update.logprobs == [] for update in plain.updates)
+
+
+def test_streamed_logprobs_join_to_the_whole_answers_and_the_end_token_has_none(family):
+    request = dict(max_tokens=40, logprobs=True, top_logprobs=2)
+    whole, streamed = Caller(), Caller()
+    drive(InflightEngine(family.generator), {0: [(whole, family.request(ask(ENDING_PROMPTS[family.name]), [], **request))],
+                                             1: [(streamed, family.request(ask(ENDING_PROMPTS[family.name]), [],
+                                                                           stream=True, **request))]})
+    final = whole.final
+    assert final.finish_reason == "stop" and final.completion_tokens == len(final.token_ids) + 1
+    assert len(final.logprobs) == len(final.token_ids) and joined_text(final.logprobs) == final.text
+    assert len(streamed.updates) > 1
+    assert all(len(update.logprobs) == len(update.token_ids) for update in streamed.updates)
+    joined = [entry for update in streamed.updates for entry in update.logprobs]
+    assert [(e["bytes"], [t["bytes"] for t in e["top_logprobs"]]) for e in joined] == \
+        [(e["bytes"], [t["bytes"] for t in e["top_logprobs"]]) for e in final.logprobs]
+    assert [e["logprob"] for e in joined] == pytest.approx([e["logprob"] for e in final.logprobs], abs=1e-5)
+
+
+def test_a_stop_sequence_cuts_the_text_and_keeps_the_generated_tokens_logprobs(family):
+    messages = ask("Tell me a story")
+    full = Caller()
+    drive(InflightEngine(family.generator), {0: [(full, family.request(messages, [], max_tokens=24))]})
+    text = full.final.text
+    stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    stopped = Caller()
+    drive(InflightEngine(family.generator), {0: [(stopped, family.request(messages, [], max_tokens=24, stop=(stop,),
+                                                                          logprobs=True))]})
+    final = stopped.final
+    assert final.finish_reason == "stop" and final.text == text[: text.index(stop)]
+    assert len(final.logprobs) == len(final.token_ids) == final.completion_tokens
+    assert joined_text(final.logprobs).startswith(final.text + stop)
+    assert all(entry["top_logprobs"] == [] for entry in final.logprobs)
+
+
+PENALTIES = [(1.5, 0.5), (0.0, 2.0), (-1.0, -0.5)]
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula(family):
+    """Three penalized rows and an unpenalized one in one running batch (joining at steps 0-3); the
+    unpenalized answer repeats a token within 20 tokens."""
+    messages = ask("What is in the picture?")
+    callers = [Caller() for _ in range(len(PENALTIES) + 1)]
+    requests = [family.request(messages, [], max_tokens=20, presence_penalty=presence, frequency_penalty=frequency)
+                for presence, frequency in PENALTIES] + [family.request(messages, [], max_tokens=20)]
+    drive(InflightEngine(family.generator), {step: [(caller, request)]
+                                             for step, (caller, request) in enumerate(zip(callers, requests))})
+    prompt = requests[0].input_ids.tolist()
+    plain = callers[-1].final.token_ids
+    assert plain == openai_penalized_greedy(family.model, family.eos, prompt, 20, 0.0, 0.0) and len(set(plain)) < len(plain)
+    for caller, (presence, frequency) in zip(callers, PENALTIES):
+        assert caller.final.token_ids == openai_penalized_greedy(family.model, family.eos, prompt, 20, presence, frequency)
+    assert callers[0].final.token_ids != plain and callers[1].final.token_ids != plain, "the penalties changed the answer"
+
+
+def test_an_unset_max_tokens_runs_to_the_limit_the_context_or_the_cache_budget(family):
+    messages = ask("Tell me a story")
+    prompt = len(family.request(messages, []).input_ids)
+    limited = BatchGenerator(family.name, family.model, family.preprocessor.tokenizer, max_tokens_limit=7)
+    small_context = BatchGenerator(family.name, family.model, family.preprocessor.tokenizer)
+    small_context.max_context = prompt + 5
+    for generator, limits, expected in ((limited, EngineLimits(), 7), (small_context, EngineLimits(), 5),
+                                        (family.generator, EngineLimits(cache_tokens=prompt + 6), 6)):
+        caller = Caller()
+        drive(InflightEngine(generator, limits), {0: [(caller, family.request(messages, []))]})
+        assert (caller.final.finish_reason, caller.final.completion_tokens) == ("length", expected)
+    with pytest.raises(ParameterError, match=f"the prompt's {prompt} tokens leave no room for an answer within {prompt}"):
+        InflightEngine(family.generator, EngineLimits(cache_tokens=prompt)).submit(family.request(messages, []), Caller().sink())
+
+
+def test_requests_without_max_tokens_still_fill_every_row_of_the_cpu_profile(family):
+    """An unset max_tokens reserves the whole context per row (4,096 tokens on the tiny checkpoints,
+    prompt included): the CPU profile's 65,536-token budget admits 16 such rows, its max_running."""
+    from vlm_serving.deploy.render import PROFILES
+
+    limits = PROFILES["cpu"].engine
+    engine = InflightEngine(family.generator, limits)
+    callers = [Caller() for _ in range(limits.max_running + 1)]
+    for n, caller in enumerate(callers):
+        engine.submit(family.request(ask(f"question {n}"), []), caller.sink())
+    engine.step()
+    stats = engine.stats  # rows that ended with their first token (an end token) count as admitted
+    assert (stats.running + stats.prefilling + stats.finished, stats.waiting) == (limits.max_running, 1)
+    for caller in callers:
+        caller.cancelled = True
+    drive(engine, {})

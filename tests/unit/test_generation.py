@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tests.conftest import FAMILIES, picture
-from tests.families import Family, ask
-from tests.reference import served_size, transformers_generate
+from tests.families import ENDING_PROMPTS, Family, ask, joined_text
+from tests.reference import openai_penalized_greedy, served_size, transformers_generate, transformers_logprobs
 from vlm_serving.generation.batch import BatchGenerator
 from vlm_serving.generation.loading import load_model
 from vlm_serving.generation.sampling import SamplingParams
@@ -258,3 +258,52 @@ def test_confidence_is_taken_before_any_checkpoint_penalty(instruct_defaults):
     tokens = out.sequences[0, batch["input_ids"].shape[1]:]
     logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
     assert updates[-1].confidence == pytest.approx(float(np.mean(logprobs[: updates[-1].completion_tokens])), abs=1e-4)
+
+
+def test_logprobs_are_the_models_own_and_streamed_ones_join_to_the_whole_answers(family):
+    messages, pictures = ask("What is in the picture?", 1), [picture(200, 120, seed=1)]
+    asked = dict(max_tokens=10, logprobs=True, top_logprobs=3)
+    [[whole], streamed, [plain]] = family.run([family.request(messages, pictures, **asked),
+                                               family.request(messages, pictures, stream=True, **asked),
+                                               family.request(messages, pictures, max_tokens=10)])
+    expected = transformers_logprobs(family.name, family.checkpoint, messages, pictures, whole.token_ids,
+                                     served_size(family.name, family.checkpoint))
+    assert len(whole.logprobs) == len(whole.token_ids) == 10 and joined_text(whole.logprobs) == whole.text
+    for position, (token, entry) in enumerate(zip(whole.token_ids, whole.logprobs)):
+        assert entry["logprob"] == pytest.approx(expected[position, token].item(), abs=1e-4)
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(expected[position].topk(3).values.tolist(), abs=1e-4)
+        assert entry["top_logprobs"][0]["bytes"] == entry["bytes"]
+    assert len(streamed) > 1 and all(len(update.logprobs) == len(update.token_ids) for update in streamed)
+    assert [e["bytes"] for update in streamed for e in update.logprobs] == [e["bytes"] for e in whole.logprobs]
+    assert plain.logprobs == []
+
+
+def test_the_end_token_has_no_logprob(family):
+    [[final]] = family.run([family.request(ask(ENDING_PROMPTS[family.name]), [], max_tokens=40, logprobs=True)])
+    assert final.finish_reason == "stop" and final.completion_tokens == len(final.token_ids) + 1 == len(final.logprobs) + 1
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula(family):
+    messages = ask("What is in the picture?")
+    penalties = [(1.5, 0.5), (0.0, 2.0), (-1.0, -0.5), (None, None)]
+    requests = [family.request(messages, [], max_tokens=20, presence_penalty=presence, frequency_penalty=frequency)
+                for presence, frequency in penalties]
+    outputs = family.run(requests)
+    prompt = requests[0].input_ids.tolist()
+    for [final], (presence, frequency) in zip(outputs, penalties):
+        assert final.token_ids == openai_penalized_greedy(family.model, family.eos, prompt, 20, presence or 0.0,
+                                                          frequency or 0.0)
+    plain = outputs[-1][0].token_ids
+    assert outputs[0][0].token_ids != plain and outputs[1][0].token_ids != plain
+
+
+def test_an_unset_max_tokens_runs_to_the_limit_or_the_context(family):
+    messages = ask("Tell me a story")
+    prompt = len(family.request(messages, []).input_ids)
+    limited = BatchGenerator(family.name, family.model, family.preprocessor.tokenizer, max_tokens_limit=7)
+    small_context = BatchGenerator(family.name, family.model, family.preprocessor.tokenizer)
+    small_context.max_context = prompt + 5
+    for generator, expected in ((limited, 7), (small_context, 5)):
+        updates = []
+        generator.generate([family.request(messages, [])], lambda i, update: updates.append(update))
+        assert (updates[-1].finish_reason, updates[-1].completion_tokens) == ("length", expected)

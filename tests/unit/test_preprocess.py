@@ -316,3 +316,16 @@ def test_presets_round_trip_and_bad_ones_say_what_is_wrong():
     assert parse_detail(b"") is None and parse_detail("LOW") == ImageDetail.LOW
     with pytest.raises(ValueError, match="detail 'ultra' is not one of auto, low, high"):
         parse_detail("ultra")
+
+
+def test_an_unset_max_tokens_needs_room_for_one_token_only(family, monkeypatch):
+    _, _, preprocessor = family
+    images, messages = [encode(picture(200, 120, seed=1))], json.dumps(user(1))
+    prompt = len(preprocessor(images, messages).input_ids)
+    monkeypatch.setattr(preprocessor, "max_context", prompt + 1)
+    assert len(preprocessor(images, messages, max_tokens=None).input_ids) == prompt
+    with pytest.raises(ImageError, match="max_tokens 2"):
+        preprocessor(images, messages, max_tokens=2)
+    monkeypatch.setattr(preprocessor, "max_context", prompt)
+    with pytest.raises(ImageError, match=f"= {prompt} tokens leave no room for an answer in the model's context of {prompt}"):
+        preprocessor(images, messages)

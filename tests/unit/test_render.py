@@ -163,3 +163,23 @@ def test_the_router_config_takes_the_ensembles_inputs_and_the_routing_options():
     assert "ROUTE_INFO" in {tensor.name for tensor in config.output}
     assert config.model_transaction_policy.decoupled
     assert float(config.parameters["confidence_threshold"].string_value) == pytest.approx(math.log(0.85), abs=1e-5)
+
+
+def test_penalties_and_logprobs_reach_every_model_that_takes_request_parameters():
+    from vlm_serving.deploy.render import render_router
+
+    DataType = model_config_pb2.DataType
+    new = {"PRESENCE_PENALTY": DataType.TYPE_FP32, "FREQUENCY_PENALTY": DataType.TYPE_FP32,
+           "LOGPROBS": DataType.TYPE_BOOL, "TOP_LOGPROBS": DataType.TYPE_INT32}
+    configs = {"auto": parse(render_router(PROFILES["cpu"]))}
+    for family in FAMILIES:
+        rendered = render_family(family, PROFILES["cpu"])
+        configs |= {name: parse(rendered[name]) for name in (family, f"{family}_generate")}
+        [*_, generate_step] = configs[family].ensemble_scheduling.step
+        assert {key: generate_step.input_map[key] for key in new} == {key: key for key in new}
+        assert generate_step.output_map["TOKEN_LOGPROBS"] == "TOKEN_LOGPROBS"
+    for name, config in configs.items():
+        inputs = {tensor.name: tensor for tensor in config.input}
+        assert {key: (inputs[key].data_type, inputs[key].optional) for key in new} == {key: (kind, True) for key, kind in new.items()}, name
+        outputs = {tensor.name: tensor.data_type for tensor in config.output}
+        assert outputs["TOKEN_LOGPROBS"] == DataType.TYPE_STRING, name

@@ -7,6 +7,7 @@ Scheduler `inflight` (default): `execute` hands each request to the instance's e
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -40,13 +41,18 @@ def read_params(request) -> SamplingParams:
         return None if value is None else kind(value)
 
     return SamplingParams(
-        max_tokens=given("MAX_TOKENS", int) or SamplingParams().max_tokens,
+        # Absent or 0: unset (until the answer or the context ends).
+        max_tokens=given("MAX_TOKENS", int) or None,
         temperature=given("TEMPERATURE", float),
         top_p=given("TOP_P", float),
         top_k=given("TOP_K", int),
         seed=given("SEED", int),
         stop=() if stop is None else tuple(s.decode("utf-8") for s in stop.reshape(-1)),
         repetition_penalty=given("REPETITION_PENALTY", float),
+        presence_penalty=given("PRESENCE_PENALTY", float),
+        frequency_penalty=given("FREQUENCY_PENALTY", float),
+        logprobs=bool(given("LOGPROBS", bool)),
+        top_logprobs=given("TOP_LOGPROBS", int) or 0,
         stream=bool(given("STREAM", bool)),
         response_format=ResponseFormat.from_wire(
             "" if response_format is None else response_format.reshape(-1)[0].decode("utf-8")),
@@ -64,6 +70,9 @@ def to_response(update: RequestUpdate, version: str, image_info: bytes) -> "pb_u
         "CONFIDENCE": np.array([[update.confidence]], dtype=np.float32),
         "MODEL_VERSION": np.array([[version.encode()]], dtype=np.object_),
         "IMAGE_INFO": np.array([[image_info]], dtype=np.object_),
+        # Empty unless the request asked for logprobs (no JSON is written for those that did not).
+        "TOKEN_LOGPROBS": np.array([[json.dumps(update.logprobs).encode() if update.logprobs else b""]],
+                                   dtype=np.object_),
     }
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
@@ -129,7 +138,8 @@ class TritonPythonModel:
         self.cancellations = CancellationBoard()
         started = time.perf_counter()
         model = load_model(parameters["checkpoint"], parameters["quantization"], device)
-        self.generator = BatchGenerator(self.family, model, load_tokenizer(parameters["checkpoint"]), device)
+        self.generator = BatchGenerator(self.family, model, load_tokenizer(parameters["checkpoint"]), device,
+                                        max_tokens_limit=self.max_tokens_limit)
         if parameters.get("sampling_defaults") != self.generator.defaults.to_json():
             self.logger.log_warn(
                 f"{args['model_name']}: the checkpoint's sampling defaults {self.generator.defaults.to_json()} "
@@ -156,7 +166,13 @@ class TritonPythonModel:
         params.validate(self.max_tokens_limit)
         if params.response_format.constrained and self.scheduler != "inflight":
             raise ParameterError("response_format needs the in-flight scheduler (render --scheduler inflight)")
-        if len(input_ids) + params.max_tokens > self.generator.max_context:
+        if params.max_tokens is None:
+            if len(input_ids) >= self.generator.max_context:
+                raise ParameterError(
+                    f"prompt of {len(input_ids)} tokens leaves no room for an answer in the model's context of "
+                    f"{self.generator.max_context} tokens; shorten the prompt"
+                )
+        elif len(input_ids) + params.max_tokens > self.generator.max_context:
             raise ParameterError(
                 f"prompt of {len(input_ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
                 f"context of {self.generator.max_context} tokens; shorten the prompt or lower max_tokens"

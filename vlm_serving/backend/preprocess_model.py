@@ -13,7 +13,6 @@ from vlm_serving.preprocessing.chat import MessageError
 from vlm_serving.preprocessing.images import ImageError, ImageLimits
 from vlm_serving.preprocessing.preprocess import load_preprocessor
 from vlm_serving.preprocessing.resolution import ResolutionPresets, parse_detail
-from vlm_serving.generation.sampling import SamplingParams
 
 
 class TritonPythonModel:
@@ -38,7 +37,8 @@ class TritonPythonModel:
             images = optional_input(request, "IMAGES")
             encoded = [] if images is None else [bytes(image) for image in images.reshape(-1)]
             max_tokens = optional_input(request, "MAX_TOKENS")
-            budget = SamplingParams().max_tokens if max_tokens is None else int(max_tokens.reshape(-1)[0])
+            # Absent or 0: unset (the answer takes what the context leaves).
+            budget = None if max_tokens is None else int(max_tokens.reshape(-1)[0]) or None
             detail = optional_input(request, "DETAIL")
             detail = None if detail is None else parse_detail(detail.reshape(-1)[0])
             task = optional_input(request, "TASK")

@@ -63,6 +63,11 @@ REQUEST_PARAMETERS = [
     ("SEED", "TYPE_INT64", "1"),
     ("STOP", "TYPE_STRING", "-1"),
     ("REPETITION_PENALTY", "TYPE_FP32", "1"),
+    ("PRESENCE_PENALTY", "TYPE_FP32", "1"),
+    ("FREQUENCY_PENALTY", "TYPE_FP32", "1"),
+    # true: every response carries its tokens' log-probabilities in TOKEN_LOGPROBS.
+    ("LOGPROBS", "TYPE_BOOL", "1"),
+    ("TOP_LOGPROBS", "TYPE_INT32", "1"),
     ("STREAM", "TYPE_BOOL", "1"),
     ("REQUEST_ID", "TYPE_STRING", "1"),
     # The answer's shape (vlm_serving/generation/structured.py; empty or absent: free text).
@@ -78,6 +83,9 @@ RESPONSE_TENSORS = [
     ("CONFIDENCE", "TYPE_FP32", "1"),
     ("MODEL_VERSION", "TYPE_STRING", "1"),
     ("IMAGE_INFO", "TYPE_STRING", "1"),
+    # UTF-8 JSON, with LOGPROBS: one {"token", "bytes", "logprob", "top_logprobs"} per token of
+    # TOKEN_IDS (the end-of-sequence token has none); empty without.
+    ("TOKEN_LOGPROBS", "TYPE_STRING", "1"),
 ]
 
 

@@ -2,8 +2,8 @@
 
 One `transformers` `generate` call runs the batch (left padding, greedy argmax as the selection
 rule). Two hooks make it per-request:
-- `_PerRequestSampling` (a logits processor) applies each row's repetition penalty and, for rows
-  that sample, draws the token with the row's own seeded generator and leaves only it selectable;
+- `_PerRequestSampling` (a logits processor) applies each row's penalties and, for rows that
+  sample, draws the token with the row's own seeded generator and leaves only it selectable;
   greedy rows pass through untouched, so greedy output is exactly plain `generate`'s.
 - `_PerRequestProgress` (a stopping criterion, called once per step with the new tokens) assembles
   each row's text, applies its stop sequences, max_tokens and cancellation, and reports updates.
@@ -21,7 +21,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers import StoppingCriteriaList
 
 from vlm_serving.generation.loading import context_tokens
-from vlm_serving.generation.sampling import SamplingDefaults, SamplingParams, TextAssembler
+from vlm_serving.generation.sampling import ParameterError, SamplingDefaults, SamplingParams, TextAssembler, TokenBytes
 
 FINISH_STOP = "stop"  # end-of-sequence token or a stop sequence
 FINISH_LENGTH = "length"  # max_tokens reached
@@ -54,25 +54,40 @@ class RequestUpdate:
     image_tokens: int = 0
     # Mean log-probability of the generated tokens under the model (0 = certain); 0 before any token.
     confidence: float = 0.0
+    # SamplingParams.logprobs: one entry per token of `token_ids` (`TokenBytes.entry` and its
+    # "top_logprobs"); empty when not asked.
+    logprobs: list[dict] = field(default_factory=list)
 
 
 class RowProgress:
     """One request's answer so far: its text, log-probabilities and unsent tokens; decides when it ends.
 
-    Shared by both schedulers (the static batch below and `engine.InflightEngine`).
+    Shared by both schedulers (the static batch below and `engine.InflightEngine`). With
+    `logprobs`, every token sent comes with its entry: the end-of-sequence token, which is not
+    part of the text, is sent with neither; tokens a stop sequence cuts from the text keep theirs
+    (they were generated, and counted in completion_tokens).
     """
 
-    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int]):
+    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int], token_bytes: TokenBytes):
         self.request = request
         self.text = TextAssembler(tokenizer, request.params.stop)
         self.eos_ids = eos_ids
+        self.token_bytes = token_bytes
         self.logprobs: list[float] = []
         self.pending_ids: list[int] = []
+        self.pending_logprobs: list[dict] = []
         self.finish_reason = ""
 
-    def advance(self, token: int, logprob: float, is_cancelled: Callable[[], bool]) -> RequestUpdate | None:
-        """Take the row's next token: the final update if the row ends here, a text delta to
-        stream, or None (nothing to send yet)."""
+    @property
+    def answer_ids(self) -> list[int]:
+        """The tokens generated so far (the end-of-sequence token ends the row, so never among them)."""
+        return self.text.token_ids
+
+    def advance(self, token: int, logprob: float, is_cancelled: Callable[[], bool],
+                alternatives: list[tuple[int, float]] = ()) -> RequestUpdate | None:
+        """Take the row's next token, its log-probability and (top_logprobs) the most likely
+        tokens at its position: the final update if the row ends here, a text delta to stream,
+        or None (nothing to send yet)."""
         params = self.request.params
         self.logprobs.append(logprob)
         delta = ""
@@ -80,6 +95,10 @@ class RowProgress:
             self.finish_reason = FINISH_STOP
         else:
             self.pending_ids.append(token)
+            if params.logprobs:
+                entry = self.token_bytes.entry(token, logprob)
+                entry["top_logprobs"] = [self.token_bytes.entry(other, value) for other, value in alternatives]
+                self.pending_logprobs.append(entry)
             delta = self.text.add(token)
             if self.text.stopped:
                 self.finish_reason = FINISH_STOP
@@ -90,8 +109,8 @@ class RowProgress:
         if self.finish_reason:
             return self.final(delta)
         if params.stream and delta:
-            update = RequestUpdate(text=delta, token_ids=self.pending_ids)
-            self.pending_ids = []
+            update = RequestUpdate(text=delta, token_ids=self.pending_ids, logprobs=self.pending_logprobs)
+            self.pending_ids, self.pending_logprobs = [], []
             return update
         return None
 
@@ -114,6 +133,8 @@ class RowProgress:
             completion_tokens=len(self.logprobs),
             image_tokens=self.request.image_tokens,
             confidence=float(np.mean(self.logprobs)) if self.logprobs else 0.0,
+            # Streaming: those since the last update; else every one (none was sent before).
+            logprobs=self.pending_logprobs,
         )
 
 
@@ -130,6 +151,33 @@ def penalize_repetitions(scores: torch.Tensor, seen: list, params: list[Sampling
         picked = scores[i].gather(0, tokens)
         picked = torch.where(picked < 0, picked * row_params.repetition_penalty, picked / row_params.repetition_penalty)
         scores[i].scatter_(0, tokens, picked)
+
+
+def penalize_occurrences(scores: torch.Tensor, answers: list, params: list[SamplingParams]) -> None:
+    """Each row's presence and frequency penalties, in place, as OpenAI documents them: a token's
+    logit less presence_penalty if it occurs in the row's answer so far, and less
+    frequency_penalty times the number of times it occurs there."""
+    for i, row_params in enumerate(params):
+        presence, frequency = row_params.presence_penalty or 0.0, row_params.frequency_penalty or 0.0
+        if not (presence or frequency) or not len(answers[i]):
+            continue
+        tokens, counts = torch.unique(torch.as_tensor(answers[i], device=scores.device), return_counts=True)
+        scores[i, tokens] -= presence + frequency * counts.to(scores.dtype)
+
+
+def top_alternatives(logprobs: torch.Tensor, params: list[SamplingParams]) -> list[list[tuple[int, float]]] | None:
+    """Each row's top_logprobs most likely tokens, (id, log-probability), most likely first: one
+    `topk` over the rows that ask; None when no row does."""
+    asking = [i for i, row_params in enumerate(params) if row_params.top_logprobs]
+    if not asking:
+        return None
+    values, ids = logprobs[asking].topk(max(params[i].top_logprobs for i in asking), dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    alternatives: list[list[tuple[int, float]]] = [[] for _ in params]
+    for row, i in enumerate(asking):
+        count = params[i].top_logprobs
+        alternatives[i] = list(zip(ids[row][:count], values[row][:count]))
+    return alternatives
 
 
 def choose_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
@@ -158,11 +206,13 @@ def choose_tokens(scores: torch.Tensor, params: list[SamplingParams], generators
 
 
 class _PerRequestSampling(LogitsProcessor):
-    """Applies each row's penalty and, for rows that sample, leaves only the drawn token selectable."""
+    """Applies each row's penalties and, for rows that sample, leaves only the drawn token selectable."""
 
     def __init__(self, rows: list[RowProgress], pad_lengths: list[int]):
         self.params = [row.request.params for row in rows]
         self.pad_lengths = pad_lengths
+        # The generated tokens start after the (left-padded) prompts.
+        self.prompt_columns = max(len(row.request.input_ids) + pad for row, pad in zip(rows, pad_lengths))
         self.generators = []
         for params in self.params:
             generator = torch.Generator()
@@ -173,6 +223,7 @@ class _PerRequestSampling(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.last_logprobs = torch.log_softmax(scores.float(), dim=-1)
         penalize_repetitions(scores, [input_ids[i, pad:] for i, pad in enumerate(self.pad_lengths)], self.params)
+        penalize_occurrences(scores, input_ids[:, self.prompt_columns :], self.params)
         sampling = [i for i, params in enumerate(self.params) if params.temperature > 0.0]
         if sampling:
             tokens = choose_tokens(scores, self.params, self.generators)
@@ -194,10 +245,12 @@ class _PerRequestProgress(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new_tokens = input_ids[:, -1].tolist()
         logprobs = self.sampling.last_logprobs
+        alternatives = top_alternatives(logprobs, self.sampling.params)
         done = []
         for i, (row, token) in enumerate(zip(self.rows, new_tokens)):
             if not row.finish_reason:
-                update = row.advance(token, float(logprobs[i, token]), lambda index=i: self.is_cancelled(index))
+                update = row.advance(token, float(logprobs[i, token]), lambda index=i: self.is_cancelled(index),
+                                     alternatives[i] if alternatives else ())
                 if update is not None:
                     self.on_update(i, update)
             done.append(bool(row.finish_reason))
@@ -251,11 +304,15 @@ def run_batch(
 class BatchGenerator:
     """Runs batches of `GenerationRequest`s through one loaded model."""
 
-    def __init__(self, family: str, model, tokenizer, device: torch.device | str = "cpu"):
+    def __init__(self, family: str, model, tokenizer, device: torch.device | str = "cpu",
+                 max_tokens_limit: int | None = None):
         self.family = family
         self.model = model
         self.tokenizer = tokenizer
+        self.token_bytes = TokenBytes(tokenizer)
         self.device = torch.device(device)
+        # The most tokens one answer may take (None: only the context bounds it).
+        self.max_tokens_limit = max_tokens_limit
         config = model.generation_config
         eos = config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -268,6 +325,21 @@ class BatchGenerator:
         self.marks_modalities = family == "qwen2_5_vl"
         # What requests get for the sampling fields they leave unset (the checkpoint's defaults).
         self.defaults = SamplingDefaults.from_generation_config(config.to_dict())
+
+    def resolve(self, request: GenerationRequest, context: int | None = None) -> GenerationRequest:
+        """The request with every parameter it leaves unset filled: the sampling ones from the
+        checkpoint's defaults; max_tokens with what `context` (default the model's) leaves after
+        the prompt, at most max_tokens_limit. Raises ParameterError when the prompt leaves none."""
+        context = self.max_context if context is None else context
+        room = context - len(request.input_ids)
+        if self.max_tokens_limit is not None:
+            room = min(room, self.max_tokens_limit)
+        if request.params.max_tokens is None and room < 1:
+            raise ParameterError(
+                f"the prompt's {len(request.input_ids)} tokens leave no room for an answer within {context} tokens "
+                "(the model's context, or this instance's key/value-cache budget where smaller); shorten the prompt"
+            )
+        return replace(request, params=request.params.resolve(self.defaults, room))
 
     def check_images(self, request: GenerationRequest) -> None:
         """Every image token of the prompt needs one embedding row, and nothing more."""
@@ -286,8 +358,8 @@ class BatchGenerator:
 
         Every request gets exactly one update with `finished=True`, its last.
         """
-        requests = [replace(request, params=request.params.resolve(self.defaults)) for request in requests]
-        rows = [RowProgress(request, self.tokenizer, self.eos_ids) for request in requests]
+        requests = [self.resolve(request) for request in requests]
+        rows = [RowProgress(request, self.tokenizer, self.eos_ids, self.token_bytes) for request in requests]
         longest = max(len(r.input_ids) for r in requests)
         pad_lengths = [longest - len(r.input_ids) for r in requests]
         input_ids = torch.full((len(requests), longest), self.pad_id, dtype=torch.long)

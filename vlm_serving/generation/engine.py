@@ -17,7 +17,7 @@ and not a slot or paged cache (measured by `perf/engine.py`).
 
 Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
 positions (images take fewer positions than tokens) follow every row exactly; image embeddings
-enter at prefill only. Each row keeps its own parameters, seed, stop sequences, penalty and
+enter at prefill only. Each row keeps its own parameters, seed, stop sequences, penalties and
 cancellation; greedy rows give exactly plain `generate`'s tokens.
 """
 
@@ -28,7 +28,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from vlm_serving.generation.batch import (
     FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
-    penalize_repetitions,
+    penalize_occurrences, penalize_repetitions, top_alternatives,
 )
 from vlm_serving.generation.grammar import FormatCompiler, RowGrammar, mask_rows
 from vlm_serving.generation.sampling import ParameterError
@@ -137,7 +137,8 @@ class InflightEngine:
     def submit(self, request: GenerationRequest, sink: RequestSink) -> None:
         """Queue a request. Raises ParameterError if it can never fit, EngineFull if the queue is full."""
         self.generator.check_images(request)
-        request = replace(request, params=request.params.resolve(self.generator.defaults))
+        # An unset max_tokens: up to the context or this instance's whole cache budget, whichever is less.
+        request = self.generator.resolve(request, context=min(self.generator.max_context, self.limits.cache_tokens))
         reserve = len(request.input_ids) + request.params.max_tokens
         if reserve > self.limits.cache_tokens:
             raise ParameterError(
@@ -150,8 +151,8 @@ class InflightEngine:
         seed = request.params.seed
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
-        row = _Row(request, sink, RowProgress(request, self.generator.tokenizer, self.generator.eos_ids),
-                   generator, request.input_ids.tolist(), reserve, grammar)
+        progress = RowProgress(request, self.generator.tokenizer, self.generator.eos_ids, self.generator.token_bytes)
+        row = _Row(request, sink, progress, generator, request.input_ids.tolist(), reserve, grammar)
         with self._lock:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise EngineFull(
@@ -354,9 +355,12 @@ class InflightEngine:
         """Choose each row's next token from its logits; stream it; end the rows that are done."""
         scores = logits.float()
         logprobs = torch.log_softmax(scores, dim=-1)
-        penalize_repetitions(scores, [row.seen for row in rows], [row.request.params for row in rows])
+        params = [row.request.params for row in rows]
+        alternatives = top_alternatives(logprobs, params)
+        penalize_repetitions(scores, [row.seen for row in rows], params)
+        penalize_occurrences(scores, [row.progress.answer_ids for row in rows], params)
         mask_rows(scores, [None if row.ended else row.grammar for row in rows], self.vocab_size)
-        tokens = choose_tokens(scores, [row.request.params for row in rows], [row.generator for row in rows]).tolist()
+        tokens = choose_tokens(scores, params, [row.generator for row in rows]).tolist()
         for i, (row, token) in enumerate(zip(rows, tokens)):
             if row.ended:  # cancelled while its group was prefilled
                 continue
@@ -370,7 +374,8 @@ class InflightEngine:
             row.last_token = token
             # Cancellation is read once per step, before the forward (`_end_cancelled`): in Triton
             # each read crosses to the server process.
-            update = row.progress.advance(token, float(logprobs[i, token]), _never)
+            update = row.progress.advance(token, float(logprobs[i, token]), _never,
+                                          alternatives[i] if alternatives else ())
             if update is None:
                 continue
             if update.finished:

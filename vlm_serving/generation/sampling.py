@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vlm_serving.generation.structured import ResponseFormat
+
+
+# The most alternatives a token's log-probability may come with (OpenAI's bound).
+MAX_TOP_LOGPROBS = 20
 
 
 class ParameterError(ValueError):
@@ -60,7 +65,9 @@ class SamplingDefaults:
 class SamplingParams:
     """How one request is decoded. None: the model's default (`SamplingDefaults`), see `resolve`."""
 
-    max_tokens: int = 64
+    # None: until the model ends its answer or the context is full, at most the model's
+    # max_tokens_limit (`BatchGenerator.resolve` turns it into a number from the prompt's length).
+    max_tokens: int | None = None
     # 0 means greedy decoding (and makes top_p, top_k and seed irrelevant).
     temperature: float | None = None
     top_p: float | None = None
@@ -70,14 +77,23 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     repetition_penalty: float | None = None
+    # OpenAI's penalties over the answer so far: logit -= presence * (count > 0) + frequency * count.
+    # None or 0: off.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Return each generated token's log-probability, and its top_logprobs most likely alternatives.
+    logprobs: bool = False
+    top_logprobs: int = 0
     stream: bool = False
     # The shape the answer must take (free text by default), enforced token by token.
     response_format: ResponseFormat = ResponseFormat()
 
-    def resolve(self, defaults: SamplingDefaults) -> "SamplingParams":
-        """Every unset field from `defaults`."""
-        return replace(self, **{name: getattr(defaults, name) for name in defaults.__dict__
-                                if getattr(self, name) is None})
+    def resolve(self, defaults: SamplingDefaults, room: int | None = None) -> "SamplingParams":
+        """Every unset sampling field from `defaults`; an unset max_tokens becomes `room` (the
+        tokens the context leaves the answer) where it is given."""
+        resolved = replace(self, **{name: getattr(defaults, name) for name in defaults.__dict__
+                                    if getattr(self, name) is None})
+        return resolved if self.max_tokens is not None or room is None else replace(resolved, max_tokens=room)
 
     def violations(self, max_tokens_limit: int) -> list[tuple[str, str]]:
         """(field, what is wrong) for every parameter out of bounds (unset ones are fine)."""
@@ -85,14 +101,23 @@ class SamplingParams:
             return value is None or ok(value)
 
         checks = [
-            ("max_tokens", 1 <= self.max_tokens <= max_tokens_limit,
-             f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}]"),
+            ("max_tokens", unset_or(self.max_tokens, lambda v: 1 <= v <= max_tokens_limit),
+             f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}] (unset: until the answer or the "
+             "context ends)"),
             ("temperature", unset_or(self.temperature, lambda v: 0.0 <= v <= 2.0),
              f"temperature={_g(self.temperature)} must be in [0, 2] (0 = greedy)"),
             ("top_p", unset_or(self.top_p, lambda v: 0.0 < v <= 1.0), f"top_p={_g(self.top_p)} must be in (0, 1]"),
             ("top_k", unset_or(self.top_k, lambda v: 0 <= v <= 1000), f"top_k={self.top_k} must be in [0, 1000] (0 = off)"),
             ("repetition_penalty", unset_or(self.repetition_penalty, lambda v: 0.0 < v <= 2.0),
              f"repetition_penalty={_g(self.repetition_penalty)} must be in (0, 2] (1 = off)"),
+            ("presence_penalty", unset_or(self.presence_penalty, lambda v: -2.0 <= v <= 2.0),
+             f"presence_penalty={_g(self.presence_penalty)} must be in [-2, 2] (0 = off)"),
+            ("frequency_penalty", unset_or(self.frequency_penalty, lambda v: -2.0 <= v <= 2.0),
+             f"frequency_penalty={_g(self.frequency_penalty)} must be in [-2, 2] (0 = off)"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs={self.top_logprobs} must be in [0, {MAX_TOP_LOGPROBS}]"),
+            ("top_logprobs", self.logprobs or not self.top_logprobs,
+             f"top_logprobs={self.top_logprobs} needs logprobs true (the alternatives come with each token's own)"),
             ("stop", len(self.stop) <= 8, f"{len(self.stop)} stop sequences is over the limit of 8"),
             ("stop", all(0 < len(s) <= 64 for s in self.stop), "each stop sequence must be 1 to 64 characters"),
         ]
@@ -168,3 +193,58 @@ class TextAssembler:
         delta = self.text[self.emitted : end]
         self.emitted = end
         return delta
+
+
+class TokenBytes:
+    """Each token's exact UTF-8 bytes, and a token's log-probability entry as the API returns it.
+
+    A byte-level BPE token (Qwen2.5-VL's, Pixtral's) is a string of byte-standing characters: its
+    decoder's table, inverted, gives the bytes exactly, also for a token that holds only part of a
+    multi-byte character (its text alone then has U+FFFD). An added or special token is its text.
+    A tokenizer of any other kind: the token decoded alone (exact for tokens of whole characters).
+    Built on first use (no cost for requests that never ask), looked up once per token and kept.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.known: dict[int, bytes] = {}
+
+    @functools.cached_property
+    def added(self) -> dict[int, str]:
+        return {token_id: token.content for token_id, token in getattr(self.tokenizer, "added_tokens_decoder", {}).items()}
+
+    @functools.cached_property
+    def byte_of(self) -> dict[str, int] | None:
+        return _byte_level_table(self.tokenizer)
+
+    def __call__(self, token_id: int) -> bytes:
+        known = self.known.get(token_id)
+        if known is None:
+            known = self.known[token_id] = self._bytes(token_id)
+        return known
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id in self.added:
+            return self.added[token_id].encode("utf-8")
+        if self.byte_of is not None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            return bytes(self.byte_of[character] for character in piece)
+        return self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False).encode("utf-8")
+
+    def entry(self, token_id: int, logprob: float) -> dict:
+        """{"token", "bytes", "logprob"}: the token's text alone, its bytes, its log-probability."""
+        data = self(token_id)
+        return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data), "logprob": logprob}
+
+
+def _byte_level_table(tokenizer) -> dict[str, int] | None:
+    """character -> byte, where the tokenizer's decoder is (or holds) a byte-level one; else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    if not any(part.get("type") == "ByteLevel" for part in decoder.get("decoders", [decoder])):
+        return None
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {character: byte for byte, character in bytes_to_unicode().items()}

@@ -106,16 +106,16 @@ class FamilyPreprocessor:
         processor = self.image_processor
         self.table = normalization_table(processor.rescale_factor, processor.image_mean, processor.image_std)
 
-    def __call__(self, encoded_images: list[bytes], messages_json: bytes | str, max_tokens: int = 1,
+    def __call__(self, encoded_images: list[bytes], messages_json: bytes | str, max_tokens: int | None = None,
                  detail: ImageDetail | None = None, task: str | None = None,
                  tools: list[dict] = ()) -> PreprocessedRequest:
         """The request's tensors, each image processed at the pixel range its kind and `detail` give
         (None: the model's default detail). Before any image is decoded, the headers alone decide
         whether the request can fit: pixels per request, and prompt + the fewest image tokens the
-        images can take + `max_tokens` within the context; after the images are classified, the
-        exact count is checked again. `task` (vlm_serving/tasks.py): its instruction, in this
-        family's conventions, replaces the last user turn's text; `tools` (vlm_serving/tools.py,
-        as functions): written into the system turn in this family's convention."""
+        images can take + `max_tokens` (unset: one token at least) within the context; after the
+        images are classified, the exact count is checked again. `task` (vlm_serving/tasks.py): its
+        instruction, in this family's conventions, replaces the last user turn's text; `tools`
+        (vlm_serving/tools.py, as functions): written into the system turn in this family's convention."""
         messages = parse_messages(messages_json)
         if task:
             messages = apply_task(messages, task, self.family)
@@ -146,9 +146,17 @@ class FamilyPreprocessor:
         result.image_kinds = kinds
         return result
 
-    def _check_context(self, ids: np.ndarray, image_tokens: list[int], max_tokens: int) -> None:
+    def _check_context(self, ids: np.ndarray, image_tokens: list[int], max_tokens: int | None) -> None:
         text_tokens = len(ids) - len(image_tokens)  # each image's placeholder is replaced by its tokens
-        needed = text_tokens + sum(image_tokens) + max_tokens
+        prompt = text_tokens + sum(image_tokens)
+        if max_tokens is None and prompt >= self.max_context:
+            raise ImageError(
+                f"the prompt's {text_tokens} text tokens + {sum(image_tokens)} image tokens "
+                f"({', '.join(map(str, image_tokens)) or 'no images'}) = {prompt} tokens leave no room for an answer "
+                f"in the model's context of {self.max_context}; send fewer or smaller images, a lower detail or a "
+                "shorter prompt"
+            )
+        needed = prompt + (max_tokens or 0)
         if needed > self.max_context:
             raise ImageError(
                 f"the prompt's {text_tokens} text tokens + {sum(image_tokens)} image tokens "
