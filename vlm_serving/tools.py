@@ -94,7 +94,7 @@ def system_text(functions: list[dict], family: str) -> str:
 def apply_tools(messages: list[dict], functions: list[dict], family: str) -> list[dict]:
     """The messages with the tools block added to the system turn (one is added if there is none);
     a system message's content is one string here (chat.template_messages joins its parts).
-    The block is the service's text: callers' text never becomes the markers (see chat.prompt_ids)."""
+    The block is the service's text; no caller's text becomes a control token (see chat.prompt_ids)."""
     if not functions:
         return messages
     block = system_text(functions, family)
