@@ -25,6 +25,7 @@ import uuid
 from typing import Any
 
 import grpc
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,11 +38,16 @@ from gateway.errors import ApiError
 from gateway.openai_protocol import ChatCompletionRequest, HttpError, ParamNames, bad_request
 from gateway.openapi import describe
 from gateway.servicer import VisionLanguageServicer
-from gateway.settings import Settings
+from gateway.settings import REQUEST_TEXT_ALLOWANCE, Settings
 from gateway.validation import REQUEST_ID
 
 # Bodies larger than this are parsed on a worker thread: the event loop serves everyone else meanwhile.
 OFF_LOOP_BYTES = 64 * 1024
+# What a body may hold besides its images' base64: the gRPC message's allowance for text, tools and
+# schemas, twice over for JSON's escapes and layout. Checked before parsing: a JSON parser holds
+# the interpreter for the whole document, so a body of millions of small objects is refused unread.
+MAX_BODY_BYTES_BESIDE_IMAGES = 2 * REQUEST_TEXT_ALLOWANCE
+_BASE64_START = b";base64,"
 
 
 class RequestIds:
@@ -83,12 +89,28 @@ def error_response(error: HttpError) -> JSONResponse:
     return JSONResponse({"error": error.body()}, status_code=error.status, headers=error.headers())
 
 
+def bytes_beside_images(raw: bytes, max_images: int) -> int:
+    """The body's bytes outside its data URLs' base64 payloads (the first `max_images` of them;
+    string searches only, no parsing)."""
+    images, start = 0, raw.find(_BASE64_START)
+    for _ in range(max_images):
+        if start < 0:
+            break
+        start += len(_BASE64_START)
+        end = raw.find(b'"', start)
+        if end < 0:
+            break
+        images += end - start
+        start = raw.find(_BASE64_START, end)
+    return len(raw) - images
+
+
 def parse_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
     """The body as a request: JSON first, then its counts (cheap, before pydantic walks a flood
     of parts), then the schema."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = pydantic_core.from_json(raw)  # jiter: the fastest JSON parser at hand
+    except ValueError as exc:
         raise bad_request(f"the body is not JSON ({exc})", None) from None
     messages = data.get("messages") if isinstance(data, dict) else None
     if isinstance(messages, list):
@@ -149,6 +171,10 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
             if len(raw) > limit:
                 raise HttpError(413, "invalid_request_error", f"the request body is over the limit of {limit} bytes",
                                 code="request_too_large")
+        beside = bytes_beside_images(raw, settings.max_images)
+        if beside > MAX_BODY_BYTES_BESIDE_IMAGES:
+            raise HttpError(413, "invalid_request_error", f"the request body holds {beside} bytes besides its images' "
+                            f"data, over the limit of {MAX_BODY_BYTES_BESIDE_IMAGES} bytes", code="request_too_large")
         if len(raw) > OFF_LOOP_BYTES:
             return await asyncio.to_thread(parse_body, bytes(raw), settings)
         return parse_body(bytes(raw), settings)

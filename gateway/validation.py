@@ -14,6 +14,7 @@ from vlm.v1 import vlm_pb2
 from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
 from vlm_serving.pipelines import ROUTER
+from vlm_serving.preprocessing.chat import MAX_CALLS
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
 from vlm_serving import tasks, tools
 from vlm_serving.generation import structured
@@ -22,9 +23,7 @@ from vlm_serving.generation.sampling import SamplingParams
 ROLES = ("system", "user", "assistant", "tool")
 # Roles whose messages hold text only.
 TEXT_ONLY_ROLES = ("system", "tool")
-# A tool's name (as vlm_serving.tools checks it) and a call's id.
-_NAME_OR_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_CALLS_PER_MESSAGE = 32
+
 # ASCII only: the id goes back in gRPC metadata, which allows nothing else.
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
@@ -233,7 +232,8 @@ def conversation(messages, settings: Settings, violations: list) -> tuple[list[d
     if floods:
         violations += floods
         return [], []
-    converted, images, text_chars, call_ids = [], [], 0, set()
+    # The calls of the last assistant message that tool messages may still answer (each once).
+    converted, images, text_chars, open_calls = [], [], 0, set()
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if message.role not in ROLES:
@@ -261,16 +261,19 @@ def conversation(messages, settings: Settings, violations: list) -> tuple[list[d
             else:
                 violations.append((path, "set either text or image"))
         entry = {"role": message.role, "content": content}
+        if message.role == "assistant":
+            open_calls = set()
         if message.tool_calls:
             entry["tool_calls"], chars = tool_calls(message, where, violations)
             text_chars += chars
-            call_ids.update(call["id"] for call in entry["tool_calls"])
+            open_calls = {call["id"] for call in entry["tool_calls"]}
         if message.role == "tool":
             if not message.tool_call_id:
                 violations.append((f"{where}.tool_call_id", "required in a tool message: the id of the call it answers"))
-            elif message.tool_call_id not in call_ids:
-                violations.append((f"{where}.tool_call_id", f"{message.tool_call_id!r} is not the id of a call in an "
-                                                            "earlier assistant message"))
+            elif message.tool_call_id not in open_calls:
+                violations.append((f"{where}.tool_call_id", f"{message.tool_call_id!r} is not the id of a call of the "
+                                                            "last assistant message still unanswered"))
+            open_calls.discard(message.tool_call_id)
             entry["tool_call_id"] = message.tool_call_id
         elif message.tool_call_id:
             violations.append((f"{where}.tool_call_id", "only a tool message answers a call"))
@@ -284,16 +287,16 @@ def tool_calls(message, where: str, violations: list) -> tuple[list[dict], int]:
     """An assistant message's earlier calls as the preprocessor takes them, and their characters."""
     if message.role != "assistant":
         violations.append((f"{where}.tool_calls", "only an assistant message carries tool calls"))
-    if len(message.tool_calls) > MAX_CALLS_PER_MESSAGE:
+    if len(message.tool_calls) > MAX_CALLS:
         violations.append((f"{where}.tool_calls", f"{len(message.tool_calls)} calls is over the limit of "
-                                                  f"{MAX_CALLS_PER_MESSAGE} per message"))
+                                                  f"{MAX_CALLS} per message"))
         return [], 0
     calls, chars = [], 0
     for k, call in enumerate(message.tool_calls):
         path = f"{where}.tool_calls[{k}]"
-        if not _NAME_OR_ID.fullmatch(call.name):
+        if not tools.NAME.fullmatch(call.name):
             violations.append((f"{path}.name", f"{call.name!r}: 1 to 64 letters, digits, '_' or '-'"))
-        if not _NAME_OR_ID.fullmatch(call.id):
+        if not tools.CALL_ID.fullmatch(call.id):
             violations.append((f"{path}.id", "1 to 64 letters, digits, '_' or '-': the id the answer gave the call"))
         try:
             arguments = json.loads(call.arguments)

@@ -51,7 +51,7 @@ def test_models_and_errors_arrive_as_the_sdks_types(gateway, tmp_path):
         "url": "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n garbage").decode()}}]}]
     with pytest.raises(openai.BadRequestError) as bad_image:
         client.chat.completions.create(model="pixtral", messages=bad)
-    assert bad_image.value.body["param"].startswith("messages[0].parts[0].image")
+    assert bad_image.value.body["param"] == "messages[0].content[0].image_url.url"
 
 
 def test_an_oversized_request_is_413(triton, tmp_path):

@@ -344,3 +344,17 @@ def test_a_client_gone_before_the_first_token_ends_its_generation():
         await asyncio.wait_for(ended.wait(), 5)
 
     run(test)
+
+
+def test_what_a_body_holds_besides_its_images_is_found_without_parsing():
+    from gateway.http_api import bytes_beside_images
+
+    image = base64.b64encode(b"\x00" * 300_000).decode()
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        {"type": "text", "text": "two pictures"}]}]}).encode()
+    assert bytes_beside_images(body, max_images=16) == len(body) - 2 * len(image) < 300
+    # Past the image limit, what looks like more images counts as the rest of the body.
+    assert bytes_beside_images(body, max_images=1) == len(body) - len(image)
+    assert bytes_beside_images(b';base64,' * 1000, max_images=16) == 8000
