@@ -73,6 +73,8 @@ run: models configs
 up: models configs
 	$(PY) -m vlm_serving.deploy.stack up --model-control $(MODEL_CONTROL)
 
+# Stops `make up`'s stack, and the servers of a `make bench` that was killed before its own cleanup
+# (each recorded in build/bench/pids/ while it runs), each with its process group.
 down:
 	$(PY) -m vlm_serving.deploy.stack down
 

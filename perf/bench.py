@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import csv
 import io
+import os
 import statistics
 import subprocess
 import sys
@@ -47,8 +48,8 @@ from perf.image_kinds import accuracy_and_time as classifier_accuracy_and_time
 from perf.load import GatewayTarget, TritonTarget, run_load
 from perf.workload import perf_analyzer_input, synthetic_image, workload
 from vlm_serving.deploy.render import PROFILES, Batching, copy_model_code, render_repository
-from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
-from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonServer
+from vlm_serving.deploy.stack import BENCH_PIDS, GatewayProcess, stop_on_signals
+from vlm_serving.deploy.triton_server import BUILD, REPO_ROOT, TritonServer, stop_all
 from vlm_serving.tiny_checkpoints import with_real_image_limits
 from vlm_serving.preprocessing.preprocess import load_preprocessor
 
@@ -80,6 +81,14 @@ def repository(name: str, **profile_changes) -> Path:
     return target
 
 
+def launch(process: TritonServer | GatewayProcess, servers: list) -> None:
+    """Start a server or gateway of this run: on `servers` (stopped on exit) before it starts, and
+    recorded under build/bench/pids/ while it runs, so `make down` stops what a killed bench left."""
+    process.pid_file = BENCH_PIDS / f"{os.getpid()}-{process.log_path.stem}.pid"
+    servers.append(process)
+    process.start()
+
+
 def triton(name: str, servers: list, env: dict[str, str] | None = None, **profile_changes) -> TritonServer:
     """A started server, on `servers` (stopped on exit) before it is waited for; `env`: added to
     its environment."""
@@ -87,8 +96,7 @@ def triton(name: str, servers: list, env: dict[str, str] | None = None, **profil
     server = TritonServer(repository=repository(name, **profile_changes), http_port=free_port(),
                           grpc_port=free_port(), metrics_port=free_port(), log_path=BENCH / f"{name}.log",
                           extra_env=env or {})
-    server.start()
-    servers.append(server)
+    launch(server, servers)
     server.wait_ready(300)
     return server
 
@@ -249,7 +257,7 @@ def main() -> int:
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
     n = lambda count: max(8, int(count * scale))  # noqa: E731
-    stop_on_signals()  # SIGTERM and SIGHUP stop the servers (the finally below), never orphan them
+    stop_on_signals()  # SIGINT, SIGTERM and SIGHUP stop the servers (the finally below), never orphan them
     BENCH.mkdir(parents=True, exist_ok=True)
     images = workload(16)
     text_only = workload(16, with_images=False)
@@ -265,8 +273,7 @@ def main() -> int:
         gateway = GatewayProcess(triton_url=batched.grpc_url, address=f"127.0.0.1:{free_port()}",
                                  metrics_port=free_port(), log_path=BENCH / "gateway.log",
                                  http_address=f"127.0.0.1:{free_port()}", extra_env={"VLM_API_KEYS": KEY})
-        gateway.start()
-        servers.append(gateway)
+        launch(gateway, servers)
         gateway.wait_serving(60)
 
         progress("row 2: dynamic batching on / off")
@@ -366,8 +373,7 @@ def main() -> int:
         else:
             notes.append("perf_analyzer not installed (`make perf-tools`): its rows are skipped")
     finally:
-        for server in reversed(servers):
-            server.stop()
+        stop_all(reversed(servers))
 
     # In this process, with every server stopped: they would take cores from both sides.
     progress("row 3: preprocessing")

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from perf.bench import BENCH, KEY, alternate, free_port, load, print_table, progress, throughputs, triton
+from perf.bench import BENCH, KEY, alternate, free_port, launch, load, print_table, progress, throughputs, triton
 from perf.load import GatewayTarget, HttpTarget
 from perf.workload import workload
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
+from vlm_serving.deploy.triton_server import stop_all
 
 
 def row(gateway: GatewayProcess, images, requests: int) -> tuple:
@@ -36,13 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         gateway = GatewayProcess(triton_url=server.grpc_url, address=f"127.0.0.1:{free_port()}", metrics_port=free_port(),
                                  log_path=BENCH / "gateway_http_row.log", http_address=f"127.0.0.1:{free_port()}",
                                  extra_env={"VLM_API_KEYS": KEY})
-        gateway.start()
-        servers.append(gateway)
+        launch(gateway, servers)
         gateway.wait_serving(60)
         print_table([row(gateway, workload(16), 32 if args.quick else 96)])
     finally:
-        for process in reversed(servers):
-            process.stop()
+        stop_all(reversed(servers))
     return 0
 
 

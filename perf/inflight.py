@@ -25,11 +25,11 @@ import time
 import torch
 from PIL import Image
 
-from perf.bench import BENCH, KEY, failures, free_port, load, progress, run_on_bench_loop, triton
+from perf.bench import BENCH, KEY, failures, free_port, launch, load, progress, run_on_bench_loop, triton
 from perf.load import GatewayTarget, run_open_loop
 from perf.workload import SHORT_TOKENS, mixed_workload, messages
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
-from vlm_serving.deploy.triton_server import BUILD
+from vlm_serving.deploy.triton_server import BUILD, stop_all
 
 RATES = (0.4, 0.7, 1.0)
 
@@ -80,8 +80,7 @@ def rows(scale: float = 1.0) -> list[tuple]:
             gateway = GatewayProcess(triton_url=server.grpc_url, address=f"127.0.0.1:{free_port()}",
                                      metrics_port=free_port(), log_path=BENCH / f"gateway_{scheduler}.log",
                                      extra_env={"VLM_API_KEYS": KEY})
-            gateway.start()
-            servers.append(gateway)
+            launch(gateway, servers)
             gateway.wait_serving(60)
             stacks[scheduler] = gateway
 
@@ -123,8 +122,7 @@ def rows(scale: float = 1.0) -> list[tuple]:
                       "generate in fixed batches of 4), same requests", f"{stack.throughput:.2f} / {loop_rate:.2f} req/s",
                       None if failed else stack.throughput / loop_rate, ">= 1.5", "x", failed))
     finally:
-        for server in reversed(servers):
-            server.stop()
+        stop_all(reversed(servers))
     return table
 
 

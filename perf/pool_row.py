@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from perf.bench import BENCH, KEY, alternate, free_port, load, print_table, progress, throughputs, triton
+from perf.bench import BENCH, KEY, alternate, free_port, launch, load, print_table, progress, throughputs, triton
 from perf.load import GatewayTarget
 from perf.workload import workload
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
+from vlm_serving.deploy.triton_server import stop_all
 
 MEASURE = "throughput, gateway over two Triton servers / over one, same machine, c=16, 16 tokens"
 GOAL = "reported (2 cores: both servers share them)"
@@ -24,8 +25,7 @@ GOAL = "reported (2 cores: both servers share them)"
 def gateway_over(triton_url: str, name: str, servers: list) -> GatewayProcess:
     gateway = GatewayProcess(triton_url=triton_url, address=f"127.0.0.1:{free_port()}", metrics_port=free_port(),
                              log_path=BENCH / f"gateway_{name}.log", extra_env={"VLM_API_KEYS": KEY})
-    gateway.start()
-    servers.append(gateway)
+    launch(gateway, servers)
     gateway.wait_serving(60)
     return gateway
 
@@ -41,8 +41,8 @@ def row(one: GatewayProcess, first_server, servers: list, images, requests: int,
             lambda: load(lambda: GatewayTarget(pooled.address, KEY, "qwen2.5-vl"), images, 16, requests, 16),
             lambda: load(lambda: GatewayTarget(one.address, KEY, "qwen2.5-vl"), images, 16, requests, 16))
     finally:  # the rows after this one run beside one server, as before
+        stop_all((pooled, second))
         for process in (pooled, second):
-            process.stop()
             servers.remove(process)
     return ("14", MEASURE, throughputs(pairs), ratio, GOAL, "x", failed)
 
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         one = gateway_over(first.grpc_url, "pool_one", servers)
         print_table([row(one, first, servers, workload(16), 32 if args.quick else 96, env)])
     finally:
-        for process in reversed(servers):
-            process.stop()
+        stop_all(reversed(servers))
     return 0
 
 

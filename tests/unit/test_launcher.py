@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,7 +26,11 @@ def bystander() -> subprocess.Popen:
 @pytest.fixture
 def pid_files(tmp_path, monkeypatch):
     files = {"gateway": tmp_path / "gateway.pid", "triton": tmp_path / "triton.pid"}
-    monkeypatch.setattr(stack, "PID_FILES", files)
+    monkeypatch.setattr(stack, "PID_FILES", dict(files))
+    # Never the checkout's own: `down` stops every process recorded there.
+    files["bench"] = tmp_path / "bench-pids"
+    files["bench"].mkdir()
+    monkeypatch.setattr(stack, "BENCH_PIDS", files["bench"], raising=False)
     return files
 
 
@@ -100,7 +107,144 @@ def test_listens_on_sees_a_processs_own_listening_socket():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        import os
-
         assert listens_on(os.getpid(), listener.getsockname()[1])
 
+
+
+# A server that takes a while to stop (as Triton finishing its requests and unloading), and one
+# whose process group holds a second process (as Triton and its Python-backend stubs).
+SLOW_TO_STOP = ("import signal, sys, time\n"
+                "stopping = []\n"
+                "signal.signal(signal.SIGTERM, lambda *_: stopping.append(time.monotonic()))\n"
+                "while not stopping or time.monotonic() - stopping[0] < 1.5:\n"
+                "    time.sleep(0.05)\n")
+WITH_A_STUB = ("import subprocess, sys, time\n"
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+               "time.sleep(120)\n")
+
+
+def group_members(pgid: int) -> list[int]:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
+def server_group(code: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while code is WITH_A_STUB and len(group_members(process.pid)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return process
+
+
+def run_signalled(script: str, signals: int) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """Run `script` (its first stdout line: the pids of its servers, then "ready") in its own process
+    group; send SIGTERM to that group `signals` times, 0.3 s apart, as a supervisor and make would."""
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True, cwd=stack.REPO_ROOT)
+    try:
+        pids = [int(pid) for pid in process.stdout.readline().split()]
+        assert process.stdout.readline().strip() == "ready", process.communicate()
+        for _ in range(signals):
+            os.killpg(process.pid, signal.SIGTERM)
+            time.sleep(0.3)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err), pids
+
+
+def kill_groups(*pgids: int) -> None:
+    """What a failed test left (never a group this test did not start)."""
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+SERVERS = f"""
+import subprocess, sys, time
+from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
+from vlm_serving.deploy.triton_server import TritonServer
+gateway, triton = GatewayProcess(triton_url="unused"), TritonServer()
+quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+gateway.process = subprocess.Popen([sys.executable, "-c", {SLOW_TO_STOP!r}], **quiet)
+triton.process = subprocess.Popen([sys.executable, "-c", {WITH_A_STUB!r}], **quiet)
+time.sleep(1)  # the stub started
+print(gateway.process.pid, triton.process.pid, flush=True)
+stop_on_signals()
+print("ready", flush=True)
+"""
+
+
+def assert_gone(*pgids: int) -> None:
+    deadline = time.monotonic() + 10
+    while any(group_members(pgid) for pgid in pgids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pgid in pgids for pid in group_members(pgid)], "a server or its stub is still running"
+
+
+def test_a_second_signal_never_cuts_the_cleanup_short():
+    """The first SIGTERM stops the launcher; the next ones (make forwards the group's signal to its
+    child, a supervisor may repeat it) arrive while the first server is stopping."""
+    script = SERVERS + """
+try:
+    while True:
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    print("stopping", flush=True)
+finally:
+    gateway.stop()
+    triton.stop()
+    print("stopped", flush=True)
+"""
+    done, pids = run_signalled(script, signals=3)
+    try:
+        assert_gone(*pids)
+        assert done.stdout.splitlines()[-2:] == ["stopping", "stopped"] and "Traceback" not in done.stderr, done.stderr
+    finally:
+        kill_groups(*pids)
+
+
+def test_signals_during_a_cleanup_wait_for_its_end():
+    """A cleanup that began without a signal (a bench's last step, a failed start-up) runs to its end;
+    the signals that came meanwhile then stop the program."""
+    script = SERVERS + """
+from vlm_serving.deploy.triton_server import stop_all
+try:
+    stop_all([gateway, triton])
+    print("went on after the signals", flush=True)
+except KeyboardInterrupt:
+    print("interrupted after the cleanup", flush=True)
+"""
+    done, pids = run_signalled(script, signals=2)
+    try:
+        assert_gone(*pids)
+        assert done.stdout.splitlines()[-1] == "interrupted after the cleanup", done.stderr
+    finally:
+        kill_groups(*pids)
+
+
+def test_down_also_stops_what_a_killed_benchmark_left(pid_files):
+    """A bench records each server it starts under build/bench/pids/; killed (SIGKILL: no cleanup),
+    it leaves them running, and `make down` stops them with their whole process group."""
+    left = [server_group(WITH_A_STUB), server_group(WITH_A_STUB)]
+    try:
+        for name, process in zip(("4242-batched", "4242-gateway"), left):
+            stack.record(pid_files["bench"] / f"{name}.pid", process.pid)
+        assert stack.down() == 0
+        assert_gone(*(process.pid for process in left))
+        assert list(pid_files["bench"].iterdir()) == []
+    finally:
+        kill_groups(*(process.pid for process in left))
+        for process in left:
+            process.wait()

@@ -2,7 +2,7 @@
 
     python -m vlm_serving.deploy.stack run     # foreground (make run); Ctrl-C stops both
     python -m vlm_serving.deploy.stack up      # background (make up); pids and logs under build/
-    python -m vlm_serving.deploy.stack down    # make down
+    python -m vlm_serving.deploy.stack down    # make down: also what a killed `make bench` left
 
 Both bind to loopback. Unless VLM_API_KEYS / VLM_ADMIN_API_KEYS are set, the gateway accepts the
 documented local development keys `dev-local-key` and, for the admin RPCs, `dev-admin-key`.
@@ -11,9 +11,7 @@ documented local development keys `dev-local-key` and, for the admin RPCs, `dev-
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,11 +24,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vlm_serving.generation.cancellation import board_path
 from vlm_serving.deploy.triton_server import (BUILD, REPO_ROOT, TritonError, TritonServer, busy_ports,
-                                              stop_process_group, tail)
+                                              record, recorded_process, stop_all, stop_on_signals,
+                                              stop_process_group, tail, uninterrupted)
 
 DEV_API_KEY = "dev-local-key"
 DEV_ADMIN_API_KEY = "dev-admin-key"
 PID_FILES = {"gateway": BUILD / "gateway.pid", "triton": BUILD / "triton.pid"}
+# The servers and gateways a benchmark (perf/) runs, one pid file each while they run: those of a
+# bench that was killed before its cleanup stay, and `make down` stops them.
+BENCH_PIDS = BUILD / "bench" / "pids"
 
 
 @dataclass
@@ -46,6 +48,8 @@ class GatewayProcess:
     api_keys: str = DEV_API_KEY
     log_path: Path = BUILD / "gateway.log"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Where the started process is recorded (see `record`) until it is stopped; None: nowhere.
+    pid_file: Path | None = None
     process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -60,11 +64,13 @@ class GatewayProcess:
             **self.extra_env,
         )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab") as log, uninterrupted():  # started is recorded: never orphaned
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway"], env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
+            if self.pid_file is not None:
+                record(self.pid_file, self.process.pid)
 
     def health(self) -> int:
         with grpc.insecure_channel(self.address) as channel:
@@ -87,10 +93,14 @@ class GatewayProcess:
     def stop(self) -> None:
         """SIGTERM: the gateway drains (calls in flight finish for up to VLM_DRAIN_GRACE_S); killed
         only if it is still there well after that."""
-        if self.process is not None:
-            grace = float(self.extra_env.get("VLM_DRAIN_GRACE_S") or os.environ.get("VLM_DRAIN_GRACE_S") or 30)
+        if self.process is None:
+            return
+        grace = float(self.extra_env.get("VLM_DRAIN_GRACE_S") or os.environ.get("VLM_DRAIN_GRACE_S") or 30)
+        with uninterrupted():
             stop_process_group(self.process.pid, timeout=grace + 10)
             self.process.wait()
+            if self.pid_file is not None:
+                self.pid_file.unlink(missing_ok=True)
             self.process = None
 
 
@@ -99,31 +109,10 @@ def try_command(address: str) -> str:
             "--image build/models/example.png 'What is in this picture?' --stream")
 
 
-def record(pid_file: Path, pid: int) -> None:
-    """The pid with what identifies that process (start time, command line), so a later `down`
-    never signals another process that happens to reuse the pid."""
-    import psutil
-
-    process = psutil.Process(pid)
-    pid_file.write_text(json.dumps({"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}))
-
-
-def recorded_process(pid_file: Path) -> int | None:
-    """The recorded pid if that very process still runs, else None (a stale or foreign record)."""
-    import psutil
-
-    try:
-        recorded = json.loads(pid_file.read_text())
-        process = psutil.Process(int(recorded["pid"]))
-        if process.create_time() == recorded["create_time"] and process.cmdline() == recorded["cmdline"]:
-            return process.pid
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
-        pass
-    return None
-
-
 def down() -> int:
-    for name, pid_file in PID_FILES.items():
+    """Stop `make up`'s stack and whatever a killed benchmark left, each with its process group."""
+    recorded = {**PID_FILES, **{f"bench {path.stem}": path for path in sorted(BENCH_PIDS.glob("*.pid"))}}
+    for name, pid_file in recorded.items():
         if not pid_file.is_file():
             continue
         pid = recorded_process(pid_file)
@@ -131,20 +120,10 @@ def down() -> int:
             print(f"{name}: not running (stale pid file removed; nothing signalled)")
         else:
             stop_process_group(pid)
-            if name == "triton":
-                board_path(pid).unlink(missing_ok=True)
+            board_path(pid).unlink(missing_ok=True)  # a Triton's cancellation board (others have none)
             print(f"{name}: stopped")
         pid_file.unlink()
     return 0
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt, like Ctrl-C, so the caller's cleanup runs."""
-    def interrupt(*_):
-        raise KeyboardInterrupt()
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,43 +164,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack: {', '.join(busy)} already in use; stop what holds it or choose another port with "
               "that setting", file=sys.stderr)
         return 1
+    triton.pid_file, gateway.pid_file = PID_FILES["triton"], PID_FILES["gateway"]
     stop_on_signals()
+    try:
+        return serve(args.action, triton, gateway, args.timeout)
+    except KeyboardInterrupt:  # a signal held until the cleanup of a failure was done: it is done
+        return 1
+
+
+def serve(action: str, triton: TritonServer, gateway: GatewayProcess, ready_timeout: float) -> int:
+    """Start Triton, then the gateway; `up` leaves both serving, `run` watches them until a signal
+    or an exit. Whatever fails or interrupts stops both, whatever signals arrive meanwhile."""
+    serving = leave_running = False
     started = time.monotonic()
     try:
         triton.start()
-        record(PID_FILES["triton"], triton.process.pid)
-        triton.wait_ready(args.timeout)
+        triton.wait_ready(ready_timeout)
         print(f"triton: ready in {time.monotonic() - started:.1f}s (gRPC {triton.grpc_url}; log {triton.log_path})")
         gateway.start()
-        record(PID_FILES["gateway"], gateway.process.pid)
         gateway.wait_serving()
-    except (TritonError, KeyboardInterrupt) as exc:
-        gateway.stop()
-        triton.stop()
-        for pid_file in PID_FILES.values():
-            pid_file.unlink(missing_ok=True)
-        print(f"stack: {exc}", file=sys.stderr)
-        return 1
-    print(f"gateway: serving vlm.v1 on {gateway.address}, the OpenAI-compatible API on http://{gateway.http_address} "
-          f"(metrics :{gateway.metrics_port}; log {gateway.log_path})")
-    print(f"try:  {try_command(gateway.address)}")
-    if args.action == "up":
-        print("stop with:  make down")
-        return 0
-    print("stop with:  Ctrl-C")
-    try:
+        serving = True
+        print(f"gateway: serving vlm.v1 on {gateway.address}, the OpenAI-compatible API on "
+              f"http://{gateway.http_address} (metrics :{gateway.metrics_port}; log {gateway.log_path})")
+        print(f"try:  {try_command(gateway.address)}")
+        if action == "up":
+            leave_running = True
+            print("stop with:  make down")
+            return 0
+        print("stop with:  Ctrl-C")
         while triton.process.poll() is None and gateway.process.poll() is None:
             time.sleep(0.5)
         print(f"stack: a process exited; see {triton.log_path} and {gateway.log_path}", file=sys.stderr)
         return 1
+    except TritonError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("stack: stopping")
-        return 0
+        return 0 if serving else 1  # asked to stop / start-up cut short
     finally:
-        gateway.stop()
-        triton.stop()
-        for pid_file in PID_FILES.values():
-            pid_file.unlink(missing_ok=True)
+        if not leave_running:
+            stop_all([gateway, triton])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The server runs in its own process group, so stopping it also ends every Python 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,8 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +54,8 @@ class TritonServer:
     load_models: tuple[str, ...] = ("*",)
     log_path: Path = BUILD / "triton.log"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Where the started process is recorded (see `record`) until it is stopped; None: nowhere.
+    pid_file: Path | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -98,16 +103,12 @@ class TritonServer:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            env=self.environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        command, env = self.command(), self.environment()
+        with open(self.log_path, "ab") as log, uninterrupted():  # started is recorded: never orphaned
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            if self.pid_file is not None:
+                record(self.pid_file, self.process.pid)
 
     def is_ready(self) -> bool:
         try:
@@ -138,10 +139,13 @@ class TritonServer:
     def stop(self, timeout: float = 60.0) -> None:
         if self.process is None:
             return
-        stop_process_group(self.process.pid, timeout)
-        self.process.wait()
-        board_path(self.process.pid).unlink(missing_ok=True)
-        self.process = None
+        with uninterrupted():
+            stop_process_group(self.process.pid, timeout)
+            self.process.wait()
+            board_path(self.process.pid).unlink(missing_ok=True)
+            if self.pid_file is not None:
+                self.pid_file.unlink(missing_ok=True)
+            self.process = None
 
 
 def listens_on(pid: int, port: int) -> bool:
@@ -217,6 +221,81 @@ def stop_process_group(pid: int, timeout: float = 60.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def record(pid_file: Path, pid: int) -> None:
+    """The pid with what identifies that process (start time, command line), so a later `down`
+    never signals another process that happens to reuse the pid."""
+    import psutil
+
+    process = psutil.Process(pid)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(json.dumps({"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}))
+
+
+def recorded_process(pid_file: Path) -> int | None:
+    """The recorded pid if that very process still runs, else None (a stale or foreign record)."""
+    import psutil
+
+    try:
+        recorded = json.loads(pid_file.read_text())
+        process = psutil.Process(int(recorded["pid"]))
+        if process.create_time() == recorded["create_time"] and process.cmdline() == recorded["cmdline"]:
+            return process.pid
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        pass
+    return None
+
+
+# Signals and cleanup. A launcher or benchmark run by `make` in a terminal or under a supervisor
+# gets each SIGTERM or SIGINT twice or more: the group's signal, then make forwarding it to its
+# child. The first one stops the program; the later ones must not cut its cleanup short, or
+# Triton and its stubs are left running, holding their ports.
+_stopping = False  # a signal asked this process to stop: later ones add nothing
+_held = False  # that signal came during an `uninterrupted` block and is raised at its end
+_uninterrupted_depth = 0
+
+
+def _stop_requested(*_) -> None:
+    global _stopping, _held
+    if _stopping:
+        return
+    _stopping = True
+    if _uninterrupted_depth:
+        _held = True
+        return
+    raise KeyboardInterrupt()
+
+
+def stop_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, once, so the caller's cleanup runs (the
+    signals after the first are ignored); one that comes during an `uninterrupted` block is raised
+    at its end."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_requested)
+
+
+@contextmanager
+def uninterrupted():
+    """A start or stop that must run to its end: a signal arriving meanwhile (see
+    `stop_on_signals`) is raised as KeyboardInterrupt when the outermost such block ends."""
+    global _held, _uninterrupted_depth
+    _uninterrupted_depth += 1
+    try:
+        yield
+    finally:
+        _uninterrupted_depth -= 1
+    if _held and not _uninterrupted_depth:
+        _held = False
+        raise KeyboardInterrupt()
+
+
+def stop_all(processes: Iterable) -> None:
+    """Stop each of `processes` (servers, gateways: anything with `stop()`), in order, every one of
+    them whatever signals arrive meanwhile."""
+    with uninterrupted():
+        for process in processes:
+            process.stop()
 
 
 def tail(path: Path, lines: int = 30) -> str:
