@@ -89,3 +89,87 @@ def test_the_readmes_curl_examples_run(gateway):
     assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(answers) >= 3 and all("choices" in a or "data" in a for a in answers), result.stdout
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "pixtral", "auto"])
+def test_a_system_message_is_answered_over_both_apis(gateway, model):
+    from vlm.v1 import vlm_pb2
+
+    from vlm_client import VLMClient
+
+    system = "You are a terse assistant. Answer in one sentence."
+    answer = sdk(gateway).chat.completions.create(
+        model=model, max_tokens=6, messages=[{"role": "system", "content": system}, *ask()])
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens >= 1
+    messages = [vlm_pb2.Message(role="system", parts=[vlm_pb2.Part(text=system)]),
+                vlm_pb2.Message(role="user", parts=[vlm_pb2.Part(image=vlm_pb2.Image(data=PNG)),
+                                                    vlm_pb2.Part(text="What is in the picture?")])]
+    with VLMClient(gateway.address, api_key=KEY, timeout=120) as client:
+        assert client.generate(model, messages=messages, max_tokens=6).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "pixtral", "auto"])
+def test_the_official_sdk_completes_a_whole_tool_loop(gateway, model):
+    """What an agent framework does: call with tools, run the function the model asked for, send
+    the assistant's turn back as the SDK returned it with the tool's result, and get an answer."""
+    client = sdk(gateway)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                               "parameters": {"type": "object", "properties": {"city": {
+                                                   "type": "string", "maxLength": 12}}, "required": ["city"]}}}]
+    messages = [{"role": "system", "content": "You can look up the weather."}, *ask("What is the weather there?")]
+    first = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="required",
+                                           max_tokens=256)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    messages += [choice.message, {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"celsius": 18})}]
+    second = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=8)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result were in the prompt
+    streamed = list(client.chat.completions.create(model=model, messages=messages[:-2], tools=tools, stream=True,
+                                                   tool_choice="required", max_tokens=256))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == ""  # no call markup as text
+    assert [c.function.name for s in streamed if s.choices for c in s.choices[0].delta.tool_calls or ()] == ["get_weather"]
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "pixtral"])
+def test_logprobs_come_from_the_engine(gateway, model):
+    answer = sdk(gateway).chat.completions.create(model=model, messages=ask(), max_tokens=5, temperature=0,
+                                                  logprobs=True, top_logprobs=3)
+    tokens = answer.choices[0].logprobs.content
+    assert 1 <= len(tokens) <= answer.usage.completion_tokens
+    assert "".join(bytes(t.bytes).decode("utf-8", "replace") for t in tokens).startswith(answer.choices[0].message.content[:1])
+    for token in tokens:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 3
+        assert [t.logprob for t in token.top_logprobs] == sorted((t.logprob for t in token.top_logprobs), reverse=True)
+        assert token.top_logprobs[0].token == token.token  # greedy: the chosen token is the most likely
+
+
+def test_a_model_is_retrieved_and_unset_max_tokens_is_not_cut_at_64(gateway):
+    client = sdk(gateway)
+    assert client.models.retrieve("pixtral").id == "pixtral"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    answer = client.chat.completions.create(model="qwen2.5-vl", messages=[{"role": "user", "content": "Tell me a long story"}])
+    # The tiny Qwen writes past 64 tokens on this prompt: unset max_tokens runs to the end of the context.
+    assert answer.usage.completion_tokens > 64, answer.usage
+
+
+def test_the_sdk_never_repeats_a_request_that_timed_out(triton, tmp_path):
+    impatient = start_gateway(triton.grpc_url, tmp_path, VLM_DEFAULT_TIMEOUT_S="1")
+    try:
+        def timed_out() -> float:
+            text = httpx.get(f"http://127.0.0.1:{impatient.metrics_port}/metrics", timeout=5).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("vlm_requests_total{") and 'code="DEADLINE_EXCEEDED"' in line)
+
+        retrying = openai.OpenAI(base_url=f"http://{impatient.http_address}/v1", api_key=KEY, max_retries=2, timeout=60)
+        with pytest.raises(openai.InternalServerError) as failed:
+            retrying.chat.completions.create(model="qwen2.5-vl", max_tokens=3000,
+                                             messages=[{"role": "user", "content": "Tell me a long story"}])
+        assert failed.value.status_code == 504
+        assert failed.value.response.headers["x-should-retry"] == "false"
+        assert timed_out() == 1, "the SDK repeated a request whose work had run"
+    finally:
+        impatient.stop()
