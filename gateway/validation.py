@@ -14,7 +14,6 @@ from vlm.v1 import vlm_pb2
 from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
 from vlm_serving.pipelines import ROUTER
-from vlm_serving.preprocessing.chat import MAX_CALLS
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
 from vlm_serving import tasks, tools
 from vlm_serving.generation import structured
@@ -287,9 +286,9 @@ def tool_calls(message, where: str, violations: list) -> tuple[list[dict], int]:
     """An assistant message's earlier calls as the preprocessor takes them, and their characters."""
     if message.role != "assistant":
         violations.append((f"{where}.tool_calls", "only an assistant message carries tool calls"))
-    if len(message.tool_calls) > MAX_CALLS:
+    if len(message.tool_calls) > tools.MAX_CALLS:
         violations.append((f"{where}.tool_calls", f"{len(message.tool_calls)} calls is over the limit of "
-                                                  f"{MAX_CALLS} per message"))
+                                                  f"{tools.MAX_CALLS} per message"))
         return [], 0
     calls, chars = [], 0
     for k, call in enumerate(message.tool_calls):

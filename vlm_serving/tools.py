@@ -28,6 +28,10 @@ AUTO, NONE, REQUIRED, NAMED = "auto", "none", "required", "named"
 TOOL_CHOICES = (AUTO, NONE, REQUIRED, NAMED)
 CALL_WRAPPERS = {"qwen2_5_vl": ("<tool_call>\n", "\n</tool_call>"), "pixtral": ("[TOOL_CALLS][", "]")}
 MAX_TOOLS = 32
+# Calls one assistant message of a conversation may carry.
+MAX_CALLS = 32
+# Characters of a tool's description.
+MAX_DESCRIPTION_CHARS = 8192
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # A call's id, as a request may send it back (protos/vlm/v1/vlm.proto, ToolCall.id).
 CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -58,6 +62,9 @@ def violations(tools: list[Tool], choice: str, named: str) -> list[tuple[str, st
         problems.append(("tools", f"{len(tools)} tools is over the limit of {MAX_TOOLS}"))
     names = [tool.name for tool in tools]
     for i, tool in enumerate(tools):
+        if len(tool.description) > MAX_DESCRIPTION_CHARS:
+            problems.append((f"tools[{i}].description", f"{len(tool.description)} characters is over the limit of "
+                                                         f"{MAX_DESCRIPTION_CHARS}"))
         if not NAME.fullmatch(tool.name):
             problems.append((f"tools[{i}].name", f"{tool.name!r}: 1 to 64 letters, digits, '_' or '-'"))
         if names.count(tool.name) > 1:

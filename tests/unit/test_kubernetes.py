@@ -120,6 +120,8 @@ def test_probes_drain_and_triton_discovery(overlay):
     docs = render(overlay)
     triton, gateway = container(docs, "triton"), container(docs, "gateway")
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # One unloaded model must not take the server (and every other model) out of discovery.
+    assert "--strict-readiness=false" in triton["args"][0]
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live" and "startupProbe" in triton
     assert gateway["readinessProbe"]["grpc"]["port"] == 50051 and "tcpSocket" in gateway["livenessProbe"]
     env = {item["name"]: item for item in gateway["env"]}

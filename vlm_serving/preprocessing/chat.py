@@ -26,7 +26,6 @@ ROLES = ("system", "user", "assistant", "tool")
 # Roles whose messages hold text only: instructions and tools' results.
 TEXT_ONLY_ROLES = ("system", "tool")
 # Calls per assistant message (protos/vlm/v1/vlm.proto, Message.tool_calls).
-MAX_CALLS = 32
 # How each family joins the text parts of a system or tool message into the one string its
 # template takes: Qwen's templates write parts one after another; Mistral's own tokenizer
 # (mistral_common) puts a blank line between text chunks.
@@ -96,8 +95,8 @@ def _check_calls(message: dict[str, Any], where: str) -> None:
         raise MessageError(f"{where}.tool_calls: only an assistant message carries tool calls")
     if not isinstance(calls, list):
         raise MessageError(f"{where}.tool_calls: expected a list of {{'id', 'name', 'arguments'}} objects")
-    if len(calls) > MAX_CALLS:
-        raise MessageError(f"{where}.tool_calls: {len(calls)} calls is over the limit of {MAX_CALLS}")
+    if len(calls) > tools.MAX_CALLS:
+        raise MessageError(f"{where}.tool_calls: {len(calls)} calls is over the limit of {tools.MAX_CALLS}")
     ids = []
     for j, call in enumerate(calls):
         path = f"{where}.tool_calls[{j}]"

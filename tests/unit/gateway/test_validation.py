@@ -183,6 +183,9 @@ CALL = vlm_pb2.ToolCall(id="call_1", name="weather", arguments='{"city":"Paris"}
     (conversation(message("user", text("x"), tool_call_id="call_1")), "messages[0].tool_call_id",
      "only a tool message answers a call"),
     (request(text("x"), presence_penalty=3), "config.presence_penalty", "must be in [-2, 2]"),
+    (vlm_pb2.GenerateRequest(model="pixtral", messages=[message("user", text("x"))],
+                             tools=[vlm_pb2.Tool(name="t", description="d" * 8193)]),
+     "tools[0].description", "8193 characters is over the limit of 8192"),
     (request(text("x"), logprobs=True, top_logprobs=21), "config.top_logprobs", "must be in [0, 20]"),
 ])
 def test_bounds_on_counts_and_the_shape_of_a_conversation(req, field, message):
