@@ -13,9 +13,9 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/python
 PROTO := protos/vlm/v1/vlm.proto
 
-.PHONY: setup system-tools protos node perf-tools bench bench-gpu sweep models configs up down run ui test test-unit test-integration clean
+.PHONY: setup system-tools protos node schemathesis perf-tools bench bench-gpu sweep models configs up down run ui test test-unit test-integration clean
 
-setup: $(STAMP) protos node
+setup: $(STAMP) protos node schemathesis
 
 # Tools some tests drive: npm (the Node.js client), docker-compose (validates docker-compose.yml),
 # chromium with chromedriver (the web UI's browser test) and kubectl (renders the Kustomize overlays).
@@ -39,6 +39,16 @@ node: system-tools clients/node/node_modules/.package-lock.json
 clients/node/node_modules/.package-lock.json: clients/node/package-lock.json
 	@if command -v npm >/dev/null; then cd clients/node && npm ci --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: skipping the Node.js client (its test will be skipped)"; fi
+
+# Schemathesis in a virtualenv of its own (its pins apart from the service's): test_openapi_fuzz.py
+# runs it against the real stack's /openapi.json.
+SCHEMATHESIS := build/schemathesis/bin/schemathesis
+schemathesis: $(SCHEMATHESIS)
+
+$(SCHEMATHESIS): requirements-schemathesis.txt
+	test -x build/schemathesis/bin/python || $(PYTHON) -m venv build/schemathesis
+	build/schemathesis/bin/pip install --disable-pip-version-check -q -r requirements-schemathesis.txt
+	touch $(SCHEMATHESIS)
 
 # Python stubs of the public API (build outputs, never committed), importable as `vlm.v1`.
 protos: $(GEN)/vlm/v1/vlm_pb2_grpc.py

@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlm.v1 import vlm_pb2
 
 from gateway import openai_protocol as protocol
@@ -145,6 +146,11 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
     async def validation_error(request: Request, error: RequestValidationError):
         return error_response(protocol.validation_problems(
             [dict(e, loc=tuple(e["loc"][1:])) for e in error.errors()]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, error: StarletteHTTPException):  # no such route or method
+        return error_response(HttpError(error.status_code, "invalid_request_error" if error.status_code < 500 else
+                                        "server_error", f"{request.method} {request.url.path}: {error.detail}"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
@@ -277,7 +283,7 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
             return {"status": "ok"}
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    app.openapi = lambda: describe(app)
+    app.openapi = lambda: describe(app, sorted(settings.models))
     return app
 
 

@@ -127,12 +127,15 @@ def _json(model: type[BaseModel]) -> dict:
     return {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
 
 
-def describe(app: FastAPI) -> dict:
+def describe(app: FastAPI, models: list[str]) -> dict:
+    """The description of `app`, whose requests name one of `models`."""
     if app.openapi_schema:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = document.setdefault("components", {})
     components["schemas"] = _schemas(ChatCompletionRequest, ChatCompletion, ErrorBody, ModelList, ModelCard, HealthBody)
+    components["schemas"]["ChatCompletionRequest"]["properties"]["model"].update(
+        enum=models, description="a served model (GET /v1/models); another name is answered 404")
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                 "description": "an API key of the service"}}
     successes = {

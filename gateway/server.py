@@ -127,7 +127,7 @@ class HttpServer:
 
     async def stop(self, grace: float) -> None:
         """Close the listener and idle connections now; answers in flight get `grace` seconds."""
-        self.config.timeout_graceful_shutdown = grace
+        self.config.timeout_graceful_shutdown = max(grace, 0.05)  # 0 would time out even with nothing to wait for
         self.server.should_exit = True
         if self.task:
             await self.task
