@@ -70,10 +70,9 @@ def to_response(update: RequestUpdate, version: str, image_info: bytes) -> "pb_u
         "CONFIDENCE": np.array([[update.confidence]], dtype=np.float32),
         "MODEL_VERSION": np.array([[version.encode()]], dtype=np.object_),
         "IMAGE_INFO": np.array([[image_info]], dtype=np.object_),
-        # Empty unless the request asked for logprobs (no JSON is written for those that did not).
-        "TOKEN_LOGPROBS": np.array([[json.dumps(update.logprobs).encode() if update.logprobs else b""]],
-                                   dtype=np.object_),
     }
+    if update.logprobs:  # a request that does not ask pays nothing: no JSON, no tensor
+        tensors["TOKEN_LOGPROBS"] = np.array([[json.dumps(update.logprobs).encode()]], dtype=np.object_)
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
 

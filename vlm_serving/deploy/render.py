@@ -84,7 +84,8 @@ RESPONSE_TENSORS = [
     ("MODEL_VERSION", "TYPE_STRING", "1"),
     ("IMAGE_INFO", "TYPE_STRING", "1"),
     # UTF-8 JSON, with LOGPROBS: one {"token", "bytes", "logprob", "top_logprobs"} per token of
-    # TOKEN_IDS (the end-of-sequence token has none); empty without.
+    # TOKEN_IDS (the end-of-sequence token has none). Only in the responses of requests that ask
+    # (and that carry tokens): the ensembles and `auto` pass on responses without it.
     ("TOKEN_LOGPROBS", "TYPE_STRING", "1"),
 ]
 
