@@ -9,6 +9,17 @@ One `InflightEngine` per generation instance owns the running batch. Each `step(
 4. runs one decode step for every running row and streams each row's new text;
 5. retires finished, stopped and failed rows, freeing their cache.
 
+Admission reserves each row's prompt + max_tokens, so no row is ever preempted. A request that
+leaves max_tokens unset reserves what the context (or the cache budget, where smaller) leaves after
+its prompt, at most max_tokens_limit: the longest answer it may take. Measured on the CPU profile
+with the tiny checkpoints (context = max_tokens_limit = 4,096): 8 and 16 concurrent such requests
+are all admitted at once, as with max_tokens 64 (16 is max_running; 16 x 4,096 is the 65,536-token
+budget). On the GPU profile with real checkpoints (contexts of 128k and 1M tokens, limit 4,096) a
+default row reserves prompt + 4,096 tokens of the 262,144: 62 rows for 100-token prompts, 31 for
+Pixtral prompts with a 1024x1024 image (4,200 tokens; 61 with max_tokens 64). Where default requests
+need more rows, the gateway caps them (VLM_DEFAULT_MAX_TOKENS) or cache_tokens grows; reserving less
+than the whole answer needs preemption, which a paged cache brings.
+
 Key/value cache: a dense, left-padded `DynamicCache` over the running rows (what Hugging Face's
 text-generation-inference did with transformers models). A prefilled group is merged in by
 left-padding the shorter of the two caches to the longer and concatenating rows; retired rows are
@@ -18,7 +29,9 @@ and not a slot or paged cache (measured by `perf/engine.py`).
 Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
 positions (images take fewer positions than tokens) follow every row exactly; image embeddings
 enter at prefill only. Each row keeps its own parameters, seed, stop sequences, penalties and
-cancellation; greedy rows give exactly plain `generate`'s tokens.
+cancellation; greedy rows give exactly plain `generate`'s tokens. Log-probabilities (the
+confidence, logprobs and their alternatives) are the model's own: the log-softmax of the logits
+before any penalty, top-k/top-p cut or grammar mask; rows that do not ask for them cost nothing more.
 """
 
 from __future__ import annotations

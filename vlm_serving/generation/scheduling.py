@@ -21,7 +21,8 @@ class EngineLimits:
     max_running: int = 16
     # Key/value-cache budget in token slots: rows × padded columns of the dense cache, for every
     # layer (bytes = this × layers × 2 × kv heads × head dim × dtype size). Admission reserves each
-    # row's prompt + max_tokens, so the budget holds for the rows' whole lives.
+    # row's prompt + max_tokens (unset: what the context leaves, at most max_tokens_limit), so the
+    # budget holds for the rows' whole lives.
     cache_tokens: int = 65536
     # Prompt tokens prefilled per step (rows × columns of one prefill forward).
     prefill_chunk_tokens: int = 512
