@@ -72,7 +72,10 @@ def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
     gateway = GatewayProcess(
         triton_url=triton_url, address=f"127.0.0.1:{port}", metrics_port=metrics, log_path=log_dir / "gateway.log",
         http_address=f"127.0.0.1:{http}",
-        extra_env={"VLM_API_KEYS": KEY, "VLM_HEALTH_POLL_S": "0.5", "VLM_METRICS_ADDRESS": "127.0.0.1", **env},
+        # Answers left unbounded stop at 64 tokens: the tiny random-weight models rarely end theirs
+        # (tests of the unbounded default set VLM_DEFAULT_MAX_TOKENS="").
+        extra_env={"VLM_API_KEYS": KEY, "VLM_HEALTH_POLL_S": "0.5", "VLM_METRICS_ADDRESS": "127.0.0.1",
+                   "VLM_DEFAULT_MAX_TOKENS": "64", **env},
     )
     gateway.start()
     try:
