@@ -1,4 +1,5 @@
-"""`vlm batch` against the real stack: folders, manifests, failures as lines, resume after a kill."""
+"""`vlm batch` against the real stack: folders, manifests, failures as lines, resume after a kill,
+reruns that retry what failed."""
 
 from __future__ import annotations
 
@@ -53,8 +54,11 @@ def test_a_folder_job_writes_a_line_per_image_and_a_corrupt_image_is_an_error_li
     assert records["broken.png"]["error"]["code"] == "INVALID_ARGUMENT"
     assert records["p0.png"]["result"]["caption"]["text"] == records["p0.png"]["text"].strip()
     assert "done 4, failed 1, skipped 0" in result.stderr and "images/s" in result.stderr
-    again = vlm_batch(gateway, folder, "--output", output, "--model", "pixtral", "--no-progress")
-    assert "done 0, failed 0, skipped 5" in again.stderr and len(lines_of(output)) == 5
+    resumed = vlm_batch(gateway, folder, "--output", output, "--model", "pixtral", "--no-progress", "--no-retry-failed")
+    assert "done 0, failed 0, skipped 5" in resumed.stderr and len(lines_of(output)) == 5
+    again = vlm_batch(gateway, folder, "--output", output, "--model", "pixtral", "--no-progress")  # retries it
+    assert "done 0, failed 1, skipped 4 (already in the output), retried 1" in again.stderr
+    assert again.returncode == 2 and len(lines_of(output)) == 5
 
 
 def test_a_killed_job_resumes_with_no_duplicates_and_nothing_lost(gateway, tmp_path):
@@ -83,9 +87,31 @@ def test_a_killed_job_resumes_with_no_duplicates_and_nothing_lost(gateway, tmp_p
     assert f"skipped {finished}" in result.stderr
 
 
-def test_a_bad_manifest_line_is_named_before_anything_runs(gateway, tmp_path):
+def test_a_repeated_id_is_named_before_anything_runs(gateway, tmp_path):
     manifest = tmp_path / "items.jsonl"
-    manifest.write_text('{"id": "a", "model": "pixtral", "prompt": "hi"}\n{"id": "a", "model": "pixtral"}\n')
+    manifest.write_text('{"id": 7, "model": "pixtral", "prompt": "hi"}\n{"id": "a", "model": "pixtral"}\n'
+                        '{"id": "7", "model": "pixtral"}\n')
     result = vlm_batch(gateway, manifest, "--output", tmp_path / "out.jsonl")
-    assert result.returncode == 1 and "items.jsonl:2: id 'a' repeats" in result.stderr
+    assert result.returncode == 1 and "'7' on lines 1 and 3" in result.stderr, result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_bad_line_is_an_error_line_and_a_rerun_of_the_fixed_manifest_answers_it(gateway, tmp_path):
+    manifest, output = tmp_path / "items.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "ok", "model": "pixtral", "prompt": "hi", "max_tokens": 4},
+             {"id": "typed", "model": "pixtral", "prompt": "hi", "max_tokens": "4"},  # refused here
+             {"id": "too-long", "model": "pixtral", "prompt": "hi", "max_tokens": 10**6}]  # refused by the gateway
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    first = vlm_batch(gateway, manifest, "--output", output, "--no-progress")
+    assert first.returncode == 2 and "done 1, failed 2" in first.stderr, first.stderr
+    records = {record["id"]: record for record in lines_of(output)}
+    assert records["ok"]["usage"]["completion_tokens"] >= 1
+    assert records["typed"]["error"]["code"] == "INVALID_ARGUMENT" and "max_tokens" in records["typed"]["error"]["message"]
+    assert records["too-long"]["error"]["code"] == "INVALID_ARGUMENT"
+    for line in lines:
+        line["max_tokens"] = 4
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    fixed = vlm_batch(gateway, manifest, "--output", output, "--no-progress")
+    assert fixed.returncode == 0 and "done 2, failed 0, skipped 1 (already in the output), retried 2" in fixed.stderr
+    records = lines_of(output)
+    assert sorted(r["id"] for r in records) == ["ok", "too-long", "typed"] and not any("error" in r for r in records)

@@ -225,8 +225,9 @@ def test_pil_images_of_every_mode_are_sent(mode):
 def test_cli_explains_itself(capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli(["generate", "-h"])
-    help_text = capsys.readouterr().out
-    for option in ("--repetition-penalty", "--max-tokens", "--top-k", "0 to 1000", "in (0, 2]", "(default: 64)"):
+    help_text = " ".join(capsys.readouterr().out.split())  # as argparse wraps it for any width
+    for option in ("--repetition-penalty", "--max-tokens", "--top-k", "0 to 1000", "in (0, 2]",
+                   "until the answer or the context ends"):
         assert option in help_text, option
     assert cli(["--api-key", "k", "generate", "--model", "pixtral", "--image", str(tmp_path / "missing.png"), "hi"]) == 1
     assert f"no such file: {tmp_path / 'missing.png'}" in capsys.readouterr().err
@@ -235,10 +236,11 @@ def test_cli_explains_itself(capsys, tmp_path):
     [port] = free_ports(1)
     assert cli(["--address", f"127.0.0.1:{port}", "--api-key", "k", "--timeout", "1", "models"]) == 1
     assert "`make up` starts it" in capsys.readouterr().err
-    # Generate waits for a connection (wait_for_ready), so it ends in DEADLINE_EXCEEDED, not UNAVAILABLE.
+    # Generate waits for a connection, at most the deadline: then UNAVAILABLE, saying why.
     assert cli(["--address", f"127.0.0.1:{port}", "--api-key", "k", "--timeout", "1", "generate", "--model", "pixtral", "hi"]) == 1
     error = capsys.readouterr().err
-    assert "DEADLINE_EXCEEDED" in error and f"no gateway answered at 127.0.0.1:{port}" in error
+    assert f"UNAVAILABLE: no connection to the gateway at 127.0.0.1:{port} within 1s" in error
+    assert f"no gateway answered at 127.0.0.1:{port}" in error
 
 
 def test_cli_blames_the_gateway_only_when_it_was_never_reached(capsys):
@@ -301,7 +303,7 @@ def test_the_cli_prints_each_kind_of_typed_result_readably():
 
 
 def test_batch_items_from_a_folder_and_a_manifest_and_a_torn_output_line_is_cut(tmp_path):
-    from vlm_client.batch import ManifestError, finished_ids, folder_items, manifest_items
+    from vlm_client.batch import folder_items, manifest_items, resume
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.PNG", "a/b/y.jpg", "a/z.txt"):
@@ -317,8 +319,288 @@ def test_batch_items_from_a_folder_and_a_manifest_and_a_torn_output_line_is_cut(
         [str(tmp_path / "a/x.PNG")], "default prompt", "pixtral", {"max_tokens": 8, "temperature": 0.5})
     assert (second.images, second.prompt, second.model, second.task) == (["https://h/i.png"], "own", "auto", "ocr")
     manifest.write_text('{"id": "1", "colour": "red", "model": "pixtral"}\n')
-    with pytest.raises(ManifestError, match="m.jsonl:1: unknown field"):
-        manifest_items(manifest, "", None, None, {})
+    [item] = manifest_items(manifest, "", None, None, {})
+    assert item.problem.startswith(f'{manifest}:1: unknown field "colour"') and item.as_input() == {
+        "colour": "red", "model": "pixtral"}
     output = tmp_path / "out.jsonl"
     output.write_text('{"id": "1", "input": {}}\n{"id": "2", "inp')
-    assert finished_ids(output) == {"1"} and output.read_text() == '{"id": "1", "input": {}}\n'
+    assert resume(output, retry_failed=True) == ({"1"}, set()) and output.read_text() == '{"id": "1", "input": {}}\n'
+
+
+# --- vlm batch: reruns, bad lines, ids, atomic rewrites -------------------------------------------
+
+
+class _Answering(vlm_pb2_grpc.VisionLanguageServiceServicer):
+    """Answers each Generate with its prompt, or refuses every call with INTERNAL while `failing`."""
+
+    def __init__(self, failing=False):
+        self.failing, self.prompts = failing, []
+
+    def Generate(self, request, context):
+        self.prompts.append(request.messages[0].parts[-1].text)
+        if self.failing:
+            context.abort(grpc.StatusCode.INTERNAL, "the model crashed")
+        return vlm_pb2.GenerateResponse(text=f"answer to {self.prompts[-1]}", model=request.model)
+
+
+def write_manifest(path, *entries) -> None:
+    import json
+
+    path.write_text("".join((entry if isinstance(entry, str) else json.dumps(entry)) + "\n" for entry in entries))
+
+
+def results(path) -> dict:
+    import json
+
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == len({line["id"] for line in lines}), "one line per id"
+    return {line["id"]: line for line in lines}
+
+
+def batch(address, manifest, output, *options):
+    return cli(["--address", address, "--api-key", "k", "batch", str(manifest), "--output", str(output),
+                "--model", "pixtral", "--no-progress", *options])
+
+
+def test_a_batch_rerun_retries_the_items_that_failed(tmp_path, capsys):
+    servicer = _Answering(failing=True)
+    address, holder = serving(servicer)
+    manifest, output = tmp_path / "items.jsonl", tmp_path / "out.jsonl"
+    write_manifest(manifest, *({"id": f"item-{i}", "prompt": f"q{i}"} for i in range(3)))
+    try:
+        assert batch(address, manifest, output) == 2
+        assert {record["error"]["code"] for record in results(output).values()} == {"INTERNAL"}
+        servicer.failing = False
+        assert batch(address, manifest, output) == 0  # the default: what failed runs again
+        assert {id: record.get("text") for id, record in results(output).items()} == {
+            f"item-{i}": f"answer to q{i}" for i in range(3)}
+        assert "done 3, failed 0, skipped 0" in capsys.readouterr().err
+        assert batch(address, manifest, output) == 0 and len(servicer.prompts) == 6  # all done: nothing sent
+        # --no-retry-failed resumes only: an error line stays the item's answer.
+        servicer.failing, kept = True, tmp_path / "kept.jsonl"
+        assert batch(address, manifest, kept) == 2
+        servicer.failing = False
+        assert batch(address, manifest, kept, "--no-retry-failed") == 0 and len(servicer.prompts) == 9
+        assert "skipped 3" in capsys.readouterr().err and all("error" in r for r in results(kept).values())
+    finally:
+        holder[0].stop(0)
+
+
+def test_a_bad_manifest_value_is_that_items_error_line_and_the_rest_runs(tmp_path, capsys):
+    servicer = _Answering()
+    address, holder = serving(servicer)
+    (tmp_path / "photo.png").write_bytes(b"not needed: never sent")
+    manifest, output = tmp_path / "items.jsonl", tmp_path / "out.jsonl"
+    write_manifest(manifest,
+                   {"id": "good", "prompt": "fine"},
+                   {"id": "typed", "prompt": "p", "max_tokens": "10"},
+                   {"id": "one-path", "prompt": "p", "images": "photo.png"},
+                   {"id": "stop-text", "prompt": "p", "stop": "END"},
+                   {"id": "typo", "prompt": "p", "temprature": 0.5})
+    try:
+        for _ in range(2):  # the same on every run: never an abort
+            assert batch(address, manifest, output) == 2
+            records = results(output)
+            assert records["good"]["text"] == "answer to fine" and servicer.prompts[-1] == "fine"
+            errors = {id: record["error"] for id, record in records.items() if "error" in record}
+            assert set(errors) == {"typed", "one-path", "stop-text", "typo"}
+            assert {error["code"] for error in errors.values()} == {"INVALID_ARGUMENT"}
+            for id, (line, field, fix) in {"typed": (2, '"max_tokens"', 'e.g. 64 (not "64")'),
+                                           "one-path": (3, '"images"', '"image": "a.png"'),
+                                           "stop-text": (4, '"stop"', '["END"]'),
+                                           "typo": (5, 'unknown field "temprature"', "temperature")}.items():
+                message = errors[id]["message"]
+                assert f"items.jsonl:{line}:" in message and field in message and fix in message, message
+        assert servicer.prompts == ["fine"]  # a bad line is never sent (and "good" was done)
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        holder[0].stop(0)
+
+
+def test_ids_are_compared_as_text_and_repeats_are_refused_naming_their_lines(tmp_path):
+    from vlm_client.batch import ManifestError, manifest_items
+
+    manifest = tmp_path / "items.jsonl"
+    write_manifest(manifest, {"id": 1}, {"id": "2"}, {"id": "1"}, {"id": 2}, {"id": 3})
+    with pytest.raises(ManifestError) as caught:
+        manifest_items(manifest, "p", "pixtral", None, {})
+    message = str(caught.value)
+    assert "'1' on lines 1 and 3" in message and "'2' on lines 2 and 4" in message and "as text" in message
+    write_manifest(manifest, {"id": True}, {"id": 1.5})
+    with pytest.raises(ManifestError, match=r'items.jsonl:1: each line needs an "id": a string or an integer'):
+        manifest_items(manifest, "p", "pixtral", None, {})
+
+
+def test_a_rerun_rewrites_the_output_atomically(tmp_path, monkeypatch):
+    """Dropping a torn line or a failed item's line rewrites the file: a kill at any point of it
+    leaves either the old file or the new one, never a cut one."""
+    import os
+
+    servicer = _Answering()
+    address, holder = serving(servicer)
+    manifest, output = tmp_path / "items.jsonl", tmp_path / "out.jsonl"
+    write_manifest(manifest, *({"id": f"item-{i}", "prompt": f"q{i}"} for i in range(3)))
+    before = ('{"id": "item-0", "input": {}, "text": "kept"}\n'
+              '{"id": "item-1", "input": {}, "error": {"code": "INTERNAL", "message": "crashed"}}\n'
+              '{"id": "item-2", "inp').encode()
+    output.write_bytes(before)
+
+    def killed(*_):
+        raise KeyboardInterrupt  # as a kill at the moment the new file would take the old one's place
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", killed)
+            assert batch(address, manifest, output) == 130
+        assert output.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+            "items.jsonl", "out.jsonl"]
+        assert servicer.prompts == []
+        assert batch(address, manifest, output) == 0
+        records = results(output)
+        assert records["item-0"]["text"] == "kept" and sorted(servicer.prompts) == ["q1", "q2"]
+    finally:
+        holder[0].stop(0)
+
+
+# --- vlm: the address, an unreachable gateway, Ctrl-C, JSON output, models -------------------------
+
+
+def test_generate_fails_within_seconds_when_no_gateway_listens():
+    import subprocess
+    import sys
+
+    [port] = free_ports(1)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "vlm_client.cli", "--address", f"127.0.0.1:{port}", "--api-key", "k",
+                           "generate", "--model", "pixtral", "hi"], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 15 and done.returncode == 1
+    assert "error: UNAVAILABLE" in done.stderr and f"no gateway answered at 127.0.0.1:{port}" in done.stderr
+
+
+def test_the_address_comes_from_vlm_address_and_the_flag_wins(monkeypatch, capsys):
+    address, holder = serving(_Models())
+    [nobody] = free_ports(1)
+    try:
+        monkeypatch.setenv("VLM_ADDRESS", address)
+        assert cli(["--api-key", "k", "models"]) == 0 and capsys.readouterr().out.startswith("pixtral")
+        assert cli(["--address", f"127.0.0.1:{nobody}", "--api-key", "k", "--connect-timeout", "1", "models"]) == 1
+        assert f"no gateway answered at 127.0.0.1:{nobody}" in capsys.readouterr().err
+    finally:
+        holder[0].stop(0)
+    with pytest.raises(SystemExit):
+        cli(["-h"])
+    assert "$VLM_ADDRESS" in capsys.readouterr().out
+
+
+class _SlowStream(vlm_pb2_grpc.VisionLanguageServiceServicer):
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def GenerateStream(self, request, context):
+        yield vlm_pb2.GenerateStreamResponse(text="first")
+        deadline = time.monotonic() + 30
+        while context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.cancelled.set()
+
+
+def test_ctrl_c_during_a_stream_exits_130_without_a_traceback():
+    import signal
+    import subprocess
+    import sys
+
+    servicer = _SlowStream()
+    address, holder = serving(servicer)
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "vlm_client.cli", "--address", address, "--api-key", "k",
+                                    "generate", "--model", "pixtral", "--stream", "hi"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout.read(5) == "first"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+        assert process.returncode == 130 and "Traceback" not in err, err
+        assert "interrupted" in err and servicer.cancelled.wait(10)  # the stream was cancelled, not abandoned
+    finally:
+        holder[0].stop(0)
+
+
+class _Typed(vlm_pb2_grpc.VisionLanguageServiceServicer):
+    """Answers whose fields hold proto3 defaults (0, "", an empty list): JSON must keep them."""
+
+    def Generate(self, request, context):
+        return vlm_pb2.GenerateResponse(text="", model="pixtral", usage=vlm_pb2.Usage(prompt_tokens=3),
+                                        detections=vlm_pb2.Detections(detections=[
+            vlm_pb2.Detection(label="cat", box=vlm_pb2.Box(x_min=0, y_min=0, x_max=5, y_max=5), image_index=0)]))
+
+    def GenerateStream(self, request, context):
+        yield vlm_pb2.GenerateStreamResponse(text="a", model="pixtral")
+        yield vlm_pb2.GenerateStreamResponse(text="", model="pixtral", finish_reason=vlm_pb2.FINISH_REASON_STOP)
+
+
+def test_json_output_keeps_every_field(capsys):
+    import json
+
+    address, holder = serving(_Typed())
+    try:
+        assert cli(["--address", address, "--api-key", "k", "generate", "--model", "pixtral", "--json", "hi"]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert (answer["text"], answer["confidence"], answer["usage"]["completion_tokens"], answer["tool_calls"]) == (
+            "", 0, 0, [])
+        [detection] = answer["detections"]["detections"]
+        assert detection == {"label": "cat", "box": {"x_min": 0, "y_min": 0, "x_max": 5, "y_max": 5},
+                             "image_index": 0}
+        # A stream as JSON: one whole message a line, none left out.
+        assert cli(["--address", address, "--api-key", "k", "generate", "--model", "pixtral", "--stream", "--json",
+                    "hi"]) == 0
+        messages = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [m["text"] for m in messages] == ["a", ""] and messages[0]["finish_reason"] == "FINISH_REASON_UNSPECIFIED"
+    finally:
+        holder[0].stop(0)
+
+
+def test_batch_lines_keep_every_field_of_a_typed_result(tmp_path):
+    address, holder = serving(_Typed())
+    manifest, output = tmp_path / "items.jsonl", tmp_path / "out.jsonl"
+    write_manifest(manifest, {"id": "a", "prompt": "find the cat", "task": "grounding"})
+    try:
+        assert batch(address, manifest, output) == 0
+        record = results(output)["a"]
+        assert record["result"]["detections"]["detections"][0]["image_index"] == 0
+        assert record["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "image_tokens": 0}
+    finally:
+        holder[0].stop(0)
+
+
+def test_vlm_models_numbers_agree_with_each_other_and_with_what_the_service_accepts(capsys):
+    """ListModels (gateway.servicer.model_info) as `vlm models` shows it: "auto" reports the sampling
+    defaults both models share, never zeros that no model uses; max_tokens is the limit the service
+    validates, cut to the context only where the context is smaller."""
+    from gateway.servicer import model_info
+    from vlm_serving.generation.sampling import SamplingDefaults
+    from vlm_serving.pipelines import pipeline
+
+    class Backend:
+        async def model_parameters(self, name):
+            context, temperature = {"pixtral_generate": ("8192", 0.7), "qwen2_5_vl_generate": ("4096", 0.0)}[name]
+            return {"quantization": "none", "context_tokens": context, "max_tokens_limit": "4096",
+                    "sampling_defaults": SamplingDefaults(temperature, 1.0, 0, 1.0).to_json()}
+
+    index = [{"name": name, "version": "1", "state": "READY"} for name in pipeline("auto")]
+    infos = [asyncio.run(model_info(Backend(), name, ensemble, index))
+             for name, ensemble in (("auto", "auto"), ("pixtral", "pixtral"), ("qwen2.5-vl", "qwen2_5_vl"))]
+    assert [(info.context_tokens, info.max_tokens) for info in infos] == [(4096, 4096), (8192, 4096), (4096, 4096)]
+
+    class Listing(vlm_pb2_grpc.VisionLanguageServiceServicer):
+        def ListModels(self, request, context):
+            return vlm_pb2.ListModelsResponse(models=infos)
+
+    address, holder = serving(Listing())
+    try:
+        assert cli(["--address", address, "--api-key", "k", "models"]) == 0
+        auto, pixtral, qwen = capsys.readouterr().out.splitlines()
+        # The models differ in temperature only: auto's is theirs, so it says neither 0 nor 0.7.
+        assert "defaults=temperature:-,top_p:1,top_k:0,repetition_penalty:1" in auto
+        assert "defaults=temperature:0.7,top_p:1,top_k:0,repetition_penalty:1" in pixtral
+        assert "context_tokens=4096\tmax_tokens=4096" in qwen and "context_tokens=8192\tmax_tokens=4096" in pixtral
+    finally:
+        holder[0].stop(0)

@@ -205,3 +205,33 @@ def test_the_page_never_holds_the_api_key(monkeypatch):
     with VLMClient("localhost:1") as client:
         page = build(WebUI(client))
         assert "secret-key-123" not in str(page.get_config_file())
+
+
+@pytest.mark.timeout(120)
+def test_an_unreachable_gateway_is_an_error_within_seconds(monkeypatch):
+    """The UI's own client (as `main` builds it), with nothing listening at its address."""
+    import time
+
+    from tests.integration.conftest import free_ports
+    from vlm_client.webui import app
+
+    built = []
+
+    class Page:
+        def queue(self, **_):
+            pass
+
+        def launch(self, **_):
+            pass
+
+    monkeypatch.setattr(app, "build", lambda ui: built.append(ui) or Page())
+    [port] = free_ports(1)
+    assert app.main(["--address", f"127.0.0.1:{port}"]) == 0
+    [ui] = built
+    started = time.monotonic()
+    *_, (box, chat, turns, details, *_results) = ask(ui, "Anyone there?")
+    assert time.monotonic() - started < 15
+    assert f"Is the gateway at 127.0.0.1:{port} running?" in details and turns == []
+    started = time.monotonic()
+    menu, note = ui.models()
+    assert time.monotonic() - started < 15 and f"127.0.0.1:{port}" in note

@@ -1,37 +1,76 @@
 """`vlm batch`: many requests from a folder of images or a JSONL manifest, results as JSONL, resumable.
 
 Every finished item is one complete JSON line, written and flushed at once: a job killed at any
-point leaves a file whose lines all parse (a line torn by a kill mid-write is cut off on resume).
-Rerunning the same command skips the ids already in the output and appends the rest. Items that
-fail become error lines (`error.code`, `error.message`) and the job goes on; UNAVAILABLE and
-RESOURCE_EXHAUSTED are retried with backoff first.
+point leaves a file whose lines all parse. Rerunning the same command goes on where it stopped:
+the ids already answered are skipped, and those whose line is an error run again (unless
+`retry_failed` is off). Their old lines, and a last line a kill tore, are dropped by rewriting the
+file whole: a new file renamed over the old one, so a kill at any moment leaves one or the other.
+Items that fail become error lines (`error.code`, `error.message`) and the job goes on: a manifest
+line with a bad field too, never sent. UNAVAILABLE and RESOURCE_EXHAUSTED are retried with backoff
+first. A gateway that cannot be reached stops the job (its finished lines stay; rerun to go on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
-from google.protobuf import json_format
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vlm.v1 import vlm_pb2
 
-from vlm_client.client import AsyncVLMClient
+from vlm_client.client import DETAILS, TASKS, AsyncVLMClient, GatewayUnreachable, to_dict
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-# Per-item parameters a manifest line may set (GenerationConfig fields and request options).
+NUMBER = 'a JSON number, e.g. 0.5 (not "0.5")'
+INTEGER = 'a JSON integer, e.g. 64 (not "64")'
+
+
+class ManifestLine(BaseModel):
+    """A manifest line's fields (what it leaves out comes from the command line). Strict: a value of
+    another type ("10" for 10, "a.png" for ["a.png"]) is refused, never converted or split."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str | int
+    images: list[str] | None = Field(None, description='a list of image paths (relative to the manifest) or '
+                                     'http(s) URLs, e.g. ["a.png"]; one image may also be "image": "a.png"')
+    image: str | None = Field(None, description='one image path or URL, e.g. "a.png"')
+    prompt: str | None = None
+    model: str | None = None
+    task: Literal[TASKS] | None = None
+    # GenerationConfig fields and request options.
+    max_tokens: int | None = Field(None, description=INTEGER)
+    temperature: float | None = Field(None, description=NUMBER)
+    top_p: float | None = Field(None, description=NUMBER)
+    top_k: int | None = Field(None, description=INTEGER)
+    seed: int | None = Field(None, description=INTEGER)
+    stop: list[str] | None = Field(None, description='a list of strings, e.g. ["END"]')
+    repetition_penalty: float | None = Field(None, description=NUMBER)
+    detail: Literal[DETAILS] | None = None
+
+
+# Per-item parameters a manifest line may set.
 PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "detail")
 
 
 class ManifestError(ValueError):
-    """A manifest line that cannot be run (the message names the line)."""
+    """A manifest that cannot run at all (the message names the lines): a line that is not a JSON
+    object with an id, or an id on more than one line."""
+
+
+class OutputError(ValueError):
+    """An output file that holds a line other than a result line (the message names it)."""
 
 
 @dataclass
@@ -42,8 +81,14 @@ class BatchItem:
     model: str
     task: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # Why the item cannot be sent (a bad manifest line, its fields named): its error line's message;
+    # `line` is that manifest line as written, its result line's input.
+    problem: str = ""
+    line: dict | None = None
 
     def as_input(self) -> dict:
+        if self.line is not None:
+            return {name: value for name, value in self.line.items() if name != "id"}
         return {"images": self.images, "prompt": self.prompt, "model": self.model, "task": self.task, **self.params}
 
 
@@ -55,10 +100,10 @@ def folder_items(folder: Path, prompt: str, model: str, task: str | None, params
 
 def manifest_items(manifest: Path, prompt: str | None, model: str | None, task: str | None,
                    params: dict) -> list[BatchItem]:
-    """One item per line: {"id", "images": [paths or URLs] (or "image"), "prompt", "model", "task",
-    parameters}; what a line leaves out comes from the command line. Relative paths are taken from
-    the manifest's folder."""
-    items, seen = [], set()
+    """One item per line (see ManifestLine); relative paths are taken from the manifest's folder.
+    Ids are compared as text (1 and "1" are one id). A line that is not a JSON object with an id,
+    or an id used twice, is a ManifestError; a line with a bad field is an item with a `problem`."""
+    items, lines_of_id = [], {}
     for number, line in enumerate(manifest.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -66,34 +111,93 @@ def manifest_items(manifest: Path, prompt: str | None, model: str | None, task: 
             entry = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{manifest}:{number}: not JSON ({exc})") from None
-        if not isinstance(entry, dict) or not str(entry.get("id", "")).strip():
-            raise ManifestError(f"{manifest}:{number}: each line needs an \"id\"")
-        if entry["id"] in seen:
-            raise ManifestError(f"{manifest}:{number}: id {entry['id']!r} repeats")
-        seen.add(entry["id"])
-        images = entry.get("images", [entry["image"]] if "image" in entry else [])
-        images = [image if "://" in image else str((manifest.parent / image)) for image in images]
-        chosen_model = entry.get("model", model)
-        if not chosen_model:
-            raise ManifestError(f"{manifest}:{number}: no model (give --model or \"model\")")
-        unknown = set(entry) - {"id", "images", "image", "prompt", "model", "task", *PARAMETERS}
-        if unknown:
-            raise ManifestError(f"{manifest}:{number}: unknown field(s) {', '.join(sorted(unknown))}")
-        items.append(BatchItem(str(entry["id"]), images, entry.get("prompt", prompt or ""), chosen_model,
-                               entry.get("task", task), {**params, **{k: entry[k] for k in PARAMETERS if k in entry}}))
+        if not isinstance(entry, dict) or not is_id(entry.get("id")):
+            raise ManifestError(f'{manifest}:{number}: each line needs an "id": a string or an integer')
+        item_id = str(entry["id"])
+        lines_of_id.setdefault(item_id, []).append(number)
+        items.append(manifest_item(f"{manifest}:{number}", item_id, entry, manifest.parent, prompt, model, task,
+                                   params))
+    repeated = [f"{item_id!r} on lines {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
+                for item_id, numbers in lines_of_id.items() if len(numbers) > 1]
+    if repeated:
+        raise ManifestError(f'{manifest}: ids must be unique, compared as text (1 and "1" are one id): '
+                            + "; ".join(repeated))
     return items
 
 
-def finished_ids(output: Path) -> set[str]:
-    """Ids already in `output`; a last line torn by a kill is cut off first."""
+def is_id(value: Any) -> bool:
+    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def manifest_item(where: str, item_id: str, entry: dict, folder: Path, prompt: str | None, model: str | None,
+                  task: str | None, params: dict) -> BatchItem:
+    """The item of one manifest line (`where`: file:line), or, for a line with a bad field, an item
+    whose `problem` names the field and what it must be."""
+    problems = []
+    try:
+        line = ManifestLine.model_validate(entry)
+    except ValidationError as error:
+        line = None
+        for failure in error.errors():
+            name = str(failure["loc"][0])
+            if failure["type"] == "extra_forbidden":
+                problems.append(f'unknown field "{name}" (a line has {", ".join(ManifestLine.model_fields)})')
+            else:
+                description = ManifestLine.model_fields[name].description
+                problems.append(f'"{name}": {failure["msg"]}' + (f"; give {description}" if description else ""))
+    if line is not None:
+        if line.images is not None and line.image is not None:
+            problems.append('give "images" or "image", not both')
+        if not (line.model or model):
+            problems.append('no model: give --model or "model"')
+    if problems:
+        return BatchItem(item_id, [], "", "", problem=f"{where}: " + "; ".join(problems), line=entry)
+    images = line.images if line.images is not None else [line.image] if line.image is not None else []
+    return BatchItem(item_id, [image if "://" in image else str(folder / image) for image in images],
+                     line.prompt if line.prompt is not None else prompt or "", line.model or model,
+                     line.task or task, {**params, **line.model_dump(include=set(PARAMETERS), exclude_none=True)})
+
+
+def resume(output: Path, retry_failed: bool) -> tuple[set[str], set[str]]:
+    """(ids `output` answers, ids whose error lines were dropped to run again). A last line torn by
+    a kill, and with `retry_failed` every error line, leave the file in one atomic rewrite."""
     if not output.exists():
-        return set()
+        return set(), set()
     data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with output.open("r+b") as file:
-            file.truncate(data.rfind(b"\n") + 1)
-        data = data[: data.rfind(b"\n") + 1]
-    return {json.loads(line)["id"] for line in data.decode().splitlines() if line.strip()}
+    kept, answered, retried = [], set(), set()
+    for number, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            item_id = str(record["id"])
+        except (ValueError, KeyError, TypeError):
+            raise OutputError(f"{output}:{number}: not a result line of vlm batch; give another --output, "
+                              "or remove that line") from None
+        if retry_failed and "error" in record:
+            retried.add(item_id)
+        else:
+            kept.append(line)
+            answered.add(item_id)
+    if b"".join(kept) != data:
+        replace_atomically(output, kept)
+    return answered, retried
+
+
+def replace_atomically(path: Path, lines: list[bytes]) -> None:
+    """Make `path` hold `lines`: written to a new file beside it, then renamed over it, so that a
+    kill at any moment leaves the old file or the new one, whole."""
+    new = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with new:
+            new.writelines(lines)
+            new.flush()
+            os.fsync(new.fileno())
+        shutil.copymode(path, new.name)
+        os.replace(new.name, path)
+    except BaseException:
+        Path(new.name).unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -101,22 +205,29 @@ class Summary:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    retried: int = 0
     images: int = 0
     seconds: float = 0.0
 
     def line(self) -> str:
         rate = self.images / self.seconds if self.seconds else 0.0
-        return (f"done {self.done}, failed {self.failed}, skipped {self.skipped} (already in the output); "
+        return (f"done {self.done}, failed {self.failed}, skipped {self.skipped} (already in the output), "
+                f"retried {self.retried} (failed before); "
                 f"{self.images} images in {self.seconds:.1f}s = {rate:.2f} images/s")
 
 
 async def _answer(client: AsyncVLMClient, item: BatchItem, attempts: int, backoff_s: float) -> dict:
-    params = dict(item.params)
+    """The result fields of one item's line: the answer's, or an error. GatewayUnreachable is raised."""
+    if item.problem:
+        return {"error": {"code": "INVALID_ARGUMENT", "message": item.problem}}
     for attempt in range(attempts):
         try:
-            answer = await client.generate(item.model, item.prompt or None, item.images, task=item.task, **params)
+            answer = await client.generate(item.model, item.prompt or None, item.images, task=item.task,
+                                           **item.params)
             break
-        except grpc.aio.AioRpcError as error:
+        except GatewayUnreachable:
+            raise
+        except grpc.RpcError as error:
             if error.code() not in RETRYABLE or attempt == attempts - 1:
                 return {"error": {"code": error.code().name, "message": error.details()}}
             await asyncio.sleep(backoff_s * 2**attempt * (0.5 + random.random() / 2))
@@ -125,23 +236,26 @@ async def _answer(client: AsyncVLMClient, item: BatchItem, attempts: int, backof
     kind = answer.WhichOneof("result")
     record = {"text": answer.text, "model": answer.model,
               "finish_reason": vlm_pb2.FinishReason.Name(answer.finish_reason).removeprefix("FINISH_REASON_").lower(),
-              "usage": json_format.MessageToDict(answer.usage, preserving_proto_field_name=True),
-              "confidence": answer.confidence}
+              "usage": to_dict(answer.usage), "confidence": answer.confidence}
     if kind:
-        record["result"] = {kind: json_format.MessageToDict(getattr(answer, kind), preserving_proto_field_name=True)}
+        record["result"] = {kind: to_dict(getattr(answer, kind))}
     if answer.result_error:
         record["result_error"] = answer.result_error
     return record
 
 
 async def run_batch(client: AsyncVLMClient, items: list[BatchItem], output: Path, concurrency: int = 8,
-                    attempts: int = 4, backoff_s: float = 0.5, progress: bool = True) -> Summary:
-    """Run every item not yet in `output`, at most `concurrency` at once; append one line each."""
+                    attempts: int = 4, backoff_s: float = 0.5, retry_failed: bool = True,
+                    progress: bool = True) -> Summary:
+    """Run every item `output` does not answer yet (see `resume`), at most `concurrency` at once;
+    append one line each. An unreachable gateway (GatewayUnreachable) stops the job, before the
+    output is touched if it is so from the start."""
     from tqdm import tqdm
 
-    done_before = finished_ids(output)
-    todo = [item for item in items if item.id not in done_before]
-    summary = Summary(skipped=len(items) - len(todo))
+    await client.wait_connected()
+    answered, retried = resume(output, retry_failed)
+    todo = [item for item in items if item.id not in answered]
+    summary = Summary(skipped=len(items) - len(todo), retried=len(retried & {item.id for item in todo}))
     queue: asyncio.Queue = asyncio.Queue()
     for item in todo:
         queue.put_nowait(item)
@@ -163,8 +277,12 @@ async def run_batch(client: AsyncVLMClient, items: list[BatchItem], output: Path
                 bar.set_postfix(failed=summary.failed, refresh=False)
                 bar.update(1)
 
+        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, concurrency))]
         try:
-            await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
-        finally:
+            await asyncio.gather(*workers)
+        finally:  # one worker's failure (the gateway gone) ends the others' too
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             summary.seconds = time.perf_counter() - started
     return summary

@@ -4,6 +4,7 @@
     VLM_API_KEY=dev-local-key vlm models
     VLM_API_KEY=dev-admin-key vlm load qwen2.5-vl     # put new versions/configs live (admin key)
     VLM_API_KEY=dev-admin-key vlm backends            # the Triton servers behind the gateway
+    VLM_ADDRESS=gateway.internal:50051 vlm models     # another gateway (or --address)
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ import json
 import sys
 
 import grpc
-from google.protobuf import json_format
 from vlm.v1 import vlm_pb2
 
-from vlm_client.client import VLMClient, response_format
+from vlm_client.client import (DEFAULT_ADDRESS, DETAILS, TASKS, GatewayUnreachable, VLMClient, response_format,
+                               to_dict)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm", description="Call the vision-language model service.")
-    parser.add_argument("--address", default="localhost:50051", help="gateway host:port (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="vlm", description="Call the vision-language model service.",
+                                     epilog="Exit codes: 0 done, 1 failed (the error on stderr), 2 some batch "
+                                            "items failed, 130 interrupted (Ctrl-C).")
+    parser.add_argument("--address", help=f"gateway host:port (default: $VLM_ADDRESS, else {DEFAULT_ADDRESS})")
     parser.add_argument("--api-key", help="API key (default: $VLM_API_KEY)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="deadline in seconds for the whole call, retries included (default: %(default)g)")
+    parser.add_argument("--connect-timeout", type=float, default=5.0,
+                        help="seconds to wait for a connection to the gateway before failing, within the "
+                             "deadline (default: %(default)g)")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="ask about images")
     generate.add_argument("prompt")
@@ -39,20 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
     generate.add_argument("--max-tokens", type=int, help="tokens to generate: at least 1, at most the model's "
                           "max_tokens, and with the prompt and image tokens within its context_tokens (both in "
-                          "`vlm models`) (default: 64)")
+                          "`vlm models`) (default: the deployment's, else until the answer or the context ends)")
     generate.add_argument("--temperature", type=float, help="0 to 2; 0 = greedy (default: the model's, see `vlm models`)")
     generate.add_argument("--top-p", type=float, help="in (0, 1] (default: the model's)")
     generate.add_argument("--top-k", type=int, help="0 to 1000; 0 = off (default: the model's)")
     generate.add_argument("--repetition-penalty", type=float, help="in (0, 2]; 1 = off (default: the model's)")
     generate.add_argument("--seed", type=int, help="the same seed repeats the same sample (default: a fresh one)")
     generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable, up to 8)")
-    generate.add_argument("--detail", choices=("auto", "low", "high"),
+    generate.add_argument("--detail", choices=DETAILS,
                           help="image detail: auto sizes each image by its kind (photo, document, diagram), "
                                "low and high force the smallest and largest size (default: the model's)")
-    generate.add_argument("--task", choices=("caption", "vqa", "ocr", "document", "grounding", "chart"),
+    generate.add_argument("--task", choices=TASKS,
                           help="ask for a task's typed result: grounding (boxes of the objects the prompt names), "
                                "ocr (text lines with boxes), document (Markdown), chart (a table), caption, vqa")
-    generate.add_argument("--json", action="store_true", help="print the whole answer as JSON (machine output)")
+    generate.add_argument("--json", action="store_true",
+                          help="print the whole answer as JSON, every field included (machine output; with "
+                               "--stream: each message as it comes, one JSON object a line)")
     generate.add_argument("--tool", action="append", default=[], metavar="FILE",
                           help='a function the model may call: a JSON file {"name", "description", "parameters": '
                                "a JSON Schema} (repeatable)")
@@ -62,18 +70,31 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
     shape.add_argument("--regex", help="the answer matches this regular expression as a whole")
     shape.add_argument("--choice", action="append", help="the answer is exactly one of these (repeatable)")
-    batch = commands.add_parser("batch", help="run a folder of images or a JSONL manifest, results as JSONL (resumable)")
+    batch = commands.add_parser(
+        "batch", help="run a folder of images or a JSONL manifest, results as JSONL (resumable)",
+        description="One result line per item in --output. Rerunning the same command goes on where it "
+                    "stopped: the items answered are skipped, those that failed run again (unless "
+                    "--no-retry-failed). A manifest line that is not a JSON object with an id, or an id used "
+                    "twice (ids compare as text: 1 and \"1\" are one id), stops the job before anything runs; "
+                    "any other bad line (an unknown field, a value of the wrong type) is that item's error line.")
     batch.add_argument("source", help="a folder (its images, recursively) or a .jsonl manifest: one "
-                       '{"id", "images": [paths or URLs], "prompt", "model", "task", parameters} per line')
-    batch.add_argument("--output", required=True, help="JSONL results; rerunning skips the ids already in it")
+                       '{"id", "images": [paths or URLs] (or "image": one), "prompt", "model", "task", parameters} '
+                       "per line")
+    batch.add_argument("--output", required=True, help="JSONL results, one line per item (rewritten whole, "
+                       "never cut, when a rerun drops a line)")
+    batch.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
+                       help="whether a rerun runs the items whose line is an error again (default: it does)")
     batch.add_argument("--model", help="the model for every item (a manifest line may name its own)")
     batch.add_argument("--prompt", default="", help="the prompt for every item (a manifest line may give its own)")
-    batch.add_argument("--task", choices=("caption", "vqa", "ocr", "document", "grounding", "chart"))
+    batch.add_argument("--task", choices=TASKS)
     batch.add_argument("--max-tokens", type=int)
     batch.add_argument("--temperature", type=float)
     batch.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: %(default)s)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
-    commands.add_parser("models", help="list served models")
+    commands.add_parser("models", help="list served models", description="One line per model: its versions, "
+                        "context_tokens (prompt, images and answer together), max_tokens (the most one request "
+                        "may ask for), and the sampling defaults a request gets for what it leaves unset "
+                        "('-': the models auto routes to differ, or not known)")
     commands.add_parser("backends", help="list the inference servers behind the gateway and their state (admin key)")
     for name, text in (("load", "load or reload a model from the repository (admin key)"),
                        ("unload", "unload a model (admin key)")):
@@ -81,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "batch":
         return _batch(args)
-    with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+    with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout,
+                   connect_timeout=args.connect_timeout) as client:
         try:
             return _run(client, args)
+        except KeyboardInterrupt:  # the call is cancelled as the client closes
+            print("\ninterrupted", file=sys.stderr)
+            return 130
         except grpc.RpcError as error:
-            print(f"error: {error.code().name}: {error.details()}{hint(error, args, client.connected())}",
-                  file=sys.stderr)
+            print(f"error: {error.code().name}: {error.details()}{hint(error, client.address)}", file=sys.stderr)
         except IsADirectoryError as error:
             print(f"error: {error.filename} is a directory; --image takes an image file or an http(s) URL",
                   file=sys.stderr)
@@ -121,12 +145,11 @@ def _run(client: VLMClient, args) -> int:
         for model in models:
             versions = ", ".join(f"{v.version}:{v.state}" + (f" ({v.reason})" if v.reason else "")
                                  for v in model.versions) or "none loaded"
-            defaults = model.defaults
+            defaults = ",".join(f"{name}:{getattr(model.defaults, name):g}" if model.defaults.HasField(name)
+                                else f"{name}:-" for name in ("temperature", "top_p", "top_k", "repetition_penalty"))
             print(f"{model.name}\tfamily={model.family}\tready={model.ready}\t"
                   f"quantization={model.quantization}\tversions={versions}\t"
-                  f"context_tokens={model.context_tokens}\tmax_tokens={model.max_tokens}\t"
-                  f"defaults=temperature:{defaults.temperature:g},top_p:{defaults.top_p:g},"
-                  f"top_k:{defaults.top_k},repetition_penalty:{defaults.repetition_penalty:g}")
+                  f"context_tokens={model.context_tokens}\tmax_tokens={model.max_tokens}\tdefaults={defaults}")
         return 0
     config = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
@@ -154,20 +177,22 @@ def _run(client: VLMClient, args) -> int:
     if args.stream:
         last = None
         for message in client.stream(args.model, args.prompt, args.image, **config):
-            if not args.json:
+            if args.json:
+                print(json.dumps(to_dict(message), ensure_ascii=False), flush=True)
+            else:
                 print(message.text, end="", flush=True)
             last = message
         if not args.json:
             print()
     else:
         last = client.generate(args.model, args.prompt, args.image, **config)
-        if not args.json:
+        if args.json:
+            print(json.dumps(to_dict(last), ensure_ascii=False, indent=2))
+        else:
             print(last.text)
-    if args.json:
-        print(json_format.MessageToJson(last, preserving_proto_field_name=True, indent=2))
-    elif last.WhichOneof("result") or last.result_error:
-        print(describe_result(last))
     if not args.json:
+        if last.WhichOneof("result") or last.result_error:
+            print(describe_result(last))
         for tool_call in last.tool_calls:
             print(f"--- tool call\n{tool_call.name}({tool_call.arguments})")
     images = " ".join(f"{vlm_pb2.ImageKind.Name(image.kind).removeprefix('IMAGE_KIND_').lower()}@{image.width}x{image.height}"
@@ -188,7 +213,7 @@ def _batch(args) -> int:
     import asyncio
     from pathlib import Path
 
-    from vlm_client.batch import ManifestError, folder_items, manifest_items, run_batch
+    from vlm_client.batch import ManifestError, OutputError, folder_items, manifest_items, run_batch
     from vlm_client.client import AsyncVLMClient
 
     source = Path(args.source)
@@ -210,14 +235,23 @@ def _batch(args) -> int:
         return 1
 
     async def go():
-        async with AsyncVLMClient(args.address, api_key=args.api_key, timeout=args.timeout) as client:
-            return await run_batch(client, items, Path(args.output), args.concurrency, progress=not args.no_progress)
+        async with AsyncVLMClient(args.address, api_key=args.api_key, timeout=args.timeout,
+                                  connect_timeout=args.connect_timeout) as client:
+            return await run_batch(client, items, Path(args.output), args.concurrency,
+                                   retry_failed=args.retry_failed, progress=not args.no_progress)
 
     try:
         summary = asyncio.run(go())
     except KeyboardInterrupt:
         print(f"interrupted: {args.output} holds every finished item; rerun the same command to go on", file=sys.stderr)
         return 130
+    except GatewayUnreachable as error:
+        print(f"error: {error.code().name}: {error.details()}; {args.output} holds every finished item, rerun "
+              f"the same command to go on{hint(error, error.address)}", file=sys.stderr)
+        return 1
+    except OutputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(summary.line(), file=sys.stderr)
     return 2 if summary.failed else 0
 
@@ -248,14 +282,15 @@ def describe_result(answer) -> str:
     return "--- caption\n" + result.text
 
 
-def hint(error: grpc.RpcError, args, connected: bool) -> str:
-    """What a CLI user can do about the error, where the status alone does not say. `connected`:
-    whether the client has a connection to the gateway."""
+def hint(error: grpc.RpcError, address: str) -> str:
+    """What a CLI user can do about the error (from the gateway at `address`), where the status
+    alone does not say."""
     code = error.code()
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return "\n  set VLM_API_KEY or pass --api-key (`make run` accepts dev-local-key)"
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not connected:
-        return f"\n  no gateway answered at {args.address}; is it running? `make up` starts it"
+    if isinstance(error, GatewayUnreachable):
+        return (f"\n  no gateway answered at {address}; is it running? `make up` starts it "
+                "(another address: --address or $VLM_ADDRESS)")
     if code == grpc.StatusCode.INVALID_ARGUMENT and "allowlist" in (error.details() or ""):
         return "\n  pass a local image path instead, or add the host to the gateway's VLM_IMAGE_URL_ALLOWLIST"
     return ""

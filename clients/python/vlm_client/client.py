@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import asyncio
+import json
 import os
 import random
 import time
@@ -12,15 +11,37 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from vlm_client.images import to_image
 
 # Retried by any call: only what provably did no work. The gateway marks such refusals (a full
 # queue, a model not loaded yet) with google.rpc.RetryInfo. Reads (ListModels) are also retried on
-# UNAVAILABLE: running them twice is harmless. Generate and the admin calls wait for the connection
-# instead (gRPC's wait_for_ready), so a gateway that is starting is never mistaken for a failure.
+# UNAVAILABLE: running them twice is harmless. Every call first waits for a connection, at most
+# `connect_timeout` seconds, so a gateway that is starting is not mistaken for a failure, and one
+# that is down is reported within seconds (gRPC's own wait_for_ready would wait out the deadline).
 IDEMPOTENT_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+DEFAULT_ADDRESS = "localhost:50051"
+# The short names `build_request` takes for a task and an image detail (vlm.v1's enums, unspecified left out).
+TASKS = tuple(name.removeprefix("TASK_").lower() for name in vlm_pb2.Task.keys()[1:])
+DETAILS = tuple(name.removeprefix("IMAGE_DETAIL_").lower() for name in vlm_pb2.ImageDetail.keys()[1:])
+
+
+class GatewayUnreachable(grpc.RpcError):
+    """No connection to the gateway within the client's `connect_timeout`: nothing was sent.
+    Its code is UNAVAILABLE, as for any failed connection; it is not retried (waiting for the
+    connection was the retry)."""
+
+    def __init__(self, address: str, waited_s: float):
+        super().__init__(f"no connection to the gateway at {address} within {waited_s:.3g}s")
+        self.address = address
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self.args[0]
 
 
 def retry_info_delay(error: grpc.RpcError) -> float | None:
@@ -35,6 +56,13 @@ def retry_info_delay(error: grpc.RpcError) -> float | None:
             detail.Unpack(info)
             return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
     return None
+
+
+def to_dict(message) -> dict:
+    """A message as JSON-ready data with every field, those at their default (0, "", []) too, named
+    as in the .proto file: proto3's own JSON leaves defaults out, and consumers then miss keys."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
 
 
 def response_format(*, json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
@@ -110,13 +138,20 @@ class _Attempts:
     def __init__(self, client: "_Base", timeout: float | None, idempotent: bool):
         self.deadline = time.monotonic() + (timeout or client.timeout)
         self.retries, self.backoff, self.idempotent = client.retries, client.backoff, idempotent
+        self.connect_timeout_s = client.connect_timeout
         self.attempt = 0
 
     def remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0.001)
 
+    def connect_timeout(self) -> float:
+        """How long this attempt may wait for a connection: the client's connect_timeout, within the deadline."""
+        return min(self.connect_timeout_s, self.remaining())
+
     def delay_before_retry(self, error: grpc.RpcError) -> float | None:
         """How long to wait before the next attempt, or None to give up and raise `error`."""
+        if isinstance(error, GatewayUnreachable):
+            return None
         asked = retry_info_delay(error)
         if asked is None and not (self.idempotent and error.code() in IDEMPOTENT_RETRYABLE):
             return None
@@ -128,14 +163,20 @@ class _Attempts:
 
 
 class _Base:
-    def __init__(self, address: str = "localhost:50051", api_key: str | None = None, timeout: float = 120.0,
-                 retries: int = 3, backoff: float = 0.25):
-        self.address = address
+    """`address`: the gateway's host:port (default: $VLM_ADDRESS, else localhost:50051); `api_key`
+    (default: $VLM_API_KEY); `timeout`: each call's deadline in seconds, its retries included;
+    `connect_timeout`: how long a call waits for a connection to the gateway before failing with
+    GatewayUnreachable (UNAVAILABLE), within that deadline."""
+
+    def __init__(self, address: str | None = None, api_key: str | None = None, timeout: float = 120.0,
+                 retries: int = 3, backoff: float = 0.25, connect_timeout: float = 5.0):
+        self.address = address or os.environ.get("VLM_ADDRESS") or DEFAULT_ADDRESS
         key = api_key if api_key is not None else os.environ.get("VLM_API_KEY", "")
         self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.connect_timeout = connect_timeout
 
 
 class VLMClient(_Base):
@@ -146,15 +187,42 @@ class VLMClient(_Base):
         self.channel = grpc.insecure_channel(self.address)
         self.stub = vlm_pb2_grpc.VisionLanguageServiceStub(self.channel)
         self.admin = vlm_pb2_grpc.ModelAdminServiceStub(self.channel)
+        # Whether a call went through since the channel was made or a call found no connection:
+        # until then each call first waits for one (a check costs a thread and about 2 ms).
+        self._connection_seen = False
 
     def connected(self, timeout: float = 0.2) -> bool:
-        """Whether the channel has (or makes within `timeout` s) a connection to the gateway: a call
-        that waited for one until its deadline says only DEADLINE_EXCEEDED."""
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        """Whether the channel has (or makes within `timeout` s) a connection to the gateway."""
+        if self._connection_seen:
             return True
-        except grpc.FutureTimeoutError:
+        try:
+            self.wait_connected(timeout)
+            return True
+        except GatewayUnreachable:
             return False
+
+    def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait for a connection to the gateway, at most `timeout` s (default: connect_timeout);
+        raise GatewayUnreachable if none is made."""
+        timeout = self.connect_timeout if timeout is None else timeout
+        # Its polling thread may raise at a close of the channel while a second check is pending:
+        # checks are kept rare (see _connect) and a timed-out one is cancelled.
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            ready.cancel()
+            raise GatewayUnreachable(self.address, timeout) from None
+
+    def _connect(self, attempts: _Attempts) -> None:
+        """Before a call: wait for a connection (at most connect_timeout) unless one was seen."""
+        if not self._connection_seen:
+            self.wait_connected(attempts.connect_timeout())
+            self._connection_seen = True
+
+    def _note_failure(self, error: grpc.RpcError) -> None:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self._connection_seen = False  # perhaps gone: the next call waits for a connection again
 
     def __enter__(self) -> "VLMClient":
         return self
@@ -169,9 +237,10 @@ class VLMClient(_Base):
         attempts = _Attempts(self, timeout, idempotent)
         while True:
             try:
-                return method(request, timeout=attempts.remaining(), metadata=self.metadata,
-                              wait_for_ready=not idempotent)
+                self._connect(attempts)
+                return method(request, timeout=attempts.remaining(), metadata=self.metadata)
             except grpc.RpcError as error:
+                self._note_failure(error)
                 delay = attempts.delay_before_retry(error)
                 if delay is None:
                     raise
@@ -188,8 +257,8 @@ class VLMClient(_Base):
         request = build_request(model, prompt, images, **kwargs)
         attempts = _Attempts(self, timeout, idempotent=False)
         while True:
-            call = self.stub.GenerateStream(request, timeout=attempts.remaining(), metadata=self.metadata,
-                                            wait_for_ready=True)
+            self._connect(attempts)
+            call = self.stub.GenerateStream(request, timeout=attempts.remaining(), metadata=self.metadata)
             received = False
             try:
                 for message in call:
@@ -197,6 +266,7 @@ class VLMClient(_Base):
                     yield message
                 return
             except grpc.RpcError as error:
+                self._note_failure(error)
                 delay = None if received else attempts.delay_before_retry(error)
                 if delay is None:
                     raise
@@ -227,15 +297,32 @@ class AsyncVLMClient(_Base):
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def stub(self) -> vlm_pb2_grpc.VisionLanguageServiceStub:
-        """The stub on a channel of the running event loop, made on first use (a client built at
-        module level, or reused across `asyncio.run` calls, gets a channel of each loop)."""
+    def _loop_channel(self) -> grpc.aio.Channel:
+        """The channel of the running event loop, made on first use (a client built at module
+        level, or reused across `asyncio.run` calls, gets a channel of each loop)."""
         loop = asyncio.get_running_loop()
         if self._channel is None or self._loop is not loop:
             self._channel, self._loop = grpc.aio.insecure_channel(self.address), loop
             self._stub = vlm_pb2_grpc.VisionLanguageServiceStub(self._channel)
+        return self._channel
+
+    @property
+    def stub(self) -> vlm_pb2_grpc.VisionLanguageServiceStub:
+        """The stub on the running event loop's channel."""
+        self._loop_channel()
         return self._stub
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait for a connection to the gateway, at most `timeout` s (default: connect_timeout);
+        raise GatewayUnreachable if none is made."""
+        timeout = self.connect_timeout if timeout is None else timeout
+        channel = self._loop_channel()
+        if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            raise GatewayUnreachable(self.address, timeout) from None
 
     async def __aenter__(self) -> "AsyncVLMClient":
         return self
@@ -252,9 +339,10 @@ class AsyncVLMClient(_Base):
         attempts = _Attempts(self, timeout, idempotent)
         while True:
             try:
+                await self.wait_connected(attempts.connect_timeout())
                 return await getattr(self.stub, method_name)(request, timeout=attempts.remaining(),
-                                                             metadata=self.metadata, wait_for_ready=not idempotent)
-            except grpc.aio.AioRpcError as error:
+                                                             metadata=self.metadata)
+            except grpc.RpcError as error:
                 delay = attempts.delay_before_retry(error)
                 if delay is None:
                     raise
@@ -269,8 +357,8 @@ class AsyncVLMClient(_Base):
         request = build_request(model, prompt, images, **kwargs)
         attempts = _Attempts(self, timeout, idempotent=False)
         while True:
-            call = self.stub.GenerateStream(request, timeout=attempts.remaining(), metadata=self.metadata,
-                                            wait_for_ready=True)
+            await self.wait_connected(attempts.connect_timeout())
+            call = self.stub.GenerateStream(request, timeout=attempts.remaining(), metadata=self.metadata)
             received = False
             try:
                 async for message in call:

@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from vlm_client.client import VLMClient  # noqa: E402
+from vlm_client.client import DEFAULT_ADDRESS, VLMClient  # noqa: E402
 from vlm_client.webui.handlers import DETAILS, FALLBACK_MODELS, TASKS, WebUI  # noqa: E402
 
 # System fonts: the default theme would fetch its fonts from Google's servers.
@@ -68,17 +68,17 @@ def build(ui: WebUI) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_client.webui", description=__doc__.split("\n")[0])
-    parser.add_argument("--address", default=os.environ.get("VLM_GATEWAY", "localhost:50051"),
-                        help="the gateway's gRPC host:port (default: $VLM_GATEWAY or %(default)s)")
+    parser.add_argument("--address", help=f"the gateway's gRPC host:port (default: $VLM_ADDRESS, else {DEFAULT_ADDRESS})")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="answers streaming at once across all visitors; more wait in line (default: %(default)s)")
     args = parser.parse_args(argv)
+    # A long deadline for an answer; a gateway that cannot be reached is said within connect_timeout.
     client = VLMClient(args.address, timeout=600.0)  # the API key: VLM_API_KEY
     page = build(WebUI(client))
     page.queue(default_concurrency_limit=args.concurrency)
-    print(f"web UI on http://{args.host}:{args.port} (gateway {args.address})", file=sys.stderr, flush=True)
+    print(f"web UI on http://{args.host}:{args.port} (gateway {client.address})", file=sys.stderr, flush=True)
     page.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, theme=THEME,
                 footer_links=[], ssr_mode=False, mcp_server=False, show_error=False, quiet=True)
     return 0
