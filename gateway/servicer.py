@@ -296,17 +296,22 @@ async def model_info(backend: TritonPool, name: str, ensemble: str, index: list[
     if not info.ready:
         return info
     if ensemble == ROUTER:
-        # What a request to the router may ask: what both families accept (either may answer).
+        # What a request to the router may ask: what both families accept (either may answer), and
+        # the sampling defaults both share (one they differ in stays unset: it is the answering model's).
         families = [await model_info(backend, name, family, index) for family in FAMILIES]
         info.context_tokens = min(family.context_tokens for family in families)
         info.max_tokens = min(family.max_tokens for family in families)
+        for field_name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            values = {getattr(f.defaults, field_name) if f.defaults.HasField(field_name) else None for f in families}
+            if len(values) == 1 and None not in values:
+                setattr(info.defaults, field_name, values.pop())
         return info
     parameters = await backend.model_parameters(f"{ensemble}_generate")
     info.quantization = parameters.get("quantization", "")
     info.context_tokens = int(parameters.get("context_tokens") or 0)
     limit = int(parameters.get("max_tokens_limit") or 0)
-    # A prompt takes at least one token of the context.
-    info.max_tokens = min(limit, info.context_tokens - 1) if info.context_tokens else limit
+    # The limit requests are validated against, within the context (which the prompt shares).
+    info.max_tokens = min(limit, info.context_tokens) if info.context_tokens else limit
     if parameters.get("sampling_defaults"):
         info.defaults.CopyFrom(vlm_pb2.GenerationConfig(**json.loads(parameters["sampling_defaults"])))
     return info

@@ -67,12 +67,12 @@ def test_list_models(client):
     assert set(models) == set(PUBLIC) | {"auto"}
     auto = models.pop("auto")
     assert auto.ready and auto.family == "auto" and [(v.version, v.state) for v in auto.versions] == [("1", "READY")]
-    assert (auto.context_tokens, auto.max_tokens) == (4096, 4095)
+    assert (auto.context_tokens, auto.max_tokens) == (4096, 4096)
     for name, model in models.items():
         assert model.ready and model.family == PUBLIC[name] and model.quantization == "none"
         assert [(v.version, v.state) for v in model.versions] == [("1", "READY")]
-        # The tiny checkpoints' context (max_position_embeddings); a prompt needs at least one token of it.
-        assert (model.context_tokens, model.max_tokens) == (4096, 4095)
+        # The tiny checkpoints' context (max_position_embeddings), and the limit requests are checked against.
+        assert (model.context_tokens, model.max_tokens) == (4096, 4096)
 
 
 @pytest.mark.parametrize(

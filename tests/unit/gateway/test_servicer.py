@@ -376,7 +376,7 @@ def test_list_models_reports_versions_readiness_and_quantization():
         assert (auto.family, auto.ready, auto.quantization, [v.version for v in auto.versions]) == ("auto", True, "", ["1"])
         # Either family may answer: the router accepts what both do.
         assert (models["pixtral"].context_tokens, models["pixtral"].max_tokens) == (8192, 4096)
-        assert (auto.context_tokens, auto.max_tokens) == (4096, 4095)
+        assert (auto.context_tokens, auto.max_tokens) == (4096, 4096)
         pixtral = models["pixtral"]
         assert (pixtral.family, pixtral.ready, pixtral.quantization) == ("pixtral", True, "int8")
         assert [(v.version, v.state) for v in pixtral.versions] == [("1", "READY")]
