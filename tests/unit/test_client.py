@@ -324,7 +324,11 @@ def test_batch_items_from_a_folder_and_a_manifest_and_a_torn_output_line_is_cut(
         "colour": "red", "model": "pixtral"}
     output = tmp_path / "out.jsonl"
     output.write_text('{"id": "1", "input": {}}\n{"id": "2", "inp')
-    assert resume(output, retry_failed=True) == ({"1"}, set()) and output.read_text() == '{"id": "1", "input": {}}\n'
+    assert resume(output, rerun_if_failed={"1", "2"}) == ({"1"}, set()) and output.read_text() == '{"id": "1", "input": {}}\n'
+    # Only the error lines of items to run again leave: another manifest's stay as they are.
+    failed = '{"id": "other", "input": {}, "error": {"code": "INTERNAL", "message": "m"}}\n'
+    output.write_text(failed + '{"id": "2", "input": {}, "error": {"code": "INTERNAL", "message": "m"}}\n')
+    assert resume(output, rerun_if_failed={"1", "2"}) == ({"other"}, {"2"}) and output.read_text() == failed
 
 
 # --- vlm batch: reruns, bad lines, ids, atomic rewrites -------------------------------------------
@@ -357,9 +361,9 @@ def results(path) -> dict:
     return {line["id"]: line for line in lines}
 
 
-def batch(address, manifest, output, *options):
-    return cli(["--address", address, "--api-key", "k", "batch", str(manifest), "--output", str(output),
-                "--model", "pixtral", "--no-progress", *options])
+def batch(address, manifest, output, *options, connect_timeout="5"):
+    return cli(["--address", address, "--api-key", "k", "--connect-timeout", connect_timeout, "batch", str(manifest),
+                "--output", str(output), "--model", "pixtral", "--no-progress", *options])
 
 
 def test_a_batch_rerun_retries_the_items_that_failed(tmp_path, capsys):
@@ -604,3 +608,17 @@ def test_vlm_models_numbers_agree_with_each_other_and_with_what_the_service_acce
         assert "context_tokens=4096\tmax_tokens=4096" in qwen and "context_tokens=8192\tmax_tokens=4096" in pixtral
     finally:
         holder[0].stop(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_with_no_gateway_stops_at_once_and_leaves_the_output_as_it_was(tmp_path, capsys):
+    [port] = free_ports(1)
+    manifest, output = tmp_path / "items.jsonl", tmp_path / "out.jsonl"
+    write_manifest(manifest, *({"id": f"item-{i}", "prompt": f"q{i}"} for i in range(20)))
+    output.write_text('{"id": "item-0", "input": {}, "error": {"code": "INTERNAL", "message": "m"}}\n{"id": "item-1"')
+    before = output.read_bytes()
+    started = time.monotonic()
+    assert batch(f"127.0.0.1:{port}", manifest, output, connect_timeout="1") == 1
+    assert time.monotonic() - started < 10 and output.read_bytes() == before
+    error = capsys.readouterr().err
+    assert f"no connection to the gateway at 127.0.0.1:{port}" in error and "rerun the same command" in error

@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -158,9 +159,9 @@ def manifest_item(where: str, item_id: str, entry: dict, folder: Path, prompt: s
                      line.task or task, {**params, **line.model_dump(include=set(PARAMETERS), exclude_none=True)})
 
 
-def resume(output: Path, retry_failed: bool) -> tuple[set[str], set[str]]:
+def resume(output: Path, rerun_if_failed: Collection[str]) -> tuple[set[str], set[str]]:
     """(ids `output` answers, ids whose error lines were dropped to run again). A last line torn by
-    a kill, and with `retry_failed` every error line, leave the file in one atomic rewrite."""
+    a kill, and the error lines of the ids in `rerun_if_failed`, leave the file in one atomic rewrite."""
     if not output.exists():
         return set(), set()
     data = output.read_bytes()
@@ -174,7 +175,7 @@ def resume(output: Path, retry_failed: bool) -> tuple[set[str], set[str]]:
         except (ValueError, KeyError, TypeError):
             raise OutputError(f"{output}:{number}: not a result line of vlm batch; give another --output, "
                               "or remove that line") from None
-        if retry_failed and "error" in record:
+        if "error" in record and item_id in rerun_if_failed:
             retried.add(item_id)
         else:
             kept.append(line)
@@ -253,9 +254,9 @@ async def run_batch(client: AsyncVLMClient, items: list[BatchItem], output: Path
     from tqdm import tqdm
 
     await client.wait_connected()
-    answered, retried = resume(output, retry_failed)
+    answered, retried = resume(output, {item.id for item in items} if retry_failed else ())
     todo = [item for item in items if item.id not in answered]
-    summary = Summary(skipped=len(items) - len(todo), retried=len(retried & {item.id for item in todo}))
+    summary = Summary(skipped=len(items) - len(todo), retried=len(retried))
     queue: asyncio.Queue = asyncio.Queue()
     for item in todo:
         queue.put_nowait(item)

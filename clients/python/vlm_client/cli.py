@@ -246,8 +246,8 @@ def _batch(args) -> int:
         print(f"interrupted: {args.output} holds every finished item; rerun the same command to go on", file=sys.stderr)
         return 130
     except GatewayUnreachable as error:
-        print(f"error: {error.code().name}: {error.details()}; {args.output} holds every finished item, rerun "
-              f"the same command to go on{hint(error, error.address)}", file=sys.stderr)
+        print(f"error: {error.code().name}: {error.details()}; the job stopped, rerun the same command to go on"
+              f"{hint(error, error.address)}", file=sys.stderr)
         return 1
     except OutputError as error:
         print(f"error: {error}", file=sys.stderr)
