@@ -283,7 +283,7 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
             return {"status": "ok"}
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    app.openapi = lambda: describe(app, sorted(settings.models))
+    app.openapi = lambda: describe(app, settings)
     return app
 
 

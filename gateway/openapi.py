@@ -15,6 +15,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
 from gateway.openai_protocol import ChatCompletionRequest
+from gateway.settings import Settings
+from vlm_serving.generation.sampling import BOUNDS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 REF = "#/components/schemas/{model}"
 
@@ -127,15 +129,30 @@ def _json(model: type[BaseModel]) -> dict:
     return {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
 
 
-def describe(app: FastAPI, models: list[str]) -> dict:
-    """The description of `app`, whose requests name one of `models`."""
+def _bounds(schemas: dict, settings: Settings) -> None:
+    """The limits the service enforces, written into the request's schema (from the same numbers
+    the checks use), so a client or a fuzzer knows them."""
+    request = schemas["ChatCompletionRequest"]["properties"]
+    request["model"].update(enum=sorted(settings.models),
+                            description="a served model (GET /v1/models); another name is answered 404")
+    for name, bound in BOUNDS.items():  # an open low end is on the wire too: it means the default
+        request[name].update(minimum=bound.low, maximum=bound.high)
+    for name in ("max_tokens", "max_completion_tokens"):
+        request[name].update(maximum=settings.max_tokens_limit)
+    request["n"].update(minimum=1, maximum=1)
+    request["messages"].update(minItems=1, maxItems=settings.max_messages)
+    request["stop"].update(maxItems=MAX_STOP_SEQUENCES, minLength=1, maxLength=MAX_STOP_CHARS)
+    schemas["ChatMessage"]["properties"]["content"].update(maxItems=settings.max_parts_per_message, minLength=1)
+
+
+def describe(app: FastAPI, settings: Settings) -> dict:
+    """The description of `app`, serving under `settings`."""
     if app.openapi_schema:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = document.setdefault("components", {})
     components["schemas"] = _schemas(ChatCompletionRequest, ChatCompletion, ErrorBody, ModelList, ModelCard, HealthBody)
-    components["schemas"]["ChatCompletionRequest"]["properties"]["model"].update(
-        enum=models, description="a served model (GET /v1/models); another name is answered 404")
+    _bounds(components["schemas"], settings)
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                 "description": "an API key of the service"}}
     successes = {

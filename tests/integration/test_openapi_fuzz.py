@@ -5,7 +5,7 @@ the schema forbids are refused, and that the API key is never ignored."""
 
 from __future__ import annotations
 
-import json
+import re
 import subprocess
 
 import pytest
@@ -24,19 +24,19 @@ def test_schemathesis_finds_nothing_against_the_real_stack(triton, tmp_path):
     # Generation kept short (a few tokens each): the fuzzing is about the API, not the model.
     gateway = start_gateway(triton.grpc_url, tmp_path, VLM_MAX_TOKENS_LIMIT="8", VLM_DEFAULT_MAX_TOKENS="4",
                             VLM_DEFAULT_TIMEOUT_S="30")
-    report = tmp_path / "schemathesis.json"
     try:
         run = subprocess.run(
             [str(SCHEMATHESIS), "run", f"http://{gateway.http_address}/openapi.json", "-H", f"Authorization: Bearer {KEY}",
              "--checks", ",".join(CHECKS), "--max-time", "120", "--workers", "2", "--seed", "23",
-             "--report", "ndjson", "--report-ndjson-path", str(report), "--request-timeout", "60"],
+             "--request-timeout", "60"],
             capture_output=True, text=True, timeout=400, cwd=tmp_path)
     finally:
         gateway.stop()
     summary = run.stdout[-6000:]
     assert run.returncode == 0, summary + run.stderr[-2000:]
-    assert "warning" not in summary.lower() or "WARNINGS" not in summary, summary  # e.g. unresolvable references
-    cases = sum(1 for line in report.read_text().splitlines() if '"ScenarioFinished"' in line) if report.exists() else 0
-    assert cases > 0, summary
+    # Warnings are information (e.g. most generated bodies are refused: random text is rarely a valid
+    # conversation), except those about the description itself.
+    assert not re.search(r"unresolvable|\$ref|reference", summary, re.I), summary
+    cases = re.search(r"(\d+) generated, (\d+) passed", summary)
+    assert cases and int(cases.group(1)) > 1000 and cases.group(1) == cases.group(2), summary
     print(summary)  # the case count and the time, for the notes (pytest -s)
-    json.dumps(cases)

@@ -12,6 +12,36 @@ from vlm_serving.generation.structured import ResponseFormat
 
 # The most alternatives a token's log-probability may come with (OpenAI's bound).
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A parameter's range, for its check and its documentation (the HTTP API's OpenAPI schema)."""
+
+    low: float
+    high: float
+    # The low end is excluded (on the wire it means "the model's default").
+    low_open: bool = False
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+    def describe(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]" + (f" ({self.note})" if self.note else "")
+
+
+BOUNDS = {
+    "temperature": Bound(0, 2, note="0 = greedy"),
+    "top_p": Bound(0, 1, low_open=True),
+    "top_k": Bound(0, 1000, note="0 = off"),
+    "repetition_penalty": Bound(0, 2, low_open=True, note="1 = off"),
+    "presence_penalty": Bound(-2, 2, note="0 = off"),
+    "frequency_penalty": Bound(-2, 2, note="0 = off"),
+    "top_logprobs": Bound(0, MAX_TOP_LOGPROBS),
+}
 
 
 class ParameterError(ValueError):
@@ -104,22 +134,14 @@ class SamplingParams:
             ("max_tokens", unset_or(self.max_tokens, lambda v: 1 <= v <= max_tokens_limit),
              f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}] (unset: until the answer or the "
              "context ends)"),
-            ("temperature", unset_or(self.temperature, lambda v: 0.0 <= v <= 2.0),
-             f"temperature={_g(self.temperature)} must be in [0, 2] (0 = greedy)"),
-            ("top_p", unset_or(self.top_p, lambda v: 0.0 < v <= 1.0), f"top_p={_g(self.top_p)} must be in (0, 1]"),
-            ("top_k", unset_or(self.top_k, lambda v: 0 <= v <= 1000), f"top_k={self.top_k} must be in [0, 1000] (0 = off)"),
-            ("repetition_penalty", unset_or(self.repetition_penalty, lambda v: 0.0 < v <= 2.0),
-             f"repetition_penalty={_g(self.repetition_penalty)} must be in (0, 2] (1 = off)"),
-            ("presence_penalty", unset_or(self.presence_penalty, lambda v: -2.0 <= v <= 2.0),
-             f"presence_penalty={_g(self.presence_penalty)} must be in [-2, 2] (0 = off)"),
-            ("frequency_penalty", unset_or(self.frequency_penalty, lambda v: -2.0 <= v <= 2.0),
-             f"frequency_penalty={_g(self.frequency_penalty)} must be in [-2, 2] (0 = off)"),
-            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
-             f"top_logprobs={self.top_logprobs} must be in [0, {MAX_TOP_LOGPROBS}]"),
+            *((name, unset_or(getattr(self, name), bound.holds),
+               f"{name}={_g(getattr(self, name))} must be in {bound.describe()}") for name, bound in BOUNDS.items()),
             ("top_logprobs", self.logprobs or not self.top_logprobs,
              f"top_logprobs={self.top_logprobs} needs logprobs true (the alternatives come with each token's own)"),
-            ("stop", len(self.stop) <= 8, f"{len(self.stop)} stop sequences is over the limit of 8"),
-            ("stop", all(0 < len(s) <= 64 for s in self.stop), "each stop sequence must be 1 to 64 characters"),
+            ("stop", len(self.stop) <= MAX_STOP_SEQUENCES,
+             f"{len(self.stop)} stop sequences is over the limit of {MAX_STOP_SEQUENCES}"),
+            ("stop", all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"each stop sequence must be 1 to {MAX_STOP_CHARS} characters"),
         ]
         return [(name, message) for name, ok, message in checks if not ok] + [
             ("response_format", message) for message in self.response_format.violations()]
