@@ -141,6 +141,10 @@ def _save(out: Path, model_class, config, tokenizer, image_processor, seed: int)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
+    # safetensors writes the weights owner-only (0600): a Triton running as another user (the
+    # Kubernetes pods run it as uid 1000) must be able to read them, as it reads the rest.
+    for weights in out.glob("*.safetensors"):
+        weights.chmod(0o644)
 
 
 def build_qwen2_5_vl(out: Path, seed: int = SEED) -> None:

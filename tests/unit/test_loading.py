@@ -74,3 +74,15 @@ def test_awq_mode_builds_its_config_and_the_gpu_image_has_its_backend(checkpoint
     with pytest.raises(ImportError, match="gptqmodel"):  # the one piece missing on this CPU machine
         quantizer.validate_environment(device_map=kwargs["device_map"])
     assert {"gptqmodel", "accelerate"} <= requirement_names("requirements-triton.txt")
+
+
+def test_the_tiny_checkpoints_are_readable_by_any_user(tmp_path):
+    # The Kubernetes pods run Triton as uid 1000, whoever built the files (safetensors writes 0600).
+    import stat
+
+    from vlm_serving import tiny_checkpoints
+
+    tiny_checkpoints.main([str(tmp_path)])
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert files and all(path.stat().st_mode & stat.S_IROTH for path in files), [
+        (path.name, oct(path.stat().st_mode)) for path in files if not path.stat().st_mode & stat.S_IROTH]
