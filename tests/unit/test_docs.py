@@ -35,6 +35,8 @@ def section(markdown: str, heading: str) -> str:
     """The text under `heading` up to the next heading of the same or a higher level."""
     level = len(heading) - len(heading.lstrip("#"))
     lines = markdown.splitlines()
+    if heading not in lines:
+        pytest.fail(f"no heading {heading!r} in docs/configuration.md: the gateway's settings table belongs under it")
     start = lines.index(heading) + 1
     end = next((i for i in range(start, len(lines))
                 if re.match(rf"^#{{1,{level}}} ", lines[i])), len(lines))
