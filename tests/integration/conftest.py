@@ -31,7 +31,7 @@ def free_ports(count: int) -> list[int]:
 def make_repository(directory: Path, checkpoints: Path, source: Path = REPO_ROOT / "model_repository",
                     **profile_changes) -> Path:
     """The committed model folders (each model's version 1, as tracked) with configs rendered for the
-    CPU profile. Version folders a user shipped into the working tree (README: Updating models) and
+    CPU profile. Version folders a user shipped into the working tree (docs/operations.md: Updating models) and
     hand-edited configs stay out: the tests never depend on the working tree's state."""
     copy_model_code(source, directory)
     render_repository(directory, replace(PROFILES["cpu"], checkpoints_dir=checkpoints, **profile_changes))

@@ -123,7 +123,7 @@ def test_generate_config_carries_the_checkpoints_sampling_defaults(tmp_path):
 
 
 def test_test_repositories_hold_only_the_tracked_version_folders(tmp_path, checkpoints):
-    """Version folders a user ships into the working tree (README: Updating models) never reach
+    """Version folders a user ships into the working tree (docs/operations.md: Updating models) never reach
     the tests' repositories (before: versions 2 and 3 left there failed six tests far from the cause)."""
     from tests.integration.conftest import make_repository
 
