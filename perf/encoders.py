@@ -134,7 +134,7 @@ def int8_token_agreement(family: str, items, max_tokens: int = 16) -> tuple[floa
     return same / total, total
 
 
-# fp32 encoder outputs against the transformers tower (the export check's bound; README).
+# fp32 encoder outputs against the transformers tower (the export check's bound; docs/configuration.md: Vision encoders).
 FP32_TOLERANCE = 1e-4
 
 

@@ -2,7 +2,7 @@
 
 Qwen2.5-VL: `Qwen2_5_VLProcessor` itself (its chat template, placeholder expansion, tokenization
 and `mm_token_type_ids`), built without its video processor: that one needs torchvision, which
-does not install beside this CPU torch (see README), so the class check of the absent video
+does not install beside this CPU torch, so the class check of the absent video
 processor is skipped and nothing else.
 Pixtral: `PixtralProcessor`'s module imports torchvision at import, so its `__call__` is followed
 step by step with transformers' pieces (the checkpoint's image processor, the chat template, the

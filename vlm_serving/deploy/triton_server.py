@@ -3,7 +3,7 @@
 `vlm_serving.deploy.stack` runs it with the gateway (`make run`, `make up`, `make down`).
 On these machines the `tritonserver` binary comes from the `nvidia-pytriton` wheel; in production
 it is the one in NVIDIA's Triton container, on the same model repository. Three environment facts
-make the wheel's binary work (see README "How Triton runs here"): its bundled libraries and
+make the wheel's binary work (see docs/development.md, "How Triton runs here"): its bundled libraries and
 libpython on LD_LIBRARY_PATH, the Python-backend stub for this interpreter beside the backend
 library, and this virtualenv first on PATH so that the stub imports from its site-packages.
 The server runs in its own process group, so stopping it also ends every Python stub.

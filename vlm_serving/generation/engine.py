@@ -23,7 +23,7 @@ than the whole answer needs preemption, which a paged cache brings.
 Key/value cache: a dense, left-padded `DynamicCache` over the running rows (what Hugging Face's
 text-generation-inference did with transformers models). A prefilled group is merged in by
 left-padding the shorter of the two caches to the longer and concatenating rows; retired rows are
-filtered out and the columns that only padding still holds are trimmed. The README says why this
+filtered out and the columns that only padding still holds are trimmed. docs/performance.md says why this
 and not a slot or paged cache (measured by `perf/engine.py`).
 
 Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
