@@ -20,7 +20,9 @@
 12. constrained decoding: tokens/s with a JSON Schema against free text at batch 1 and 16, and
    a typical schema's compile time cached and uncached (perf/engine.py);
 13. the OpenAI-compatible HTTP API's throughput / gRPC's, through the same gateway, c=16;
-14. a gateway over two Triton servers / over one, same machine, c=16 (perf/pool_row.py).
+14. a gateway over two Triton servers / over one, same machine, c=16 (perf/pool_row.py);
+15. the front door under hostile traffic: memory while refusing compressed calls without a key,
+   time to refuse floods of parts (perf/front_door_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -247,7 +249,7 @@ def print_table(rows) -> None:
         if failed:
             value = f"not a result: {failed}"
         else:
-            value = f"{ratio:.2f} ms" if unit == "ms" else f"{ratio:.2f}x"
+            value = f"{ratio:.2f}x" if unit == "x" else f"{ratio:.2f} {unit}"
         print(f"| {key} | {name} | {measured} | {value} | {goal} |")
 
 
@@ -306,6 +308,10 @@ def main() -> int:
         from perf import http_row
 
         rows.append(http_row.row(gateway, images, n(96)))
+
+        from perf import front_door_row
+
+        rows += front_door_row.rows(gateway, KEY)
 
         progress("row 14: a gateway over two Triton servers against one")
         from perf import pool_row

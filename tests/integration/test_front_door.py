@@ -3,13 +3,9 @@ memory, floods of parts are refused at once, and limits hold over both APIs."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import httpx2 as httpx
@@ -17,38 +13,10 @@ import pytest
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.errors import field_violations
+from perf.front_door_row import MiB, anonymous_flood, parts_flood, post_chat
 from tests.integration.conftest import KEY, start_gateway
 
 pytestmark = pytest.mark.integration
-MiB = 1024 * 1024
-
-
-def resident_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-class PeakResident:
-    """Samples a process's resident memory every few milliseconds while in use; `.peak` is the most seen."""
-
-    def __init__(self, pid: int):
-        self.pid, self.peak, self.running = pid, resident_bytes(pid), True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, resident_bytes(self.pid))
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +32,8 @@ def stub_of(channel) -> vlm_pb2_grpc.VisionLanguageServiceStub:
 
 def test_anonymous_compressed_calls_cost_the_gateway_no_memory(front_door):
     # Each call is about 60 KiB on the wire and 60 MiB once inflated; none carries a key.
-    bomb = vlm_pb2.GenerateRequest(model="pixtral", messages=[vlm_pb2.Message(
-        role="user", parts=[vlm_pb2.Part(text="a" * (60 * MiB))])])
-    pid = front_door.process.pid
-    with grpc.insecure_channel(front_door.address, options=[("grpc.max_send_message_length", -1)],
-                               compression=grpc.Compression.Gzip) as channel:
-        stub = stub_of(channel)
-        with pytest.raises(grpc.RpcError):  # warm the connection and the refusal path
-            stub.Generate(vlm_pb2.GenerateRequest(model="pixtral"), timeout=30)
-        idle = resident_bytes(pid)
-        with PeakResident(pid) as memory, ThreadPoolExecutor(10) as pool:
-            calls = [pool.submit(stub.Generate.future(bomb, timeout=120).exception) for _ in range(10)]
-            errors = [call.result() for call in calls]
-    assert all(error.code() == grpc.StatusCode.UNAUTHENTICATED for error in errors), errors
-    grew = memory.peak - idle
+    idle, grew, codes = anonymous_flood(front_door.address, front_door.process.pid)
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 10, codes
     print(f"gateway resident memory: idle {idle / MiB:.0f} MiB, peak under the flood +{grew / MiB:.1f} MiB")
     assert grew < 100 * MiB, f"the gateway grew by {grew / MiB:.0f} MiB refusing calls without a key"
 
@@ -116,27 +72,6 @@ def test_empty_text_parts_are_refused(front_door):
     assert [field for field, _ in field_violations(refused.value)] == ["messages[0].parts[1].text"]
 
 
-def post_raw(address: str, body: bytes) -> tuple[int, dict, float]:
-    """POST a chat completion: (status, JSON body, seconds from the body's last byte to the
-    answer: the gateway's own time)."""
-    host, port = address.rsplit(":", 1)
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        connection.request("POST", "/v1/chat/completions", body=body, headers={
-            "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-        sent = time.monotonic()
-        response = connection.getresponse()
-        took = time.monotonic() - sent
-        return response.status, json.loads(response.read()), took
-    finally:
-        connection.close()
-
-
-def parts_flood(count: int) -> bytes:
-    return json.dumps({"model": "pixtral", "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]
-                                                         * count}]}).encode()
-
-
 @pytest.mark.parametrize("parts,status,param", [
     # 26 MB of structure and no image: refused unparsed.
     (1_000_000, 413, None),
@@ -158,7 +93,7 @@ def test_a_flood_of_parts_is_refused_at_once_over_http_without_stalling_others(f
 
     prober = threading.Thread(target=probe_health, daemon=True)
     prober.start()
-    answered, reply, took = post_raw(front_door.http_address, body)
+    answered, reply, took = post_chat(front_door.http_address, body, KEY)
     done.set()
     prober.join()
     health.close()
