@@ -35,6 +35,10 @@ PID_FILES = {"gateway": BUILD / "gateway.pid", "triton": BUILD / "triton.pid"}
 BENCH_PIDS = BUILD / "bench" / "pids"
 
 
+# What the local stack answers to a request that leaves max_tokens unset.
+LOCAL_DEFAULT_MAX_TOKENS = 256
+
+
 @dataclass
 class GatewayProcess:
     """`python -m gateway` as a child process in its own process group."""
@@ -151,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         address=os.environ.get("VLM_LISTEN_ADDRESS", "localhost:50051"),
         metrics_port=int(os.environ.get("VLM_METRICS_PORT", 9090)),
         http_address=os.environ.get("VLM_HTTP_ADDRESS", "localhost:8080"),
+        # The tiny random-weight models rarely end an answer: one left unbounded would run to the
+        # end of the context (minutes on a CPU). VLM_DEFAULT_MAX_TOKENS="" lifts the cap.
+        extra_env={"VLM_DEFAULT_MAX_TOKENS": os.environ.get("VLM_DEFAULT_MAX_TOKENS", str(LOCAL_DEFAULT_MAX_TOKENS))},
     )
     busy = busy_ports(triton.address, {"TRITON_HTTP_PORT": triton.http_port, "TRITON_GRPC_PORT": triton.grpc_port,
                                        "TRITON_METRICS_PORT": triton.metrics_port})
