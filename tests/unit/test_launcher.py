@@ -1,4 +1,5 @@
-"""The launcher (`make up/run/down`) never signals, waits on or wires up a process that is not its own."""
+"""The launcher (`make up/run/down`) never signals, waits on or wires up a process that is not its own,
+and its cleanup (and a benchmark's) runs to its end whatever signals arrive."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -111,15 +113,19 @@ def test_listens_on_sees_a_processs_own_listening_socket():
 
 
 
-# A server that takes a while to stop (as Triton finishing its requests and unloading), and one
-# whose process group holds a second process (as Triton and its Python-backend stubs).
-SLOW_TO_STOP = ("import signal, sys, time\n"
+# A server that takes a while to stop (as Triton finishing its requests and unloading; it marks the
+# file named by its argument when its stop begins), and one whose process group holds a second
+# process (as Triton and its Python-backend stubs). Each says "up" when it is.
+SLOW_TO_STOP = ("import pathlib, signal, sys, time\n"
                 "stopping = []\n"
-                "signal.signal(signal.SIGTERM, lambda *_: stopping.append(time.monotonic()))\n"
-                "while not stopping or time.monotonic() - stopping[0] < 1.5:\n"
-                "    time.sleep(0.05)\n")
+                "signal.signal(signal.SIGTERM, lambda *_: stopping.append(pathlib.Path(sys.argv[1]).touch()))\n"
+                "print('up', flush=True)\n"
+                "while not stopping:\n"
+                "    time.sleep(0.05)\n"
+                "time.sleep(1.5)\n")
 WITH_A_STUB = ("import subprocess, sys, time\n"
                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+               "print('up', flush=True)\n"
                "time.sleep(120)\n")
 
 
@@ -145,14 +151,21 @@ def server_group(code: str) -> subprocess.Popen:
     return process
 
 
-def run_signalled(script: str, signals: int) -> tuple[subprocess.CompletedProcess, list[int]]:
-    """Run `script` (its first stdout line: the pids of its servers, then "ready") in its own process
-    group; send SIGTERM to that group `signals` times, 0.3 s apart, as a supervisor and make would."""
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True, cwd=stack.REPO_ROOT)
+def run_signalled(script: str, signals: int, marker: Path,
+                  once_stopping: bool = False) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """Run `script` (its first stdout lines: the pids of its servers, then "ready"; its argument:
+    `marker`, for the slow server) in its own process group; send SIGTERM to that group `signals`
+    times, 0.3 s apart, as a supervisor and make would; `once_stopping`: only once that server's
+    stop has begun."""
+    process = subprocess.Popen([sys.executable, "-c", script, str(marker)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=stack.REPO_ROOT)
     try:
         pids = [int(pid) for pid in process.stdout.readline().split()]
         assert process.stdout.readline().strip() == "ready", process.communicate()
+        deadline = time.monotonic() + 30
+        while once_stopping and not marker.exists():
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.01)
         for _ in range(signals):
             os.killpg(process.pid, signal.SIGTERM)
             time.sleep(0.3)
@@ -171,18 +184,19 @@ def kill_groups(*pgids: int) -> None:
             pass
 
 
+# Both servers started and up, with the pids printed; signals then stop the program (its "ready" is
+# printed where the code under test runs).
 SERVERS = f"""
 import subprocess, sys, time
 from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
 from vlm_serving.deploy.triton_server import TritonServer
 gateway, triton = GatewayProcess(triton_url="unused"), TritonServer()
-quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-gateway.process = subprocess.Popen([sys.executable, "-c", {SLOW_TO_STOP!r}], **quiet)
-triton.process = subprocess.Popen([sys.executable, "-c", {WITH_A_STUB!r}], **quiet)
-time.sleep(1)  # the stub started
+started = dict(stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+gateway.process = subprocess.Popen([sys.executable, "-c", {SLOW_TO_STOP!r}, sys.argv[1]], **started)
+triton.process = subprocess.Popen([sys.executable, "-c", {WITH_A_STUB!r}], **started)
+assert [gateway.process.stdout.readline(), triton.process.stdout.readline()] == [b"up\\n", b"up\\n"]
 print(gateway.process.pid, triton.process.pid, flush=True)
 stop_on_signals()
-print("ready", flush=True)
 """
 
 
@@ -193,11 +207,12 @@ def assert_gone(*pgids: int) -> None:
     assert not [pid for pgid in pgids for pid in group_members(pgid)], "a server or its stub is still running"
 
 
-def test_a_second_signal_never_cuts_the_cleanup_short():
+def test_a_second_signal_never_cuts_the_cleanup_short(tmp_path):
     """The first SIGTERM stops the launcher; the next ones (make forwards the group's signal to its
     child, a supervisor may repeat it) arrive while the first server is stopping."""
     script = SERVERS + """
 try:
+    print("ready", flush=True)
     while True:
         time.sleep(0.1)
 except KeyboardInterrupt:
@@ -207,7 +222,7 @@ finally:
     triton.stop()
     print("stopped", flush=True)
 """
-    done, pids = run_signalled(script, signals=3)
+    done, pids = run_signalled(script, signals=3, marker=tmp_path / "stopping")
     try:
         assert_gone(*pids)
         assert done.stdout.splitlines()[-2:] == ["stopping", "stopped"] and "Traceback" not in done.stderr, done.stderr
@@ -215,18 +230,19 @@ finally:
         kill_groups(*pids)
 
 
-def test_signals_during_a_cleanup_wait_for_its_end():
+def test_signals_during_a_cleanup_wait_for_its_end(tmp_path):
     """A cleanup that began without a signal (a bench's last step, a failed start-up) runs to its end;
     the signals that came meanwhile then stop the program."""
     script = SERVERS + """
 from vlm_serving.deploy.triton_server import stop_all
+print("ready", flush=True)
 try:
     stop_all([gateway, triton])
     print("went on after the signals", flush=True)
 except KeyboardInterrupt:
     print("interrupted after the cleanup", flush=True)
 """
-    done, pids = run_signalled(script, signals=2)
+    done, pids = run_signalled(script, signals=2, marker=tmp_path / "stopping", once_stopping=True)
     try:
         assert_gone(*pids)
         assert done.stdout.splitlines()[-1] == "interrupted after the cleanup", done.stderr
