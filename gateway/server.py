@@ -71,10 +71,15 @@ class Gateway:
 
     async def stop(self, grace: float = 5.0) -> None:
         self.health_watcher.cancel()
-        await asyncio.gather(self.server.stop(grace), self.http.stop(grace) if self.http else asyncio.sleep(0))
-        if self.servicer.in_flight:
-            log.warning("grace period over: cancelled the requests left", extra={"fields": {
+        stopping = asyncio.gather(self.server.stop(grace), self.http.stop(grace) if self.http else asyncio.sleep(0))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.servicer.in_flight and loop.time() < deadline and not stopping.done():
+            await asyncio.sleep(0.05)
+        if self.servicer.in_flight:  # the servers cancel them now
+            log.warning("grace period over: cancelling the requests left", extra={"fields": {
                 "cancelled": self.servicer.in_flight}})
+        await stopping
         await self.backend.close()
         self.metrics_http.shutdown()
         self.metrics_http.server_close()
