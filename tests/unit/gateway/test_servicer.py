@@ -120,6 +120,26 @@ def test_generate_joins_the_chunks_and_reports_usage():
     run(test)
 
 
+def test_logprobs_come_back_over_grpc_whole_and_streamed():
+    def entry(text, logprob):
+        return {"token": text, "bytes": list(text.encode()), "logprob": logprob,
+                "top_logprobs": [{"token": text, "bytes": list(text.encode()), "logprob": logprob}]}
+
+    async def test(stub, backend, gw, channel):
+        backend.script = [ResponseChunk("Hel", [1], False, logprobs=[entry("Hel", -0.25)]),
+                          ResponseChunk("lo", [2], True, "stop", 3, 2, 0, -0.5, "1", [], logprobs=[entry("lo", -0.5)])]
+        asked = request()
+        asked.config.logprobs, asked.config.top_logprobs = True, 1
+        answer = await stub.Generate(asked, metadata=KEY)
+        assert [(t.token, t.bytes, t.logprob, [top.token for top in t.top_logprobs]) for t in answer.logprobs] == [
+            ("Hel", b"Hel", -0.25, ["Hel"]), ("lo", b"lo", -0.5, ["lo"])]
+        assert backend.calls[-1][3].logprobs and backend.calls[-1][3].top_logprobs == 1
+        streamed = [message async for message in stub.GenerateStream(asked, metadata=KEY)]
+        assert [[t.token for t in message.logprobs] for message in streamed] == [["Hel"], ["lo"]]
+
+    run(test)
+
+
 def task_request(task, *parts, model="qwen2.5-vl", **config):
     return vlm_pb2.GenerateRequest(model=model, task=task, config=vlm_pb2.GenerationConfig(**config), messages=[
         vlm_pb2.Message(role="user", parts=list(parts))])
