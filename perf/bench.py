@@ -241,6 +241,24 @@ def throughputs(pairs) -> str:
     return " ; ".join(f"{a.throughput:.1f}/{b.throughput:.1f}" for a, b in pairs) + " req/s"
 
 
+def rows_over_one_gateway(name: str, rows_of) -> None:
+    """A row script run alone: one Triton server and a gateway over it, `rows_of(gateway)` printed
+    as the table; every server stopped after (signals too)."""
+    stop_on_signals()
+    BENCH.mkdir(parents=True, exist_ok=True)
+    servers = []
+    try:
+        server = triton(name, servers)
+        gateway = GatewayProcess(triton_url=server.grpc_url, address=f"127.0.0.1:{free_port()}", metrics_port=free_port(),
+                                 log_path=BENCH / f"gateway_{name}.log", http_address=f"127.0.0.1:{free_port()}",
+                                 extra_env={"VLM_API_KEYS": KEY})
+        launch(gateway, servers)
+        gateway.wait_serving(60)
+        print_table(rows_of(gateway))
+    finally:
+        stop_all(reversed(servers))
+
+
 def print_table(rows) -> None:
     """Rows (key, measure, measured, ratio, goal, unit, failed) as the Markdown table RESULTS.md holds."""
     print("\n| # | measure | measured | ratio | goal |")

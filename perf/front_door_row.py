@@ -114,26 +114,11 @@ def rows(gateway, key: str) -> list[tuple]:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    from perf.bench import BENCH, KEY, free_port, launch, print_table, triton
-    from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
-    from vlm_serving.deploy.triton_server import stop_all
+def main() -> int:
+    from perf.bench import KEY, rows_over_one_gateway
 
-    stop_on_signals()
-    BENCH.mkdir(parents=True, exist_ok=True)
-    servers = []
-    try:
-        server = triton("front_door_row", servers)
-        gateway = GatewayProcess(triton_url=server.grpc_url, address=f"127.0.0.1:{free_port()}", metrics_port=free_port(),
-                                 log_path=BENCH / "gateway_front_door_row.log", http_address=f"127.0.0.1:{free_port()}",
-                                 extra_env={"VLM_API_KEYS": KEY})
-        launch(gateway, servers)
-        gateway.wait_serving(60)
-        print_table(rows(gateway, KEY))
-    finally:
-        stop_all(reversed(servers))
+    rows_over_one_gateway("front_door_row", lambda gateway: rows(gateway, KEY))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from perf.bench import BENCH, KEY, alternate, free_port, launch, load, print_table, progress, throughputs, triton
+from perf.bench import KEY, alternate, load, progress, rows_over_one_gateway, throughputs
 from perf.load import GatewayTarget, HttpTarget
 from perf.workload import workload
-from vlm_serving.deploy.stack import GatewayProcess, stop_on_signals
-from vlm_serving.deploy.triton_server import stop_all
+from vlm_serving.deploy.stack import GatewayProcess
 
 
 def row(gateway: GatewayProcess, images, requests: int) -> tuple:
@@ -29,21 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier)")
     args = parser.parse_args(argv)
-    stop_on_signals()
-    BENCH.mkdir(parents=True, exist_ok=True)
-    servers = []
-    try:
-        server = triton("http_row", servers)
-        gateway = GatewayProcess(triton_url=server.grpc_url, address=f"127.0.0.1:{free_port()}", metrics_port=free_port(),
-                                 log_path=BENCH / "gateway_http_row.log", http_address=f"127.0.0.1:{free_port()}",
-                                 extra_env={"VLM_API_KEYS": KEY})
-        launch(gateway, servers)
-        gateway.wait_serving(60)
-        print_table([row(gateway, workload(16), 32 if args.quick else 96)])
-    finally:
-        stop_all(reversed(servers))
+    rows_over_one_gateway("http_row", lambda gateway: [row(gateway, workload(16), 32 if args.quick else 96)])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
