@@ -71,14 +71,19 @@ class Gateway:
 
     async def stop(self, grace: float = 5.0) -> None:
         self.health_watcher.cancel()
-        stopping = asyncio.gather(self.server.stop(grace), self.http.stop(grace) if self.http else asyncio.sleep(0))
+        # The servers' own grace outlasts ours by a margin: the servicer ends what is left itself
+        # (UNAVAILABLE), so the servers never cancel a request they are answering.
+        margin = 5.0
+        stopping = asyncio.gather(self.server.stop(grace + margin),
+                                  self.http.stop(grace + margin) if self.http else asyncio.sleep(0))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.servicer.in_flight and loop.time() < deadline and not stopping.done():
+        while self.servicer.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if self.servicer.in_flight:  # the servers cancel them now
-            log.warning("grace period over: cancelling the requests left", extra={"fields": {
-                "cancelled": self.servicer.in_flight}})
+        if self.servicer.in_flight:
+            log.warning("grace period over: ending the requests left", extra={"fields": {
+                "ended": self.servicer.in_flight}})
+            self.servicer.end_remaining()
         await stopping
         await self.backend.close()
         self.metrics_http.shutdown()

@@ -46,7 +46,9 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         self.metrics = metrics
         # The public name of each family, for the answers model "auto" routes.
         self.public_names = {ensemble: name for name, ensemble in reversed(settings.models.items())}
-        self.in_flight = 0
+        # The requests being handled (their tasks), and how they end when a drain's grace ends.
+        self.running: set[asyncio.Task] = set()
+        self.ended: ApiError | None = None
 
     def _answering_model(self, requested: str, chunk) -> str:
         family = chunk.route.get("family")
@@ -127,21 +129,39 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         fail ends in the ApiError returned. `context` needs `time_remaining()` (seconds, or None)
         and `set_trailing_metadata(pairs)`; `deliver(chunk, call, outcome)` sends each chunk."""
         model = request.model if request.model in self.settings.models else "unknown"
-        self.in_flight += 1
+        task = asyncio.current_task()
+        self.running.add(task)
         try:
-            return await self._handle(request, context, model, method, stream, deliver)
+            return await self._handle(request, context, model, method, stream, deliver, task)
         finally:
-            self.in_flight -= 1
+            self.running.discard(task)
 
-    async def _handle(self, request, context, model: str, method: str, stream: bool, deliver) -> ApiError | None:
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
+
+    def end_remaining(self) -> None:
+        """At the end of a drain's grace: every request still running ends with UNAVAILABLE (its
+        generation row freed in Triton), never with gRPC's CANCELLED, which a caller may take for
+        a call that never ran (what gRPC answers to calls that race a server's shutdown)."""
+        self.ended = ApiError(grpc.StatusCode.UNAVAILABLE, "this gateway stopped (a drain's grace period ended) "
+                              "before the answer was complete; it may have run in part")
+        for task in self.running:
+            task.cancel()
+
+    async def _handle(self, request, context, model: str, method: str, stream: bool, deliver,
+                      task: asyncio.Task) -> ApiError | None:
         with self.metrics.track(model, method) as outcome:
             try:
                 error = await self._attempt(request, context, stream, deliver)
-            except asyncio.CancelledError:  # the caller went away, or its own deadline passed
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                outcome["code"] = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-                raise
+            except asyncio.CancelledError:  # the caller went away, its own deadline passed, or a drain ended
+                if self.ended is not None and task.uncancel() == 0:
+                    error = self.ended
+                else:
+                    remaining = context.time_remaining()
+                    expired = remaining is not None and remaining <= 0
+                    outcome["code"] = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                    raise
             if error is not None:
                 outcome["code"] = error.code
                 log.info("request refused", extra={"fields": {"model": model, "method": method,

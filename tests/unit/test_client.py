@@ -161,6 +161,19 @@ def test_a_refusal_that_did_no_work_is_retried_as_its_retry_info_asks():
         holder[0].stop(0)
 
 
+def test_a_call_that_raced_a_servers_shutdown_is_retried():
+    # gRPC answers CANCELLED to a call that arrives as a server shuts down, before any of it ran;
+    # the gateway itself never ends a call it ran with CANCELLED.
+    servicer = _Scripted([refused(grpc.StatusCode.CANCELLED), None])
+    address, holder = serving(servicer)
+    try:
+        with VLMClient(address, api_key="k", retries=3, backoff=0.01, timeout=5) as client:
+            assert client.generate("pixtral", "hi").text == "ok"
+        assert servicer.calls == 2
+    finally:
+        holder[0].stop(0)
+
+
 def test_a_stream_is_never_retried_after_its_first_message():
     servicer = _Scripted([refused(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.01)])
     address, holder = serving(servicer)

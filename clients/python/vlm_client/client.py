@@ -17,7 +17,11 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 from vlm_client.images import to_image
 
 # Retried by any call: only what provably did no work. The gateway marks such refusals (a full
-# queue, a model not loaded yet) with google.rpc.RetryInfo. Reads (ListModels) are also retried on
+# queue, a model not loaded yet) with google.rpc.RetryInfo. A CANCELLED the client did not cause is
+# one too: the gateway never ends a call it ran with CANCELLED (a drain ends the calls left with
+# UNAVAILABLE), while gRPC answers CANCELLED to a call that raced a server's shutdown before any of
+# it ran (grpc/grpc#41785): a drain's moment, retried on the connection to the next replica.
+# Reads (ListModels) are also retried on
 # UNAVAILABLE: running them twice is harmless. Every call first waits for a connection, at most
 # `connect_timeout` seconds, so a gateway that is starting is not mistaken for a failure, and one
 # that is down is reported within seconds (gRPC's own wait_for_ready would wait out the deadline).
@@ -153,6 +157,8 @@ class _Attempts:
         if isinstance(error, GatewayUnreachable):
             return None
         asked = retry_info_delay(error)
+        if asked is None and error.code() == grpc.StatusCode.CANCELLED:
+            asked = 0.0  # never caused here (a local cancel ends these loops otherwise): see the top
         if asked is None and not (self.idempotent and error.code() in IDEMPOTENT_RETRYABLE):
             return None
         delay = max(asked or 0.0, self.backoff * (2**self.attempt) * (0.5 + random.random() / 2))

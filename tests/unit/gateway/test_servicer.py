@@ -140,6 +140,34 @@ def test_logprobs_come_back_over_grpc_whole_and_streamed():
     run(test)
 
 
+def test_a_drain_ends_what_is_left_at_its_grace_with_unavailable_never_cancelled():
+    """gRPC answers CANCELLED to calls that race a server's shutdown before they ran (clients may
+    retry those); a call the gateway ran must never end with it."""
+    async def test(stub, backend, gw, channel):
+        closed = asyncio.Event()
+
+        async def endless(*args, **kwargs):
+            try:
+                yield ResponseChunk("Hel", [1], False)
+                await asyncio.sleep(60)
+            finally:
+                closed.set()  # where TritonBackend cancels the request in Triton
+
+        backend.generate = endless
+        call = stub.GenerateStream(request(), metadata=KEY)
+        assert (await call.read()).text == "Hel"
+        draining = asyncio.ensure_future(gw.drain(0.3))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "drain" in ended.value.details()
+        await asyncio.wait_for(closed.wait(), 5)
+        await draining
+        sample = gw.metrics.registry.get_sample_value
+        assert sample("vlm_requests_total", {"model": "pixtral", "method": "GenerateStream", "code": "UNAVAILABLE"}) == 1
+
+    run(test)
+
+
 def task_request(task, *parts, model="qwen2.5-vl", **config):
     return vlm_pb2.GenerateRequest(model=model, task=task, config=vlm_pb2.GenerationConfig(**config), messages=[
         vlm_pb2.Message(role="user", parts=list(parts))])
