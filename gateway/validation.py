@@ -263,7 +263,7 @@ def conversation(messages, settings: Settings, violations: list) -> tuple[list[d
         if message.role == "assistant":
             open_calls = set()
         if message.tool_calls:
-            entry["tool_calls"], chars = tool_calls(message, where, violations)
+            entry["tool_calls"], chars = tool_calls(message, where, violations, settings.max_prompt_chars)
             text_chars += chars
             open_calls = {call["id"] for call in entry["tool_calls"]}
         if message.role == "tool":
@@ -282,8 +282,9 @@ def conversation(messages, settings: Settings, violations: list) -> tuple[list[d
     return converted, images
 
 
-def tool_calls(message, where: str, violations: list) -> tuple[list[dict], int]:
-    """An assistant message's earlier calls as the preprocessor takes them, and their characters."""
+def tool_calls(message, where: str, violations: list, max_chars: int) -> tuple[list[dict], int]:
+    """An assistant message's earlier calls as the preprocessor takes them, and their characters
+    (arguments longer than the text budget are not parsed: the budget refuses them)."""
     if message.role != "assistant":
         violations.append((f"{where}.tool_calls", "only an assistant message carries tool calls"))
     if len(message.tool_calls) > tools.MAX_CALLS:
@@ -298,7 +299,7 @@ def tool_calls(message, where: str, violations: list) -> tuple[list[dict], int]:
         if not tools.CALL_ID.fullmatch(call.id):
             violations.append((f"{path}.id", "1 to 64 letters, digits, '_' or '-': the id the answer gave the call"))
         try:
-            arguments = json.loads(call.arguments)
+            arguments = json.loads(call.arguments) if len(call.arguments) <= max_chars else {}
         except json.JSONDecodeError:
             arguments = None
         if not isinstance(arguments, dict):
