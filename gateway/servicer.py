@@ -256,10 +256,10 @@ def result_message(result):
     """The proto of a task's typed result."""
     if isinstance(result, tasks.Detections):
         return vlm_pb2.Detections(detections=[vlm_pb2.Detection(label=d.label, box=_box(d.box), image_index=d.image)
-                                              for d in result.detections])
+                                              for d in result.detections], boxes_outside=result.boxes_outside)
     if isinstance(result, tasks.TextLines):
         return vlm_pb2.TextLines(lines=[vlm_pb2.TextLine(text=line.text, box=_box(line.box), image_index=line.image)
-                                        for line in result.lines])
+                                        for line in result.lines], boxes_outside=result.boxes_outside)
     if isinstance(result, tasks.Document):
         return vlm_pb2.Document(markdown=result.markdown)
     if isinstance(result, tasks.Table):
@@ -289,10 +289,11 @@ class Outcome:
             try:
                 geometry = [tasks.ImageGeometry(*stored_geometry(data), image["width"], image["height"])
                             for data, image in zip(images, chunk.images)]
-                outcome.result = tasks.parse(call.task, family, text, geometry)
+                outcome.result = tasks.parse(call.task, family, text, geometry, cut=cut)
+            except tasks.CutAnswer as exc:
+                outcome.error = str(exc)
             except (tasks.ParseError, tasks.TaskError) as exc:
-                outcome.error = (f"max_tokens cut the answer before its {call.task} result was complete (finish "
-                                 "reason LENGTH); raise max_tokens" if cut else f"the answer holds no {call.task} result: {exc}")
+                outcome.error = f"the answer holds no {call.task} result: {exc}"
         return outcome
 
     def write(self, message) -> None:

@@ -114,6 +114,15 @@ def sampling_params(config, stream: bool, default_max_tokens: int | None = None)
     )
 
 
+def default_max_tokens(task: str | None, settings: Settings) -> int | None:
+    """max_tokens for a request that leaves it unset: a task's own, sized for its answers
+    (tasks.DEFAULT_MAX_TOKENS), within the deployment's limit; without a task the deployment's
+    default (None: until the answer or the context ends)."""
+    if task:
+        return min(tasks.DEFAULT_MAX_TOKENS[task], settings.max_tokens_limit)
+    return settings.default_max_tokens
+
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -165,7 +174,8 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     image_parts = sum(1 for m in messages for c in m["content"] if c["type"] == "image")
     if image_parts > settings.max_images:
         violations.append(("messages", f"{image_parts} images is over the limit of {settings.max_images} per request"))
-    params = sampling_params(request.config, stream, settings.default_max_tokens)
+    task = TASKS.get(request.task)
+    params = sampling_params(request.config, stream, default_max_tokens(task, settings))
     violations += [(f"config.{name}", message) for name, message in params.violations(settings.max_tokens_limit)]
     if request.detail != vlm_pb2.IMAGE_DETAIL_UNSPECIFIED and request.detail not in DETAILS:
         violations.append(("detail", f"{request.detail} is not an ImageDetail value; use AUTO, LOW or HIGH"))
@@ -176,7 +186,6 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     if threshold is not None and not -100.0 <= threshold <= 0.0:
         violations.append(("routing.confidence_threshold",
                            f"{threshold:g} is out of range; a mean log-probability per token, -100 to 0"))
-    task = TASKS.get(request.task)
     if request.task and task is None:
         violations.append(("task", f"{request.task} is not a Task value; use one of {', '.join(TASK_NAMES)}"))
     if task:

@@ -9,7 +9,11 @@ Boxes: Qwen2.5-VL answers in absolute pixels of the image as the model saw it (i
 a 0-1000 scale of the image's width and height. `parse` maps every box back to the pixels of the
 image as it was sent: through the resize preprocessing applied and through its EXIF orientation
 (the file's stored pixel grid, what an image library shows before applying the orientation),
-clamped to the image.
+clamped to the image; a box with no area inside the image is dropped and counted.
+
+An answer that max_tokens cut (finish reason LENGTH) has no result, whatever the task: a part would
+pass for the whole (a caption mid-sentence, OCR without its last lines). Each task has its own
+default max_tokens (`DEFAULT_MAX_TOKENS`), sized so that its answers are rarely cut.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ STRUCTURED = (OCR, GROUNDING, CHART)
 # How each family states box coordinates: pixels of the image it saw, or per mille of its sides.
 BOX_UNITS = {"qwen2_5_vl": "pixels", "pixtral": "per_mille"}
 MAX_COORDINATE = 16384
+# max_tokens for a task's request that leaves it unset, sized from the answers: a caption or a
+# short answer takes tens of tokens; a grounding item (box and label) about 20, so ~50 objects fit
+# in 1,024; an OCR line (box and text) about 15 plus its text, so a dense page's 60 to 80 lines fit
+# in 2,048; a page as Markdown 1,000 to 2,000; a chart's table about 5 per cell, ~200 cells in
+# 1,024. At most half of a 4,096-token context (the tiny checkpoints'), so prompts of up to 2,048
+# tokens still fit beside them.
+DEFAULT_MAX_TOKENS = {CAPTION: 256, VQA: 256, OCR: 2048, DOCUMENT: 2048, GROUNDING: 1024, CHART: 1024}
 
 
 class TaskError(ValueError):
@@ -35,6 +46,10 @@ class TaskError(ValueError):
 
 class ParseError(ValueError):
     """An answer that holds no result of its task (the message says what was found instead)."""
+
+
+class CutAnswer(ParseError):
+    """An answer max_tokens ended before it was whole: it holds no result (the message says so)."""
 
 
 # ----- results -----
@@ -66,11 +81,15 @@ class TextLine:
 @dataclass
 class Detections:
     detections: list[Detection] = field(default_factory=list)
+    # Boxes with no area inside their image: their detections are dropped.
+    boxes_outside: int = 0
 
 
 @dataclass
 class TextLines:
     lines: list[TextLine] = field(default_factory=list)
+    # Boxes with no area inside their image: their lines keep no box.
+    boxes_outside: int = 0
 
 
 @dataclass
@@ -214,26 +233,29 @@ _FENCE = re.compile(r"```[a-zA-Z]*\n?(.*?)```", re.S)
 
 
 def find_json(text: str):
-    """The first JSON object or array in `text`: whole, inside a code fence, or amid prose."""
-    candidates = [match.group(1) for match in _FENCE.finditer(text)] + [text]
-    decoder = json.JSONDecoder()
-    for candidate in candidates:
-        for start, char in enumerate(candidate):
-            if char in "[{":
-                try:
-                    value, _ = decoder.raw_decode(candidate, start)
-                    return value
-                except json.JSONDecodeError:
-                    continue
-    raise ParseError(f"no JSON object or array in the answer ({_preview(text)})")
+    """The JSON object or array the answer holds: in its first code fence, or the value that its
+    first `[` or `{` opens (prose around it is left). A value that does not close is an error, never
+    a whole item found inside it: that would drop every item after it without a word."""
+    fenced = _FENCE.search(text)
+    body = fenced.group(1) if fenced else text
+    start = next((i for i, char in enumerate(body) if char in "[{"), None)
+    if start is None:
+        raise ParseError(f"no JSON object or array in the answer ({_preview(text)})")
+    try:
+        value, _ = json.JSONDecoder().raw_decode(body, start)
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"its JSON is not whole ({exc.msg} at character {exc.pos} of {len(body)}): "
+                         f"{_preview(body[start:])}") from None
+    return value
 
 
 def _preview(text: str) -> str:
     return repr(text[:80] + ("..." if len(text) > 80 else ""))
 
 
-def to_original(coordinates: list[float], family: str, geometry: ImageGeometry) -> Box:
-    """A box the model gave (its units, the image as it saw it) in pixels of the image as sent."""
+def to_original(coordinates: list[float], family: str, geometry: ImageGeometry) -> Box | None:
+    """A box the model gave (its units, the image as it saw it) in pixels of the image as sent,
+    clamped to the image; None when no area of it lies inside the image."""
     x1, y1, x2, y2 = (float(value) for value in coordinates)
     quarter = geometry.orientation in (5, 6, 7, 8)
     upright_w, upright_h = ((geometry.stored_height, geometry.stored_width) if quarter
@@ -244,6 +266,8 @@ def to_original(coordinates: list[float], family: str, geometry: ImageGeometry) 
         scale_x, scale_y = upright_w / 1000, upright_h / 1000
     xs = [min(max(x * scale_x, 0.0), upright_w) for x in (x1, x2)]
     ys = [min(max(y * scale_y, 0.0), upright_h) for y in (y1, y2)]
+    if xs[0] == xs[1] or ys[0] == ys[1]:
+        return None
     corners = [_stored_point(x, y, geometry) for x in xs for y in ys]
     return Box(min(c[0] for c in corners), min(c[1] for c in corners),
                max(c[0] for c in corners), max(c[1] for c in corners))
@@ -281,8 +305,13 @@ def _coordinates(item: dict) -> list[float] | None:
     return None
 
 
-def parse(task: str, family: str, text: str, images: list[ImageGeometry]):
-    """The typed result of `task` in `text`; ParseError when the answer holds none."""
+def parse(task: str, family: str, text: str, images: list[ImageGeometry], cut: bool = False):
+    """The typed result of `task` in `text`; ParseError when the answer holds none. `cut`: max_tokens
+    ended the answer (finish reason LENGTH), which then holds no result (CutAnswer)."""
+    if cut:
+        raise CutAnswer(f"max_tokens cut the answer before its {task} result was complete (finish reason "
+                        f"LENGTH); no result is given for a part of one: raise max_tokens (unset: {task}'s "
+                        f"default, {DEFAULT_MAX_TOKENS.get(task)})")
     if task == CAPTION:
         return Caption(text.strip())
     if task == VQA:
@@ -291,25 +320,31 @@ def parse(task: str, family: str, text: str, images: list[ImageGeometry]):
         fenced = _FENCE.search(text)
         return Document((fenced.group(1) if fenced else text).strip())
     if task == GROUNDING:
-        detections = []
+        result = Detections()
         for item in _boxed_items(find_json(text), "bbox_2d"):
             coordinates, label = _coordinates(item), item.get("label")
             if coordinates is None or not isinstance(label, str):
                 continue  # an item without a box or label is skipped, not guessed
             index = _image_index(item, len(images))
-            detections.append(Detection(label, to_original(coordinates, family, images[index]), index))
-        return Detections(detections)
+            box = to_original(coordinates, family, images[index])
+            if box is None:
+                result.boxes_outside += 1
+            else:
+                result.detections.append(Detection(label, box, index))
+        return result
     if task == OCR:
-        lines = []
+        result = TextLines()
         for item in _boxed_items(find_json(text), "text_content"):
             content = item.get("text_content", item.get("text"))
             if not isinstance(content, str):
                 continue
             index = _image_index(item, len(images))
-            coordinates = _coordinates(item)
-            box = None if coordinates is None or not images else to_original(coordinates, family, images[index])
-            lines.append(TextLine(content, box, index))
-        return TextLines(lines)
+            coordinates, box = _coordinates(item), None
+            if coordinates is not None and images:
+                box = to_original(coordinates, family, images[index])
+                result.boxes_outside += box is None  # the line stays, without its box
+            result.lines.append(TextLine(content, box, index))
+        return result
     if task == CHART:
         try:
             value = find_json(text)

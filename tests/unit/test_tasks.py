@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import jsonschema
 import numpy as np
@@ -151,3 +152,69 @@ def test_each_family_gets_its_own_conventions_in_the_prompt():
     assert messages[0]["content"][1]["text"] == "red cars", "the caller's messages are not changed"
     with pytest.raises(tasks.TaskError, match="needs a question"):
         tasks.apply_task([{"role": "user", "content": [{"type": "image"}]}], tasks.VQA, "pixtral")
+
+
+# Whole answers of every task, each as the family writes it (Qwen2.5-VL in pixels of the image it saw,
+# Pixtral per mille), and where max_tokens could cut each of them: after its second item or mid-sentence.
+WHOLE = {
+    tasks.CAPTION: "A cat sleeps on a red sofa next to a window.",
+    tasks.VQA: "Two cats.",
+    tasks.DOCUMENT: "# Invoice 42\n\n| item | price |\n|---|---|\n| tea | 3.50 |\n| cake | 4.00 |",
+    tasks.GROUNDING: '[{"bbox_2d": [10, 20, 110, 220], "label": "cat"}, {"bbox_2d": [0, 0, 300, 200], "label": "sofa"}, '
+                     '{"bbox_2d": [200, 10, 310, 90], "label": "window"}]',
+    tasks.OCR: '[{"bbox_2d": [0, 0, 160, 12], "text_content": "INVOICE 42"}, {"bbox_2d": [0, 20, 90, 32], '
+               '"text_content": "tea 3.50"}, {"bbox_2d": [0, 40, 90, 52], "text_content": "cake 4.00"}]',
+    tasks.CHART: '{"header": ["year", "sales"], "rows": [["2023", "5"], ["2024", "7"], ["2025", "9"]]}',
+}
+
+
+def cut_after_second_item(answer: str) -> str:
+    """The answer as max_tokens (or a stop sequence) leaves it: its third item begun, not ended."""
+    third = answer.index("{", answer.index("}", answer.index("}") + 1))
+    return answer[: third + 12]
+
+
+@pytest.mark.parametrize("family", sorted(tasks.BOX_UNITS))
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_an_answer_max_tokens_cut_has_no_result_and_says_so(task, family):
+    """Whatever the task, a cut answer gives no result: a part would pass for the whole."""
+    assert tasks.parse(task, family, WHOLE[task], ONE) is not None or task == tasks.VQA
+    for text in (WHOLE[task], WHOLE[task][: len(WHOLE[task]) * 2 // 3]):
+        with pytest.raises(tasks.CutAnswer, match=f"max_tokens cut the answer before its {task} result was "
+                                                  r"complete \(finish reason LENGTH\)") as cut:
+            tasks.parse(task, family, text, ONE, cut=True)
+        assert f"{task}'s default, {tasks.DEFAULT_MAX_TOKENS[task]}" in str(cut.value)
+
+
+@pytest.mark.parametrize("family", sorted(tasks.BOX_UNITS))
+@pytest.mark.parametrize("task", [tasks.GROUNDING, tasks.OCR])
+def test_json_broken_off_after_its_second_item_is_no_result_never_the_first_item(task, family):
+    """An answer whose JSON does not close (cut by a stop sequence, or by max_tokens when the caller
+    does not say) is an error naming that, not the first whole item found inside it."""
+    text = cut_after_second_item(WHOLE[task])
+    with pytest.raises(ParseError, match="its JSON is not whole"):
+        tasks.parse(task, family, text, ONE)
+    with pytest.raises(ParseError, match="its JSON is not whole"):
+        tasks.parse(task, family, f"```json\n{text}", ONE)  # cut inside Qwen2.5-VL's code fence
+
+
+def test_a_chart_broken_off_is_no_table():
+    with pytest.raises(ParseError):
+        tasks.parse(tasks.CHART, "qwen2_5_vl", WHOLE[tasks.CHART][:-14], ONE)
+
+
+@pytest.mark.parametrize("family, outside", [
+    ("qwen2_5_vl", [[330, 250, 400, 300], [10, 300, 50, 320], [20, 20, 20, 60]]),  # served 320x240
+    ("pixtral", [[1001, 0, 1200, 500], [0, 1000, 500, 1100], [300, 300, 500, 300]]),
+])
+def test_boxes_outside_the_image_are_dropped_and_counted(family, outside):
+    """Beyond the image's right or bottom edge, or with no area: no zero-area box comes back."""
+    inside = [0, 0, 100, 100]
+    items = [{"bbox_2d": box, "label": f"thing {i}"} for i, box in enumerate([inside, *outside])]
+    result = tasks.parse(tasks.GROUNDING, family, json.dumps(items), ONE)
+    assert [d.label for d in result.detections] == ["thing 0"] and result.boxes_outside == 3
+    lines = [{"bbox_2d": box, "text_content": f"line {i}"} for i, box in enumerate([inside, *outside])]
+    result = tasks.parse(tasks.OCR, family, json.dumps(lines), ONE)
+    assert [line.text for line in result.lines] == ["line 0", "line 1", "line 2", "line 3"]
+    assert result.lines[0].box is not None and all(line.box is None for line in result.lines[1:])
+    assert result.boxes_outside == 3

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import encode, picture
 from tests.unit.gateway.test_servicer import run
+from vlm_serving import tasks
 from vlm_serving.ensemble_client import ResponseChunk
 
 PNG = encode(picture(32, 24))
@@ -200,6 +201,31 @@ def test_unset_max_tokens_and_vllms_extra_sampling_fields_reach_the_engine():
         assert params.max_tokens is None  # until the answer or the context ends, not 64
         assert (params.top_k, params.presence_penalty, params.frequency_penalty) == (5, 0.5, -0.25)
         assert params.repetition_penalty == pytest.approx(1.1)
+
+    run(test)
+
+
+def test_a_task_over_http_has_its_default_max_tokens_and_a_cut_answer_no_result():
+    """As over gRPC: the task's own max_tokens when the body sets none; a cut answer says so in
+    vlm.result_error, with no vlm.result; boxes outside the image are counted in the result."""
+    async def test(stub, backend, gw, channel):
+        whole = '[{"bbox_2d": [1, 2, 10, 12], "label": "cat"}, {"bbox_2d": [40, 30, 50, 40], "label": "ghost"}]'
+        backend.script = [ResponseChunk(whole, [1], True, "stop", 12, 2, 4, -0.5, "1", IMAGES)]
+        answer = await sdk(gw).chat.completions.create(model="qwen2.5-vl", messages=ask("cats"),
+                                                       extra_body={"vlm": {"task": "grounding"}})
+        assert backend.calls[-1][3].max_tokens == tasks.DEFAULT_MAX_TOKENS["grounding"]
+        assert answer.model_extra["vlm"]["result"] == {"detections": {
+            "detections": [{"label": "cat", "box": {"x_min": 1, "y_min": 2, "x_max": 10, "y_max": 12}}],
+            "boxes_outside": 1}}
+        backend.script = [ResponseChunk(whole, [1], True, "length", 12, 2, 4, -0.5, "1", IMAGES)]
+        for stream in (False, True):
+            answer = await sdk(gw).chat.completions.create(model="qwen2.5-vl", messages=ask("cats"), max_tokens=2,
+                                                           stream=stream, extra_body={"vlm": {"task": "grounding"}})
+            final = [chunk async for chunk in answer][-1] if stream else answer
+            assert final.choices[0].finish_reason == "length" and "result" not in final.model_extra["vlm"]
+            assert final.model_extra["vlm"]["result_error"].startswith(
+                "max_tokens cut the answer before its grounding result was complete")
+        assert backend.calls[-1][3].max_tokens == 2
 
     run(test)
 

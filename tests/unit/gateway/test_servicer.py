@@ -19,6 +19,7 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 from gateway import server as gateway_server
 from gateway.errors import field_violations
 from gateway.settings import Settings
+from vlm_serving import tasks
 from vlm_serving.pipelines import pipeline
 from tests.conftest import encode, http_host, picture, serving_file
 from vlm_serving.ensemble_client import ResponseChunk
@@ -195,6 +196,79 @@ def test_a_task_sets_its_format_and_answers_with_boxes_in_the_sent_images_pixels
         cut = await stub.Generate(task_request(vlm_pb2.TASK_GROUNDING, vlm_pb2.Part(image=vlm_pb2.Image(data=png))),
                                   metadata=KEY)
         assert cut.WhichOneof("result") is None and "max_tokens cut the answer" in cut.result_error
+
+    run(test)
+
+
+# Whole answers of every task in each family's units for TASK_PNG (Qwen2.5-VL: pixels of the 320x240
+# it saw; Pixtral: per mille), each with its result.
+TASK_PNG = encode(picture(640, 480))
+TASK_IMAGES = [{"kind": "photo", "width": 320, "height": 240}]
+WHOLE_ANSWERS = {
+    "caption": ("A cat on a sofa.", "caption"),
+    "vqa": ("Two cats.", None),
+    "ocr": ('[{"bbox_2d": [0, 0, 160, 12], "text_content": "INVOICE 42"}, '
+            '{"bbox_2d": [0, 20, 90, 32], "text_content": "tea 3.50"}]', "text_lines"),
+    "document": ("# Invoice 42\n\n| item | price |\n|---|---|\n| tea | 3.50 |", "document"),
+    "grounding": ('[{"bbox_2d": [10, 20, 110, 220], "label": "cat"}, {"bbox_2d": [0, 0, 300, 200], "label": "sofa"}]',
+                  "detections"),
+    "chart": ('{"header": ["year", "sales"], "rows": [["2023", "5"]]}', "table"),
+}
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "pixtral"])
+@pytest.mark.parametrize("task", sorted(WHOLE_ANSWERS))
+def test_a_task_answer_max_tokens_cut_has_no_result_and_its_error_names_the_cut(task, model):
+    """Whole text cut by max_tokens (the JSON happens to close, the caption reads as a sentence) is
+    still cut: no result, unary and streamed, and result_error says why."""
+    text, result = WHOLE_ANSWERS[task]
+
+    async def test(stub, backend, gw, channel):
+        ask = task_request(vlm_pb2.Task.Value(f"TASK_{task.upper()}"), vlm_pb2.Part(image=vlm_pb2.Image(data=TASK_PNG)),
+                           vlm_pb2.Part(text="what is it?"), model=model)
+        backend.script = [ResponseChunk(text, [1], True, "stop", 12, 2, 4, -0.5, "1", TASK_IMAGES)]
+        whole = await stub.Generate(ask, metadata=KEY)
+        assert whole.WhichOneof("result") == result and not whole.result_error, whole.result_error
+        backend.script = [ResponseChunk(text[:-1], [1], False),
+                          ResponseChunk(text[-1:], [2], True, "length", 12, 2, 4, -0.5, "1", TASK_IMAGES)]
+        for answer in (await stub.Generate(ask, metadata=KEY),
+                       [m async for m in stub.GenerateStream(ask, metadata=KEY)][-1]):
+            assert answer.finish_reason == vlm_pb2.FINISH_REASON_LENGTH and answer.WhichOneof("result") is None
+            assert answer.result_error.startswith(f"max_tokens cut the answer before its {task} result was complete")
+
+    run(test)
+
+
+def test_each_task_has_its_own_default_max_tokens_the_callers_value_and_the_limit_win():
+    async def test(stub, backend, gw, channel):
+        image = vlm_pb2.Part(image=vlm_pb2.Image(data=TASK_PNG))
+        backend.script = [ResponseChunk("A cat.", [1], True, "stop", 12, 2, 4, -0.5, "1", TASK_IMAGES)]
+        for task in WHOLE_ANSWERS:
+            await stub.Generate(task_request(vlm_pb2.Task.Value(f"TASK_{task.upper()}"), image,
+                                             vlm_pb2.Part(text="what?")), metadata=KEY)
+            assert backend.calls[-1][3].max_tokens == tasks.DEFAULT_MAX_TOKENS[task]
+        await stub.Generate(task_request(vlm_pb2.TASK_OCR, image, max_tokens=9), metadata=KEY)
+        assert backend.calls[-1][3].max_tokens == 9
+        await stub.Generate(request(), metadata=KEY)
+        assert backend.calls[-1][3].max_tokens == 100  # no task: the deployment's default
+
+    async def within_the_limit(stub, backend, gw, channel):
+        await stub.Generate(task_request(vlm_pb2.TASK_OCR, vlm_pb2.Part(image=vlm_pb2.Image(data=TASK_PNG))),
+                            metadata=KEY)
+        assert backend.calls[-1][3].max_tokens == 1500  # OCR's 2048, within the deployment's limit
+
+    run(test, default_max_tokens=100)
+    run(within_the_limit, max_tokens_limit=1500)
+
+
+def test_boxes_outside_the_image_are_dropped_and_counted_in_the_answer():
+    async def test(stub, backend, gw, channel):
+        backend.script = [ResponseChunk('[{"bbox_2d": [10, 20, 110, 220], "label": "cat"}, '
+                                        '{"bbox_2d": [330, 250, 400, 300], "label": "ghost"}]',
+                                        [1], True, "stop", 12, 2, 4, -0.5, "1", TASK_IMAGES)]
+        answer = await stub.Generate(task_request(vlm_pb2.TASK_GROUNDING, vlm_pb2.Part(image=vlm_pb2.Image(
+            data=TASK_PNG))), metadata=KEY)
+        assert [d.label for d in answer.detections.detections] == ["cat"] and answer.detections.boxes_outside == 1
 
     run(test)
 
