@@ -31,7 +31,8 @@ log = logging.getLogger("gateway")
 IMAGE_KINDS = {"photo": vlm_pb2.IMAGE_KIND_PHOTO, "document": vlm_pb2.IMAGE_KIND_DOCUMENT,
                "diagram": vlm_pb2.IMAGE_KIND_DIAGRAM}
 ROUTE_REASONS = {"image_kind": vlm_pb2.ROUTE_REASON_IMAGE_KIND, "low_confidence": vlm_pb2.ROUTE_REASON_LOW_CONFIDENCE,
-                 "default": vlm_pb2.ROUTE_REASON_DEFAULT}
+                 "default": vlm_pb2.ROUTE_REASON_DEFAULT, "fallback_failed": vlm_pb2.ROUTE_REASON_FALLBACK_FAILED,
+                 "specialist_failed": vlm_pb2.ROUTE_REASON_SPECIALIST_FAILED}
 FINISH_REASONS = {
     "stop": vlm_pb2.FINISH_REASON_STOP,
     "length": vlm_pb2.FINISH_REASON_LENGTH,
@@ -66,9 +67,11 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         message.confidence = chunk.confidence
         message.model_version = chunk.model_version
         if chunk.route:
+            # An attempt's "error" is new in ROUTE_INFO: a router not yet upgraded sends none.
             attempts = [vlm_pb2.RouteAttempt(model=self.public_names.get(a["family"], a["family"]),
                                              model_version=a["model_version"], confidence=a["confidence"],
-                                             completion_tokens=a["completion_tokens"]) for a in chunk.route["attempts"]]
+                                             completion_tokens=a["completion_tokens"], error=a.get("error", ""))
+                        for a in chunk.route["attempts"]]
             reason = ROUTE_REASONS[chunk.route["reason"]]
         else:
             attempts = [vlm_pb2.RouteAttempt(model=message.model, model_version=chunk.model_version,

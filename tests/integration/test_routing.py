@@ -1,19 +1,23 @@
 """Model `auto` on the real stack: routing by image kind, the confidence fallback, streams,
-cancellation, and the same text as calling the chosen model directly."""
+cancellation, Qwen's answer when Pixtral's call fails, and the same text as calling the chosen
+model directly."""
 
 from __future__ import annotations
 
 import io
 import time
+import urllib.request
 
 import grpc
 import pytest
+import tritonclient.grpc as triton_grpc
 from vlm.v1 import vlm_pb2
 
 from tests.conftest import encode, picture
-from tests.integration.conftest import KEY
+from tests.integration.conftest import KEY, make_repository, start_gateway, start_server
 from vlm_client import VLMClient, build_request
 from vlm_serving.ensemble_client import generate, user_message
+from vlm_serving.pipelines import pipeline
 
 pytestmark = pytest.mark.integration
 PHOTO = encode(picture(320, 240, seed=5))  # random pixels: a photo's statistics
@@ -175,7 +179,6 @@ def test_a_routed_request_past_its_deadline_is_deadline_exceeded_and_frees_qwens
 
 def test_metrics_count_routes_by_reason_and_images_by_kind(client, gateway):
     import re
-    import urllib.request
 
     def counts() -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5).read().decode()
@@ -194,3 +197,78 @@ def test_metrics_count_routes_by_reason_and_images_by_kind(client, gateway):
     assert grew('vlm_routed_requests_total{reason="low_confidence"}') == 1
     assert grew('vlm_images_total{kind="diagram",model="auto"}') == 1
     assert grew('vlm_images_total{kind="photo",model="auto"}') == 1
+
+
+@pytest.fixture(scope="module")
+def failing_pixtral(tmp_path_factory, checkpoints):
+    """A stack of its own whose Pixtral refuses every request: its generation step's key/value-cache
+    budget is cut to 16 token slots (what a request meets that fits Qwen2.5-VL's limits but not
+    Pixtral's), while Pixtral stays loaded and ready, so the gateway routes to `auto` as usual."""
+    root = tmp_path_factory.mktemp("failing-pixtral")
+    repository = make_repository(root / "model_repository", checkpoints)
+    config = repository / "pixtral_generate" / "config.pbtxt"
+    budget = '"cache_tokens" value: { string_value: "65536" }'
+    assert budget in config.read_text()
+    config.write_text(config.read_text().replace(budget, '"cache_tokens" value: { string_value: "16" }'))
+    triton = start_server(repository, load_models=(*pipeline("auto"), "cancel"))
+    try:
+        gateway = start_gateway(triton.grpc_url, root)
+    except BaseException:
+        triton.stop()
+        raise
+    yield triton, gateway
+    gateway.stop()
+    triton.stop()
+
+
+# (image, threshold, reason, the attempts' models in order): a doubtful Qwen answer whose fallback
+# fails, and a chart that Pixtral would answer.
+PIXTRAL_FAILS = [(PHOTO, 0.0, vlm_pb2.ROUTE_REASON_FALLBACK_FAILED, ["qwen2.5-vl", "pixtral"]),
+                 (CHART, None, vlm_pb2.ROUTE_REASON_SPECIALIST_FAILED, ["pixtral", "qwen2.5-vl"])]
+
+
+def test_when_pixtral_fails_qwen_answers_and_the_route_says_why(failing_pixtral):
+    _, gateway = failing_pixtral
+    with VLMClient(gateway.address, api_key=KEY, timeout=120) as client:
+        for image, threshold, reason, models in PIXTRAL_FAILS:
+            qwen = client.generate("qwen2.5-vl", PROMPT, [image], max_tokens=12).text
+            answer = routed(client, image, threshold=threshold)
+            streamed = routed(client, image, stream=True, threshold=threshold)
+            for final in (answer, streamed[-1]):
+                assert (final.model, final.route.reason, attempts(final)) == ("qwen2.5-vl", reason, models)
+                errors = {attempt.model: attempt.error for attempt in final.route.attempts}
+                assert errors["qwen2.5-vl"] == "" and "key/value-cache budget of 16 tokens" in errors["pixtral"]
+            assert answer.text == qwen and "".join(m.text for m in streamed) == qwen
+            assert {m.model for m in streamed} == {"qwen2.5-vl"}
+            # A held answer (the fallback was possible) comes whole; a chart's answer streams from Qwen.
+            assert len(streamed) == 1 if reason == vlm_pb2.ROUTE_REASON_FALLBACK_FAILED else len(streamed) > 1
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5).read().decode()
+    for reason in ("fallback_failed", "specialist_failed"):
+        assert f'vlm_routed_requests_total{{reason="{reason}"}} 2.0' in metrics
+
+
+def test_with_pixtral_unloaded_auto_answers_triton_callers_with_qwen(failing_pixtral):
+    """Pixtral's ensemble unloaded (a refusal that did no work); Triton's callers reach `auto` directly
+    (the gateway stops routing to a model whose pipeline is not all ready)."""
+    triton, _ = failing_pixtral
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    client.unload_model("pixtral")
+    try:
+        deadline = time.monotonic() + 30
+        while any(m.name == "pixtral" and m.state == "READY" for m in client.get_model_repository_index().models):
+            assert time.monotonic() < deadline, "pixtral did not unload within 30 s"
+            time.sleep(0.2)
+        for image, threshold, reason, models in PIXTRAL_FAILS:
+            for stream in (False, True):
+                result = generate(triton.grpc_url, "auto", user_message(PROMPT, 1), [image], max_tokens=6,
+                                  confidence_threshold=threshold, stream=stream)
+                expected = vlm_pb2.RouteReason.Name(reason).removeprefix("ROUTE_REASON_").lower()
+                assert (result.route["family"], result.route["reason"]) == ("qwen2_5_vl", expected)
+                assert [a["family"] for a in result.route["attempts"]] == [
+                    {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral"}[model] for model in models]
+                errors = {a["family"]: a["error"] for a in result.route["attempts"]}
+                assert errors["qwen2_5_vl"] == "" and "Model 'pixtral' is not ready" in errors["pixtral"]
+                qwen = generate(triton.grpc_url, "qwen2_5_vl", user_message(PROMPT, 1), [image], max_tokens=6)
+                assert result.text == qwen.text and result.completion_tokens == 6
+    finally:
+        client.load_model("pixtral")

@@ -376,6 +376,30 @@ def test_auto_gets_its_routing_options_other_models_refuse_them_and_answers_name
     run(test)
 
 
+@pytest.mark.parametrize("reason,expected,attempts,answering", [
+    ("fallback_failed", vlm_pb2.ROUTE_REASON_FALLBACK_FAILED,
+     [("qwen2_5_vl", "1", ""), ("pixtral", "", "Exceeds maximum queue size: 64 requests already wait")], "qwen2_5_vl"),
+    ("specialist_failed", vlm_pb2.ROUTE_REASON_SPECIALIST_FAILED,
+     [("pixtral", "", "Request for unknown model: 'pixtral' is not found"), ("qwen2_5_vl", "1", "")], "qwen2_5_vl"),
+])
+def test_a_route_whose_pixtral_call_failed_says_so_with_the_failed_attempts_error(reason, expected, attempts, answering):
+    async def test(stub, backend, gw, channel):
+        route = {"family": answering, "reason": reason, "attempts": [
+            {"family": family, "model_version": version, "confidence": -2.0 if version else 0.0,
+             "completion_tokens": 2 if version else 0, "error": error} for family, version, error in attempts]}
+        backend.script = [ResponseChunk("Hel", [1], False, route={"family": answering}),
+                          ResponseChunk("lo", [2], True, "length", 12, 2, 4, -2.0, "1", [], route)]
+        answer = await stub.Generate(request(model="auto"), metadata=KEY)
+        streamed = [m async for m in stub.GenerateStream(request(model="auto"), metadata=KEY)]
+        for final in (answer, streamed[-1]):
+            assert final.model == "qwen2.5-vl" and final.route.reason == expected
+            assert [(a.model, a.model_version, a.error) for a in final.route.attempts] == [
+                ({"qwen2_5_vl": "qwen2.5-vl", "pixtral": "pixtral"}[family], version, error)
+                for family, version, error in attempts]
+
+    run(test)
+
+
 def test_detail_reaches_the_backend_and_an_unknown_value_is_refused():
     async def test(stub, backend, gw, channel):
         for detail, expected in ((vlm_pb2.IMAGE_DETAIL_UNSPECIFIED, None), (vlm_pb2.IMAGE_DETAIL_HIGH, "high"),
