@@ -85,9 +85,12 @@ def test_ensemble_wires_preprocess_embed_generate(family):
     produced = set(preprocess.output_map.values()) | set(embed.output_map.values())
     consumed = {v for step in (embed, generate) for v in step.input_map.values() if v.startswith("_")}
     assert consumed == produced, "every internal tensor is produced once and used"
-    # The embed step takes exactly the encoder's inputs, and each step's declared inputs are mapped.
+    # The embed step takes exactly the encoder's inputs and the REQUEST_ID, and each step's declared inputs are mapped.
     encoder = configs[f"{family}_encoder"]
-    assert set(embed.input_map) == {i.name for i in encoder.input} == {i.name for i in configs[f"{family}_embed"].input}
+    assert set(embed.input_map) == {i.name for i in encoder.input} | {"REQUEST_ID"} == {
+        i.name for i in configs[f"{family}_embed"].input}
+    # Every step reads the cancellation board by the request's id (its caller may have gone).
+    assert preprocess.input_map["REQUEST_ID"] == embed.input_map["REQUEST_ID"] == generate.input_map["REQUEST_ID"]
     assert set(generate.input_map) >= {i.name for i in configs[f"{family}_generate"].input if not i.optional}
     assert "_IMAGE_EMBEDS" in generate.input_map.values()
     assert {o.name for o in ensemble.output} == set(generate.output_map.values())

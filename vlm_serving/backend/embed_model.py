@@ -1,12 +1,14 @@
 """Triton adapter for `vlm_serving.encoding.encoder.embed_batch`: each request's image embeddings, from the
 cache or from the family's encoder model (a BLS call per request with unseen images, all in
-flight together so that the encoder's dynamic batcher joins them)."""
+flight together so that the encoder's dynamic batcher joins them). A request whose caller has gone
+(REQUEST_ID on the cancellation board) is answered with an error at once, its images never encoded."""
 
 from __future__ import annotations
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlm_serving.backend.cancel_model import AbandonedRequests
 from vlm_serving.backend.common import error_response, image_tensors, model_parameters, read_images
 from vlm_serving.encoding.encoder import EmbeddingCache, EncoderChanges, embed_batch
 from vlm_serving.encoding.encoder_inputs import split_per_image
@@ -29,6 +31,7 @@ class TritonPythonModel:
         self.evictions = self._metric("vlm_encoder_cache_evictions_total", "Embeddings evicted to stay within the cache size")
         self.cached_bytes = self._metric("vlm_encoder_cache_bytes", "Bytes of image embeddings in the cache", gauge=True)
         self.counted = (0, 0, 0)
+        self.abandoned = AbandonedRequests(args)
 
     def _metric(self, name: str, description: str, gauge: bool = False):
         kind = pb_utils.MetricFamily.GAUGE if gauge else pb_utils.MetricFamily.COUNTER
@@ -58,6 +61,9 @@ class TritonPythonModel:
         responses: list = [None] * len(requests)
         batch, indices = [], []
         for index, request in enumerate(requests):
+            responses[index] = self.abandoned.response_if_abandoned(request)
+            if responses[index] is not None:
+                continue
             try:
                 batch.append(read_images(request, self.family))
                 indices.append(index)

@@ -1,5 +1,6 @@
 """Triton adapter for `vlm_serving.preprocessing.preprocess`: IMAGES + MESSAGES in; token ids, the encoder's
-packed inputs and the language model's image tensors out."""
+packed inputs and the language model's image tensors out. A request whose caller has gone (REQUEST_ID on
+the cancellation board) is answered with an error at once, its images never decoded."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlm_serving.backend.cancel_model import AbandonedRequests
 from vlm_serving.backend.common import error_response, image_tensors, model_parameters, optional_input, required_input
 from vlm_serving.preprocessing.chat import MessageError
 from vlm_serving.preprocessing.images import ImageError, ImageLimits
@@ -27,11 +29,15 @@ class TritonPythonModel:
             max_request_pixels=int(parameters["max_request_pixels"]),
             presets=ResolutionPresets.from_json(parameters["resolution_presets"]),
         )
+        self.abandoned = AbandonedRequests(args)
 
     def execute(self, requests):
         return [self._preprocess(request) for request in requests]
 
     def _preprocess(self, request):
+        abandoned = self.abandoned.response_if_abandoned(request)
+        if abandoned is not None:
+            return abandoned
         try:
             messages = required_input(request, "MESSAGES").reshape(-1)[0]
             images = optional_input(request, "IMAGES")

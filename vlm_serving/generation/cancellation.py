@@ -4,8 +4,10 @@ Triton does not tell a running ensemble step that its caller went away (the ense
 checks cancellation only between steps), so a cancelled stream would keep its batch row busy
 until max_tokens. The gateway therefore names the request it gives up on to the `cancel` model,
 which writes it onto this board, and every generation instance of the same server checks the
-board at each step. The board is a small ring of request-id hashes in a file in /dev/shm, named
-after the Triton server process that all the Python stubs share as parent.
+board at each step; the preprocess and embed steps check it before each request's work and skip
+abandoned requests (vlm_serving/backend/cancel_model.py: AbandonedRequests). The board is a small
+ring of request-id hashes in a file in /dev/shm, named after the Triton server process that all
+the Python stubs share as parent.
 """
 
 from __future__ import annotations
