@@ -179,11 +179,13 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
             request_id_var.set(request_id)
             context.set_trailing_metadata((("x-request-id", request_id),))
             remaining = context.time_remaining()
-            timeout = min(remaining, self.settings.default_timeout_s) if remaining else self.settings.default_timeout_s
+            timeout = self.settings.default_timeout_s
+            if remaining is not None:  # a deadline already passed leaves 0 or less: _generate sends nothing
+                timeout = min(remaining, timeout)
             try:
                 # One deadline over everything the request waits for: image fetches, Triton, the reader.
                 async with asyncio.timeout(timeout) as scope:
-                    await self._generate(call, deliver)
+                    await self._generate(call, deliver, scope)
             except TimeoutError:
                 if not scope.expired():
                     raise
@@ -198,8 +200,14 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                             "the gateway logged the details under this id")
         return None
 
-    async def _generate(self, call: ValidatedRequest, deliver) -> None:
+    async def _generate(self, call: ValidatedRequest, deliver, deadline: asyncio.Timeout) -> None:
         images = await image_urls.fetch_images(call.images, self.settings)
+        if asyncio.get_running_loop().time() >= deadline.when():
+            # The deadline passed before the request was read (validating it took longer) or while its
+            # images were fetched, and its timer has not fired yet: nobody waits for the answer, so
+            # Triton never sees the request (where its images would be decoded and encoded for no one).
+            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           "the deadline passed before the request was sent to the model; it was not sent")
         started, first = time.perf_counter(), None
         log.debug("request", extra={"fields": {"model": call.model, "images": len(images),
                                                "max_tokens": call.params.max_tokens, "stream": call.params.stream}})

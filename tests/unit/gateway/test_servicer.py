@@ -679,6 +679,25 @@ def test_the_request_deadline_covers_fetching_its_image_urls():
             image_url_allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
 
 
+def test_a_request_whose_deadline_has_passed_is_not_sent_to_triton():
+    """A request read after its caller's deadline (it waited in the server, or its validation ran past
+    the deadline) ends DEADLINE_EXCEEDED without reaching Triton, where its images would be decoded
+    and encoded for no one (issue 24's chaos run)."""
+    async def test(stub, backend, gw, channel):
+        delivered = []
+
+        async def deliver(chunk, call, outcome):
+            delivered.append(chunk)
+
+        passed = SimpleNamespace(time_remaining=lambda: -0.01, set_trailing_metadata=lambda pairs: None)
+        error = await gw.servicer.handle(request(), passed, "Generate", False, deliver)
+        assert error is not None and error.code == grpc.StatusCode.DEADLINE_EXCEEDED, error
+        assert "not sent" in error.message
+        assert backend.calls == [] and delivered == []
+
+    run(test)
+
+
 def test_no_ready_server_is_unavailable_naming_the_public_model():
     async def test(stub, backend, gw, channel):
         backend.ready = False
