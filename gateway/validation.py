@@ -115,12 +115,13 @@ def sampling_params(config, stream: bool, default_max_tokens: int | None = None)
 
 
 def default_max_tokens(task: str | None, settings: Settings) -> int | None:
-    """max_tokens for a request that leaves it unset: a task's own, sized for its answers
-    (tasks.DEFAULT_MAX_TOKENS), within the deployment's limit; without a task the deployment's
-    default (None: until the answer or the context ends)."""
-    if task:
-        return min(tasks.DEFAULT_MAX_TOKENS[task], settings.max_tokens_limit)
-    return settings.default_max_tokens
+    """max_tokens for a request that leaves it unset: the deployment's default (None: until the
+    answer or the context ends); with a task, the task's own (tasks.DEFAULT_MAX_TOKENS, sized for
+    its answers) where the deployment's is unset or larger. Never over the deployment's limit."""
+    if task is None:
+        return settings.default_max_tokens
+    return min(tasks.DEFAULT_MAX_TOKENS[task], settings.default_max_tokens or settings.max_tokens_limit,
+               settings.max_tokens_limit)
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}

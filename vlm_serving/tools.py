@@ -196,7 +196,9 @@ def call_format(tools: list[Tool], choice: str, named: str) -> ResponseFormat:
     return ResponseFormat(TOOL_CALL, schema=json.dumps(call_schema(chosen), separators=(",", ":")))
 
 
-_MARKERS = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>|\[TOOL_CALLS\]\s*(\[.*\]|\{.*\})", re.S)
+# Qwen2.5-VL's call sits between its markers; Pixtral's is the JSON value after its marker, read by a
+# JSON decoder (which stops at the value's end: text and brackets after it are not the call's).
+_MARKERS = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>|\[TOOL_CALLS\]\s*", re.S)
 
 
 def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall]:
@@ -204,11 +206,14 @@ def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall]:
     known tool with arguments valid under its schema; what does not validate is not a call."""
     from jsonschema import Draft202012Validator
 
-    found = []
-    for match in _MARKERS.finditer(text):
-        candidate = match.group(1) or match.group(2)
+    found, position, decoder = [], 0, json.JSONDecoder()
+    while match := _MARKERS.search(text, position):
+        position = match.end()
         try:
-            value = json.loads(candidate)
+            if match.group(1) is not None:
+                value = json.loads(match.group(1))
+            else:
+                value, position = decoder.raw_decode(text, match.end())
         except json.JSONDecodeError:
             continue
         found += value if isinstance(value, list) else [value]

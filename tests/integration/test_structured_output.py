@@ -89,7 +89,10 @@ def test_each_task_returns_its_result_type(client, model, task):
                              task=vlm_pb2.Task.Value(task))
     if structured:  # the schema brings the JSON to its end (free text runs to max_tokens on the tiny models)
         assert answer.finish_reason == vlm_pb2.FINISH_REASON_STOP, (answer.finish_reason, answer.text[-200:])
-    assert answer.WhichOneof("result") == RESULT_OF.get(task) and not answer.result_error, answer.result_error
+    if answer.finish_reason == vlm_pb2.FINISH_REASON_LENGTH:  # free text the tiny model did not end: cut, no result
+        assert answer.WhichOneof("result") is None and "max_tokens cut the answer" in answer.result_error
+    else:
+        assert answer.WhichOneof("result") == RESULT_OF.get(task) and not answer.result_error, answer.result_error
     for item in list(answer.detections.detections) + list(answer.text_lines.lines):
         assert item.image_index in (0, 1)  # two images: each item says which
         if item.HasField("box"):
@@ -100,12 +103,12 @@ def test_the_cli_prints_a_grounding_result(gateway, tmp_path):
     image = tmp_path / "picture.png"
     image.write_bytes(PNG)
     result = subprocess.run([".venv/bin/vlm", "--address", gateway.address, "generate", "--model", "qwen2.5-vl",
-                             "--image", str(image), "--task", "grounding", "--max-tokens", "1024", "the cat"],
+                             "--image", str(image), "--task", "grounding", "--max-tokens", "1024", "cats"],
                             capture_output=True, text=True, timeout=120, env={"VLM_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    assert "--- detections (label, box x_min y_min x_max y_max in pixels, image)" in result.stdout
+    assert "--- detections (label, box x_min y_min x_max y_max in pixels of the file as stored, image)" in result.stdout
     as_json = subprocess.run([".venv/bin/vlm", "--address", gateway.address, "generate", "--model", "qwen2.5-vl",
-                              "--image", str(image), "--task", "grounding", "--max-tokens", "1024", "--json", "the cat"],
+                              "--image", str(image), "--task", "grounding", "--max-tokens", "1024", "--json", "cats"],
                              capture_output=True, text=True, timeout=120, env={"VLM_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
     assert "detections" in json.loads(as_json.stdout)
 

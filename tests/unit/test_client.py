@@ -315,6 +315,36 @@ def test_the_cli_prints_each_kind_of_typed_result_readably():
     assert describe_result(vlm_pb2.GenerateResponse(result_error="max_tokens cut it")) == "[no result: max_tokens cut it]"
 
 
+def test_the_cli_gives_boxes_of_a_turned_photo_also_where_the_object_is_upright(tmp_path):
+    """A phone photo stored landscape, shown portrait (EXIF orientation 6): the service's box is in
+    the stored grid; the CLI adds the box on the upright picture, around the object there."""
+    import numpy as np
+    from PIL import ImageOps
+
+    from vlm_client.cli import describe_result
+
+    pixels = np.full((80, 120, 3), 255, dtype=np.uint8)
+    pixels[5:30, 10:45] = (0, 0, 255)  # the object: x 10-45, y 5-30 of the stored grid
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "phone.jpg"
+    Image.fromarray(pixels).save(photo, "JPEG", exif=exif.tobytes(), quality=95)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(photo))).astype(int)
+    ys, xs = np.nonzero((upright[:, :, 2] > 160) & (upright[:, :, 0] < 100))
+    where = f"[{xs.min()}, {ys.min()}, {xs.max() + 1}, {ys.max() + 1}]"
+    assert where == "[50, 10, 75, 45]"
+    stored_box = vlm_pb2.Box(x_min=10, y_min=5, x_max=45, y_max=30)
+    answer = vlm_pb2.GenerateResponse(detections=vlm_pb2.Detections(detections=[
+        vlm_pb2.Detection(label="cup", box=stored_box)], boxes_outside=2))
+    header, line, outside = describe_result(answer, [str(photo)]).splitlines()
+    assert "in pixels of the file as stored" in header
+    assert line == f"cup\t[10, 5, 45, 30] upright {where}\timage 0"
+    assert outside == "(2 box(es) outside the image left out)"
+    plain = tmp_path / "plain.png"
+    Image.fromarray(pixels).save(plain)
+    assert describe_result(answer, [str(plain)]).splitlines()[1] == "cup\t[10, 5, 45, 30]\timage 0"
+
+
 def test_batch_items_from_a_folder_and_a_manifest_and_a_torn_output_line_is_cut(tmp_path):
     from vlm_client.batch import folder_items, manifest_items, resume
 

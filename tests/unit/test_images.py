@@ -141,3 +141,37 @@ def test_upright_size_reads_headers_only_and_leaves_bad_data_to_decoding():
     assert upright_size(png[:200]) == (120, 80)  # truncated pixels: the header still gives the size
     with pytest.raises(ImageError, match="truncated or corrupt PNG data"):
         decode_image(png[:200])
+
+
+def png_chunks(data: bytes) -> list[bytes]:
+    """A PNG's chunks, each whole (length, type, body, CRC)."""
+    chunks, position = [], 8
+    while position < len(data):
+        (length,) = struct.unpack_from(">I", data, position)
+        chunks.append(data[position : position + 12 + length])
+        position += 12 + length
+    return chunks
+
+
+def late_exif_png(png: bytes, orientation: int) -> bytes:
+    """`png` with an eXIf chunk holding `orientation` after its pixel data (IDAT), just before IEND:
+    where some writers put it, and where Pillow reads it only once the pixels are decoded."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()[6:]  # the TIFF structure, without the "Exif\0\0" of JPEG's APP1
+    late = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    *rest, end = png_chunks(png)
+    return png[:8] + b"".join(rest) + late + end
+
+
+def test_a_png_whose_exif_follows_its_pixels_is_turned_the_same_everywhere():
+    """The size and orientation read before decoding (the context check, the gateway's box mapping)
+    agree with the decoded picture the model sees, and nothing is decoded to read them."""
+    from vlm_serving.preprocessing.images import stored_geometry, upright_size
+
+    data = late_exif_png(encode(picture(120, 80)), 6)
+    assert "exif" not in Image.open(io.BytesIO(data)).info  # Pillow has not seen it from the header
+    assert decode_image(data).size == (80, 120)
+    assert stored_geometry(data) == (120, 80, 6) and upright_size(data) == (80, 120)
+    header_only = late_exif_png(_png_header_only(6000, 4000), 8)  # pixels that would fail to decode
+    assert stored_geometry(header_only) == (6000, 4000, 8) and upright_size(header_only) == (4000, 6000)

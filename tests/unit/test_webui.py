@@ -7,10 +7,11 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from vlm.v1 import vlm_pb2
 
 from tests.conftest import encode, picture
+from tests.unit.test_images import late_exif_png
 from vlm_client.client import build_request
 from vlm_client.webui.app import build
 from vlm_client.webui.handlers import (FALLBACK_MODELS, Settings, Turn, WebUI, draw_boxes, label_colour,
@@ -149,21 +150,40 @@ def test_the_model_menu_comes_from_the_gateway():
     assert menu["choices"] == list(FALLBACK_MODELS) and "UNAVAILABLE" in note
 
 
-def test_detections_are_drawn_on_the_upright_image(tmp_path):
-    # A portrait photo stored landscape with EXIF orientation 6 (rotate 90° clockwise to view): the
-    # service's boxes are in the upright picture's pixels, so are the drawn ones.
-    stored = Image.new("RGB", (120, 80), (255, 255, 255))
-    exif = stored.getexif()
-    exif[0x0112] = 6
-    path = tmp_path / "rotated.jpg"
-    stored.save(path, "JPEG", exif=exif, quality=95)
-    box = vlm_pb2.Box(x_min=10, y_min=20, x_max=60, y_max=100)
+def stored_photo(orientation: int, kind: str) -> bytes:
+    """A photo stored 120x80 with a blue block at OBJECT of that stored grid, shown turned by its
+    EXIF orientation: a JPEG (as phones write them), or a PNG whose eXIf follows its pixels."""
+    pixels = np.full((80, 120, 3), 255, dtype=np.uint8)
+    x1, y1, x2, y2 = OBJECT
+    pixels[y1:y2, x1:x2] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if kind == "jpeg":
+        return encode(Image.fromarray(pixels), "JPEG", exif=exif.tobytes(), quality=95)
+    return late_exif_png(encode(Image.fromarray(pixels)), orientation)
+
+
+OBJECT = (10, 5, 45, 30)
+
+
+def extent(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@pytest.mark.parametrize("kind, orientation", [*(("jpeg", o) for o in range(1, 9)), ("late-exif png", 6)])
+def test_a_box_is_drawn_around_its_object_on_the_upright_picture(tmp_path, kind, orientation):
+    """The service's box is in the file's stored grid (around OBJECT, whatever the orientation);
+    the picture is shown upright, and the box is drawn where the object is on it."""
+    path = tmp_path / "photo"
+    path.write_bytes(stored_photo(orientation, kind))
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")).astype(int)
+    blue = (upright[:, :, 2] > 160) & (upright[:, :, 0] < 100)
+    box = vlm_pb2.Box(x_min=OBJECT[0], y_min=OBJECT[1], x_max=OBJECT[2], y_max=OBJECT[3])
     [(drawn, caption)] = draw_boxes([str(path)], [(0, box, "")])
-    assert drawn.size == (80, 120) and caption == "image 1: 1 box"
-    pixels = np.asarray(drawn).astype(int)
-    colour = np.array(label_colour(""))
-    assert np.abs(pixels[60, 10] - colour).max() < 40  # the left edge, mid-height
-    assert np.abs(pixels[60, 35] - 255).max() < 10  # inside stays white
+    assert drawn.size == (upright.shape[1], upright.shape[0]) and caption == "image 1: 1 box"
+    outline = np.abs(np.asarray(drawn).astype(int) - np.array(label_colour(""))).max(axis=2) < 60
+    assert np.allclose(extent(outline), extent(blue), atol=2), (extent(outline), extent(blue))
 
 
 def test_each_result_type_shows_its_panel(photo, tmp_path):

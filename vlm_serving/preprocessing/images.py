@@ -9,18 +9,20 @@ says what was wrong and what is accepted.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 # A truncated file must fail, never decode as a half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Formats by magic bytes, checked before Pillow parses anything.
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (_PNG_SIGNATURE, "PNG"),
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
     (b"BM", "BMP"),
@@ -78,7 +80,7 @@ def upright_size(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
     """(width, height) of the upright picture, from the header alone: nothing is decoded."""
     image = _open_checked(data, limits, f"image {index}")
     width, height = image.size
-    if _orientation(image) in _QUARTER_TURNS:
+    if _orientation(image, data) in _QUARTER_TURNS:
         return height, width
     return width, height
 
@@ -86,19 +88,37 @@ def upright_size(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
 def stored_geometry(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> tuple[int, int, int]:
     """(width, height, EXIF orientation) of the file's stored pixel grid, from the header alone."""
     image = _open_checked(data, limits, f"image {index}")
-    return image.width, image.height, _orientation(image)
+    return image.width, image.height, _orientation(image, data)
 
 
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation the header holds (1 when none or unreadable: decoding reports a bad file)."""
+def _orientation(image: Image.Image, data: bytes) -> int:
+    """The EXIF orientation `decode_image` turns the picture by (1 when none or unreadable: decoding
+    reports a bad file), read without decoding a pixel."""
     try:
-        if image.format == "PNG":  # Pillow's PNG getexif() decodes the whole image to find late eXIf chunks
-            exif = Image.Exif()
-            exif.load(image.info.get("exif") or b"")
-            return exif.get(0x0112, 1)
-        return image.getexif().get(0x0112, 1)
+        if image.format != "PNG":
+            return image.getexif().get(ExifTags.Base.Orientation, 1)
+        # Pillow's PNG getexif() decodes the whole picture to reach an eXIf chunk that follows the
+        # pixel data (it is read on load(), and decoding then turns the picture by it). Found from
+        # the chunk headers instead, the base getexif() reads it with Pillow's other sources (XMP,
+        # a "Raw profile type exif" text) and decodes nothing.
+        if "exif" not in image.info:
+            image.info["exif"] = _png_exif_chunk(data) or None
+        return Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
     except Exception:
         return 1
+
+
+def _png_exif_chunk(data: bytes) -> bytes:
+    """The body of a PNG's eXIf chunk wherever it lies (b"" when none), from the chunk headers alone."""
+    position = len(_PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"eXIf":
+            return data[position + 8 : position + 8 + length]
+        if kind == b"IEND":
+            break
+        position += 12 + length  # length, type, body, CRC
+    return b""
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> Image.Image:

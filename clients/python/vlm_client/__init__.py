@@ -1,6 +1,6 @@
 """Python client for the vlm.v1 VisionLanguageService (sync and asyncio)."""
 
 from vlm_client.client import AsyncVLMClient, GatewayUnreachable, VLMClient, build_request, response_format
-from vlm_client.images import to_image
+from vlm_client.images import to_image, upright_box
 
-__all__ = ["AsyncVLMClient", "GatewayUnreachable", "VLMClient", "build_request", "response_format", "to_image"]
+__all__ = ["AsyncVLMClient", "GatewayUnreachable", "VLMClient", "build_request", "response_format", "to_image", "upright_box"]

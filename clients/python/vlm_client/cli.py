@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 import grpc
 from vlm.v1 import vlm_pb2
 
 from vlm_client.client import (DEFAULT_ADDRESS, DETAILS, TASKS, GatewayUnreachable, VLMClient, response_format,
                                to_dict)
+from vlm_client.images import stored_orientation, upright_box
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +194,7 @@ def _run(client: VLMClient, args) -> int:
             print(last.text)
     if not args.json:
         if last.WhichOneof("result") or last.result_error:
-            print(describe_result(last))
+            print(describe_result(last, args.image))
         for tool_call in last.tool_calls:
             print(f"--- tool call\n{tool_call.name}({tool_call.arguments})")
     images = " ".join(f"{vlm_pb2.ImageKind.Name(image.kind).removeprefix('IMAGE_KIND_').lower()}@{image.width}x{image.height}"
@@ -256,23 +258,37 @@ def _batch(args) -> int:
     return 2 if summary.failed else 0
 
 
-def describe_result(answer) -> str:
-    """A task's typed result, readably (boxes in pixels of the image as sent)."""
+def describe_result(answer, images: Sequence = ()) -> str:
+    """A task's typed result, readably. Boxes are in pixels of each image file as stored (the API's
+    frame); for an image of `images` (what was sent, in order) stored turned by its EXIF orientation,
+    each box is also given on the upright picture that viewers show."""
     kind = answer.WhichOneof("result")
     if kind is None:
         return f"[no result: {answer.result_error}]"
     result = getattr(answer, kind)
+    turned = {}  # image index: (stored size, orientation) of the images stored turned
+    if kind in ("detections", "text_lines"):
+        found = [stored_orientation(source) for source in images]
+        turned = {index: geometry for index, geometry in enumerate(found) if geometry and geometry[1] != 1}
 
-    def box(b) -> str:
-        return f"[{b.x_min:.0f}, {b.y_min:.0f}, {b.x_max:.0f}, {b.y_max:.0f}]"
+    def box(b, image_index: int) -> str:
+        stored = f"[{b.x_min:.0f}, {b.y_min:.0f}, {b.x_max:.0f}, {b.y_max:.0f}]"
+        if image_index not in turned:
+            return stored
+        return stored + " upright [{:.0f}, {:.0f}, {:.0f}, {:.0f}]".format(*upright_box(b, *turned[image_index]))
 
+    frame = "box x_min y_min x_max y_max in pixels of the file as stored"
     if kind == "detections":
-        lines = [f"{d.label}\t{box(d.box)}\timage {d.image_index}" for d in result.detections]
-        return "\n".join(["--- detections (label, box x_min y_min x_max y_max in pixels, image)", *lines])
+        lines = [f"{d.label}\t{box(d.box, d.image_index)}\timage {d.image_index}" for d in result.detections]
+        if result.boxes_outside:
+            lines.append(f"({result.boxes_outside} box(es) outside the image left out)")
+        return "\n".join([f"--- detections (label, {frame}, image)", *lines])
     if kind == "text_lines":
-        lines = [f"{line.text}\t{box(line.box) if line.HasField('box') else '-'}\timage {line.image_index}"
-                 for line in result.lines]
-        return "\n".join(["--- text lines (text, box, image)", *lines])
+        lines = [f"{line.text}\t{box(line.box, line.image_index) if line.HasField('box') else '-'}"
+                 f"\timage {line.image_index}" for line in result.lines]
+        if result.boxes_outside:
+            lines.append(f"({result.boxes_outside} box(es) outside the image: their lines show none)")
+        return "\n".join([f"--- text lines (text, {frame}, image)", *lines])
     if kind == "table":
         rows = [list(result.header)] + [list(row.cells) for row in result.rows]
         widths = [max(len(row[i]) if i < len(row) else 0 for row in rows) for i in range(len(result.header))]

@@ -239,26 +239,29 @@ def test_a_task_answer_max_tokens_cut_has_no_result_and_its_error_names_the_cut(
     run(test)
 
 
-def test_each_task_has_its_own_default_max_tokens_the_callers_value_and_the_limit_win():
+@pytest.mark.parametrize("settings, expected", [
+    ({}, {**tasks.DEFAULT_MAX_TOKENS, None: None}),  # no deployment default: until the answer or the context ends
+    ({"default_max_tokens": 512}, {"caption": 256, "vqa": 256, "ocr": 512, "document": 512, "grounding": 512,
+                                   "chart": 512, None: 512}),  # the deployment's caps the tasks'
+    ({"max_tokens_limit": 1500}, {"caption": 256, "vqa": 256, "ocr": 1500, "document": 1500, "grounding": 1024,
+                                  "chart": 1024, None: None}),
+])
+def test_each_task_has_its_own_default_max_tokens_within_the_deployments(settings, expected):
+    """An unset max_tokens: the task's own, unless the deployment's default or limit is lower; the
+    caller's value always wins."""
     async def test(stub, backend, gw, channel):
         image = vlm_pb2.Part(image=vlm_pb2.Image(data=TASK_PNG))
         backend.script = [ResponseChunk("A cat.", [1], True, "stop", 12, 2, 4, -0.5, "1", TASK_IMAGES)]
         for task in WHOLE_ANSWERS:
             await stub.Generate(task_request(vlm_pb2.Task.Value(f"TASK_{task.upper()}"), image,
                                              vlm_pb2.Part(text="what?")), metadata=KEY)
-            assert backend.calls[-1][3].max_tokens == tasks.DEFAULT_MAX_TOKENS[task]
+            assert backend.calls[-1][3].max_tokens == expected[task], task
+        await stub.Generate(request(), metadata=KEY)
+        assert backend.calls[-1][3].max_tokens == expected[None]  # no task
         await stub.Generate(task_request(vlm_pb2.TASK_OCR, image, max_tokens=9), metadata=KEY)
         assert backend.calls[-1][3].max_tokens == 9
-        await stub.Generate(request(), metadata=KEY)
-        assert backend.calls[-1][3].max_tokens == 100  # no task: the deployment's default
 
-    async def within_the_limit(stub, backend, gw, channel):
-        await stub.Generate(task_request(vlm_pb2.TASK_OCR, vlm_pb2.Part(image=vlm_pb2.Image(data=TASK_PNG))),
-                            metadata=KEY)
-        assert backend.calls[-1][3].max_tokens == 1500  # OCR's 2048, within the deployment's limit
-
-    run(test, default_max_tokens=100)
-    run(within_the_limit, max_tokens_limit=1500)
+    run(test, **settings)
 
 
 def test_boxes_outside_the_image_are_dropped_and_counted_in_the_answer():

@@ -13,11 +13,11 @@ from typing import Any
 
 import gradio as gr
 import grpc
-from PIL import Image, ImageDraw, ImageOps
+from PIL import ExifTags, Image, ImageDraw, ImageOps
 from vlm.v1 import vlm_pb2
 
 from vlm_client.client import VLMClient
-from vlm_client.images import to_image
+from vlm_client.images import to_image, upright_box
 
 # Shown when the gateway cannot be asked which models it serves; ListModels names these by default.
 FALLBACK_MODELS = ("auto", "qwen2.5-vl", "pixtral")
@@ -115,24 +115,28 @@ def label_colour(label: str) -> tuple[int, int, int]:
 
 
 def draw_boxes(images: Sequence[str], boxes: Sequence[tuple[int, vlm_pb2.Box, str]]) -> list[tuple[Image.Image, str]]:
-    """Each image that has boxes, upright (EXIF orientation applied, as the service's boxes are),
-    with its boxes and labels drawn: (image, caption) pairs for a Gallery."""
+    """Each image that has boxes, upright (EXIF orientation applied, as the browser shows the
+    uploads), with its boxes (the service's: pixels of the file as stored) turned onto it and their
+    labels drawn: (image, caption) pairs for a Gallery."""
     drawn = []
     for index, path in enumerate(images):
         mine = [(box, label) for image_index, box, label in boxes if image_index == index]
         if not mine:
             continue
         with Image.open(path) as source:
-            picture = ImageOps.exif_transpose(source).convert("RGB")
+            picture = ImageOps.exif_transpose(source).convert("RGB")  # loads the file: a late PNG eXIf too
+            orientation = source.getexif().get(ExifTags.Base.Orientation, 1)
+            stored_size = source.size
         pen = ImageDraw.Draw(picture)
         width = max(2, round(min(picture.size) / 150))
         for box, label in mine:
             colour = label_colour(label)
-            pen.rectangle((box.x_min, box.y_min, box.x_max, box.y_max), outline=colour, width=width)
+            left, top, right, bottom = upright_box(box, stored_size, orientation)
+            pen.rectangle((left, top, right, bottom), outline=colour, width=width)
             if label:
-                left, top, right, bottom = pen.textbbox((box.x_min, box.y_min), label)
-                pen.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
-                pen.text((box.x_min, box.y_min), label, fill=(0, 0, 0))
+                text_box = pen.textbbox((left, top), label)
+                pen.rectangle((text_box[0] - 1, text_box[1] - 1, text_box[2] + 1, text_box[3] + 1), fill=colour)
+                pen.text((left, top), label, fill=(0, 0, 0))
         drawn.append((picture, f"image {index + 1}: {len(mine)} box{'es' if len(mine) != 1 else ''}"))
     return drawn
 
