@@ -151,3 +151,27 @@ def openai_penalized_greedy(model, eos_ids: set[int], prompt_ids: list[int], ste
             break
         answer.append(token)
     return answer
+
+
+def grammar_greedy(model, matcher, vocab_size: int, prompt_ids: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding of a text prompt under a grammar, on the model's real logits, one whole
+    forward per token: at each step the likeliest token among those the xgrammar `matcher` allows,
+    and its log-probability renormalised over them. Every token chosen (the end token included)
+    with its value; stops when the grammar is complete."""
+    import xgrammar as xgr
+
+    answer: list[int] = []
+    values: list[float] = []
+    for _ in range(steps):
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt_ids + answer])).logits[0, -1].float(), dim=-1)
+        bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        allowed = [token for token in range(vocab_size) if int(bitmask[0, token // 32]) >> (token % 32) & 1]
+        token = max(allowed, key=lambda candidate: logprobs[candidate].item())
+        values.append((logprobs[token] - torch.logsumexp(logprobs[allowed], dim=0)).item())
+        answer.append(token)
+        assert matcher.accept_token(token)
+        if matcher.is_terminated():
+            break
+    return answer, values

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import threading
-from dataclasses import dataclass, field
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pytest
 import torch
 
 from tests.conftest import FAMILIES, picture
 from tests.families import ENDING_PROMPTS, Family, ask, joined_text
-from tests.reference import openai_penalized_greedy, served_size, transformers_generate, transformers_logprobs
-from vlm_serving.generation.batch import BatchGenerator
-from vlm_serving.generation.engine import EngineFull, EngineLimits, EngineLoop, InflightEngine, RequestSink
-from vlm_serving.generation.sampling import ParameterError
+from tests.reference import (
+    grammar_greedy, openai_penalized_greedy, served_size, transformers_generate, transformers_logprobs,
+)
+from vlm_serving.generation.batch import BatchGenerator, GenerationRequest
+from vlm_serving.generation.engine import EngineFull, EngineLimits, EngineLoop, InflightEngine, OutOfMemory, RequestSink
+from vlm_serving.generation.sampling import ParameterError, SamplingParams
+from vlm_serving.generation.structured import ResponseFormat
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -28,9 +35,25 @@ class Caller:
     updates: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     cancelled: bool = False
+    # "update", "final" or "error" per response, in the order they came.
+    received: list = field(default_factory=list)
 
     def sink(self) -> RequestSink:
-        return RequestSink(self.updates.append, self.errors.append, lambda: self.cancelled)
+        def update(update):
+            self.received.append("final" if update.finished else "update")
+            self.updates.append(update)
+
+        def error(exc):
+            self.received.append("error")
+            self.errors.append(exc)
+
+        return RequestSink(update, error, lambda: self.cancelled)
+
+    @property
+    def answered_once(self) -> bool:
+        """Exactly one final response (an update that ends the request, or an error), and it came last."""
+        ends = [kind for kind in self.received if kind != "update"]
+        return len(ends) == 1 and self.received[-1] == ends[0]
 
     @property
     def final(self):
@@ -362,3 +385,248 @@ def test_requests_without_max_tokens_still_fill_every_row_of_the_cpu_profile(fam
     for caller in callers:
         caller.cancelled = True
     drive(engine, {})
+
+
+# ----- one request never fails another (issue 24) -----
+
+
+def malformed(family: Family) -> list[tuple[str, GenerationRequest, str]]:
+    """(what is wrong, a request with that fault and nothing else, what its error says)."""
+    good = family.request(ask("What is in the picture?", 1), [picture(200, 120, seed=1)], max_tokens=8)
+    vocab = family.generator.vocab_size
+
+    def with_id(value):
+        ids = good.input_ids.copy()
+        ids[2] = value
+        return replace(good, input_ids=ids)
+
+    cases = [
+        ("a token id past the vocabulary", with_id(vocab), f"INPUT_IDS[2] = {vocab} is outside this model's vocabulary"),
+        ("a negative token id", with_id(-1), "INPUT_IDS[2] = -1 is outside"),
+        ("ids that are not integers", replace(good, input_ids=good.input_ids.astype(np.float32)),
+         "INPUT_IDS must be one row of integer token ids, got float32"),
+        ("an empty prompt", replace(good, input_ids=good.input_ids[:0], image_embeds=None), "INPUT_IDS is empty"),
+        ("image rows of another width", replace(good, image_embeds=good.image_embeds[:, :-1]),
+         f"IMAGE_EMBEDS rows are {family.generator.hidden_size - 1} wide"),
+        ("one image row too few", replace(good, image_embeds=good.image_embeds[1:]), "image token(s) but"),
+        ("max_tokens 0", replace(good, params=SamplingParams(max_tokens=0)), "max_tokens=0 must be in [1, "),
+    ]
+    if family.generator.marks_modalities:
+        grid = good.language_tensors["image_grid_thw"]
+        wider = grid.copy()
+        wider[0, 2] += 2
+        t, h, w = grid[0].tolist()
+        cases += [
+            ("a grid that makes more image tokens than the prompt holds", replace(good, language_tensors={"image_grid_thw": wider}),
+             f"IMAGE_GRID_THW[0] = {[t, h, w + 2]} makes {t * h * (w + 2) // 4} image tokens but image 0 of the prompt "
+             f"has {good.image_tokens}"),
+            ("a grid of two images for one", replace(good, language_tensors={"image_grid_thw": np.concatenate([grid, grid])}),
+             "IMAGE_GRID_THW describes 2 image(s) but the prompt holds 1 run(s) of image tokens"),
+            ("no grid", replace(good, language_tensors={}), "IMAGE_GRID_THW describes 0 image(s)"),
+            ("a grid of odd patches", replace(good, language_tensors={"image_grid_thw": np.array([[1, h - 1, w]])}),
+             "is not a grid of patches"),
+        ]
+    return cases
+
+
+def test_malformed_requests_are_refused_at_submission_and_the_running_rows_finish(family):
+    """Each one is submitted while two rows run (one with an image): its submitter gets the error,
+    and the running rows still give transformers' own tokens."""
+    engine = InflightEngine(family.generator)
+    running = [Caller() for _ in CASES[:2]]
+    for caller, (messages, pictures, max_tokens) in zip(running, CASES[:2]):
+        engine.submit(family.request(messages, pictures, max_tokens=max_tokens), caller.sink())
+    for _ in range(3):
+        engine.step()
+    assert engine.stats.running == 2
+    for problem, request, message in malformed(family):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            engine.submit(request, Caller().sink())
+        engine.step()
+    drive(engine, {})
+    for caller, (messages, pictures, max_tokens) in zip(running, CASES[:2]):
+        assert caller.answered_once and caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+
+
+class FaultyModel:
+    """The model, with faults injected: `embed_fault(ids)` before a prompt's embeddings are looked
+    up and `forward_fault(inputs)` before each forward may return an exception, which is raised."""
+
+    def __init__(self, model, embed_fault=lambda ids: None, forward_fault=lambda inputs: None):
+        self._model, self._embed_fault, self._forward_fault = model, embed_fault, forward_fault
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def get_input_embeddings(self):
+        embeddings = self._model.get_input_embeddings()
+
+        def embed(ids):
+            error = self._embed_fault(ids)
+            if error is not None:
+                raise error
+            return embeddings(ids)
+
+        return embed
+
+    def __call__(self, **inputs):
+        error = self._forward_fault(inputs)
+        if error is not None:
+            raise error
+        return self._model(**inputs)
+
+
+@contextmanager
+def failing_last_layer(model, fault):
+    """The model's last decoder layer raises what `fault(hidden_states)` returns (if anything): a
+    failure midway through a forward, after the layers before it have filled their cache."""
+    def hook(module, args, kwargs):
+        error = fault(args[0] if args else kwargs["hidden_states"])
+        if error is not None:
+            raise error
+
+    handle = model.model.language_model.layers[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+GROUP = [CASES[0], CASES[1], CASES[3]]  # two prompts with images and one without, of different lengths
+
+
+@pytest.mark.parametrize("where", ["embeddings", "forward"])
+def test_a_fault_in_one_row_of_a_prefill_group_of_three_fails_that_row_alone(family, where):
+    """The middle row of a group of three faults: building its embeddings (pinned on it at once),
+    or in every prefill forward that holds it (the group's rows are then prefilled one at a time)."""
+    requests = [family.request(messages, pictures, max_tokens=max_tokens) for messages, pictures, max_tokens in GROUP]
+    faulty = len(requests[1].input_ids)
+    assert len({len(request.input_ids) for request in requests}) == 3
+    injected = RuntimeError("injected fault")
+    prefills = []  # the rows of each prefill forward
+
+    def forward_fault(inputs):
+        if inputs.get("inputs_embeds") is None:
+            return None
+        lengths = inputs["attention_mask"].sum(-1).tolist()
+        prefills.append(len(lengths))
+        return injected if where == "forward" and faulty in lengths else None
+
+    engine = InflightEngine(family.generator, EngineLimits(prefill_chunk_tokens=4096))  # one chunk: whole prompts
+    engine.model = FaultyModel(family.model, forward_fault=forward_fault,
+                               embed_fault=lambda ids: injected if where == "embeddings" and len(ids) == faulty else None)
+    callers = [Caller() for _ in requests]
+    drive(engine, {0: list(zip(callers, requests))})
+    assert prefills == ([2] if where == "embeddings" else [3, 1, 1, 1])
+    assert all(caller.answered_once for caller in callers)
+    assert callers[1].errors == [injected] and not callers[1].updates
+    for caller, (messages, pictures, max_tokens) in zip(callers[::2], GROUP[::2]):
+        assert caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+
+
+OUT_OF_MEMORY = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                 RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                              "you tried to allocate 1073741824 bytes.")]
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu"])
+def test_out_of_memory_prefilling_a_group_prefills_its_rows_one_at_a_time(family, error):
+    """Memory for one prompt at a time: every row is answered, with transformers' own tokens."""
+    engine = InflightEngine(family.generator)
+    engine.model = FaultyModel(family.model, forward_fault=lambda inputs: error if inputs.get("inputs_embeds") is not None
+                               and len(inputs["inputs_embeds"]) > 1 else None)
+    callers = [Caller() for _ in GROUP]
+    drive(engine, {0: [(caller, family.request(messages, pictures, max_tokens=max_tokens))
+                       for caller, (messages, pictures, max_tokens) in zip(callers, GROUP)]})
+    for caller, (messages, pictures, max_tokens) in zip(callers, GROUP):
+        assert caller.answered_once and caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu"])
+def test_out_of_memory_decoding_fails_the_newest_row_and_the_others_go_on(family, error):
+    """Memory for two rows' decode steps, not three: the third row to join fails when it joins
+    (midway through a step, after the first layers took the step's column), and the two before
+    it go on with transformers' own tokens."""
+    callers = [Caller() for _ in GROUP]
+    arrivals = {step: [(caller, family.request(messages, pictures, max_tokens=max_tokens))]
+                for step, caller, (messages, pictures, max_tokens) in zip((0, 1, 4), callers, GROUP)}
+    decoding_three = lambda hidden: error if hidden.shape[:2] == (3, 1) else None  # noqa: E731
+    with failing_last_layer(family.model, decoding_three):
+        drive(InflightEngine(family.generator), arrivals)
+    assert all(caller.answered_once for caller in callers)
+    [failure] = callers[2].errors
+    assert isinstance(failure, OutOfMemory) and "the newest" in str(failure) and "out of memory" in str(failure)
+    for caller, (messages, pictures, max_tokens) in zip(callers[:2], GROUP[:2]):
+        assert caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+
+
+def test_a_fault_that_escapes_a_step_answers_every_row_once_and_the_loop_serves_on(family, monkeypatch):
+    """A bug in the step itself (here: choosing the tokens of a group's first step) ends what the
+    engine holds (rows running, prefilling, waiting), each with one error, and later requests are served."""
+    from vlm_serving.generation import engine as engine_module
+
+    engine = InflightEngine(family.generator, EngineLimits(max_running=2))
+    running = Caller()
+    engine.submit(family.request(ask("keep going"), [], max_tokens=50), running.sink())
+    engine.step()
+    group, waiting = [Caller(), Caller()], Caller()
+    engine.submit(family.request(ask("one"), [], max_tokens=5), group[0].sink())
+    engine.submit(family.request(ask("two"), [], max_tokens=5), waiting.sink())
+    real = engine_module.choose_tokens
+    faults = []
+
+    def choose_tokens(scores, params, generators):
+        if not faults:
+            faults.append(RuntimeError("a bug"))
+            raise faults[0]
+        return real(scores, params, generators)
+
+    monkeypatch.setattr(engine_module, "choose_tokens", choose_tokens)
+    loop = EngineLoop(engine).start()
+    deadline = time.monotonic() + 60
+    while not all(caller.done for caller in (running, group[0], waiting)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    later = Caller()
+    engine.submit(family.request(ask("later"), [], max_tokens=3), later.sink())
+    loop.stop(grace_s=30, reason=RuntimeError("unused"))
+    for caller in (running, group[0], waiting):
+        assert caller.answered_once and caller.errors == faults
+    assert later.final.completion_tokens == 3
+
+
+# ----- confidence over what the response format allows (issue 24) -----
+
+
+@pytest.mark.parametrize("response_format", [ResponseFormat("choice", choices=("a",)),
+                                             ResponseFormat("regex", pattern="Paris"),
+                                             ResponseFormat("choice", choices=("yes", "no", "maybe"))],
+                         ids=["one choice", "one match", "three choices"])
+def test_confidence_is_taken_over_the_tokens_the_format_allows(family, response_format):
+    """Against greedy decoding on transformers' own forward with xgrammar's allowed tokens: the
+    same tokens, and the confidence is the mean of their log-probabilities renormalised over
+    what the format allowed. "a" is one path of tokens (each step forced: certain, 0); "Paris" is
+    one string with several tokenizations (only their choice counts); logprobs stay the model's own."""
+    request = family.request(ask("Answer."), [], max_tokens=16, logprobs=True, response_format=response_format)
+    caller = Caller()
+    engine = InflightEngine(family.generator)
+    drive(engine, {0: [(caller, request)]})
+    final = caller.final
+    matcher = engine.formats.row(response_format).matcher
+    tokens, values = grammar_greedy(family.model, matcher, engine.vocab_size, request.input_ids.tolist(), 16)
+    assert final.finish_reason == "stop" and final.token_ids == tokens[:-1]
+    assert final.confidence == pytest.approx(sum(values) / len(values), abs=1e-5)
+    own = transformers_logprobs(family.name, family.checkpoint, ask("Answer."), [], tokens)
+    model_confidence = sum(own[i, token].item() for i, token in enumerate(tokens)) / len(tokens)
+    assert [entry["logprob"] for entry in final.logprobs] == pytest.approx(
+        [own[i, token].item() for i, token in enumerate(final.token_ids)], abs=1e-4)
+    assert final.confidence > model_confidence + 0.5, "forced tokens no longer count as doubt"
+    if response_format.choices == ("a",):
+        assert final.confidence == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stop_sequences_beside_a_response_format_are_refused_naming_stop(family):
+    engine = InflightEngine(family.generator)
+    with pytest.raises(ParameterError, match="stop sequences cannot end a constrained answer"):
+        engine.submit(family.request(ask("hi"), [], stop=("}",), response_format=ResponseFormat("json_object")),
+                      Caller().sink())
+    assert engine.idle

@@ -1,6 +1,7 @@
 import pytest
 
 from vlm_serving.generation.sampling import ParameterError, SamplingParams, TextAssembler
+from vlm_serving.generation.structured import ResponseFormat
 
 
 class CharTokenizer:
@@ -82,6 +83,12 @@ def test_defaults_are_valid():
         (SamplingParams(logprobs=True, top_logprobs=21), "top_logprobs=21 must be in \\[0, 20\\]"),
         (SamplingParams(logprobs=True, top_logprobs=-1), "top_logprobs=-1 must be in \\[0, 20\\]"),
         (SamplingParams(top_logprobs=5), "top_logprobs=5 needs logprobs true"),
+        (SamplingParams(max_tokens=-3), "max_tokens=-3 must be in \\[1, 100\\]"),
+        # A stop sequence would cut the answer before its format is complete (invalid JSON, reported STOP).
+        (SamplingParams(stop=("}",), response_format=ResponseFormat("json_object")),
+         "stop sequences cannot end a constrained answer"),
+        (SamplingParams(stop=("no",), response_format=ResponseFormat("choice", choices=("yes", "no"))),
+         "stop sequences cannot end a constrained answer"),
     ],
 )
 def test_out_of_bounds_parameters_name_the_field(params, message):

@@ -41,8 +41,8 @@ def read_params(request) -> SamplingParams:
         return None if value is None else kind(value)
 
     return SamplingParams(
-        # Absent or 0: unset (until the answer or the context ends).
-        max_tokens=given("MAX_TOKENS", int) or None,
+        # Absent: unset (until the answer or the context ends); 0 or less is refused by `validate`.
+        max_tokens=given("MAX_TOKENS", int),
         temperature=given("TEMPERATURE", float),
         top_p=given("TOP_P", float),
         top_k=given("TOP_K", int),
@@ -160,35 +160,27 @@ class TritonPythonModel:
         )
 
     def _read(self, request) -> GenerationRequest:
-        input_ids = required_input(request, "INPUT_IDS").reshape(-1)
+        """The request as the generator takes it, checked whole (`BatchGenerator.check_request`):
+        any caller of Triton's port reaches this model directly, not only the ensembles."""
+        input_ids = required_input(request, "INPUT_IDS")
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"INPUT_IDS must be one prompt per request ([1, tokens]), got shape {list(input_ids.shape)}")
         params = read_params(request)
-        params.validate(self.max_tokens_limit)
         if params.response_format.constrained and self.scheduler != "inflight":
             raise ParameterError("response_format needs the in-flight scheduler (render --scheduler inflight)")
-        if params.max_tokens is None:
-            if len(input_ids) >= self.generator.max_context:
-                raise ParameterError(
-                    f"prompt of {len(input_ids)} tokens leaves no room for an answer in the model's context of "
-                    f"{self.generator.max_context} tokens; shorten the prompt"
-                )
-        elif len(input_ids) + params.max_tokens > self.generator.max_context:
-            raise ParameterError(
-                f"prompt of {len(input_ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
-                f"context of {self.generator.max_context} tokens; shorten the prompt or lower max_tokens"
-            )
         # Copies: in flight, the engine reads them after `execute` has returned and Triton may have
         # released the request's input buffers.
         language_tensors = {
             name.lower(): required_input(request, name)[0].copy() for name, _, _ in LANGUAGE_IMAGE_TENSORS[self.family]
         }
         generation_request = GenerationRequest(
-            input_ids=input_ids.astype(np.int64),
+            input_ids=input_ids[0].astype(np.int64),
             params=params,
             image_embeds=required_input(request, "IMAGE_EMBEDS")[0].copy(),
             language_tensors=language_tensors,
             image_tokens=int(_scalar(request, "IMAGE_TOKENS", 0)),
         )
-        self.generator.check_images(generation_request)
+        self.generator.check_request(generation_request)
         return generation_request
 
     def execute(self, requests):

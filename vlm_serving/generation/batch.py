@@ -52,7 +52,9 @@ class RequestUpdate:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     image_tokens: int = 0
-    # Mean log-probability of the generated tokens under the model (0 = certain); 0 before any token.
+    # Mean log-probability of the generated tokens (0 = certain; 0 before any token), each under the
+    # distribution it was chosen from: the model's own, renormalised over the tokens the response
+    # format allows (a token the format forces counts as certain). Penalties and temperature do not enter.
     confidence: float = 0.0
     # SamplingParams.logprobs: one entry per token of `token_ids` (`TokenBytes.entry` and its
     # "top_logprobs"); empty when not asked.
@@ -73,7 +75,9 @@ class RowProgress:
         self.text = TextAssembler(tokenizer, request.params.stop)
         self.eos_ids = eos_ids
         self.token_bytes = token_bytes
-        self.logprobs: list[float] = []
+        # Each generated token's log-probability under the distribution it was chosen from (see
+        # RequestUpdate.confidence); one per generated token, the end token included.
+        self.chosen_logprobs: list[float] = []
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[dict] = []
         self.finish_reason = ""
@@ -84,12 +88,13 @@ class RowProgress:
         return self.text.token_ids
 
     def advance(self, token: int, logprob: float, is_cancelled: Callable[[], bool],
-                alternatives: list[tuple[int, float]] = ()) -> RequestUpdate | None:
-        """Take the row's next token, its log-probability and (top_logprobs) the most likely
-        tokens at its position: the final update if the row ends here, a text delta to stream,
-        or None (nothing to send yet)."""
+                alternatives: list[tuple[int, float]] = (), chosen_logprob: float | None = None) -> RequestUpdate | None:
+        """Take the row's next token, its log-probability under the model, (top_logprobs) the most
+        likely tokens at its position and (a constrained row) its log-probability among the tokens
+        the format allowed: the final update if the row ends here, a text delta to stream, or
+        None (nothing to send yet)."""
         params = self.request.params
-        self.logprobs.append(logprob)
+        self.chosen_logprobs.append(logprob if chosen_logprob is None else chosen_logprob)
         delta = ""
         if token in self.eos_ids:
             self.finish_reason = FINISH_STOP
@@ -102,7 +107,7 @@ class RowProgress:
             delta = self.text.add(token)
             if self.text.stopped:
                 self.finish_reason = FINISH_STOP
-            elif len(self.logprobs) >= params.max_tokens:
+            elif len(self.chosen_logprobs) >= params.max_tokens:
                 self.finish_reason = FINISH_LENGTH
             elif is_cancelled():
                 self.finish_reason = FINISH_CANCELLED
@@ -130,9 +135,9 @@ class RowProgress:
             finished=True,
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.request.input_ids),
-            completion_tokens=len(self.logprobs),
+            completion_tokens=len(self.chosen_logprobs),
             image_tokens=self.request.image_tokens,
-            confidence=float(np.mean(self.logprobs)) if self.logprobs else 0.0,
+            confidence=float(np.mean(self.chosen_logprobs)) if self.chosen_logprobs else 0.0,
             # Streaming: those since the last update; else every one (none was sent before).
             logprobs=self.pending_logprobs,
         )
@@ -301,6 +306,12 @@ def run_batch(
                 end_with_error(index, exc)
 
 
+def _describe_array(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} of shape {list(value.shape)}"
+    return type(value).__name__
+
+
 class BatchGenerator:
     """Runs batches of `GenerationRequest`s through one loaded model."""
 
@@ -320,9 +331,13 @@ class BatchGenerator:
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids))
         self.max_context = context_tokens(model.config)
         self.image_token_id = int(model.config.image_token_id)
+        embeddings = model.get_input_embeddings()
+        self.vocab_size, self.hidden_size = embeddings.num_embeddings, embeddings.embedding_dim
         # Qwen2.5-VL builds its 3-D (multimodal rotary) positions only when given the processor's
         # per-token modality ids (0 text, 1 image); Llava/Pixtral takes none.
         self.marks_modalities = family == "qwen2_5_vl"
+        # Qwen2.5-VL: an image's tokens are its grid's patches merged merge_size x merge_size.
+        self.merge_size = model.config.vision_config.spatial_merge_size if self.marks_modalities else 1
         # What requests get for the sampling fields they leave unset (the checkpoint's defaults).
         self.defaults = SamplingDefaults.from_generation_config(config.to_dict())
 
@@ -341,12 +356,65 @@ class BatchGenerator:
             )
         return replace(request, params=request.params.resolve(self.defaults, room))
 
-    def check_images(self, request: GenerationRequest) -> None:
-        """Every image token of the prompt needs one embedding row, and nothing more."""
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refuse what this model cannot run, with a ValueError naming the input and the fix
+        (ParameterError for a parameter): called where a request is submitted, before anything
+        reaches the device (there an out-of-range embedding index is a device-side assert that can
+        take the whole instance down), so a malformed request fails alone."""
+        ids = request.input_ids
+        if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"INPUT_IDS must be one row of integer token ids, got {_describe_array(ids)}")
+        if not len(ids):
+            raise ValueError("INPUT_IDS is empty; a prompt needs at least one token")
+        outside = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
+        if len(outside):
+            at = int(outside[0])
+            raise ValueError(f"INPUT_IDS[{at}] = {int(ids[at])} is outside this model's vocabulary (ids 0 to "
+                             f"{self.vocab_size - 1}); tokenize with the model's own tokenizer")
+        request.params.validate(self.max_tokens_limit or self.max_context)
+        max_tokens = request.params.max_tokens
+        if max_tokens is None and len(ids) >= self.max_context:
+            raise ParameterError(f"prompt of {len(ids)} tokens leaves no room for an answer in the model's context of "
+                                 f"{self.max_context} tokens; shorten the prompt")
+        if max_tokens is not None and len(ids) + max_tokens > self.max_context:
+            raise ParameterError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the model's context "
+                                 f"of {self.max_context} tokens; shorten the prompt or lower max_tokens")
+        self._check_image_embeds(request)
+        if self.marks_modalities:
+            self._check_image_grid(ids, request.language_tensors.get("image_grid_thw"))
+
+    def _check_image_embeds(self, request: GenerationRequest) -> None:
+        """Every image token of the prompt needs one embedding row of the model's width, and nothing more."""
         placeholders = int((request.input_ids == self.image_token_id).sum())
-        rows = 0 if request.image_embeds is None else len(request.image_embeds)
+        embeds = request.image_embeds
+        if embeds is not None and (not isinstance(embeds, np.ndarray) or embeds.ndim != 2 or embeds.dtype.kind != "f"):
+            raise ValueError(f"IMAGE_EMBEDS must be [image tokens, {self.hidden_size}] floats, got {_describe_array(embeds)}")
+        rows = 0 if embeds is None else len(embeds)
         if placeholders != rows:
             raise ValueError(f"the prompt holds {placeholders} image token(s) but {rows} image embedding row(s) came with it")
+        if rows and embeds.shape[1] != self.hidden_size:
+            raise ValueError(f"IMAGE_EMBEDS rows are {embeds.shape[1]} wide; this model's embeddings are "
+                             f"{self.hidden_size} wide (the rows must come from this model's own vision encoder)")
+
+    def _check_image_grid(self, ids: np.ndarray, grid) -> None:
+        """Qwen2.5-VL: one IMAGE_GRID_THW row per image (a run of image tokens), whose merged patches
+        are exactly that run's tokens: its 3-D positions are built from them."""
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], (ids == self.image_token_id).astype(np.int8), [0]])))
+        runs = (edges[1::2] - edges[0::2]).tolist()
+        grid = np.zeros((0, 3), np.int64) if grid is None else grid
+        if not isinstance(grid, np.ndarray) or grid.ndim != 2 or grid.shape[1] != 3 or grid.dtype.kind not in "iu":
+            raise ValueError(f"IMAGE_GRID_THW must be [images, 3] integers, got {_describe_array(grid)}")
+        if len(grid) != len(runs):
+            raise ValueError(f"IMAGE_GRID_THW describes {len(grid)} image(s) but the prompt holds {len(runs)} run(s) of "
+                             "image tokens; send the preprocessing step's grid with its prompt")
+        merge = self.merge_size
+        for index, ((t, h, w), tokens) in enumerate(zip(grid.tolist(), runs)):
+            if t < 1 or h < merge or w < merge or h % merge or w % merge:
+                raise ValueError(f"IMAGE_GRID_THW[{index}] = {[t, h, w]} is not a grid of patches (temporal at least 1, "
+                                 f"height and width positive multiples of {merge})")
+            if t * h * w // merge**2 != tokens:
+                raise ValueError(f"IMAGE_GRID_THW[{index}] = {[t, h, w]} makes {t * h * w // merge**2} image tokens but "
+                                 f"image {index} of the prompt has {tokens}; send the preprocessing step's grid with its prompt")
 
     def generate(
         self,

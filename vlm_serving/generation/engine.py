@@ -9,7 +9,7 @@ One `InflightEngine` per generation instance owns the running batch. Each `step(
 4. runs one decode step for every running row and streams each row's new text;
 5. retires finished, stopped and failed rows, freeing their cache.
 
-Admission reserves each row's prompt + max_tokens, so no row is ever preempted. A request that
+Admission reserves each row's prompt + max_tokens, so no row is preempted for cache room. A request that
 leaves max_tokens unset reserves what the context (or the cache budget, where smaller) leaves after
 its prompt, at most max_tokens_limit: the longest answer it may take. Measured on the CPU profile
 with the tiny checkpoints (context = max_tokens_limit = 4,096): 8 and 16 concurrent such requests
@@ -29,9 +29,29 @@ and not a slot or paged cache (measured by `perf/engine.py`).
 Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
 positions (images take fewer positions than tokens) follow every row exactly; image embeddings
 enter at prefill only. Each row keeps its own parameters, seed, stop sequences, penalties and
-cancellation; greedy rows give exactly plain `generate`'s tokens. Log-probabilities (the
-confidence, logprobs and their alternatives) are the model's own: the log-softmax of the logits
-before any penalty, top-k/top-p cut or grammar mask; rows that do not ask for them cost nothing more.
+cancellation; greedy rows give exactly plain `generate`'s tokens. Log-probabilities (logprobs and
+their alternatives) are the model's own: the log-softmax of the logits before any penalty,
+top-k/top-p cut or grammar mask; rows that do not ask for them cost nothing more. The confidence
+(the mean log-probability of the chosen tokens, which model `auto` routes by) is taken over the
+distribution a row chose from: the model's own, renormalised over the tokens its response format
+allows, so a token the format forces (a JSON key, the one allowed string) counts as certain and
+only the model's real choices count as doubt; free-text rows are unchanged by this.
+
+One request never fails another:
+- everything a request holds is checked at submission (`BatchGenerator.check_request`: token ids
+  in the vocabulary, image rows of the model's width, Qwen2.5-VL's grid against its image tokens,
+  lengths), and its positions are computed there, on the CPU: a malformed request is refused
+  before anything reaches the device, where an out-of-range index is a device-side assert;
+- every row is always in exactly one of the waiting queue, the prefill group and the running
+  batch until it has had its one final response (an update that ends it, or an error);
+- each row's prompt embeddings are built in their own try (a fault fails that row); a prefill
+  forward that fails cannot be pinned on one row, so its rows, none answered yet, go back to the
+  front of the queue to be prefilled one at a time, and only a row that fails alone fails;
+- out of memory: a prefill group is retried one row at a time as above; a decode step drops its
+  newest row (failed with an error saying so) and the others go on; merging a group into the
+  batch fails that group's rows (the newest) and leaves the batch whole.
+A decode forward that fails for any other reason fails the running rows (the step is shared);
+an error escaping a step (a bug) ends what the engine holds (`EngineLoop`).
 """
 
 from __future__ import annotations
@@ -43,7 +63,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -51,7 +70,7 @@ from vlm_serving.generation.batch import (
     FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
     penalize_occurrences, penalize_repetitions, top_alternatives,
 )
-from vlm_serving.generation.grammar import FormatCompiler, RowGrammar, mask_rows
+from vlm_serving.generation.grammar import FormatCompiler, RowGrammar, TokenMasks
 from vlm_serving.generation.sampling import ParameterError
 from vlm_serving.generation.scheduling import EngineLimits
 from vlm_serving.tools import CALL_WRAPPERS
@@ -59,6 +78,10 @@ from vlm_serving.tools import CALL_WRAPPERS
 
 class EngineFull(RuntimeError):
     """The waiting queue is full: the request is refused now (retry later), never queued without bound."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory for this row; the rows beside it went on."""
 
 
 @dataclass
@@ -100,20 +123,25 @@ class _Row:
     seen: list[int]
     # Prompt + max_tokens: the most cache columns this row can ever hold.
     reserve: int
+    # The prompt's positions, on the CPU: [3, tokens] (Qwen2.5-VL's temporal, height, width) or [tokens].
+    positions: torch.Tensor
     # The row's response format, where it has one (constrained decoding).
     grammar: RowGrammar | None = None
     # Where the row's last chosen token (fed at the next decode step) sits.
     next_position: int = 0
     last_token: int = 0
+    # Prefilled in a group of its own: its group's prefill failed, and alone it fails by itself.
+    alone: bool = False
     ended: bool = False
 
 
 @dataclass
 class _PrefillGroup:
-    """Rows prefilled together: their padded prompt embeddings, positions, and own cache so far."""
+    """Rows prefilled together: each one's prompt embeddings, their left-padded mask and positions,
+    and their own cache so far."""
 
     rows: list[_Row]
-    embeds: torch.Tensor  # [rows, columns, hidden]
+    embeds: list[torch.Tensor]  # per row [prompt tokens, hidden]
     mask: torch.Tensor  # [rows, columns], 0 on the left padding
     positions: torch.Tensor  # [3, rows, columns] (Qwen2.5-VL) or [rows, columns]
     cache: DynamicCache = field(default_factory=DynamicCache)
@@ -122,6 +150,16 @@ class _PrefillGroup:
     @property
     def columns(self) -> int:
         return self.mask.shape[1]
+
+    def embeds_between(self, start: int, end: int) -> torch.Tensor:
+        """Columns start:end of the rows' left-padded embeddings, [rows, end - start, hidden]: only
+        a chunk is ever padded (the whole group padded would be [rows, longest, hidden])."""
+        pieces = []
+        for embeds in self.embeds:
+            pad = self.columns - len(embeds)
+            piece = embeds[max(start - pad, 0) : max(end - pad, 0)]
+            pieces.append(torch.nn.functional.pad(piece, (0, 0, end - start - len(piece), 0)))
+        return torch.stack(pieces)
 
 
 class InflightEngine:
@@ -148,8 +186,9 @@ class InflightEngine:
     # ----- admission (any thread) -----
 
     def submit(self, request: GenerationRequest, sink: RequestSink) -> None:
-        """Queue a request. Raises ParameterError if it can never fit, EngineFull if the queue is full."""
-        self.generator.check_images(request)
+        """Queue a request. Raises ValueError naming what is wrong with it (ParameterError for a
+        parameter, or a request that can never fit), EngineFull if the queue is full."""
+        self.generator.check_request(request)
         # An unset max_tokens: up to the context or this instance's whole cache budget, whichever is less.
         request = self.generator.resolve(request, context=min(self.generator.max_context, self.limits.cache_tokens))
         reserve = len(request.input_ids) + request.params.max_tokens
@@ -165,7 +204,9 @@ class InflightEngine:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         progress = RowProgress(request, self.generator.tokenizer, self.generator.eos_ids, self.generator.token_bytes)
-        row = _Row(request, sink, progress, generator, request.input_ids.tolist(), reserve, grammar)
+        positions = self._prompt_positions(request)
+        row = _Row(request, sink, progress, generator, request.input_ids.tolist(), reserve, positions, grammar,
+                   next_position=int(positions.max()) + 1)
         with self._lock:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise EngineFull(
@@ -248,6 +289,8 @@ class InflightEngine:
                 if candidate.sink.is_cancelled():
                     gone.append(self._waiting.popleft())
                     continue
+                if candidate.alone and admitted:
+                    break
                 rows = self._running + admitted + [candidate]
                 if len(rows) > self.limits.max_running:
                     break
@@ -256,35 +299,55 @@ class InflightEngine:
                 if len(rows) * max(row.reserve for row in rows) > self.limits.cache_tokens:
                     break
                 admitted.append(self._waiting.popleft())
+                if candidate.alone:
+                    break
             self.stats.waiting = len(self._waiting)
         for row in gone:
             self._finish(row, row.progress.end(FINISH_CANCELLED))
         if admitted:
             self._prefill = self._prefill_group(admitted)
 
-    def _prefill_group(self, rows: list[_Row]) -> _PrefillGroup:
-        generator = self.generator
-        longest = max(len(row.request.input_ids) for row in rows)
-        hidden = self.model.get_input_embeddings()
-        embeds, masks, positions = [], [], []
-        for row in rows:
-            request = row.request
-            ids = torch.from_numpy(request.input_ids).to(self.device)
-            row_embeds = hidden(ids)
-            if request.image_embeds is not None and len(request.image_embeds):
-                image_rows = torch.from_numpy(request.image_embeds).to(row_embeds)
-                row_embeds = row_embeds.masked_scatter((ids == generator.image_token_id)[:, None], image_rows)
-            row_positions = self._prompt_positions(request, ids)
-            row.next_position = int(row_positions.max()) + 1
-            pad = longest - len(ids)
-            embeds.append(torch.nn.functional.pad(row_embeds, (0, 0, pad, 0)))
-            masks.append(torch.nn.functional.pad(torch.ones_like(ids), (pad, 0)))
-            positions.append(torch.nn.functional.pad(row_positions, (pad, 0), value=1))
-        return _PrefillGroup(rows, torch.stack(embeds), torch.stack(masks), torch.stack(positions, dim=-2))
+    def _prefill_group(self, rows: list[_Row]) -> _PrefillGroup | None:
+        """The rows' group, with each row's prompt embeddings built in its own try: a row whose
+        embeddings fail ends with its error, the others go on. Out of memory fails no row here
+        (`_prefill_failed`). None when no row is left."""
+        built: list[tuple[_Row, torch.Tensor]] = []
+        try:
+            for row in rows:
+                try:
+                    built.append((row, self._prompt_embeds(row.request)))
+                except Exception as exc:
+                    if _out_of_memory(exc):
+                        raise
+                    self._fail([row], exc)
+            if not built:
+                return None
+            longest = max(len(embeds) for _, embeds in built)
+            masks = [torch.nn.functional.pad(torch.ones(len(embeds), dtype=torch.long), (longest - len(embeds), 0))
+                     for _, embeds in built]
+            positions = [torch.nn.functional.pad(row.positions, (longest - len(embeds), 0), value=1)
+                         for row, embeds in built]
+            return _PrefillGroup([row for row, _ in built], [embeds for _, embeds in built],
+                                 torch.stack(masks).to(self.device), torch.stack(positions, dim=-2).to(self.device))
+        except Exception as exc:
+            self._prefill_failed([row for row in rows if not row.ended], exc)
+            return None
 
-    def _prompt_positions(self, request: GenerationRequest, ids: torch.Tensor) -> torch.Tensor:
-        """[3, tokens] (Qwen2.5-VL's temporal, height, width) or [tokens] positions of a prompt."""
-        arange = torch.arange(len(ids), device=self.device)
+    def _prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
+        """[prompt tokens, hidden]: the tokens' embeddings with the image tokens' rows replaced by the
+        encoder's (`check_request` made sure both fit)."""
+        ids = torch.from_numpy(request.input_ids).to(self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        if request.image_embeds is not None and len(request.image_embeds):
+            image_rows = torch.from_numpy(request.image_embeds).to(embeds)
+            embeds = embeds.masked_scatter((ids == self.generator.image_token_id)[:, None], image_rows)
+        return embeds
+
+    def _prompt_positions(self, request: GenerationRequest) -> torch.Tensor:
+        """[3, tokens] (Qwen2.5-VL's temporal, height, width) or [tokens] positions of a checked
+        prompt, computed on the CPU at submission (a fault here is the submitter's error)."""
+        ids = torch.from_numpy(request.input_ids)
+        arange = torch.arange(len(ids))
         if not self.generator.marks_modalities:
             return arange
         grid = request.language_tensors.get("image_grid_thw")
@@ -292,8 +355,7 @@ class InflightEngine:
             return arange.expand(3, -1)
         image_tokens = (ids == self.generator.image_token_id).to(torch.int32)
         positions, _ = self.model.model.get_rope_index(
-            ids[None], mm_token_type_ids=image_tokens[None],
-            image_grid_thw=torch.from_numpy(np.asarray(grid)).to(self.device),
+            ids[None], mm_token_type_ids=image_tokens[None], image_grid_thw=torch.from_numpy(grid),
             attention_mask=torch.ones_like(ids)[None],
         )
         return positions[:, 0]
@@ -304,26 +366,48 @@ class InflightEngine:
         end = min(group.columns, group.done + width)
         try:
             out = self.model(
-                inputs_embeds=group.embeds[:, group.done : end],
+                inputs_embeds=group.embeds_between(group.done, end),
                 attention_mask=group.mask[:, :end],
                 position_ids=group.positions[..., group.done : end],
                 cache=group.cache, use_cache=True, logits_to_keep=1,
             )
         except Exception as exc:
             self._prefill = None
-            self._fail(group.rows, exc)
+            self._prefill_failed([row for row in group.rows if not row.ended], exc)
             return
         self.stats.prefill_tokens += int(group.mask[:, group.done : end].sum())
         group.done = end
-        if end == group.columns:
-            self._prefill = None
-            self._advance(group.rows, out.logits[:, -1])
-            started = time.perf_counter()
+        if end < group.columns:
+            return
+        # The group stays the engine's until its rows are in the running batch: whatever fails
+        # before that (a bug escaping the step included) still answers them.
+        self._advance(group.rows, out.logits[:, -1])
+        started = time.perf_counter()
+        try:
             self._join(group)
-            self.stats.cache_seconds += time.perf_counter() - started
+        except Exception as exc:  # out of memory merging: the group's rows are the newest
+            self._fail(group.rows, _explain(exc, f"merging {len(group.rows)} new row(s) into the running batch"))
+        self._prefill = None
+        self.stats.cache_seconds += time.perf_counter() - started
+
+    def _prefill_failed(self, rows: list[_Row], exc: Exception) -> None:
+        """A prefill that failed before any of its rows was answered. Alone, the row fails. In a
+        group, the fault (or the memory) cannot be pinned on one row: the rows go back to the front
+        of the queue, in order, to be prefilled one at a time, so only a row that fails alone fails."""
+        if len(rows) == 1:
+            prompt = len(rows[0].request.input_ids)
+            self._fail(rows, _explain(exc, f"prefilling a prompt of {prompt} tokens beside {len(self._running)} "
+                                           "running row(s)"))
+            return
+        for row in rows:
+            row.alone = True
+        with self._lock:
+            self._waiting.extendleft(reversed(rows))
+            self.stats.waiting = len(self._waiting)
 
     def _join(self, group: _PrefillGroup) -> None:
-        """Merge a prefilled group's cache into the running batch (rows that already ended left out)."""
+        """Merge a prefilled group's cache into the running batch (rows that already ended left out).
+        The batch changes only once every layer is merged: a failure midway leaves it whole."""
         keep = [i for i, row in enumerate(group.rows) if not row.ended]
         if not keep:
             return
@@ -336,10 +420,13 @@ class InflightEngine:
             self._trim()
             return
         columns = max(self._mask.shape[1], mask.shape[1])
-        for ours, theirs in zip(self._cache.layers, cache.layers):
-            ours.keys = torch.cat([_pad_left(ours.keys, columns), _pad_left(theirs.keys, columns)])
-            ours.values = torch.cat([_pad_left(ours.values, columns), _pad_left(theirs.values, columns)])
-        self._mask = torch.cat([_pad_left(self._mask, columns), _pad_left(mask, columns)])
+        merged = [(torch.cat([_pad_left(ours.keys, columns), _pad_left(theirs.keys, columns)]),
+                   torch.cat([_pad_left(ours.values, columns), _pad_left(theirs.values, columns)]))
+                  for ours, theirs in zip(self._cache.layers, cache.layers)]
+        mask = torch.cat([_pad_left(self._mask, columns), _pad_left(mask, columns)])
+        for layer, (keys, values) in zip(self._cache.layers, merged):
+            layer.keys, layer.values = keys, values
+        self._mask = mask
         self._running += rows
 
     def _decode(self) -> None:
@@ -348,13 +435,13 @@ class InflightEngine:
         position = torch.tensor([[row.next_position] for row in rows], device=self.device)
         if self.generator.marks_modalities:
             position = position.expand(3, -1, -1)
+        columns = self._mask.shape[1]
         self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
         try:
             out = self.model(input_ids=last, attention_mask=self._mask, position_ids=position,
                              cache=self._cache, use_cache=True)
         except Exception as exc:
-            self._running, self._cache, self._mask = [], None, None
-            self._fail(rows, exc)
+            self._decode_failed(exc, columns)
             return
         self.stats.decode_tokens += len(rows)
         for row in rows:
@@ -364,31 +451,57 @@ class InflightEngine:
         self._retire()
         self.stats.cache_seconds += time.perf_counter() - started
 
+    def _decode_failed(self, exc: Exception, columns: int) -> None:
+        """A decode step failed. Out of memory: the step is undone, the newest row fails and the
+        others go on at the next step. Anything else cannot be pinned on a row: the running rows fail."""
+        rows = self._running
+        live = [row for row in rows if not row.ended]
+        if not (_out_of_memory(exc) and len(live) > 1):
+            self._running, self._cache, self._mask = [], None, None
+            self._fail(rows, _explain(exc, f"decoding {len(live)} row(s)"))
+            return
+        # The layers the forward reached hold the step's column already.
+        self._mask = self._mask[:, :columns]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :columns], layer.values[:, :, :columns]
+        self._fail(live[-1:], _explain(exc, f"decoding {len(live)} rows; this one, the newest, was ended so that the "
+                                            "others go on"))
+        self._retire()
+
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Choose each row's next token from its logits; stream it; end the rows that are done."""
         scores = logits.float()
+        # The model's own distribution: what logprobs and their alternatives report.
         logprobs = torch.log_softmax(scores, dim=-1)
         params = [row.request.params for row in rows]
         alternatives = top_alternatives(logprobs, params)
+        masks = TokenMasks.of([None if row.ended else row.grammar for row in rows], self.vocab_size)
+        # What the confidence averages: the distribution each row chose from, renormalised over
+        # what its format allows (a forced token is certain), before penalties and temperature.
+        allowed = logprobs if masks is None else masks.renormalised(logprobs)
         penalize_repetitions(scores, [row.seen for row in rows], params)
         penalize_occurrences(scores, [row.progress.answer_ids for row in rows], params)
-        mask_rows(scores, [None if row.ended else row.grammar for row in rows], self.vocab_size)
-        tokens = choose_tokens(scores, params, [row.generator for row in rows]).tolist()
+        if masks is not None:
+            masks.apply(scores)
+        chosen = choose_tokens(scores, params, [row.generator for row in rows])
+        tokens = chosen.tolist()
+        model_logprobs = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        allowed_logprobs = model_logprobs if masks is None else allowed.gather(1, chosen[:, None])[:, 0].tolist()
         for i, (row, token) in enumerate(zip(rows, tokens)):
             if row.ended:  # cancelled while its group was prefilled
                 continue
-            if row.grammar is not None:
-                try:
+            try:  # a fault in one row's own bookkeeping (its grammar, its text) ends that row alone
+                if row.grammar is not None:
                     row.grammar.accept(token)
-                except RuntimeError as exc:
-                    self._fail([row], exc)
-                    continue
-            row.seen.append(token)
-            row.last_token = token
-            # Cancellation is read once per step, before the forward (`_end_cancelled`): in Triton
-            # each read crosses to the server process.
-            update = row.progress.advance(token, float(logprobs[i, token]), _never,
-                                          alternatives[i] if alternatives else ())
+                row.seen.append(token)
+                row.last_token = token
+                # Cancellation is read once per step, before the forward (`_end_cancelled`): in
+                # Triton each read crosses to the server process.
+                update = row.progress.advance(token, model_logprobs[i], _never,
+                                              alternatives[i] if alternatives else (), allowed_logprobs[i])
+            except Exception as exc:
+                self._fail([row], exc)
+                continue
             if update is None:
                 continue
             if update.finished:
@@ -403,7 +516,12 @@ class InflightEngine:
         if not keep:
             self._running, self._cache, self._mask = [], None, None
             return
-        self._cache, self._mask = _select(self._cache, self._mask, keep)
+        try:
+            self._cache, self._mask = _select(self._cache, self._mask, keep)
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            return  # the ended rows stay in the batch, skipped, until a later step has the memory to drop them
         self._running = [self._running[i] for i in keep]
         self._trim()
 
@@ -477,6 +595,25 @@ def _never() -> bool:
     return False
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error (CUDA and the others), or an allocator's RuntimeError saying so."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(words in str(exc) for words in ("out of memory", "not enough memory")))
+
+
+def _explain(exc: Exception, doing: str) -> Exception:
+    """What the row's caller gets: out of memory said as such, with what the engine was doing;
+    any other error as it is."""
+    if _out_of_memory(exc):
+        return OutOfMemory(f"out of memory {doing}; retry later ({_first_line(exc)})")
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     """Left-pad the column dimension (-2 of a cache [rows, heads, columns, dim], -1 of a mask) with zeros."""
     dim = -1 if tensor.dim() == 2 else -2
@@ -487,11 +624,13 @@ def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 def _select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    """The `keep` rows of a cache and its mask; the cache changes only once every layer is selected."""
     index = torch.tensor(keep, device=mask.device)
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)
-        layer.values = layer.values.index_select(0, index)
-    return cache, mask.index_select(0, index)
+    selected = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
+    mask = mask.index_select(0, index)
+    for layer, (keys, values) in zip(cache.layers, selected):
+        layer.keys, layer.values = keys, values
+    return cache, mask
 
 
 class EngineLoop:

@@ -142,6 +142,10 @@ class SamplingParams:
              f"{len(self.stop)} stop sequences is over the limit of {MAX_STOP_SEQUENCES}"),
             ("stop", all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
              f"each stop sequence must be 1 to {MAX_STOP_CHARS} characters"),
+            # A stop sequence inside a constrained answer would end it before its format is complete.
+            ("stop", not (self.stop and self.response_format.constrained),
+             "stop sequences cannot end a constrained answer (a response_format, a task or a required tool call) "
+             "before its format is complete; leave stop unset: the format decides where the answer ends"),
         ]
         return [(name, message) for name, ok, message in checks if not ok] + [
             ("response_format", message) for message in self.response_format.violations()]
