@@ -22,7 +22,9 @@
 13. the OpenAI-compatible HTTP API's throughput / gRPC's, through the same gateway, c=16;
 14. a gateway over two Triton servers / over one, same machine, c=16 (perf/pool_row.py);
 15. the front door under hostile traffic: memory while refusing compressed calls without a key,
-   time to refuse floods of parts (perf/front_door_row.py).
+   time to refuse floods of parts (perf/front_door_row.py);
+16. steady callers' latency beside impatient callers with 12 MB images and 20-110 ms deadlines
+   (perf/chaos_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -330,6 +332,10 @@ def main() -> int:
         from perf import front_door_row
 
         rows += front_door_row.rows(gateway, KEY)
+
+        from perf import chaos_row
+
+        rows += chaos_row.rows(gateway, batched, KEY)
 
         progress("row 14: a gateway over two Triton servers against one")
         from perf import pool_row
