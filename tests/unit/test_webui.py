@@ -186,6 +186,22 @@ def test_a_box_is_drawn_around_its_object_on_the_upright_picture(tmp_path, kind,
     assert np.allclose(extent(outline), extent(blue), atol=2), (extent(outline), extent(blue))
 
 
+def test_boxes_outside_the_image_are_said_not_silently_missing(photo):
+    found = vlm_pb2.GenerateStreamResponse(detections=vlm_pb2.Detections(detections=[
+        vlm_pb2.Detection(label="car", box=vlm_pb2.Box(x_min=1, y_min=1, x_max=20, y_max=20))], boxes_outside=2))
+    gallery, _, markdown = result_views(found, [photo])
+    assert gallery["visible"] and markdown == {"__type__": "update", "value": "*2 boxes outside the image, not drawn*",
+                                               "visible": True}
+    none_inside = vlm_pb2.GenerateStreamResponse(detections=vlm_pb2.Detections(boxes_outside=1))
+    gallery, _, markdown = result_views(none_inside, [photo])
+    assert not gallery["visible"] and markdown["value"] == "*1 box outside the image, not drawn*"
+    lines = vlm_pb2.GenerateStreamResponse(text_lines=vlm_pb2.TextLines(lines=[vlm_pb2.TextLine(text="EXIT")],
+                                                                        boxes_outside=1))
+    assert result_views(lines, [photo])[2]["value"] == "- EXIT\n\n*1 box outside the image, not drawn*"
+    whole = vlm_pb2.GenerateStreamResponse(detections=vlm_pb2.Detections(detections=found.detections.detections))
+    assert not result_views(whole, [photo])[2]["visible"]
+
+
 def test_each_result_type_shows_its_panel(photo, tmp_path):
     other = tmp_path / "other.png"
     other.write_bytes(encode(picture(50, 50, seed=2)))

@@ -141,6 +141,13 @@ def draw_boxes(images: Sequence[str], boxes: Sequence[tuple[int, vlm_pb2.Box, st
     return drawn
 
 
+def outside_note(count: int) -> str | None:
+    """What the page says of the boxes the service dropped (none of their area inside the image)."""
+    if not count:
+        return None
+    return f"*{count} box{'es' if count != 1 else ''} outside the image, not drawn*"
+
+
 def result_views(last: vlm_pb2.GenerateStreamResponse | None, images: Sequence[str]) -> tuple[dict, dict, dict]:
     """Updates of the three result panels (boxes gallery, table, Markdown) for a finished answer:
     the panel of its result type shown, the others hidden."""
@@ -149,10 +156,12 @@ def result_views(last: vlm_pb2.GenerateStreamResponse | None, images: Sequence[s
     gallery = table = markdown = None
     if kind == "detections":
         gallery = draw_boxes(images, [(d.image_index, d.box, d.label) for d in result.detections])
+        markdown = outside_note(result.boxes_outside)
     elif kind == "text_lines":
         gallery = draw_boxes(images, [(line.image_index, line.box, line.text) for line in result.lines
                                       if line.HasField("box")])
-        markdown = "\n".join(f"- {line.text}" for line in result.lines)
+        markdown = "\n".join([f"- {line.text}" for line in result.lines]
+                             + ([f"\n{outside_note(result.boxes_outside)}"] if result.boxes_outside else []))
     elif kind == "table":
         width = len(result.header)
         rows = [list(row.cells)[:width] + [""] * (width - len(row.cells)) for row in result.rows]
