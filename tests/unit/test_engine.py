@@ -68,11 +68,15 @@ class Caller:
 
 def drive(engine: InflightEngine, arrivals: dict[int, list], check=lambda engine: None, limit: int = 5000) -> int:
     """Step the engine, submitting each (caller, request) at its step number; the steps taken."""
-    step = 0
+    step = submitted = 0
     while (arrivals and step <= max(arrivals)) or not engine.idle:
-        for caller, request in arrivals.get(step, []):
+        for caller, request in arrivals.get(step, []) if step == submitted else []:
             engine.submit(request, caller.sink())
-        engine.step()
+        submitted = step + 1
+        if not engine.step() and not engine.idle:  # the waiting rows' grammars are compiling
+            assert engine.wakeup.wait(timeout=60), "a grammar never finished compiling"
+            engine.wakeup.clear()
+            continue
         check(engine)
         step += 1
         assert step < limit

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 
 import jsonschema
 import pytest
@@ -12,7 +14,7 @@ from tests.conftest import FAMILIES, picture
 from tests.families import Family, ask
 from tests.reference import served_size, transformers_generate
 from tests.unit.test_engine import Caller, drive
-from vlm_serving.generation.engine import InflightEngine
+from vlm_serving.generation.engine import EngineLoop, InflightEngine
 from vlm_serving.generation.sampling import ParameterError
 from vlm_serving.generation.scheduling import EngineLimits
 from vlm_serving.generation.structured import ResponseFormat
@@ -155,10 +157,20 @@ def test_a_greedy_answer_cut_by_max_tokens_ends_with_length(family):
     (ResponseFormat("choice", choices=("a", "a")), "the choices repeat"),
 ])
 def test_a_bad_format_is_refused_before_any_generation_naming_the_problem(family, response_format, message):
+    """Broken rules are refused at submission; what only the grammar engine finds (it compiles off
+    the caller's thread) is the request's one answer, before it takes a row."""
     engine = InflightEngine(family.generator)
-    with pytest.raises(ParameterError, match=re.escape(message)):
-        engine.submit(family.request(ask("hi"), [], response_format=response_format), Caller().sink())
-    assert engine.idle
+    caller = Caller()
+    try:
+        engine.submit(family.request(ask("hi"), [], response_format=response_format), caller.sink())
+    except ParameterError as exc:
+        error = exc
+    else:
+        drive(engine, {})
+        assert not caller.updates and len(caller.errors) == 1
+        error = caller.errors[0]
+    assert isinstance(error, ParameterError) and message in str(error)
+    assert engine.idle and engine.stats.prefill_tokens == 0
 
 
 def test_compiled_formats_are_cached_by_their_canonical_form_within_a_byte_bound(family):
@@ -175,6 +187,120 @@ def test_compiled_formats_are_cached_by_their_canonical_form_within_a_byte_bound
         assert compiler.cached_bytes <= compiler.cache_bytes or len(compiler.cache) == 1
     assert nested not in compiler.cache, "the least recently used grammar was evicted"
     assert compiler.cached_bytes == sum(grammar.memory_size_bytes for grammar in compiler.cache.values())
+
+
+class HeldCompiler:
+    """The engine's real compiler with each compile held until `release` (a real vocabulary's
+    compile takes seconds), counting the compiles."""
+
+    def __init__(self, family: Family):
+        from vlm_serving.generation.grammar import FormatCompiler
+
+        self.compiler = FormatCompiler.for_tokenizer(family.generator.tokenizer,
+                                                     family.generator.model.config.get_text_config().vocab_size,
+                                                     family.generator.eos_ids)
+        self.release = threading.Event()
+        self.compiles = 0
+        compile_now = self.compiler._compile
+
+        def held(response_format):
+            self.compiles += 1
+            assert self.release.wait(timeout=60)
+            return compile_now(response_format)
+
+        self.compiler._compile = held
+
+
+def test_a_compiling_format_holds_only_its_own_row_and_is_compiled_once(family):
+    engine = InflightEngine(family.generator)
+    held = HeldCompiler(family)
+    engine.formats = held.compiler
+    schema = ResponseFormat("json_schema", schema=json.dumps(SCHEMAS["arrays and enums"]))
+    constrained = [Caller() for _ in range(2)]
+    submitted = threading.Event()
+
+    def submit_constrained():
+        for seed, caller in enumerate(constrained):
+            engine.submit(family.request(ask("Tags?"), [], max_tokens=64, temperature=1.0, seed=seed,
+                                         response_format=schema), caller.sink())
+        submitted.set()
+
+    threading.Thread(target=submit_constrained, daemon=True).start()
+    assert submitted.wait(timeout=10), "submission (Triton's execute thread) waited for the compile"
+    free = Caller()
+    engine.submit(family.request(ask("Hello there"), [], max_tokens=10), free.sink())
+    for _ in range(200):
+        if free.done:
+            break
+        engine.step()
+    assert free.done and not free.errors, "the free request was served while the format compiled"
+    assert not any(caller.updates or caller.errors for caller in constrained) and engine.stats.waiting == 2
+    assert not engine.step(), "with only compiling rows left the loop has nothing to do (it sleeps)"
+    held.release.set()
+    drive(engine, {})
+    assert held.compiles == 1, "the same format asked for twice while compiling is compiled once"
+    for caller in constrained:
+        assert caller.final.finish_reason == "stop"
+        jsonschema.validate(json.loads(caller.final.text), SCHEMAS["arrays and enums"])
+
+
+def test_the_loop_wakes_when_a_format_is_compiled(family):
+    engine = InflightEngine(family.generator)
+    held = HeldCompiler(family)
+    engine.formats = held.compiler
+    loop = EngineLoop(engine).start()
+    try:
+        caller = Caller()
+        engine.submit(family.request(ask("Tags?"), [], max_tokens=64, response_format=ResponseFormat(
+            "json_schema", schema=json.dumps(SCHEMAS["bounded numbers"]))), caller.sink())
+        time.sleep(1.5)  # the loop has gone to sleep (it waits up to 1 s at a time when idle)
+        released = time.monotonic()
+        held.release.set()
+        deadline = released + 30
+        while not caller.done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert caller.done and not caller.errors
+        print(f"answered {time.monotonic() - released:.3f} s after the compile ended")
+    finally:
+        loop.stop(grace_s=0, reason=RuntimeError("test over"))
+
+
+def test_masks_are_filled_on_another_thread_while_the_forward_runs(family):
+    """Each forward of a constrained row waits (up to 5 s) for its step's masks to be filled: they
+    can only be ready by then if the fill began before the forward and runs beside it."""
+    from vlm_serving.generation.grammar import MaskFiller
+
+    engine = InflightEngine(family.generator)
+    filled, fill_threads, seen = threading.Event(), set(), []
+
+    class SignallingFiller(MaskFiller):
+        def fill(self, *args):
+            masks = super().fill(*args)
+            fill_threads.add(threading.get_ident())
+            filled.set()
+            return masks
+
+    class ForwardBesideTheFill:
+        def __init__(self, model):
+            self.model = model
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def __call__(self, *args, **kwargs):
+            out = self.model(*args, **kwargs)
+            seen.append(filled.wait(timeout=5))
+            filled.clear()
+            return out
+
+    engine.masks = SignallingFiller(engine.vocab_size)
+    engine.model = ForwardBesideTheFill(engine.model)
+    caller = Caller()
+    drive(engine, {0: [(caller, family.request(ask("Tags?"), [], max_tokens=64, response_format=ResponseFormat(
+        "json_schema", schema=json.dumps(SCHEMAS["arrays and enums"]))))]})
+    jsonschema.validate(json.loads(caller.final.text), SCHEMAS["arrays and enums"])
+    assert seen and all(seen), f"masks ready during {sum(seen)} of {len(seen)} forwards"
+    assert threading.get_ident() not in fill_threads
 
 
 WEATHER = Tool("get_weather", "The weather at a place", json.dumps({

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlm_serving import tasks
 from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
 from vlm_serving.generation.cancellation import CancellationBoard
 from vlm_serving.deploy.render import LANGUAGE_IMAGE_TENSORS
@@ -149,6 +150,9 @@ class TritonPythonModel:
         if self.scheduler == "inflight":
             limits = EngineLimits.from_parameters(parameters)
             self.engine = InflightEngine(self.generator, limits)
+            # The tasks' schemas (one image) compile in the background from now: at a real
+            # vocabulary each takes seconds, which their first requests would otherwise wait.
+            self.engine.prepare_formats([tasks.output_format(task, 1) for task in tasks.STRUCTURED])
             log_error = lambda message: self.logger.log_error(f"{self.family}: {message}")  # noqa: E731
             self.metrics = EngineMetrics(args["model_name"], self.version, limits.cache_tokens, log_error)
             self.engine.on_step = self.metrics.update
@@ -218,7 +222,9 @@ class TritonPythonModel:
         return RequestSink(
             send_update=lambda update: sender.send(to_response(update, self.version, image_info),
                                                    flags=FINAL if update.finished else 0),
-            send_error=lambda exc: sender.send(error_response(exc, caller_error=False), flags=FINAL),
+            # A ParameterError after submission is the request's own: a format the grammar engine cannot compile.
+            send_error=lambda exc: sender.send(error_response(exc, caller_error=isinstance(exc, ParameterError)),
+                                               flags=FINAL),
             is_cancelled=lambda: request.is_cancelled() or self.cancellations.is_cancelled(request_id),
         )
 

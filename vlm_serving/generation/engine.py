@@ -3,10 +3,12 @@
 One `InflightEngine` per generation instance owns the running batch. Each `step()`:
 1. ends cancelled rows (waiting or running) and frees their cache at once;
 2. admits waiting requests while the batch has room: at most `max_running` rows, and a
-   key/value-cache budget in tokens that the admitted rows can never exceed however long they run;
+   key/value-cache budget in tokens that the admitted rows can never exceed however long they run
+   (a request whose response format is still compiling waits, and the ones behind it go first);
 3. prefills the admitted requests together, at most `prefill_chunk_tokens` tokens per step, so a
    long prompt with images never stalls the running rows for more than one chunk;
-4. runs one decode step for every running row and streams each row's new text;
+4. runs one decode step for every running row and streams each row's new text (the constrained
+   rows' masks are filled on another thread while the forward runs: `grammar.MaskFiller`);
 5. retires finished, stopped and failed rows, freeing their cache.
 
 Admission reserves each row's prompt + max_tokens, so no row is preempted for cache room. A request that
@@ -61,6 +63,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -70,9 +73,10 @@ from vlm_serving.generation.batch import (
     FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
     penalize_occurrences, penalize_repetitions, top_alternatives,
 )
-from vlm_serving.generation.grammar import FormatCompiler, RowGrammar, TokenMasks
+from vlm_serving.generation.grammar import FormatCompiler, MaskFiller, RowGrammar, TokenMasks
 from vlm_serving.generation.sampling import ParameterError
 from vlm_serving.generation.scheduling import EngineLimits
+from vlm_serving.generation.structured import ResponseFormat
 from vlm_serving.tools import CALL_WRAPPERS
 
 
@@ -108,12 +112,15 @@ class EngineStats:
     cache_seconds: float = 0.0
     steps: int = 0
     step_seconds: float = 0.0
+    # Seconds the steps waited, after their forward, for the constrained rows' masks (the grammar's
+    # cost on the critical path; the fill itself overlaps the forward).
+    mask_wait_seconds: float = 0.0
     decode_tokens: int = 0
     prefill_tokens: int = 0
     finished: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # a row is itself: the queue removes rows by identity
 class _Row:
     request: GenerationRequest
     sink: RequestSink
@@ -125,7 +132,7 @@ class _Row:
     reserve: int
     # The prompt's positions, on the CPU: [3, tokens] (Qwen2.5-VL's temporal, height, width) or [tokens].
     positions: torch.Tensor
-    # The row's response format, where it has one (constrained decoding).
+    # The row's response format, where it has one (constrained decoding; admitted once compiled).
     grammar: RowGrammar | None = None
     # Where the row's last chosen token (fed at the next decode step) sits.
     next_position: int = 0
@@ -172,6 +179,7 @@ class InflightEngine:
         self.device = generator.device
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         self._formats: FormatCompiler | None = None
+        self._masks: MaskFiller | None = None
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -198,7 +206,8 @@ class InflightEngine:
                 f"model's key/value-cache budget of {self.limits.cache_tokens} tokens per instance; shorten the "
                 "prompt or lower max_tokens"
             )
-        # Compiled before any generation (a bad format never takes a row).
+        # Checked now (a bad format never takes a row) and compiled on the compiler's thread: the
+        # row waits in the queue until its grammar is ready, and wakes the loop when it is.
         grammar = self.formats.row(request.params.response_format) if request.params.response_format.constrained else None
         seed = request.params.seed
         generator = torch.Generator()
@@ -215,6 +224,8 @@ class InflightEngine:
                 )
             self._waiting.append(row)
             self.stats.waiting = len(self._waiting)
+        if grammar is not None and not grammar.ready:
+            grammar.when_ready(self.wakeup.set)
         self.wakeup.set()
 
     @property
@@ -229,6 +240,23 @@ class InflightEngine:
     def formats(self, compiler: FormatCompiler) -> None:
         self._formats = compiler
 
+    def prepare_formats(self, formats: list[ResponseFormat]) -> None:
+        """Start compiling formats requests are known to ask for (the tasks' schemas), so that their
+        first requests find them compiled."""
+        for response_format in formats:
+            self.formats.compile_later(response_format)
+
+    @property
+    def masks(self) -> MaskFiller:
+        """What fills the constrained rows' masks, made at the first such row."""
+        if self._masks is None:
+            self._masks = MaskFiller(self.vocab_size)
+        return self._masks
+
+    @masks.setter
+    def masks(self, filler: MaskFiller) -> None:
+        self._masks = filler
+
     @property
     def idle(self) -> bool:
         return not (self._waiting or self._prefill or self._running)
@@ -236,19 +264,21 @@ class InflightEngine:
     # ----- one iteration (the engine's thread only) -----
 
     def step(self) -> bool:
-        """One iteration of the loop; False when there was nothing to do."""
+        """One iteration of the loop; False when there was nothing to do (the waiting requests, if
+        any, wait for their grammars: each wakes the loop when it is compiled)."""
         if self.idle:
             return False
         started = time.perf_counter()
         with torch.inference_mode():
             self._end_cancelled()
             self._admit()
+            worked = self._prefill is not None or bool(self._running)
             if self._prefill is not None:
                 self._prefill_chunk()
             if self._running:
                 self._decode()
-        self._account(time.perf_counter() - started)
-        return True
+        self._account(time.perf_counter() - started if worked else 0.0)
+        return worked
 
     WAITING_CHECK_INTERVAL_S = 0.1
 
@@ -278,17 +308,28 @@ class InflightEngine:
             self._retire()
 
     def _admit(self) -> None:
-        """Move waiting rows into a new prefill group while the batch and the cache budget allow."""
+        """Move waiting rows, in order, into a new prefill group while the batch and the cache budget
+        allow. A row whose grammar is still compiling keeps its place and the rows behind it go first."""
         if self._prefill is not None:
             return
         admitted: list[_Row] = []
         gone: list[_Row] = []
+        refused: list[tuple[_Row, Exception]] = []
         with self._lock:
-            while self._waiting:
-                candidate = self._waiting[0]
+            for candidate in list(self._waiting):
                 if candidate.sink.is_cancelled():
-                    gone.append(self._waiting.popleft())
+                    self._waiting.remove(candidate)
+                    gone.append(candidate)
                     continue
+                if candidate.grammar is not None:
+                    if not candidate.grammar.ready:
+                        continue
+                    try:
+                        candidate.grammar.matcher
+                    except Exception as exc:  # the format could not be compiled
+                        self._waiting.remove(candidate)
+                        refused.append((candidate, exc))
+                        continue
                 if candidate.alone and admitted:
                     break
                 rows = self._running + admitted + [candidate]
@@ -298,12 +339,15 @@ class InflightEngine:
                 # the rows' whole lives (each row's length stays within its reserve).
                 if len(rows) * max(row.reserve for row in rows) > self.limits.cache_tokens:
                     break
-                admitted.append(self._waiting.popleft())
+                self._waiting.remove(candidate)
+                admitted.append(candidate)
                 if candidate.alone:
                     break
             self.stats.waiting = len(self._waiting)
         for row in gone:
             self._finish(row, row.progress.end(FINISH_CANCELLED))
+        for row, exc in refused:
+            self._fail([row], exc)
         if admitted:
             self._prefill = self._prefill_group(admitted)
 
@@ -364,6 +408,8 @@ class InflightEngine:
         group = self._prefill
         width = max(1, self.limits.prefill_chunk_tokens // len(group.rows))
         end = min(group.columns, group.done + width)
+        # The last chunk chooses each row's first token: its masks are filled while it runs.
+        masks = self._start_masks(group.rows) if end == group.columns else None
         try:
             out = self.model(
                 inputs_embeds=group.embeds_between(group.done, end),
@@ -381,7 +427,7 @@ class InflightEngine:
             return
         # The group stays the engine's until its rows are in the running batch: whatever fails
         # before that (a bug escaping the step included) still answers them.
-        self._advance(group.rows, out.logits[:, -1])
+        self._advance(group.rows, out.logits[:, -1], masks)
         started = time.perf_counter()
         try:
             self._join(group)
@@ -437,6 +483,7 @@ class InflightEngine:
             position = position.expand(3, -1, -1)
         columns = self._mask.shape[1]
         self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
+        masks = self._start_masks(rows)
         try:
             out = self.model(input_ids=last, attention_mask=self._mask, position_ids=position,
                              cache=self._cache, use_cache=True)
@@ -446,7 +493,7 @@ class InflightEngine:
         self.stats.decode_tokens += len(rows)
         for row in rows:
             row.next_position += 1
-        self._advance(rows, out.logits[:, -1])
+        self._advance(rows, out.logits[:, -1], masks)
         started = time.perf_counter()
         self._retire()
         self.stats.cache_seconds += time.perf_counter() - started
@@ -468,14 +515,26 @@ class InflightEngine:
                                             "others go on"))
         self._retire()
 
-    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token from its logits; stream it; end the rows that are done."""
+    def _start_masks(self, rows: list[_Row]) -> "Future[TokenMasks] | None":
+        """Start filling the rows' masks for the token the coming forward chooses (None: no
+        constrained row). Its grammars stand where that token needs them: they only move in `_advance`,
+        which waits for the fill first."""
+        grammars = [None if row.ended else row.grammar for row in rows]
+        return self.masks.start(grammars) if any(grammars) else None
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor, filling: "Future[TokenMasks] | None") -> None:
+        """Choose each row's next token from its logits (and its mask, being filled since before the
+        forward); stream it; end the rows that are done."""
         scores = logits.float()
         # The model's own distribution: what logprobs and their alternatives report.
         logprobs = torch.log_softmax(scores, dim=-1)
         params = [row.request.params for row in rows]
         alternatives = top_alternatives(logprobs, params)
-        masks = TokenMasks.of([None if row.ended else row.grammar for row in rows], self.vocab_size)
+        masks = None
+        if filling is not None:
+            waited = time.perf_counter()
+            masks = filling.result()
+            self.stats.mask_wait_seconds += time.perf_counter() - waited
         # What the confidence averages: the distribution each row chose from, renormalised over
         # what its format allows (a forced token is certain), before penalties and temperature.
         allowed = logprobs if masks is None else masks.renormalised(logprobs)

@@ -5,10 +5,19 @@ tokenizers a typical schema compiled in 3-5 ms and a step's mask took 0.06-0.18 
 1.9.1 compiled faster (0.8 ms) but one sampled path cost 89 ms per step on the Qwen tokenizer.
 xgrammar is also what vLLM, SGLang and TensorRT-LLM use.
 
-`FormatCompiler` (one per tokenizer) compiles formats, cached by the format's canonical form and
-bounded in bytes; `RowGrammar` follows one row's tokens; `TokenMasks` applies every
-constrained row's mask to the batch's logits in one call, so rows with and without formats share
-a batch.
+At a real vocabulary (Qwen2.5-VL's 151k tokens) both costs grow by orders of magnitude
+(perf/RESULTS.md, "Grammar at a real vocabulary"): a task schema compiles in seconds, and a
+step's masks for a batch inside JSON strings take milliseconds per row. Neither runs on the
+critical path:
+- `FormatCompiler` compiles on a thread of its own (`compile_later`): Triton's execute thread
+  and the engine's never wait for a compile; the row waits in the queue (`RowGrammar.ready`)
+  while the others decode. Compiled formats are cached by the format's canonical form, bounded
+  in bytes, and the same format asked for while it compiles is compiled once.
+- `MaskFiller` fills a step's masks with xgrammar's batch matcher (its own threads, the GIL
+  released) on a thread of its own, started before the step's forward and collected after it:
+  the masks are filled while the forward runs.
+`RowGrammar` follows one row's tokens; `TokenMasks` applies every constrained row's mask to the
+batch's logits in one call, so rows with and without formats share a batch.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import collections
 import json
 import re
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import xgrammar as xgr
@@ -41,6 +52,10 @@ class FormatCompiler:
         self.cache_bytes = cache_bytes
         self.cached_bytes = 0
         self.lock = threading.Lock()  # Triton may call execute on several threads
+        # Formats being compiled, by key: a second request for one waits for the same compile.
+        self.compiling: dict[str, Future] = {}
+        # One compile at a time (xgrammar parallelises each one itself), never on a caller's thread.
+        self.compile_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int, eos_ids: set[int],
@@ -50,7 +65,13 @@ class FormatCompiler:
         return cls(info, call_wrapper=call_wrapper)
 
     def compile(self, response_format: ResponseFormat) -> xgr.CompiledGrammar:
-        """The format's grammar (cached); ParameterError naming the problem if it cannot be compiled."""
+        """The format's grammar, waiting for its compile (`compile_later`)."""
+        return self.compile_later(response_format).result()
+
+    def compile_later(self, response_format: ResponseFormat) -> "Future[xgr.CompiledGrammar]":
+        """The format's grammar, compiled on the compiler's own thread (a finished future when cached).
+        A format that breaks the rules raises ParameterError now; one the grammar engine cannot
+        compile fails its future with ParameterError."""
         try:
             key = response_format.to_wire()
         except ValueError:  # not JSON: the checks below name it
@@ -58,18 +79,33 @@ class FormatCompiler:
         with self.lock:
             if key in self.cache:
                 self.cache.move_to_end(key)
-                return self.cache[key]
+                return _finished(self.cache[key])
+            if key in self.compiling:
+                return self.compiling[key]
         problems = response_format.violations()  # checked once per format, not on every hit
         if problems:
             raise ParameterError("response_format: " + "; ".join(problems))
-        compiled = self._compile(response_format)
         with self.lock:
-            if key not in self.cache:
-                self.cache[key] = compiled
-                self.cached_bytes += compiled.memory_size_bytes
-                while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
-                    _, evicted = self.cache.popitem(last=False)
-                    self.cached_bytes -= evicted.memory_size_bytes
+            if key is None:  # no canonical form to share or cache it by
+                return self.compile_thread.submit(self._compile, response_format)
+            if key not in self.compiling:
+                self.compiling[key] = self.compile_thread.submit(self._compile_and_keep, key, response_format)
+            return self.compiling[key]
+
+    def _compile_and_keep(self, key: str, response_format: ResponseFormat) -> xgr.CompiledGrammar:
+        try:
+            compiled = self._compile(response_format)
+        except BaseException:
+            with self.lock:
+                del self.compiling[key]
+            raise
+        with self.lock:  # cached and no longer compiling in one step: no one compiles it twice
+            del self.compiling[key]
+            self.cache[key] = compiled
+            self.cached_bytes += compiled.memory_size_bytes
+            while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+                _, evicted = self.cache.popitem(last=False)
+                self.cached_bytes -= evicted.memory_size_bytes
         return compiled
 
     def _compile(self, response_format: ResponseFormat) -> xgr.CompiledGrammar:
@@ -91,17 +127,33 @@ class FormatCompiler:
         raise ParameterError(f"response_format type {response_format.type!r} cannot be compiled")
 
     def row(self, response_format: ResponseFormat) -> "RowGrammar | None":
-        """A matcher for one row (None for free text)."""
+        """A grammar for one row (None for free text); usable once `ready`."""
         if not response_format.constrained:
             return None
-        return RowGrammar(xgr.GrammarMatcher(self.compile(response_format)))
+        return RowGrammar(self.compile_later(response_format))
 
 
 class RowGrammar:
-    """Where one row stands in its grammar."""
+    """Where one row stands in its grammar, once its format is compiled."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher):
-        self.matcher = matcher
+    def __init__(self, compiled: "Future[xgr.CompiledGrammar]"):
+        self._compiled = compiled
+        self._matcher: xgr.GrammarMatcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        """The compile has ended (`matcher` then returns at once, or raises its error)."""
+        return self._compiled.done()
+
+    def when_ready(self, callback: Callable[[], None]) -> None:
+        self._compiled.add_done_callback(lambda _: callback())
+
+    @property
+    def matcher(self) -> xgr.GrammarMatcher:
+        """The row's matcher (waits for the compile; raises its ParameterError if it failed)."""
+        if self._matcher is None:
+            self._matcher = xgr.GrammarMatcher(self._compiled.result())
+        return self._matcher
 
     def accept(self, token: int) -> None:
         if not self.matcher.accept_token(token):
@@ -111,17 +163,10 @@ class RowGrammar:
 class TokenMasks:
     """The tokens each constrained row of a batch may take next (one xgrammar bitmask for the batch)."""
 
-    def __init__(self, grammars: list[RowGrammar | None], vocab_size: int):
-        self.rows = [i for i, grammar in enumerate(grammars) if grammar is not None]
+    def __init__(self, rows: list[int], bitmask: torch.Tensor, vocab_size: int):
+        self.rows = rows
+        self.bitmask = bitmask
         self.vocab_size = vocab_size
-        self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
-        for i in self.rows:
-            grammars[i].matcher.fill_next_token_bitmask(self.bitmask, i)
-
-    @classmethod
-    def of(cls, grammars: list[RowGrammar | None], vocab_size: int) -> "TokenMasks | None":
-        """None when no row is constrained (nothing to mask)."""
-        return cls(grammars, vocab_size) if any(grammar is not None for grammar in grammars) else None
 
     def apply(self, scores: torch.Tensor) -> None:
         """Disallow, in place, every token each constrained row's grammar forbids next."""
@@ -135,6 +180,39 @@ class TokenMasks:
         self.apply(allowed)
         allowed[self.rows] = torch.log_softmax(allowed[self.rows], dim=-1)
         return allowed
+
+
+class MaskFiller:
+    """Fills a batch's masks off the engine's thread: `start` before a forward, the future's result
+    after it. xgrammar's batch matcher spreads the rows over its own threads and releases the GIL,
+    so on a GPU the masks are ready when the logits are; on a CPU the fill and the forward share
+    its cores."""
+
+    def __init__(self, vocab_size: int, threads: int | str = "auto"):
+        self.vocab_size = vocab_size
+        self.batch = xgr.BatchGrammarMatcher(threads)
+        # One fill at a time, in order: a step's fill has ended before the next step's tokens are accepted.
+        self.fill_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+
+    def start(self, grammars: Sequence[RowGrammar | None]) -> "Future[TokenMasks] | None":
+        """The masks of a batch whose rows have these grammars (None: free text, or ended); None
+        when no row is constrained."""
+        rows = [i for i, grammar in enumerate(grammars) if grammar is not None]
+        if not rows:
+            return None
+        matchers = [grammars[i].matcher for i in rows]
+        return self.fill_thread.submit(self.fill, len(grammars), rows, matchers)
+
+    def fill(self, batch_rows: int, rows: list[int], matchers: list[xgr.GrammarMatcher]) -> TokenMasks:
+        bitmask = xgr.allocate_token_bitmask(batch_rows, self.vocab_size)
+        self.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        return TokenMasks(rows, bitmask, self.vocab_size)
+
+
+def _finished(value) -> Future:
+    done: Future = Future()
+    done.set_result(value)
+    return done
 
 
 def json_grammar(schema: str) -> str:
