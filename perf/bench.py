@@ -25,6 +25,9 @@
    time to refuse floods of parts (perf/front_door_row.py);
 16. steady callers' latency beside impatient callers with 12 MB images and 20-110 ms deadlines
    (perf/chaos_row.py).
+17. grammar work at Qwen2.5-VL's vocabulary size (152,064, synthetic): the task schemas' compile
+   against what submission waits, a step's masks at 1, 16 and 64 rows, and what a step still waits
+   for them after a forward (perf/grammar_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -426,6 +429,10 @@ def main() -> int:
     rows += scheduling_rows(scale)
     progress("row 12: constrained decoding")
     rows += constrained_decoding_rows()
+    progress("row 17: grammar at a real vocabulary")
+    from perf import grammar_row
+
+    rows += grammar_row.rows()
 
     print_table(rows)
     for note in notes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -188,9 +189,11 @@ class MaskFiller:
     so on a GPU the masks are ready when the logits are; on a CPU the fill and the forward share
     its cores."""
 
-    def __init__(self, vocab_size: int, threads: int | str = "auto"):
+    def __init__(self, vocab_size: int, threads: int | None = None):
         self.vocab_size = vocab_size
-        self.batch = xgr.BatchGrammarMatcher(threads)
+        # Every core by default (xgrammar's own default is half): the engine's thread only waits
+        # for the fill, and inside JSON strings at a real vocabulary a row's mask costs milliseconds.
+        self.batch = xgr.BatchGrammarMatcher(threads or os.cpu_count() or 1)
         # One fill at a time, in order: a step's fill has ended before the next step's tokens are accepted.
         self.fill_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
 
