@@ -328,9 +328,11 @@ async def model_info(backend: TritonPool, name: str, ensemble: str, index: list[
     if not info.ready:
         return info
     if ensemble == ROUTER:
-        # What a request to the router may ask: what both families accept (either may answer), and
-        # the sampling defaults both share (one they differ in stays unset: it is the answering model's).
+        # What a request to the router may ask: what every family that can answer accepts (Qwen2.5-VL
+        # alone while Pixtral is not ready: routing keeps its answer), and the sampling defaults they
+        # share (one they differ in stays unset: it is the answering model's).
         families = [await model_info(backend, name, family, index) for family in FAMILIES]
+        families = [family for family in families if family.ready]
         info.context_tokens = min(family.context_tokens for family in families)
         info.max_tokens = min(family.max_tokens for family in families)
         for field_name in ("temperature", "top_p", "top_k", "repetition_penalty"):

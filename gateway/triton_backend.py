@@ -30,7 +30,7 @@ from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import ApiError, invalid_argument
-from vlm_serving.pipelines import pipeline
+from vlm_serving.pipelines import pipeline, serving_models
 from vlm_serving.ensemble_client import ResponseChunk, build_inputs, parse_response
 from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
 from vlm_serving.generation.sampling import SamplingParams
@@ -79,14 +79,15 @@ def classify(exc: InferenceServerException) -> tuple[TritonError, str]:
 
 
 def pipeline_ready(index: list[dict], ensemble: str) -> bool:
-    """Whether every model of the pipeline has a READY version in Triton's repository index.
+    """Whether every model `ensemble` needs to answer (`serving_models`: for the router, itself and
+    Qwen2.5-VL's pipeline) has a READY version in Triton's repository index.
 
     Triton's own per-model readiness looks at the newest version only, so a failed load of a new
     version reads as "not ready" although the previous version goes on serving; this reads what
     actually serves.
     """
     ready = {entry.get("name") for entry in index if entry.get("state") == "READY"}
-    return all(name in ready for name in pipeline(ensemble))
+    return all(name in ready for name in serving_models(ensemble))
 
 
 def unloading(index: list[dict], ensemble: str) -> bool:

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from vlm_serving.pipelines import PRIMARY
 from vlm_serving.preprocessing.image_kind import ImageKind
 
-PRIMARY = "qwen2_5_vl"
 SPECIALIST = "pixtral"
 DEFAULT_CONFIDENCE_THRESHOLD = math.log(0.85)
 

@@ -11,6 +11,7 @@ import urllib.request
 import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vlm.v1 import vlm_pb2
 
 from tests.conftest import encode, picture
@@ -247,10 +248,16 @@ def test_when_pixtral_fails_qwen_answers_and_the_route_says_why(failing_pixtral)
         assert f'vlm_routed_requests_total{{reason="{reason}"}} 2.0' in metrics
 
 
-def test_with_pixtral_unloaded_auto_answers_triton_callers_with_qwen(failing_pixtral):
-    """Pixtral's ensemble unloaded (a refusal that did no work); Triton's callers reach `auto` directly
-    (the gateway stops routing to a model whose pipeline is not all ready)."""
-    triton, _ = failing_pixtral
+def health(gateway, model: str) -> int:
+    with grpc.insecure_channel(gateway.address) as channel:
+        service = f"vlm.v1.VisionLanguageService/{model}"
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_with_pixtral_unloaded_auto_answers_with_qwen_and_stays_ready(failing_pixtral):
+    """Pixtral's ensemble unloaded (a refusal that did no work): Triton's callers reach `auto` directly,
+    and the gateway keeps `auto` ready and routed (it needs only itself and Qwen2.5-VL)."""
+    triton, gateway = failing_pixtral
     client = triton_grpc.InferenceServerClient(triton.grpc_url)
     client.unload_model("pixtral")
     try:
@@ -270,5 +277,16 @@ def test_with_pixtral_unloaded_auto_answers_triton_callers_with_qwen(failing_pix
                 assert errors["qwen2_5_vl"] == "" and "Model 'pixtral' is not ready" in errors["pixtral"]
                 qwen = generate(triton.grpc_url, "qwen2_5_vl", user_message(PROMPT, 1), [image], max_tokens=6)
                 assert result.text == qwen.text and result.completion_tokens == 6
+        deadline = time.monotonic() + 30  # the gateway probes every 0.5 s (VLM_HEALTH_POLL_S)
+        while health(gateway, "pixtral") == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "the gateway did not see pixtral unloaded within 30 s"
+            time.sleep(0.2)
+        assert health(gateway, "auto") == health(gateway, "qwen2.5-vl") == health_pb2.HealthCheckResponse.SERVING
+        with VLMClient(gateway.address, api_key=KEY, timeout=120) as vlm:
+            ready = {model.name: model.ready for model in vlm.list_models()}
+            assert ready == {"auto": True, "qwen2.5-vl": True, "pixtral": False}
+            answer = routed(vlm, CHART)
+            assert (answer.model, answer.route.reason, attempts(answer)) == (
+                "qwen2.5-vl", vlm_pb2.ROUTE_REASON_SPECIALIST_FAILED, ["pixtral", "qwen2.5-vl"])
     finally:
         client.load_model("pixtral")

@@ -474,15 +474,43 @@ def test_one_models_outage_leaves_the_replica_serving_unless_that_model_is_requi
         await asyncio.sleep(0.2)
         SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         assert await status("vlm.v1.VisionLanguageService/pixtral") == NOT_SERVING
-        assert await status("vlm.v1.VisionLanguageService/auto") == NOT_SERVING
         assert await status("vlm.v1.VisionLanguageService/qwen2.5-vl") == SERVING
         expected = NOT_SERVING if required else SERVING
         assert await status() == await status("vlm.v1.VisionLanguageService") == expected
         assert gw.readiness() == (expected == SERVING)
         models = {m.name: m.ready for m in (await stub.ListModels(vlm_pb2.ListModelsRequest(), metadata=KEY)).models}
-        assert models == {"pixtral": False, "auto": False, "qwen2.5-vl": True}
+        assert models == {"pixtral": False, "auto": True, "qwen2.5-vl": True}
 
     run(test, required_models=required)
+
+
+# Triton models left out of the index -> whether model auto serves: routing keeps Qwen2.5-VL's answer
+# when Pixtral's call fails (FALLBACK_FAILED, SPECIALIST_FAILED), so auto needs itself and Qwen2.5-VL.
+AUTO_SERVES_WITHOUT = [({"pixtral_generate"}, True), (set(pipeline("pixtral")), True),
+                       ({"qwen2_5_vl_embed"}, False), ({"qwen2_5_vl"}, False), ({"auto"}, False)]
+
+
+@pytest.mark.parametrize("unloaded,serves", AUTO_SERVES_WITHOUT)
+def test_auto_serves_while_itself_and_qwen_are_ready_whatever_pixtrals_state(unloaded, serves):
+    async def test(stub, backend, gw, channel):
+        health = health_pb2_grpc.HealthStub(channel)
+        backend.unloaded = unloaded
+        await asyncio.sleep(0.2)
+        status = (await health.Check(health_pb2.HealthCheckRequest(service="vlm.v1.VisionLanguageService/auto"))).status
+        assert status == (health_pb2.HealthCheckResponse.SERVING if serves else health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert gw.readiness(), "Qwen2.5-VL or Pixtral still serves: so does the replica"
+        models = {m.name: m for m in (await stub.ListModels(vlm_pb2.ListModelsRequest(), metadata=KEY)).models}
+        assert models["auto"].ready == serves
+        if serves:  # what a request to auto may ask: Qwen2.5-VL's limits, the one family that can answer
+            assert (models["auto"].context_tokens, models["auto"].max_tokens) == (4096, 4096)
+            assert (await stub.Generate(request(model="auto"), metadata=KEY)).text == "Hello"
+            assert backend.calls[-1][0] == "auto"
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Generate(request(model="auto"), metadata=KEY)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and backend.calls == []
+
+    run(test)
 
 
 def test_validation_errors_carry_field_violations_and_skip_triton():
