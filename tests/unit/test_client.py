@@ -605,6 +605,33 @@ def test_json_output_keeps_every_field(capsys):
         holder[0].stop(0)
 
 
+QUEUE_FULL = ("Exceeds maximum queue size: 64 requests already wait for this model's generation rows; "
+              "retry later or raise the queue")
+
+
+class _Routed(vlm_pb2_grpc.VisionLanguageServiceServicer):
+    """Model auto's answer whose Pixtral fallback failed: Qwen2.5-VL's held answer, the failed attempt listed."""
+
+    route = vlm_pb2.Route(reason=vlm_pb2.ROUTE_REASON_FALLBACK_FAILED, attempts=[
+        vlm_pb2.RouteAttempt(model="qwen2.5-vl", model_version="1", confidence=-2.0, completion_tokens=4),
+        vlm_pb2.RouteAttempt(model="pixtral", error=QUEUE_FULL)])
+
+    def Generate(self, request, context):
+        return vlm_pb2.GenerateResponse(text="a cat", model="qwen2.5-vl", confidence=-2.0, route=self.route)
+
+
+def test_the_cli_shows_a_failed_route_attempt_as_failed_with_its_error(capsys):
+    address, holder = serving(_Routed())
+    try:
+        assert cli(["--address", address, "--api-key", "k", "generate", "--model", "auto", "hi"]) == 0
+        status = capsys.readouterr().err
+        route = status[status.index(" route="):].removesuffix("]\n")
+        assert route.startswith(" route=fallback_failed:qwen2.5-vl(-2.00)>pixtral(failed: Exceeds maximum queue size")
+        assert route.endswith("…)") and len(route) < len(QUEUE_FULL), "a long error is cut short"
+    finally:
+        holder[0].stop(0)
+
+
 def test_batch_lines_keep_every_field_of_a_typed_result(tmp_path):
     address, holder = serving(_Typed())
     manifest, output = tmp_path / "items.jsonl", tmp_path / "out.jsonl"

@@ -92,6 +92,14 @@ def test_the_answer_streams_into_the_chat_and_joins_the_conversation(photo):
     assert request.messages[0].parts[0].image.data == open(photo, "rb").read()
 
 
+def test_a_failed_route_attempt_is_shown_as_failed_with_its_error(photo):
+    route = vlm_pb2.Route(reason=vlm_pb2.ROUTE_REASON_SPECIALIST_FAILED, attempts=[
+        vlm_pb2.RouteAttempt(model="pixtral", error="Model 'pixtral' is not ready"),
+        vlm_pb2.RouteAttempt(model="qwen2.5-vl", model_version="1", confidence=-0.5, completion_tokens=3)])
+    details = ask(WebUI(Gateway(deltas("A chart.", route=route))), "What is it?", [photo])[-1][3]
+    assert "**Route** specialist failed: pixtral (failed: Model 'pixtral' is not ready) → qwen2.5-vl (-0.500)" in details
+
+
 def test_a_follow_up_sends_the_whole_conversation_and_an_empty_answer_is_left_out(photo):
     gateway = Gateway(deltas("Blue."))
     before = [Turn("user", "What is it?", (photo,)), Turn("assistant", "A square."),

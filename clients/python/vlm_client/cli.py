@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 
 import grpc
@@ -202,7 +203,10 @@ def _run(client: VLMClient, args) -> int:
     route = ""
     if last.route.reason not in (vlm_pb2.ROUTE_REASON_UNSPECIFIED, vlm_pb2.ROUTE_REASON_REQUESTED):
         reason = vlm_pb2.RouteReason.Name(last.route.reason).removeprefix("ROUTE_REASON_").lower()
-        route = f" route={reason}:" + ">".join(f"{a.model}({a.confidence:.2f})" for a in last.route.attempts)
+        # An attempt with an error gave no answer (model auto kept another): its confidence means nothing.
+        route = f" route={reason}:" + ">".join(
+            f"{a.model}(failed: {textwrap.shorten(a.error, 60, placeholder='…')})" if a.error
+            else f"{a.model}({a.confidence:.2f})" for a in last.route.attempts)
     print(f"[model={last.model} version={last.model_version} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
           f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
           f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}"

@@ -7,6 +7,7 @@ a browser (tests/unit/test_webui.py); `app.py` only lays the page out and wires 
 from __future__ import annotations
 
 import colorsys
+import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,9 @@ def describe(last: vlm_pb2.GenerateStreamResponse) -> str:
              f"answer {last.usage.completion_tokens}"]
     if last.route.reason not in (vlm_pb2.ROUTE_REASON_UNSPECIFIED, vlm_pb2.ROUTE_REASON_REQUESTED):
         reason = vlm_pb2.RouteReason.Name(last.route.reason).removeprefix("ROUTE_REASON_").lower().replace("_", " ")
-        attempts = " → ".join(f"{a.model} ({a.confidence:.3f})" for a in last.route.attempts)
+        # An attempt with an error gave no answer (model auto kept another): its confidence means nothing.
+        attempts = " → ".join(f"{a.model} (failed: {textwrap.shorten(a.error, 160, placeholder='…')})" if a.error
+                              else f"{a.model} ({a.confidence:.3f})" for a in last.route.attempts)
         lines.append(f"**Route** {reason}: {attempts}")
     if last.route.images:
         kinds = ", ".join(f"{vlm_pb2.ImageKind.Name(image.kind).removeprefix('IMAGE_KIND_').lower()} "
