@@ -36,9 +36,13 @@ class Metrics:
         )
         self.tokens = Counter("vlm_tokens", "Tokens by model and kind", ["model", "kind"], registry=self.registry)
         self.in_flight = Gauge("vlm_requests_in_flight", "RPCs being served", ["model"], registry=self.registry)
-        # The fallback rate is routed{reason="low_confidence"} over all routed requests.
-        self.routed = Counter("vlm_routed_requests", "Requests model auto answered, by route reason", ["reason"],
-                              registry=self.registry)
+        # Counted once per request model auto answered (its final response; a failed or cancelled
+        # request is not). The fallback rate is reasons low_confidence plus fallback_failed (Pixtral
+        # was asked again, whether or not it answered) over all of them; fallback_failed and
+        # specialist_failed count Pixtral's failed calls.
+        self.routed = Counter(
+            "vlm_routed_requests", "Requests model auto answered, by route reason; fallback rate: "
+            "(low_confidence + fallback_failed) / all", ["reason"], registry=self.registry)
         self.images = Counter("vlm_images", "Images answered about, by model and image kind", ["model", "kind"],
                               registry=self.registry)
 
