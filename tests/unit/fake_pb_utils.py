@@ -11,6 +11,9 @@ from contextlib import contextmanager
 import numpy as np
 
 
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1  # the flag of a decoupled model's last response
+
+
 class TritonError(Exception):
     INVALID_ARG, INTERNAL, UNAVAILABLE, CANCELLED = "INVALID_ARG", "INTERNAL", "UNAVAILABLE", "CANCELLED"
 
@@ -67,7 +70,8 @@ def request_id(value: str) -> np.ndarray:
 
 
 # What a BLS call (`InferenceRequest.exec` / `async_exec`) answers: the test sets it,
-# `handler(model_name, {input name: array}) -> InferenceResponse`; every call is recorded.
+# `handler(model_name, {input name: array}) -> InferenceResponse` (for a decoupled call, its
+# responses in order); every call is recorded.
 bls_handler = None
 bls_calls: list[tuple[str, dict[str, np.ndarray]]] = []
 
@@ -76,7 +80,7 @@ class InferenceRequest:
     def __init__(self, model_name: str, requested_output_names=(), inputs=()):
         self.model_name, self.inputs = model_name, {tensor.name(): tensor.as_numpy() for tensor in inputs}
 
-    def exec(self) -> InferenceResponse:
+    def exec(self, decoupled: bool = False):
         bls_calls.append((self.model_name, self.inputs))
         return bls_handler(self.model_name, self.inputs)
 
