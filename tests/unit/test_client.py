@@ -134,8 +134,13 @@ def refused(code, retry_after_s=None):
 
 
 def serving(servicer, delay=0.0):
+    """A server on a free port, started after `delay` seconds; with no delay, started when this returns
+    (a client that found no server would wait out gRPC's reconnect backoff, longer than its timeout)."""
     [port] = free_ports(1)
-    return f"127.0.0.1:{port}", serve_later(port, delay, servicer)
+    holder = serve_later(port, delay, servicer)
+    while not delay and not holder:
+        time.sleep(0.01)
+    return f"127.0.0.1:{port}", holder
 
 
 def test_generate_is_not_retried_when_it_may_have_run():
