@@ -264,16 +264,37 @@ def rows_over_one_gateway(name: str, rows_of) -> None:
         stop_all(reversed(servers))
 
 
+def table_row(key, name, measured, ratio, goal, unit, failed) -> str:
+    """One row (key, measure, measured, ratio, goal, unit, failed) as a line of RESULTS.md's tables."""
+    if failed:
+        value = f"not a result: {failed}"
+    else:
+        value = f"{ratio:.2f}x" if unit == "x" else f"{ratio:.2f} {unit}"
+    return f"| {key} | {name} | {measured} | {value} | {goal} |"
+
+
+TABLE_HEADER = "\n| # | measure | measured | ratio | goal |\n| --- | --- | --- | --- | --- |"
+
+
 def print_table(rows) -> None:
-    """Rows (key, measure, measured, ratio, goal, unit, failed) as the Markdown table RESULTS.md holds."""
-    print("\n| # | measure | measured | ratio | goal |")
-    print("| --- | --- | --- | --- | --- |")
-    for key, name, measured, ratio, goal, unit, failed in sorted(rows):
-        if failed:
-            value = f"not a result: {failed}"
-        else:
-            value = f"{ratio:.2f}x" if unit == "x" else f"{ratio:.2f} {unit}"
-        print(f"| {key} | {name} | {measured} | {value} | {goal} |")
+    """Rows as the Markdown table RESULTS.md holds, in key order."""
+    print(TABLE_HEADER)
+    for row in sorted(rows):
+        print(table_row(*row))
+
+
+class Table:
+    """`make bench`'s rows: each printed the moment it is measured (a long run shows what it has
+    so far, and a stopped one keeps it), then the whole table in key order at the end."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+        print("rows as measured:" + TABLE_HEADER, flush=True)
+
+    def add(self, *rows: tuple) -> None:
+        for row in rows:
+            self.rows.append(row)
+            print(table_row(*row), flush=True)
 
 
 def main() -> int:
@@ -286,7 +307,7 @@ def main() -> int:
     BENCH.mkdir(parents=True, exist_ok=True)
     images = workload(16)
     text_only = workload(16, with_images=False)
-    rows, notes = [], []
+    table, notes = Table(), []
     servers = []
     try:
         # Both servers up at once, measured in alternation (A B A B A B): on this shared VM the
@@ -305,7 +326,7 @@ def main() -> int:
         pairs, ratio, failed = alternate(
             lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(64), 32),
             lambda: load(lambda: TritonTarget(unbatched.grpc_url, "qwen2_5_vl"), images, 16, n(48), 32))
-        rows.append(("2", "batching on (default: in flight) / off (static, max batch 1), c=16, 32 tokens",
+        table.add(("2", "batching on (default: in flight) / off (static, max batch 1), c=16, 32 tokens",
                      throughputs(pairs), ratio, ">= 4", "x", failed))
         unbatched.stop()
         servers.remove(unbatched)
@@ -314,7 +335,7 @@ def main() -> int:
         pairs, ratio, failed = alternate(
             lambda: load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 16, n(96), 16),
             lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(96), 16))
-        rows.append(("1a", "gateway / direct Triton throughput, c=16, 16 tokens",
+        table.add(("1a", "gateway / direct Triton throughput, c=16, 16 tokens",
                      throughputs(pairs), ratio, ">= 0.95", "x", failed))
         added, runs = [], []
         for _ in range(3):
@@ -323,34 +344,34 @@ def main() -> int:
             runs += [via_gateway, direct]
             added.append((via_gateway.percentile(50) - direct.percentile(50)) * 1000)
         failed = failures(*runs)
-        rows.append(("1b", "gateway added p50 latency, trivial request (text, 1 token), c=1",
+        table.add(("1b", "gateway added p50 latency, trivial request (text, 1 token), c=1",
                      " ; ".join(f"{a:.2f}" for a in added) + " ms", None if failed else statistics.median(added),
                      "<= 1 ms", "ms", failed))
 
         progress("row 13: the OpenAI-compatible HTTP API against gRPC")
         from perf import http_row
 
-        rows.append(http_row.row(gateway, images, n(96)))
+        table.add(http_row.row(gateway, images, n(96)))
 
         from perf import front_door_row
 
-        rows += front_door_row.rows(gateway, KEY)
+        table.add(*front_door_row.rows(gateway, KEY))
 
         from perf import chaos_row
 
-        rows += chaos_row.rows(gateway, batched, KEY)
+        table.add(*chaos_row.rows(gateway, batched, KEY))
 
         progress("row 14: a gateway over two Triton servers against one")
         from perf import pool_row
 
-        rows.append(pool_row.row(gateway, batched, servers, images, n(96)))
+        table.add(pool_row.row(gateway, batched, servers, images, n(96)))
 
         progress("row 4: time to first text")
         streamed = load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 1, n(24), 64, stream=True)
         first, whole = streamed.percentile(50, streamed.first_text), streamed.percentile(50)
         short = [tokens for tokens in streamed.completion_tokens if tokens != 64]
         failed = failures(streamed) or (f"{len(short)} answers ended before 64 tokens" if short else "")
-        rows.append(("4", "stream: first text / whole response, 64 tokens, c=1",
+        table.add(("4", "stream: first text / whole response, 64 tokens, c=1",
                      f"{first * 1000:.1f} / {whole * 1000:.1f} ms", None if failed else first / whole, "<= 0.2", "x",
                      failed))
 
@@ -365,7 +386,7 @@ def main() -> int:
         failed = failures(*(side for pair in pairs for side in pair))
         if not failed and any(set(a.routes) != {("default", "qwen2_5_vl")} for a, _ in pairs):
             failed = photos_only
-        rows.append(("8a", "routing overhead: p50 latency, auto without fallback / Qwen2.5-VL directly, c=1, 16 tokens",
+        table.add(("8a", "routing overhead: p50 latency, auto without fallback / Qwen2.5-VL directly, c=1, 16 tokens",
                      " ; ".join(f"{a.percentile(50) * 1000:.1f}/{b.percentile(50) * 1000:.1f}" for a, b in pairs) + " ms",
                      None if failed else statistics.median(a.percentile(50) / b.percentile(50) for a, b in pairs),
                      "<= 1.05", "x", failed))
@@ -373,13 +394,13 @@ def main() -> int:
         direct = load(auto(fallback=False), images, 1, n(24), 16)
         failed = failures(fallback, direct) or (
             "" if set(fallback.routes) == {("low_confidence", "pixtral")} else "not every request fell back")
-        rows.append(("8b", "fallback cost: p50 latency, auto falling back (threshold 0) / auto without fallback, c=1, "
+        table.add(("8b", "fallback cost: p50 latency, auto falling back (threshold 0) / auto without fallback, c=1, "
                      "16 tokens", f"{fallback.percentile(50) * 1000:.1f} / {direct.percentile(50) * 1000:.1f} ms",
                      None if failed else fallback.percentile(50) / direct.percentile(50), "reported", "x", failed))
         held = load(auto(confidence_threshold=-100.0), images, 1, n(24), 64, stream=True)
         streamed_at_once = load(auto(fallback=False), images, 1, n(24), 64, stream=True)
         failed = failures(held, streamed_at_once)
-        rows.append(("8c", "holding for the fallback: stream first text, auto answer kept (held) / auto without "
+        table.add(("8c", "holding for the fallback: stream first text, auto answer kept (held) / auto without "
                      "fallback (streamed), c=1, 64 tokens",
                      f"{held.percentile(50, held.first_text) * 1000:.1f} / "
                      f"{streamed_at_once.percentile(50, streamed_at_once.first_text) * 1000:.1f} ms",
@@ -388,12 +409,12 @@ def main() -> int:
 
         progress("row 6: encoder cache hit / miss")
         miss, hit = cache_hit_ratio(batched, n(24))
-        rows.append(("6a", "repeated image, request latency cache hit / miss, qwen2_5_vl (tiny tower), 1 token, c=1",
+        table.add(("6a", "repeated image, request latency cache hit / miss, qwen2_5_vl (tiny tower), 1 token, c=1",
                      f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x", ""))
         # The same with an encoder of real width (perf/encoders.py's 4x1280 tower) serving, 448x448 images.
         mid = triton("mid_encoder", servers, checkpoints_dir=mid_size_checkpoints())
         miss, hit = cache_hit_ratio(mid, n(12), size=(448, 448))
-        rows.append(("6b", "repeated image, request latency cache hit / miss, Qwen2.5-VL-style tower 4x1280 serving, "
+        table.add(("6b", "repeated image, request latency cache hit / miss, Qwen2.5-VL-style tower 4x1280 serving, "
                      "448x448, 1 token, c=1", f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x", ""))
         mid.stop()
         servers.remove(mid)
@@ -413,28 +434,28 @@ def main() -> int:
     for key, real, label in (("3a", False, "tiny checkpoints' limits"), ("3b", True, "real checkpoints' limits")):
         ours, theirs, worst = preprocessing_ratio(real, rounds=max(1, int(3 * scale)))
         unequal = f"outputs differ by {worst:.2e} (> 1e-5)" if worst > 1e-5 else ""
-        rows.append((key, f"preprocessing images/s, ours / transformers, 16 images a call, {label} "
+        table.add((key, f"preprocessing images/s, ours / transformers, 16 images a call, {label} "
                      f"(max |diff| {worst:.1e})", f"{ours:.1f} / {theirs:.1f} images/s", ours / theirs, ">= 3", "x",
                      unequal))
     progress("row 9: image-kind classifier")
     right, total, median_ms, worst_ms = classifier_accuracy_and_time(rounds=max(2, int(5 * scale)))
-    rows.append(("9a", "image-kind classifier, ms per 1-megapixel image (median; worst over the tuning corpus)",
+    table.add(("9a", "image-kind classifier, ms per 1-megapixel image (median; worst over the tuning corpus)",
                  f"{median_ms:.2f} ms (worst {worst_ms:.2f})", median_ms, "<= 2 ms", "ms", ""))
-    rows.append(("9b", "image-kind classifier accuracy, held-out real images", f"{right} of {total}", right / total,
+    table.add(("9b", "image-kind classifier accuracy, held-out real images", f"{right} of {total}", right / total,
                  ">= 0.9", "x", ""))
     progress("rows 5, 7: vision encoders")
-    rows += encoder_rows(rounds=max(2, int(3 * scale)))
+    table.add(*encoder_rows(rounds=max(2, int(3 * scale))))
     from perf.inflight import rows as scheduling_rows
 
-    rows += scheduling_rows(scale)
+    table.add(*scheduling_rows(scale))
     progress("row 12: constrained decoding")
-    rows += constrained_decoding_rows()
+    table.add(*constrained_decoding_rows())
     progress("row 17: grammar at a real vocabulary")
     from perf import grammar_row
 
-    rows += grammar_row.rows()
+    table.add(*grammar_row.rows())
 
-    print_table(rows)
+    print_table(table.rows)
     for note in notes:
         print(f"- {note}")
     return 0

@@ -51,3 +51,16 @@ def test_the_engine_benchmark_runs_both_schedulers_and_prints_its_rows(checkpoin
         assert float(row.split("|")[-2]) > 0, row
     cache = next(line for line in table.splitlines() if "merging and filtering rows" in line)
     assert "padding share of the cache's token slots" in cache and 0 <= float(cache.split("|")[-2]) < 1
+
+
+def test_the_bench_prints_each_row_when_it_is_measured_and_the_table_in_order_at_the_end(capsys):
+    from perf.bench import Table, print_table
+
+    table = Table()
+    table.add(("9a", "second measured", "1.0 ms", 1.0, "<= 2 ms", "ms", ""))
+    assert capsys.readouterr().out.splitlines()[-1] == "| 9a | second measured | 1.0 ms | 1.00 ms | <= 2 ms |"
+    table.add(("1a", "first by key", "2 / 1 req/s", 2.0, ">= 0.9", "x", ""), ("2", "failed", "-", None, "x", "x", "boom"))
+    assert capsys.readouterr().out.splitlines()[-2:] == ["| 1a | first by key | 2 / 1 req/s | 2.00x | >= 0.9 |",
+                                                         "| 2 | failed | - | not a result: boom | x |"]
+    print_table(table.rows)
+    assert [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[3:]] == ["| 1a", "| 2", "| 9a"]
