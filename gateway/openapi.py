@@ -74,6 +74,56 @@ class ChatCompletion(BaseModel):
     vlm: dict[str, Any]
 
 
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed answer; the last chunk carries `vlm`, and a chunk with no choices the
+    usage (stream_options.include_usage)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    vlm: dict[str, Any] | None = None
+
+
+# A streamed answer's events. OpenAPI 3.1 has a text/event-stream schema describe one event as a
+# client parses it (data, event, id, retry: what Schemathesis checks, as 3.2's itemSchema would).
+# Its data is a chunk, an error after text was sent (as OpenAI's stream has), or the closing [DONE].
+SERVER_SENT_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "if": {"const": "[DONE]"},
+            "else": {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+                {"$ref": REF.format(model="ChatCompletionChunk")}, {"$ref": REF.format(model="ErrorBody")}]}},
+        },
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -151,14 +201,15 @@ def describe(app: FastAPI, settings: Settings) -> dict:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = document.setdefault("components", {})
-    components["schemas"] = _schemas(ChatCompletionRequest, ChatCompletion, ErrorBody, ModelList, ModelCard, HealthBody)
+    components["schemas"] = _schemas(ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ErrorBody, ModelList,
+                                     ModelCard, HealthBody)
     _bounds(components["schemas"], settings)
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                 "description": "an API key of the service"}}
     successes = {
         ("/v1/chat/completions", "post"): {"description": "the answer: JSON, or server-sent events when stream is true",
                                            "content": {**_json(ChatCompletion),
-                                                       "text/event-stream": {"schema": {"type": "string"}}}},
+                                                       "text/event-stream": {"schema": SERVER_SENT_EVENT}}},
         ("/v1/models", "get"): {"description": "the served models", "content": _json(ModelList)},
         ("/v1/models/{model_id}", "get"): {"description": "the model", "content": _json(ModelCard)},
         ("/health", "get"): {"description": "this replica can serve", "content": _json(HealthBody)},

@@ -107,6 +107,69 @@ def test_models_health_and_the_openapi_document():
     run(test)
 
 
+def server_sent_events(text: str) -> list[dict]:
+    """A text/event-stream body as a client parses it: one {field: value} per event."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        event = {}
+        for line in block.splitlines():
+            field, _, value = line.partition(":")
+            event[field] = value.removeprefix(" ")
+        events.append(event)
+    return events
+
+
+def test_every_streamed_event_is_what_the_openapi_document_says():
+    """The text/event-stream schema describes one event (OpenAPI 3.1, as Schemathesis reads it): text,
+    logprobs, a tool call, usage, an error after text was sent and [DONE] all validate, their data
+    against the chunk or error schema it names."""
+    import jsonschema
+
+    def entry(text, logprob):
+        return {"token": text, "bytes": list(text.encode()), "logprob": logprob,
+                "top_logprobs": [{"token": text, "bytes": list(text.encode()), "logprob": logprob}]}
+
+    async def test(stub, backend, gw, channel):
+        call = '[TOOL_CALLS][{"name":"zoom","arguments":{"box":[1,2,3,4]}}]'
+        tool = {"type": "function", "function": {"name": "zoom", "parameters": {
+            "type": "object", "properties": {"box": {"type": "array", "items": {"type": "integer"}}}}}}
+        scripts = {
+            "text, logprobs and usage": ([ResponseChunk("Hel", [1], False, logprobs=[entry("Hel", -0.25)]),
+                                          ResponseChunk("lo", [2], True, "length", 12, 2, 4, -0.5, "3", IMAGES,
+                                                        logprobs=[entry("lo", -0.5)])],
+                                         {"logprobs": True, "top_logprobs": 1, "stream_options": {"include_usage": True}}),
+            "a tool call": ([ResponseChunk(call, [1], True, "stop", 12, 2, 0, -0.5, "1", IMAGES)], {"tools": [tool]}),
+            "an error after text": ([ResponseChunk("Hel", [1], False),
+                                     InferenceServerException("in ensemble 'pixtral', Exceeds maximum queue size")], {}),
+        }
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}") as client:
+            document = (await client.get("/openapi.json")).json()
+            event_schema = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"][
+                "text/event-stream"]["schema"]
+            # The data's own schema (contentSchema is an annotation to a JSON Schema validator), with
+            # the document's components beside it so that its references resolve.
+            payload_schema = dict(event_schema["properties"]["data"]["else"]["contentSchema"],
+                                  components=document["components"])
+            for name, (script, fields) in scripts.items():
+                backend.script = script
+                response = await client.post("/v1/chat/completions", headers={"Authorization": "Bearer secret"},
+                                             json={"model": "pixtral", "messages": ask(), "stream": True, **fields})
+                assert response.status_code == 200, (name, response.text)
+                events = server_sent_events(response.text)
+                assert events[-1] == {"data": "[DONE]"}, name
+                for event in events:
+                    jsonschema.validate(event, event_schema)
+                    if event["data"] != "[DONE]":
+                        jsonschema.validate(json.loads(event["data"]), payload_schema)
+                kinds = [json.loads(event["data"]) for event in events[:-1]]
+                if name == "an error after text":
+                    assert "error" in kinds[-1], kinds
+                if name == "a tool call":
+                    assert kinds[-1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "zoom"
+
+    run(test)
+
+
 @pytest.mark.parametrize("call, error, status, param", [
     (lambda c: c.chat.completions.create(model="pixtral", messages=ask(), n=2), openai.BadRequestError, 400, "n"),
     (lambda c: c.chat.completions.create(model="gpt-4o", messages=ask()), openai.NotFoundError, 404, None),
