@@ -191,12 +191,12 @@ def test_a_cancelled_row_frees_its_slot_for_a_waiting_request_at_the_next_step(f
     running, waiting = Caller(), Caller()
     engine.submit(family.request(ask("keep going"), [], max_tokens=200), running.sink())
     engine.submit(family.request(ask("waiting"), [], max_tokens=4), waiting.sink())
-    for _ in range(5):  # the first step prefills (one token) and decodes (another)
+    for _ in range(5):  # one forward per step: the first prefills (choosing a token), each later one decodes one
         engine.step()
     assert engine.stats.running == 1 and engine.stats.waiting == 1
     running.cancelled = True
     engine.step()
-    assert running.final.finish_reason == "cancelled" and running.final.completion_tokens == 6
+    assert running.final.finish_reason == "cancelled" and running.final.completion_tokens == 5
     assert engine.stats.waiting == 0 and engine.stats.running == 1, "the waiting request took the freed row"
     drive(engine, {})
     assert waiting.final.completion_tokens == 4
@@ -482,10 +482,10 @@ class FaultyModel:
 
 @contextmanager
 def failing_last_layer(model, fault):
-    """The model's last decoder layer raises what `fault(hidden_states)` returns (if anything): a
-    failure midway through a forward, after the layers before it have filled their cache."""
+    """The model's last decoder layer raises what `fault(paged step)` returns (if anything): a
+    failure midway through a forward, after the layers before it have written their keys."""
     def hook(module, args, kwargs):
-        error = fault(args[0] if args else kwargs["hidden_states"])
+        error = fault(kwargs["paged_step"])
         if error is not None:
             raise error
 
@@ -510,9 +510,9 @@ def test_a_fault_in_one_row_of_a_prefill_group_of_three_fails_that_row_alone(fam
     prefills = []  # the rows of each prefill forward
 
     def forward_fault(inputs):
-        if inputs.get("inputs_embeds") is None:
+        lengths = inputs["paged_step"].prefill_tokens  # one chunk each: whole prompts
+        if not lengths:
             return None
-        lengths = inputs["attention_mask"].sum(-1).tolist()
         prefills.append(len(lengths))
         return injected if where == "forward" and faulty in lengths else None
 
@@ -537,8 +537,8 @@ OUT_OF_MEMORY = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2
 def test_out_of_memory_prefilling_a_group_prefills_its_rows_one_at_a_time(family, error):
     """Memory for one prompt at a time: every row is answered, with transformers' own tokens."""
     engine = InflightEngine(family.generator)
-    engine.model = FaultyModel(family.model, forward_fault=lambda inputs: error if inputs.get("inputs_embeds") is not None
-                               and len(inputs["inputs_embeds"]) > 1 else None)
+    engine.model = FaultyModel(family.model, forward_fault=lambda inputs: error if len(inputs["paged_step"].chunks) > 1
+                               else None)
     callers = [Caller() for _ in GROUP]
     drive(engine, {0: [(caller, family.request(messages, pictures, max_tokens=max_tokens))
                        for caller, (messages, pictures, max_tokens) in zip(callers, GROUP)]})
@@ -548,14 +548,14 @@ def test_out_of_memory_prefilling_a_group_prefills_its_rows_one_at_a_time(family
 
 @pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu"])
 def test_out_of_memory_decoding_fails_the_newest_row_and_the_others_go_on(family, error):
-    """Memory for two rows' decode steps, not three: the third row to join fails when it joins
-    (midway through a step, after the first layers took the step's column), and the two before
-    it go on with transformers' own tokens."""
+    """Memory for two rows in a forward, not three: the third row to join fails when it joins
+    (midway through the forward that packs its prompt beside the two decoding rows, after the
+    first layers wrote their keys), and the two before it go on with transformers' own tokens."""
     callers = [Caller() for _ in GROUP]
     arrivals = {step: [(caller, family.request(messages, pictures, max_tokens=max_tokens))]
                 for step, caller, (messages, pictures, max_tokens) in zip((0, 1, 4), callers, GROUP)}
-    decoding_three = lambda hidden: error if hidden.shape[:2] == (3, 1) else None  # noqa: E731
-    with failing_last_layer(family.model, decoding_three):
+    three_rows = lambda step: error if step.rows == 3 else None  # noqa: E731
+    with failing_last_layer(family.model, three_rows):
         drive(InflightEngine(family.generator), arrivals)
     assert all(caller.answered_once for caller in callers)
     [failure] = callers[2].errors

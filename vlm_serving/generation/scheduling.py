@@ -19,12 +19,16 @@ class EngineLimits:
 
     # Rows decoded together at each step.
     max_running: int = 16
-    # Key/value-cache budget in token slots: rows × padded columns of the dense cache, for every
-    # layer (bytes = this × layers × 2 × kv heads × head dim × dtype size). Admission reserves each
-    # row's prompt + max_tokens (unset: what the context leaves, at most max_tokens_limit), so the
-    # budget holds for the rows' whole lives.
+    # Key/value-cache budget in token slots, for every layer (bytes = this × layers × 2 × kv heads ×
+    # head dim × dtype size): a pool of cache_tokens / block_tokens blocks (rounded up), allocated
+    # once. A row holds the blocks its tokens fill. Admission reserves each row's prompt +
+    # max_tokens (unset: what the context leaves, at most max_tokens_limit), rounded up to whole
+    # blocks, so the budget holds for the rows' whole lives.
     cache_tokens: int = 65536
-    # Prompt tokens prefilled per step (rows × columns of one prefill forward).
+    # Token slots per block of the paged cache.
+    block_tokens: int = 16
+    # Prompt tokens prefilled per step (real tokens, packed unpadded across the prefilling rows and
+    # shared evenly among them); each running row's decode token comes on top, in the same forward.
     prefill_chunk_tokens: int = 512
     # Requests waiting for a row; beyond this many, new ones are refused (EngineFull).
     max_waiting: int = 64

@@ -1,0 +1,186 @@
+"""The paged key/value cache (issue 25): its block bookkeeping, the transformers internals it relies
+on (pinned here: `cache.update(..., kwargs=)`, a 4-D mask taken as prepared, the attention looked
+up by name), and the engine's use of it (no cached key ever moves; admission by blocks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from tests.conftest import FAMILIES, picture
+from tests.families import Family, ask
+from tests.unit.test_engine import Caller, drive
+from vlm_serving.generation import paged_cache
+from vlm_serving.generation.engine import EngineLimits, InflightEngine
+from vlm_serving.generation.kv_blocks import BlockTables, OutOfBlocks
+from vlm_serving.generation.paged_cache import PREPARED_MASK, PagedKV, refuse_sliding_window, use_paged_attention
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, checkpoints):
+    return Family(request.param, checkpoints / request.param)
+
+
+# ----- block bookkeeping -----
+
+
+def test_rows_take_blocks_as_they_grow_and_give_them_all_back():
+    tables = BlockTables(blocks=4, block_tokens=4)
+    tables.grow("a", 5)  # two blocks
+    tables.grow("b", 4)  # one
+    assert (tables.held("a"), tables.held("b"), tables.free) == (2, 1, 1)
+    a = tables.table("a")
+    assert tables.slots("a", 3, 6).tolist() == [a[0] * 4 + 3, a[1] * 4, a[1] * 4 + 1]
+    tables.grow("a", 8)  # still two blocks
+    assert tables.free == 1
+    with pytest.raises(OutOfBlocks, match="2 more block"):
+        tables.grow("b", 12)
+    assert tables.held("b") == 1, "a grow that cannot be met takes nothing"
+    tables.release("a")
+    assert (tables.free, tables.used, tables.peak_used) == (3, 1, 3)
+    assert 0 not in tables.table("b"), "block 0 is the padding block, never handed out"
+
+
+def test_padded_slots_point_past_each_rows_length_at_the_padding_block():
+    tables = BlockTables(blocks=4, block_tokens=2)
+    tables.grow("long", 5)
+    tables.grow("short", 2)
+    slots, valid = tables.padded_slots(["long", "short"], [5, 2])
+    assert slots[0].tolist() == tables.slots("long", 0, 5).tolist()
+    assert slots[1].tolist() == tables.slots("short", 0, 2).tolist() + [0, 0, 0]
+    assert valid.tolist() == [[True] * 5, [True, True, False, False, False]]
+
+
+# ----- transformers internals the cache relies on -----
+
+
+def packed_logits(model, cache: PagedKV, decoding, chunks, embeds, positions) -> torch.Tensor:
+    step = cache.plan(decoding, chunks)
+    keep = list(range(len(decoding))) + [len(embeds) - 1]
+    return model(inputs_embeds=embeds[None], position_ids=positions, cache=cache, use_cache=False,
+                 attention_mask=PREPARED_MASK, paged_step=step, logits_to_keep=torch.tensor(keep)).logits[0]
+
+
+def test_a_packed_forward_gives_each_row_its_own_plain_forwards_logits(family):
+    """Row "a" decodes its third token while row "b"'s prompt is prefilled in two chunks beside it:
+    each row's logits are those of a plain SDPA forward over that row alone (Qwen2.5-VL with its 3-D
+    positions). This pins every internal at once: `update` called with the forward's kwargs, the
+    4-D mask taken as prepared, the attention found by name, positions taken as given."""
+    model = family.model
+    use_paged_attention(model)
+    ids = {"a": torch.tensor([5, 6, 7]), "b": torch.tensor([11, 12, 13, 14, 15, 16, 17])}
+    embed = model.get_input_embeddings()
+    three_d = family.generator.marks_modalities
+
+    def positions(values):
+        values = torch.as_tensor(values)
+        return values.expand(3, 1, -1) if three_d else values[None]
+
+    with torch.inference_mode():
+        plain = {name: model(input_ids=tokens[None], position_ids=positions(torch.arange(len(tokens))),
+                             use_cache=False).logits[0] for name, tokens in ids.items()}
+        cache = PagedKV(model, blocks=8, block_tokens=2)
+        cache.tables.grow("a", 3)
+        cache.tables.grow("b", 7)
+        # a's first two tokens, b's first four: one prefill forward of two chunks.
+        first = cache.plan([], [("a", 0, 2), ("b", 0, 4)])
+        model(inputs_embeds=embed(torch.cat([ids["a"][:2], ids["b"][:4]]))[None],
+              position_ids=positions([0, 1, 0, 1, 2, 3]), cache=cache, use_cache=False,
+              attention_mask=PREPARED_MASK, paged_step=first)
+        logits = packed_logits(model, cache, [("a", 2)], [("b", 4, 7)],
+                               embed(torch.cat([ids["a"][2:], ids["b"][4:]])), positions([2, 4, 5, 6]))
+    torch.testing.assert_close(logits[0], plain["a"][2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], plain["b"][6], atol=1e-4, rtol=1e-4)
+
+
+def test_update_gets_the_forwards_kwargs_and_the_prepared_mask_reaches_the_attention(family, monkeypatch):
+    model = family.model
+    use_paged_attention(model)
+    seen = {"update": [], "mask": []}
+    real_update, real_attention = PagedKV.update, paged_cache.paged_rows_attention
+
+    def update(self, key_states, value_states, layer_idx, kwargs):
+        seen["update"].append((layer_idx, "paged_step" in kwargs))
+        return real_update(self, key_states, value_states, layer_idx, kwargs)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        seen["mask"].append(attention_mask)
+        return real_attention(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(PagedKV, "update", update)
+    monkeypatch.setitem(paged_cache.AttentionInterface._global_mapping, paged_cache.PAGED_ATTENTION, attention)
+    cache = PagedKV(model, blocks=4, block_tokens=4)
+    cache.tables.grow("a", 3)
+    positions = torch.arange(3).expand(3, 1, -1) if family.generator.marks_modalities else torch.arange(3)[None]
+    with torch.inference_mode():
+        packed_logits(model, cache, [], [("a", 0, 3)], model.get_input_embeddings()(torch.tensor([1, 2, 3])), positions)
+    layers = model.config.get_text_config().num_hidden_layers
+    assert seen["update"] == [(layer, True) for layer in range(layers)]
+    assert len(seen["mask"]) == layers and all(mask is PREPARED_MASK for mask in seen["mask"])
+
+
+def test_plain_forwards_of_a_paged_model_keep_sdpas_masks(family):
+    """The static scheduler and the references call the same model object: a left-padded batch
+    gives the same logits before and after the text attention is routed through paged_rows."""
+    model = family.model
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.inference_mode():
+        model.set_attn_implementation("sdpa")
+        before = model(input_ids=ids, attention_mask=mask).logits
+        use_paged_attention(model)
+        after = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_a_sliding_window_shorter_than_the_context_is_refused(checkpoints):
+    config = AutoConfig.from_pretrained(checkpoints / "pixtral").get_text_config()
+    assert config.sliding_window == config.max_position_embeddings  # the tiny Pixtral's: never cuts
+    refuse_sliding_window(config)
+    config.sliding_window = 1024
+    with pytest.raises(ValueError, match="sliding window of 1024 tokens is shorter than its context of 4096"):
+        refuse_sliding_window(config)
+
+
+# ----- the engine on the paged cache -----
+
+
+def test_no_cached_key_moves_while_rows_join_and_leave(family):
+    """The pools are allocated once and every step writes only its new tokens' slots: a row's keys
+    stay where they were written (bitwise) while others join, run and leave."""
+    engine = InflightEngine(family.generator, EngineLimits(prefill_chunk_tokens=16))
+    pools = [pool.data_ptr() for pool in engine._cache.keys + engine._cache.values]
+    long, joiner = Caller(), Caller()
+    engine.submit(family.request(ask("keep going"), [], max_tokens=40), long.sink())
+    for _ in range(4):
+        engine.step()
+    [row] = engine._running
+    slots = engine.blocks.slots(row, 0, row.cached)
+    written = engine._cache.keys[-1][slots].clone()
+    drive(engine, {0: [(joiner, family.request(ask("Describe it.", 1), [picture(64, 64, seed=2)], max_tokens=6))]},
+          check=lambda engine: None if long.done else torch.testing.assert_close(
+              engine._cache.keys[-1][slots], written, atol=0, rtol=0))
+    assert [pool.data_ptr() for pool in engine._cache.keys + engine._cache.values] == pools
+    assert joiner.final.completion_tokens == 6 and long.final.completion_tokens > 0
+
+
+def test_admission_counts_each_rows_own_blocks_not_the_longest_rows(family):
+    """One long row and four short ones: the dense cache needed rows x the longest reserve
+    (5 x 400 = 2,000 slots); the paged cache admits all five in 400 + 4 x 48 (+ rounding)."""
+    long = family.request(ask("a long answer"), [], max_tokens=400 - 32)
+    shorts = [family.request(ask(f"q{n}"), [], max_tokens=8) for n in range(4)]
+    reserves = [len(r.input_ids) + r.params.max_tokens for r in [long] + shorts]
+    budget = sum(-(-reserve // 16) * 16 for reserve in reserves)
+    assert budget < 2 * max(reserves), "the dense cache would have admitted two rows at most"
+    engine = InflightEngine(family.generator, EngineLimits(cache_tokens=budget, max_running=8))
+    callers = [Caller() for _ in reserves]
+    for caller, request in zip(callers, [long] + shorts):
+        engine.submit(request, caller.sink())
+    engine.step()
+    assert engine.stats.waiting == 0 and engine.stats.running + engine.stats.finished == 5
+    peaks = []
+    drive(engine, {}, check=lambda engine: peaks.append(engine.stats.cache_tokens_used))
+    assert max(peaks) <= budget and engine.blocks.used == 0
+    for caller, request in zip(callers[1:], shorts):
+        assert caller.final.completion_tokens >= 1
