@@ -547,21 +547,61 @@ def test_out_of_memory_prefilling_a_group_prefills_its_rows_one_at_a_time(family
 
 
 @pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu"])
-def test_out_of_memory_decoding_fails_the_newest_row_and_the_others_go_on(family, error):
-    """Memory for two rows in a forward, not three: the third row to join fails when it joins
-    (midway through the forward that packs its prompt beside the two decoding rows, after the
-    first layers wrote their keys), and the two before it go on with transformers' own tokens."""
+def test_out_of_memory_in_a_forward_preempts_the_newest_row_and_every_row_stays_exact(family, error):
+    """Memory for two rows in a forward, not three: the third row to join is preempted when it
+    joins (midway through the forward that packs its prompt beside the two decoding rows, after
+    the first layers wrote their keys), runs once a row has left, and every row gets
+    transformers' own tokens."""
     callers = [Caller() for _ in GROUP]
     arrivals = {step: [(caller, family.request(messages, pictures, max_tokens=max_tokens))]
                 for step, caller, (messages, pictures, max_tokens) in zip((0, 1, 4), callers, GROUP)}
     three_rows = lambda step: error if step.rows == 3 else None  # noqa: E731
+    engine = InflightEngine(family.generator)
     with failing_last_layer(family.model, three_rows):
-        drive(InflightEngine(family.generator), arrivals)
-    assert all(caller.answered_once for caller in callers)
-    [failure] = callers[2].errors
-    assert isinstance(failure, OutOfMemory) and "the newest" in str(failure) and "out of memory" in str(failure)
-    for caller, (messages, pictures, max_tokens) in zip(callers[:2], GROUP[:2]):
-        assert caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+        drive(engine, arrivals)
+    assert engine.stats.preempted >= 1
+    for caller, (messages, pictures, max_tokens) in zip(callers, GROUP):
+        assert caller.answered_once and caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+
+
+def test_out_of_memory_with_one_row_fails_it_naming_the_memory(family):
+    """Nothing to preempt: the row, retried alone (as a prompt among others would be), ends with an
+    error saying out of memory, and the next request runs."""
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    alone, after = Caller(), Caller()
+    engine = InflightEngine(family.generator)
+    engine.submit(family.request(ask("one"), [], max_tokens=5), alone.sink())
+    with failing_last_layer(family.model, lambda step: error):
+        engine.step()
+        engine.step()
+    drive(engine, {0: [(after, family.request(ask("two"), [], max_tokens=3))]})
+    [failure] = alone.errors
+    assert alone.answered_once and isinstance(failure, OutOfMemory) and "out of memory" in str(failure)
+    assert after.final.completion_tokens == 3
+
+
+def test_a_budget_too_small_for_all_rows_at_once_preempts_and_every_row_stays_exact(family):
+    """The rows' prompts fit together but not their growth: the newest rows are preempted (blocks
+    freed, recomputed later from prompt + chosen tokens) and every row still gets transformers'
+    own tokens. The block tables are instrumented: the budget is never exceeded."""
+    requests = [family.request(messages, pictures, max_tokens=max_tokens) for messages, pictures, max_tokens in CASES]
+    budget = -(-max(len(r.input_ids) + r.params.max_tokens for r in requests) // 4) * 4
+    engine = InflightEngine(family.generator, EngineLimits(cache_tokens=budget, block_tokens=4))
+    used, grow = [], engine.blocks.grow
+
+    def counted_grow(row, tokens):
+        try:
+            grow(row, tokens)
+        finally:
+            used.append(engine.blocks.used)
+
+    engine.blocks.grow = counted_grow
+    callers = [Caller() for _ in requests]
+    drive(engine, {0: list(zip(callers, requests))})
+    assert engine.stats.preempted >= 1
+    assert max(used) * 4 <= budget and engine.blocks.peak_used * 4 <= budget
+    for caller, (messages, pictures, max_tokens) in zip(callers, CASES):
+        assert caller.answered_once and caller.final.token_ids == reference(family, messages, pictures, max_tokens)
 
 
 def test_a_fault_that_escapes_a_step_answers_every_row_once_and_the_loop_serves_on(family, monkeypatch):

@@ -2,9 +2,9 @@
 
 One `InflightEngine` per generation instance owns the running batch. Each `step()`:
 1. ends cancelled rows (waiting, prefilling or running) and frees their cache blocks at once;
-2. admits waiting requests while the batch has room: at most `max_running` rows, and a
-   key/value-cache budget in blocks that the admitted rows can never exceed however long they run
-   (a request whose response format is still compiling waits, and the ones behind it go first);
+2. admits waiting requests while the batch has room: at most `max_running` rows, and the blocks
+   of the key/value cache each needs now (its prompt, and a block of room per row held to grow
+   into; a request whose response format is still compiling waits, and the ones behind it go first);
 3. runs ONE forward that packs, unpadded, every running row's decode token and a chunk of each
    prefilling row's prompt (at most `prefill_chunk_tokens` prompt tokens per step, shared evenly,
    so a long prompt with images never stalls the running rows or the short prompts beside it for
@@ -12,13 +12,13 @@ One `InflightEngine` per generation instance owns the running batch. Each `step(
    on another thread while the forward runs: `grammar.MaskFiller`);
 4. retires finished, stopped and failed rows, freeing their blocks.
 
-Admission reserves each row's prompt + max_tokens, rounded up to whole blocks, so no row is
-preempted for cache room. A request that leaves max_tokens unset reserves what the context (or the
-cache budget, where smaller) leaves after its prompt, at most max_tokens_limit: the longest answer
-it may take. Measured on the CPU profile with the tiny checkpoints (context = max_tokens_limit =
-4,096): 16 concurrent such requests are all admitted at once, as with max_tokens 64 (16 is
-max_running; 16 x 4,096 is the 65,536-token budget). A row's reservation is its own length, never
-the longest row's: one 3k-token document row takes its blocks, not 3k slots of every other row.
+Admission counts the blocks a row needs now, not what it may need: rows grow a block at a time
+as they decode. When a step needs blocks that are not free, the newest rows are preempted: their
+blocks freed, they go back to the front of the queue and are prefilled again later from their
+prompt and the tokens they had chosen, then go on where they stopped (greedy tokens stay exact).
+One row alone always fits: `submit` refuses a prompt + max_tokens beyond the budget. A request
+that leaves max_tokens unset may take what the context (or the cache budget, where smaller)
+leaves after its prompt, at most max_tokens_limit.
 
 Key/value cache: a paged cache written in place (`paged_cache.PagedKV`, blocks of `block_tokens`
 slots in per-layer pools allocated once, a block table per row in `kv_blocks.BlockTables`) read
@@ -49,8 +49,9 @@ One request never fails another:
   to the front of the queue to be prefilled one at a time, and the running rows decode again at
   the next step (what the failed forward wrote is overwritten: a row's length moves only after
   its forward succeeded);
-- out of memory beside running rows: the newest row ends (with an error saying so) and the
-  others go on.
+- out of memory beside other rows: the newest row is preempted (as when blocks run out) and,
+  until a row finishes, the batch holds at most the rows that fitted; out of memory with one
+  row alone fails that row with an error saying so.
 A forward that fails for any other reason with no prompt to blame fails the running rows (the step is shared);
 an error escaping a step (a bug) ends what the engine holds (`EngineLoop`).
 """
@@ -71,6 +72,7 @@ from vlm_serving.generation.batch import (
     FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
     penalize_occurrences, penalize_repetitions, top_alternatives,
 )
+from vlm_serving.generation.kv_blocks import OutOfBlocks
 from vlm_serving.generation.grammar import FormatCompiler, MaskFiller, RowGrammar, TokenMasks
 from vlm_serving.generation.paged_cache import PREPARED_MASK, PagedKV, PagedStep, use_paged_attention
 from vlm_serving.generation.sampling import ParameterError
@@ -117,6 +119,8 @@ class EngineStats:
     decode_tokens: int = 0
     prefill_tokens: int = 0
     finished: int = 0
+    # Rows preempted (their blocks freed, recomputed later) for cache room or device memory.
+    preempted: int = 0
 
 
 @dataclass(eq=False)  # a row is itself: the queue removes rows by identity
@@ -127,8 +131,6 @@ class _Row:
     generator: torch.Generator
     # The prompt's and generated tokens, for the repetition penalty (as plain `generate` sees them).
     seen: list[int]
-    # Prompt + max_tokens: the most cache positions this row can ever hold.
-    reserve: int
     # The prompt's positions, on the CPU: [3, tokens] (Qwen2.5-VL's temporal, height, width) or [tokens].
     positions: torch.Tensor
     # The row's response format, where it has one (constrained decoding; admitted once compiled).
@@ -138,8 +140,12 @@ class _Row:
     last_token: int = 0
     # Positions of the row in the cache (prompt tokens prefilled so far, then each decoded token's).
     cached: int = 0
-    # [prompt tokens, hidden] while the row is prefilled.
+    # While the row is prefilled: [tokens, hidden] embeddings of its prompt (a preempted row's:
+    # prompt + the tokens it had chosen) and their positions.
     embeds: torch.Tensor | None = None
+    prefill_positions: torch.Tensor | None = None
+    # The order rows were admitted in (the newest is preempted first).
+    admitted: int = 0
     # Prefilled with no other prompt beside it: a forward that held it among others failed, and
     # alone it fails by itself.
     alone: bool = False
@@ -166,6 +172,9 @@ class InflightEngine:
         use_paged_attention(self.model)
         self._cache = PagedKV(self.model, -(-limits.cache_tokens // limits.block_tokens), limits.block_tokens)
         self.blocks = self._cache.tables
+        self._admissions = 0
+        # After an out-of-memory error: the most rows held until one of them finishes (None: max_running).
+        self._row_cap: int | None = None
         self._waiting_checked = 0.0
         self.on_step: Callable[[EngineStats], None] = lambda stats: None
         self.wakeup = threading.Event()
@@ -178,8 +187,8 @@ class InflightEngine:
         self.generator.check_request(request)
         # An unset max_tokens: up to the context or this instance's whole cache budget, whichever is less.
         request = self.generator.resolve(request, context=min(self.generator.max_context, self.limits.cache_tokens))
-        reserve = len(request.input_ids) + request.params.max_tokens
-        if reserve > self.limits.cache_tokens:
+        # One row alone always fits: preemption frees every other row's blocks for it.
+        if len(request.input_ids) + request.params.max_tokens > self.limits.cache_tokens:
             raise ParameterError(
                 f"prompt of {len(request.input_ids)} tokens + max_tokens {request.params.max_tokens} exceeds this "
                 f"model's key/value-cache budget of {self.limits.cache_tokens} tokens per instance; shorten the "
@@ -193,7 +202,7 @@ class InflightEngine:
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         progress = RowProgress(request, self.generator.tokenizer, self.generator.eos_ids, self.generator.token_bytes)
         positions = self._prompt_positions(request)
-        row = _Row(request, sink, progress, generator, request.input_ids.tolist(), reserve, positions, grammar,
+        row = _Row(request, sink, progress, generator, request.input_ids.tolist(), positions, grammar,
                    next_position=int(positions.max()) + 1)
         with self._lock:
             if len(self._waiting) >= self.limits.max_waiting:
@@ -288,7 +297,8 @@ class InflightEngine:
         gone: list[_Row] = []
         refused: list[tuple[_Row, Exception]] = []
         held = self._prefilling + self._running
-        reserved = sum(self.blocks.needed(row.reserve) for row in held)
+        row_limit = min(self.limits.max_running, self._row_cap or self.limits.max_running)
+        free = self.blocks.free
         with self._lock:
             for candidate in list(self._waiting):
                 if candidate.sink.is_cancelled():
@@ -306,13 +316,14 @@ class InflightEngine:
                         continue
                 if candidate.alone and (admitted or self._prefilling):
                     break
-                if len(held) + len(admitted) + 1 > self.limits.max_running:
+                if len(held) + len(admitted) + 1 > row_limit:
                     break
-                # Every row's whole life fits: its blocks never run out however long it runs.
-                needed = self.blocks.needed(candidate.reserve)
-                if reserved + needed > self.blocks.blocks:
+                # The blocks its tokens need now, and one block of room for each row held to grow
+                # into (a row admitted into a full cache would only be preempted at the next step).
+                needed = self.blocks.needed(len(candidate.seen) + 1)
+                if needed + len(held) + len(admitted) > free:
                     break
-                reserved += needed
+                free -= needed
                 self._waiting.remove(candidate)
                 admitted.append(candidate)
                 if candidate.alone:
@@ -322,6 +333,9 @@ class InflightEngine:
             self._finish(row, row.progress.end(FINISH_CANCELLED))
         for row, exc in refused:
             self._fail([row], exc)
+        for row in admitted:
+            self._admissions += 1
+            row.admitted = self._admissions
         if admitted:
             self._start_prefill(admitted)
 
@@ -331,7 +345,7 @@ class InflightEngine:
         try:
             for row in rows:
                 try:
-                    row.embeds = self._prompt_embeds(row.request)
+                    row.embeds, row.prefill_positions = self._prefill_inputs(row)
                 except Exception as exc:
                     if _out_of_memory(exc):
                         raise
@@ -341,6 +355,17 @@ class InflightEngine:
         except Exception as exc:
             self._prefilling = [row for row in self._prefilling if row not in rows]
             self._prefill_failed([row for row in rows if not row.ended], exc)
+
+    def _prefill_inputs(self, row: _Row) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the row prefills: its prompt's embeddings and positions, followed, for a preempted
+        row, by the tokens it had chosen (the last one included: the prefill's logits choose the next)."""
+        embeds, positions = self._prompt_embeds(row.request), row.positions
+        chosen = row.seen[len(row.request.input_ids):]
+        if chosen:
+            embeds = torch.cat([embeds, self.model.get_input_embeddings()(torch.tensor(chosen, device=self.device))])
+            after = torch.arange(len(chosen)) + int(positions.max()) + 1
+            positions = torch.cat([positions, after.expand(3, -1) if positions.dim() == 2 else after], dim=-1)
+        return embeds, positions
 
     def _prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
         """[prompt tokens, hidden]: the tokens' embeddings with the image tokens' rows replaced by the
@@ -389,13 +414,10 @@ class InflightEngine:
     def _forward(self) -> None:
         """One forward over every running row's next token and the prompts' chunks; then each row
         that got logits (the decoding rows, and the prompts whose last chunk ran) chooses its token."""
-        decoding = [row for row in self._running if not row.ended]
-        chunks = self._chunks()
         started = time.perf_counter()
-        for row in decoding:
-            self.blocks.grow(row, row.cached + 1)
-        for row, _, end in chunks:
-            self.blocks.grow(row, end)
+        decoding, chunks = self._make_room()
+        if not (decoding or chunks):
+            return
         step = self._cache.plan([(row, row.cached) for row in decoding], chunks)
         self.stats.cache_seconds += time.perf_counter() - started
         completing = [row for row, _, end in chunks if end == len(row.embeds)]
@@ -417,7 +439,8 @@ class InflightEngine:
             row.cached = end
             self.stats.prefill_tokens += end - start
         for row in completing:
-            row.embeds = None
+            row.next_position = int(row.prefill_positions.max()) + 1
+            row.embeds = row.prefill_positions = None
             self._prefilling.remove(row)
             self._running.append(row)
         # The completed prompts are running rows before any of them is answered: whatever fails
@@ -425,6 +448,32 @@ class InflightEngine:
         if choosing:
             self._advance(choosing, logits, masks)
         self._retire()
+
+    def _make_room(self) -> tuple[list[_Row], list[tuple[_Row, int, int]]]:
+        """The step's decoding rows and prompt chunks, with the blocks they write into: while the
+        cache lacks them, the newest row is preempted (one row alone always fits: `submit`)."""
+        while True:
+            decoding = [row for row in self._running if not row.ended]
+            chunks = self._chunks()
+            try:
+                for row in decoding:
+                    self.blocks.grow(row, row.cached + 1)
+                for row, _, end in chunks:
+                    self.blocks.grow(row, end)
+                return decoding, chunks
+            except OutOfBlocks:
+                self._preempt(max(decoding + [row for row, _, _ in chunks], key=lambda row: row.admitted))
+
+    def _preempt(self, row: _Row) -> None:
+        """Free the row's blocks and put it back at the front of the queue: it is prefilled again
+        later from its prompt and the tokens it had chosen, and goes on where it stopped."""
+        (self._running if row in self._running else self._prefilling).remove(row)
+        self.blocks.release(row)
+        row.cached, row.embeds, row.prefill_positions = 0, None, None
+        self.stats.preempted += 1
+        with self._lock:
+            self._waiting.appendleft(row)
+            self.stats.waiting = len(self._waiting)
 
     def _run(self, step: PagedStep, decoding: list[_Row], chunks: list[tuple[_Row, int, int]]) -> torch.Tensor:
         """The packed forward: [rows that choose, vocab] logits (decoding rows, then completed prompts)."""
@@ -438,7 +487,7 @@ class InflightEngine:
         at = len(decoding)
         for row, start, end in chunks:
             embeds.append(row.embeds[start:end])
-            positions.append(row.positions[..., start:end])
+            positions.append(row.prefill_positions[..., start:end])
             at += end - start
             if end == len(row.embeds):
                 keep.append(at - 1)
@@ -459,13 +508,13 @@ class InflightEngine:
             self._prefill_failed(prefilling, exc)
             return
         live = decoding + prefilling
-        if prefilling or (_out_of_memory(exc) and len(live) > 1):
-            newest = live[-1]
-            doing = (f"prefilling a prompt of {len(newest.request.input_ids)} tokens" if prefilling
-                     else f"decoding {len(live)} rows") + f" beside {len(live) - 1} running row(s)"
-            if len(live) > 1:
-                doing += "; this one, the newest, was ended so that the others go on"
-            self._fail([newest], _explain(exc, doing))
+        if _out_of_memory(exc) and len(live) > 1:
+            # Until a row finishes, the batch holds at most the rows that fitted.
+            self._row_cap = len(live) - 1
+            self._preempt(max(live, key=lambda row: row.admitted))
+        elif prefilling:
+            self._fail(prefilling, _explain(exc, f"prefilling a prompt of {len(prefilling[0].request.input_ids)} "
+                                                 f"tokens beside {len(decoding)} running row(s)"))
         else:
             self._fail(decoding, _explain(exc, f"decoding {len(decoding)} row(s)"))
         self._retire()
@@ -484,7 +533,7 @@ class InflightEngine:
         for row in rows:
             self._prefilling.remove(row) if row in self._prefilling else None
             self.blocks.release(row)
-            row.alone, row.cached, row.embeds = True, 0, None
+            row.alone, row.cached, row.embeds, row.prefill_positions = True, 0, None, None
         with self._lock:
             self._waiting.extendleft(reversed(rows))
             self.stats.waiting = len(self._waiting)
@@ -548,7 +597,8 @@ class InflightEngine:
             for row in [row for row in rows if row.ended]:
                 rows.remove(row)
                 self.blocks.release(row)
-                row.embeds = None
+                row.embeds = row.prefill_positions = None
+                self._row_cap = None
 
     # ----- answers -----
 

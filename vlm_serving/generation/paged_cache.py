@@ -10,8 +10,8 @@ It plugs into transformers' own model code at two points, both pinned by tests/u
   forward's keyword arguments, so `update` writes the new keys and values into their slots in
   place (`index_copy_`: nothing already cached is ever copied);
 - the attention function is looked up by name in `AttentionInterface` ("paged_rows", registered
-  here): decoding rows attend together ([rows, heads, 1, dim], each over the slots of its own
-  blocks, padded with block 0 and masked), each prefill chunk attends causally over its own row's
+  here): decoding rows attend together (each over the slots of its own blocks, padded with
+  block 0 and masked; a key/value head's query heads as its queries), each prefill chunk attends causally over its own row's
   slots. No row ever reads another row's keys. A forward without a `paged_step` (plain `generate`
   on the same model object) gets transformers' SDPA with SDPA's own masks, unchanged.
 Passing `attention_mask=PREPARED_MASK` (a 4-D tensor, which transformers' mask builder returns
@@ -124,11 +124,14 @@ def paged_rows_attention(module, query, key, value, attention_mask, scaling=None
     keys, values = step.cache.keys[module.layer_idx], step.cache.values[module.layer_idx]
     out = torch.empty_like(query[0].transpose(0, 1))  # [tokens, heads, dim]
     if len(step.decode_at):
-        q = query[0][:, step.decode_at].transpose(0, 1)[:, :, None]  # [rows, heads, 1, dim]
+        rows, kv_heads = len(step.decode_at), keys.shape[1]
+        # A decoding row's one query per head: the heads sharing a key/value head attend as that
+        # head's queries ([rows, kv heads, heads per kv head, dim]), so no key is repeated per head.
+        q = query[0][:, step.decode_at].transpose(0, 1).reshape(rows, kv_heads, -1, query.shape[-1])
         k = keys[step.decode_slots].permute(0, 2, 1, 3)  # [rows, kv heads, longest, dim]
         v = values[step.decode_slots].permute(0, 2, 1, 3)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_valid, scale=scaling, enable_gqa=True)
-        out[step.decode_at] = attended[:, :, 0]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_valid, scale=scaling)
+        out[step.decode_at] = attended.reshape(rows, -1, query.shape[-1])
     for start, end, slots, causal in step.chunks:
         q = query[:, :, start:end]  # [1, heads, new, dim]
         k, v = keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None]  # [1, kv heads, cached, dim]

@@ -21,9 +21,9 @@ class EngineLimits:
     max_running: int = 16
     # Key/value-cache budget in token slots, for every layer (bytes = this × layers × 2 × kv heads ×
     # head dim × dtype size): a pool of cache_tokens / block_tokens blocks (rounded up), allocated
-    # once. A row holds the blocks its tokens fill. Admission reserves each row's prompt +
-    # max_tokens (unset: what the context leaves, at most max_tokens_limit), rounded up to whole
-    # blocks, so the budget holds for the rows' whole lives.
+    # once. A row holds the blocks its tokens fill; admission counts what rows need now, and the
+    # newest rows are preempted (recomputed later) when the blocks run out. One row's prompt +
+    # max_tokens must fit.
     cache_tokens: int = 65536
     # Token slots per block of the paged cache.
     block_tokens: int = 16
