@@ -510,7 +510,7 @@ def test_a_fault_in_one_row_of_a_prefill_group_of_three_fails_that_row_alone(fam
     prefills = []  # the rows of each prefill forward
 
     def forward_fault(inputs):
-        lengths = inputs["paged_step"].prefill_tokens  # one chunk each: whole prompts
+        lengths = inputs["paged_step"].prefill_ends  # one chunk each: to the prompts' ends
         if not lengths:
             return None
         prefills.append(len(lengths))

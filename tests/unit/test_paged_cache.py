@@ -4,13 +4,14 @@ up by name), and the engine's use of it (no cached key ever moves; admission by 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig
 
 from tests.conftest import FAMILIES, picture
 from tests.families import Family, ask
-from tests.unit.test_engine import Caller, drive
+from tests.unit.test_engine import CASES, Caller, drive, reference
 from vlm_serving.generation import paged_cache
 from vlm_serving.generation.engine import EngineLimits, InflightEngine
 from vlm_serving.generation.kv_blocks import BlockTables, OutOfBlocks
@@ -184,3 +185,57 @@ def test_admission_counts_each_rows_own_blocks_not_the_longest_rows(family):
     assert max(peaks) <= budget and engine.blocks.used == 0
     for caller, request in zip(callers[1:], shorts):
         assert caller.final.completion_tokens >= 1
+
+
+# ----- prefix caching -----
+
+
+def run_alone(engine: InflightEngine, request) -> Caller:
+    caller = Caller()
+    drive(engine, {0: [(caller, request)]})
+    return caller
+
+
+def test_a_second_turn_reuses_the_first_turns_blocks_and_stays_exact(family):
+    pictures = [picture(200, 120, seed=1)]
+    turn = ask("What is in the picture?", 1)
+    engine = InflightEngine(family.generator)
+    first_request = family.request(turn, pictures, max_tokens=8)
+    first = run_alone(engine, first_request)
+    assert first.final.cached_tokens == 0
+    following = turn + [{"role": "assistant", "content": [{"type": "text", "text": first.final.text}]},
+                        {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]}]
+    second_request = family.request(following, pictures, max_tokens=8)
+    before, after = first_request.input_ids, second_request.input_ids
+    common = int(np.argmin(before == after[: len(before)])) if (before != after[: len(before)]).any() else len(before)
+    block = engine.blocks.block_tokens
+    second = run_alone(engine, second_request)
+    assert second.final.cached_tokens == common // block * block
+    assert second.final.cached_tokens >= len(before) - 2 * block, "the whole first prompt but its last blocks"
+    assert second.final.token_ids == reference(family, following, pictures, 8)
+
+
+def test_two_different_images_with_the_same_prompt_never_share_their_blocks(family):
+    one, other = picture(64, 64, seed=2), picture(64, 64, seed=5)
+    requests = [family.request(ask("Describe it.", 1), [image], max_tokens=6) for image in (one, other, other)]
+    assert (requests[0].input_ids == requests[1].input_ids).all(), "the same placeholder tokens"
+    first_image = int(np.flatnonzero(requests[0].input_ids == family.generator.image_token_id)[0])
+    engine = InflightEngine(family.generator, EngineLimits(block_tokens=4))
+    callers = [run_alone(engine, request) for request in requests]
+    assert callers[1].final.cached_tokens == first_image // 4 * 4, "only the text before the image is shared"
+    assert callers[2].final.cached_tokens > first_image, "the same image again shares its blocks"
+    for caller, image in zip(callers, (one, other, other)):
+        assert caller.final.token_ids == reference(family, ask("Describe it.", 1), [image], 6)
+
+
+def test_eviction_under_pressure_keeps_every_answer_exact(family):
+    """A pool smaller than the prompts' kept blocks: running the cases one after the other evicts
+    the least recently used, and a first case run again (partly evicted) is still exact."""
+    cases = CASES + CASES[:1]
+    requests = [family.request(messages, pictures, max_tokens=max_tokens) for messages, pictures, max_tokens in cases]
+    budget = -(-max(len(r.input_ids) + r.params.max_tokens for r in requests) // 16) * 16
+    engine = InflightEngine(family.generator, EngineLimits(cache_tokens=budget))
+    callers = [run_alone(engine, request) for request in requests]
+    assert engine.blocks.evicted > 0 and engine.blocks.kept <= engine.blocks.blocks
+    for caller, (messages, pictures, max_tokens) in zip(callers, cases):
+        assert caller.final.token_ids == reference(family, messages, pictures, max_tokens)

@@ -24,6 +24,11 @@ Key/value cache: a paged cache written in place (`paged_cache.PagedKV`, blocks o
 slots in per-layer pools allocated once, a block table per row in `kv_blocks.BlockTables`) read
 by an attention function of our own registered with transformers (`paged_rows`): a step copies
 no cached key or value, rows join and leave without moving anyone's, and no row reads another's.
+Prefix caching: a prompt's full blocks are kept under keys chaining their token ids and their
+images' content (`kv_blocks.prefix_keys`); a new row (or a preempted one coming back) starts with
+the longest prefix kept (an earlier turn of its chat, the same document image) and prefills only
+the rest; kept blocks no row holds are evicted least recently used first. The final update says
+how many prompt tokens came from the cache (`RequestUpdate.cached_tokens`).
 
 Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
 positions (images take fewer positions than tokens) follow every row exactly; image embeddings
@@ -64,7 +69,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,7 +77,7 @@ from vlm_serving.generation.batch import (
     FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
     penalize_occurrences, penalize_repetitions, top_alternatives,
 )
-from vlm_serving.generation.kv_blocks import OutOfBlocks
+from vlm_serving.generation.kv_blocks import OutOfBlocks, image_runs, prefix_keys
 from vlm_serving.generation.grammar import FormatCompiler, MaskFiller, RowGrammar, TokenMasks
 from vlm_serving.generation.paged_cache import PREPARED_MASK, PagedKV, PagedStep, use_paged_attention
 from vlm_serving.generation.sampling import ParameterError
@@ -121,6 +126,10 @@ class EngineStats:
     finished: int = 0
     # Rows preempted (their blocks freed, recomputed later) for cache room or device memory.
     preempted: int = 0
+    # Prefix caching: tokens found in the cache instead of prefilled (a preempted row's recompute
+    # included), and the full blocks kept for reuse.
+    cached_tokens: int = 0
+    cached_blocks: int = 0
 
 
 @dataclass(eq=False)  # a row is itself: the queue removes rows by identity
@@ -146,6 +155,12 @@ class _Row:
     prefill_positions: torch.Tensor | None = None
     # The order rows were admitted in (the newest is preempted first).
     admitted: int = 0
+    # (start, end, content digest) of each image in the prompt: its blocks' prefix keys hold them.
+    images: list = field(default_factory=list)
+    # The prefix keys of the full blocks of what the row prefills.
+    block_keys: list = field(default_factory=list)
+    # Prompt tokens found in the prefix cache when the row was first prefilled (reported in its usage).
+    cached_prompt_tokens: int | None = None
     # Prefilled with no other prompt beside it: a forward that held it among others failed, and
     # alone it fails by itself.
     alone: bool = False
@@ -202,8 +217,11 @@ class InflightEngine:
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         progress = RowProgress(request, self.generator.tokenizer, self.generator.eos_ids, self.generator.token_bytes)
         positions = self._prompt_positions(request)
+        # Hashed here, on the caller's thread: an image's rows are read once per request.
+        images = image_runs(request.input_ids, self.generator.image_token_id, request.image_embeds,
+                            request.language_tensors.get("image_grid_thw"))
         row = _Row(request, sink, progress, generator, request.input_ids.tolist(), positions, grammar,
-                   next_position=int(positions.max()) + 1)
+                   next_position=int(positions.max()) + 1, images=images)
         with self._lock:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise EngineFull(
@@ -351,10 +369,22 @@ class InflightEngine:
                         raise
                     self._fail([row], exc)
                     continue
+                self._reuse_prefix(row)
                 self._prefilling.append(row)
         except Exception as exc:
             self._prefilling = [row for row in self._prefilling if row not in rows]
             self._prefill_failed([row for row in rows if not row.ended], exc)
+
+    def _reuse_prefix(self, row: _Row) -> None:
+        """Start the row with the longest prefix of what it prefills that the cache keeps; at least
+        its last token is prefilled (its logits choose the next token)."""
+        block = self.blocks.block_tokens
+        row.block_keys = prefix_keys(row.seen, block, row.images)
+        matched = self.blocks.match(row, row.block_keys[: (len(row.seen) - 1) // block])
+        row.cached = matched * block
+        self.stats.cached_tokens += row.cached
+        if row.cached_prompt_tokens is None:
+            row.cached_prompt_tokens = min(row.cached, len(row.request.input_ids))
 
     def _prefill_inputs(self, row: _Row) -> tuple[torch.Tensor, torch.Tensor]:
         """What the row prefills: its prompt's embeddings and positions, followed, for a preempted
@@ -438,6 +468,7 @@ class InflightEngine:
         for row, start, end in chunks:
             row.cached = end
             self.stats.prefill_tokens += end - start
+            self.blocks.keep(row, row.block_keys[: end // self.blocks.block_tokens])
         for row in completing:
             row.next_position = int(row.prefill_positions.max()) + 1
             row.embeds = row.prefill_positions = None
@@ -611,6 +642,7 @@ class InflightEngine:
     def _finish(self, row: _Row, update: RequestUpdate) -> None:
         if row.ended:
             return
+        update.cached_tokens = row.cached_prompt_tokens or 0
         row.ended = True
         self.stats.finished += 1
         try:
@@ -650,6 +682,7 @@ class InflightEngine:
         used = self.blocks.used * self.blocks.block_tokens
         real = sum(row.cached for row in self._prefilling + self._running)
         stats.cache_tokens_used, stats.cache_tokens_real = used, real
+        stats.cached_blocks = self.blocks.kept
         stats.peak_cache_tokens = max(stats.peak_cache_tokens, used)
         self.on_step(stats)
 

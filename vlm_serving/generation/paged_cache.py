@@ -53,9 +53,9 @@ class PagedStep:
         return len(self.decode_at) + len(self.chunks)
 
     @property
-    def prefill_tokens(self) -> list[int]:
-        """The new tokens of each prefill chunk, in packed order."""
-        return [end - start for start, end, _, _ in self.chunks]
+    def prefill_ends(self) -> list[int]:
+        """Where each prefill chunk's row stands after it (a whole prompt's length when it completes)."""
+        return [len(slots) for _, _, slots, _ in self.chunks]
 
 
 class PagedKV:
