@@ -128,16 +128,23 @@ def paged_rows_attention(module, query, key, value, attention_mask, scaling=None
         # A decoding row's one query per head: the heads sharing a key/value head attend as that
         # head's queries ([rows, kv heads, heads per kv head, dim]), so no key is repeated per head.
         q = query[0][:, step.decode_at].transpose(0, 1).reshape(rows, kv_heads, -1, query.shape[-1])
-        k = keys[step.decode_slots].permute(0, 2, 1, 3)  # [rows, kv heads, longest, dim]
-        v = values[step.decode_slots].permute(0, 2, 1, 3)
+        k = _gather(keys, step.decode_slots).permute(0, 2, 1, 3)  # [rows, kv heads, longest, dim]
+        v = _gather(values, step.decode_slots).permute(0, 2, 1, 3)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_valid, scale=scaling)
         out[step.decode_at] = attended.reshape(rows, -1, query.shape[-1])
     for start, end, slots, causal in step.chunks:
         q = query[:, :, start:end]  # [1, heads, new, dim]
-        k, v = keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None]  # [1, kv heads, cached, dim]
+        k = _gather(keys, slots).transpose(0, 1)[None]  # [1, kv heads, cached, dim]
+        v = _gather(values, slots).transpose(0, 1)[None]
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scaling, enable_gqa=True)
         out[start:end] = attended[0].transpose(0, 1)
     return out[None], None
+
+
+def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool[slots] ([*slots shape, kv heads, dim]): `index_select` on the flattened slots is about
+    1.4x faster than advanced indexing on the CPU (perf/paged_row.py's shape)."""
+    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
 
 
 AttentionInterface.register(PAGED_ATTENTION, paged_rows_attention)
