@@ -492,8 +492,9 @@ class InflightEngine:
                 for row, _, end in chunks:
                     self.blocks.grow(row, end)
                 return decoding, chunks
-            except OutOfBlocks:
-                self._preempt(max(decoding + [row for row, _, _ in chunks], key=lambda row: row.admitted))
+            except OutOfBlocks:  # the newest row held, whether or not this step feeds it
+                held = [row for row in self._prefilling + self._running if not row.ended]
+                self._preempt(max(held, key=lambda row: row.admitted))
 
     def _preempt(self, row: _Row) -> None:
         """Free the row's blocks and put it back at the front of the queue: it is prefilled again
