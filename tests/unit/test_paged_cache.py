@@ -239,3 +239,31 @@ def test_eviction_under_pressure_keeps_every_answer_exact(family):
     assert engine.blocks.evicted > 0 and engine.blocks.kept <= engine.blocks.blocks
     for caller, (messages, pictures, max_tokens) in zip(callers, cases):
         assert caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+
+
+def test_prompts_are_packed_unpadded_under_a_budget_of_real_tokens(family):
+    """A long prompt and a short one arrive together under a 64-token budget: every forward feeds
+    at most 64 prompt tokens (no padding counted), the budget is shared, so the short prompt's
+    first token comes while the long one is still being prefilled; both stay exact."""
+    long_messages, short_messages = ask("question " * 300), ask("Hi")
+    requests = [family.request(long_messages, [], max_tokens=4), family.request(short_messages, [], max_tokens=4)]
+    assert len(requests[0].input_ids) > 4 * 64 > 2 * len(requests[1].input_ids)
+    fed = []
+    engine = InflightEngine(family.generator, EngineLimits(prefill_chunk_tokens=64))
+    model = engine.model
+
+    def forward(**inputs):
+        fed.append(sum(end - start for start, end, _, _ in inputs["paged_step"].chunks))
+        return model(**inputs)
+
+    engine.model = type("Counted", (), {"__call__": staticmethod(forward),
+                                        "get_input_embeddings": staticmethod(model.get_input_embeddings)})()
+    long, short = Caller(), Caller()
+    order = []
+    drive(engine, {0: [(long, requests[0]), (short, requests[1])]},
+          check=lambda engine: order.extend(name for name, caller in (("short", short), ("long", long))
+                                            if caller.updates and name not in order))
+    assert max(fed) == 64 and sum(fed) == sum(len(r.input_ids) for r in requests)
+    assert order == ["short", "long"]
+    for caller, messages in ((long, long_messages), (short, short_messages)):
+        assert caller.final.token_ids == reference(family, messages, [], 4)
