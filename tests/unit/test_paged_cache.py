@@ -267,3 +267,16 @@ def test_prompts_are_packed_unpadded_under_a_budget_of_real_tokens(family):
     assert order == ["short", "long"]
     for caller, messages in ((long, long_messages), (short, short_messages)):
         assert caller.final.token_ids == reference(family, messages, [], 4)
+
+
+def test_prefix_caching_switches_off_per_deployment(family):
+    limits = EngineLimits.from_parameters({"prefix_caching": "false", "cache_tokens": "4096"})
+    assert (limits.prefix_caching, limits.cache_tokens) == (False, 4096)
+    assert EngineLimits.from_parameters(EngineLimits().to_parameters()) == EngineLimits()
+    with pytest.raises(ValueError, match="engine switch prefix_caching='off' must be true or false"):
+        EngineLimits.from_parameters({"prefix_caching": "off"})
+    engine = InflightEngine(family.generator, limits)
+    request = family.request(ask("Describe it.", 1), [picture(64, 64, seed=2)], max_tokens=6)
+    callers = [run_alone(engine, request) for _ in range(2)]
+    assert [caller.final.cached_tokens for caller in callers] == [0, 0] and engine.blocks.kept == 0
+    assert callers[0].final.token_ids == callers[1].final.token_ids

@@ -377,7 +377,11 @@ class InflightEngine:
 
     def _reuse_prefix(self, row: _Row) -> None:
         """Start the row with the longest prefix of what it prefills that the cache keeps; at least
-        its last token is prefilled (its logits choose the next token)."""
+        its last token is prefilled (its logits choose the next token). Without prefix caching the
+        row has no keys, so it keeps no block either."""
+        if not self.limits.prefix_caching:
+            row.cached_prompt_tokens = 0
+            return
         block = self.blocks.block_tokens
         row.block_keys = prefix_keys(row.seen, block, row.images)
         matched = self.blocks.match(row, row.block_keys[: (len(row.seen) - 1) // block])
