@@ -674,3 +674,39 @@ def test_stop_sequences_beside_a_response_format_are_refused_naming_stop(family)
         engine.submit(family.request(ask("hi"), [], stop=("}",), response_format=ResponseFormat("json_object")),
                       Caller().sink())
     assert engine.idle
+
+
+def test_preempted_rows_stream_each_token_once(family):
+    """Under a budget too small for all rows, streamed rows that are preempted and resumed send
+    every token once: the streamed tokens join to the greedy reference."""
+    requests = [family.request(messages, pictures, max_tokens=max_tokens, stream=True)
+                for messages, pictures, max_tokens in CASES]
+    budget = -(-max(len(r.input_ids) + r.params.max_tokens for r in requests) // 4) * 4
+    engine = InflightEngine(family.generator, EngineLimits(cache_tokens=budget, block_tokens=4))
+    callers = [Caller() for _ in requests]
+    drive(engine, {0: list(zip(callers, requests))})
+    assert engine.stats.preempted >= 1
+    for caller, (messages, pictures, max_tokens) in zip(callers, CASES):
+        streamed = [token for update in caller.updates for token in update.token_ids]
+        assert caller.answered_once and streamed == reference(family, messages, pictures, max_tokens)
+
+
+def test_a_preempted_seeded_sampling_row_draws_what_it_draws_with_room(family):
+    """The newest row (sampling, seeded) is preempted when both rows grow; resumed, it goes on
+    with its own generator where it stopped: the same tokens as with room to spare."""
+    long_answer = "a very long answer" if family.name == "qwen2_5_vl" else "answer list"  # no end token early
+    greedy = family.request(ask(long_answer), [], max_tokens=30)
+    sampled = family.request(ask("Tell me something"), [], max_tokens=24, temperature=0.9, seed=7)
+    each_alone = max(len(request.input_ids) + request.params.max_tokens for request in (greedy, sampled))
+    budget = -(-max(each_alone, len(greedy.input_ids) + len(sampled.input_ids) + 8) // 4) * 4
+
+    def run(limits):
+        engine = InflightEngine(family.generator, limits)
+        callers = Caller(), Caller()
+        drive(engine, {0: [(callers[0], greedy)], 1: [(callers[1], sampled)]})
+        return engine.stats.preempted, callers[1].final
+
+    preempted, tight = run(EngineLimits(cache_tokens=budget, block_tokens=4))
+    unpreempted, roomy = run(EngineLimits())
+    assert preempted >= 1 and unpreempted == 0
+    assert tight.token_ids == roomy.token_ids
