@@ -223,7 +223,10 @@ def test_the_cache_budget_is_never_exceeded_and_queue_overflow_is_refused(family
     requests = [family.request(ask("question " * n, n % 2), [picture(64, 64)] if n % 2 else [], max_tokens=10 + 7 * n)
                 for n in range(6)]
     reserves = [len(r.input_ids) + r.params.max_tokens for r in requests]
-    budget = 3 * max(reserves)
+    # Admission counts what rows need now (prompts, shared prefixes once): a budget of the longest
+    # row's whole life twice (whole blocks), less than the six rows need together.
+    budget = -(-2 * max(reserves) // 16) * 16
+    assert budget < sum(reserves)
     engine = InflightEngine(family.generator, EngineLimits(max_running=8, cache_tokens=budget, max_waiting=6))
     callers = [Caller() for _ in requests]
     for caller, request in zip(callers, requests):

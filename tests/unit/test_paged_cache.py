@@ -280,3 +280,21 @@ def test_prefix_caching_switches_off_per_deployment(family):
     callers = [run_alone(engine, request) for _ in range(2)]
     assert [caller.final.cached_tokens for caller in callers] == [0, 0] and engine.blocks.kept == 0
     assert callers[0].final.token_ids == callers[1].final.token_ids
+
+
+def test_questions_about_one_image_submitted_together_share_its_blocks(family):
+    """Submitted in one step, the later questions wait for the first one's prefill of the shared
+    image (the rows behind them go first) and then start from its blocks; all stay exact."""
+    image = picture(200, 120, seed=1)
+    questions = ["What is in the picture?", "Which colours?", "Describe it."]
+    requests = [family.request(ask(question, 1), [image], max_tokens=5) for question in questions]
+    last_image = int(np.flatnonzero(requests[0].input_ids == family.generator.image_token_id)[-1])
+    engine = InflightEngine(family.generator, EngineLimits(block_tokens=4))
+    callers = [Caller() for _ in requests]
+    drive(engine, {0: list(zip(callers, requests))})
+    assert callers[0].final.cached_tokens == 0
+    for caller, request in zip(callers[1:], requests[1:]):
+        common = int(np.flatnonzero(request.input_ids[:len(requests[0].input_ids)] != requests[0].input_ids[:len(request.input_ids)])[0])
+        assert common > last_image and caller.final.cached_tokens == common // 4 * 4, "the image's blocks shared"
+    for caller, question in zip(callers, questions):
+        assert caller.final.token_ids == reference(family, ask(question, 1), [image], 5)

@@ -334,6 +334,8 @@ class InflightEngine:
                         continue
                 if candidate.alone and (admitted or self._prefilling):
                     break
+                if self._prefix_in_progress(candidate, self._prefilling + admitted):
+                    continue  # it starts from those blocks once they are kept; the rows behind it go first
                 if len(held) + len(admitted) + 1 > row_limit:
                     break
                 # The blocks its tokens need now, and one block of room for each row held to grow
@@ -375,6 +377,32 @@ class InflightEngine:
             self._prefilling = [row for row in self._prefilling if row not in rows]
             self._prefill_failed([row for row in rows if not row.ended], exc)
 
+    def _prefix_keys(self, row: _Row) -> list[bytes]:
+        """The prefix keys of the full blocks of what the row prefills (computed once per length)."""
+        block = self.blocks.block_tokens
+        if len(row.block_keys) != len(row.seen) // block:
+            row.block_keys = prefix_keys(row.seen, block, row.images)
+        return row.block_keys
+
+    def _prefix_in_progress(self, candidate: _Row, prefilling: list[_Row]) -> bool:
+        """Whether an image of the candidate's prompt, past the blocks the cache keeps, is being
+        prefilled by another row now (questions about one document, submitted together): admitted
+        after that row, the candidate reuses the image's blocks instead of computing them again
+        beside it. Shared text alone (a system prompt) is cheap and never holds a row back."""
+        if not (self.limits.prefix_caching and candidate.images):
+            return False
+        block = self.blocks.block_tokens
+        usable = self._prefix_keys(candidate)[: (len(candidate.seen) - 1) // block]
+        kept = self.blocks.kept_prefix(usable)
+        for row in prefilling:
+            theirs = set(self._prefix_keys(row))
+            shared = kept
+            while shared < len(usable) and usable[shared] in theirs:
+                shared += 1
+            if any(start < shared * block and kept * block < end for start, end, _ in candidate.images):
+                return True
+        return False
+
     def _reuse_prefix(self, row: _Row) -> None:
         """Start the row with the longest prefix of what it prefills that the cache keeps; at least
         its last token is prefilled (its logits choose the next token). Without prefix caching the
@@ -383,8 +411,7 @@ class InflightEngine:
             row.cached_prompt_tokens = 0
             return
         block = self.blocks.block_tokens
-        row.block_keys = prefix_keys(row.seen, block, row.images)
-        matched = self.blocks.match(row, row.block_keys[: (len(row.seen) - 1) // block])
+        matched = self.blocks.match(row, self._prefix_keys(row)[: (len(row.seen) - 1) // block])
         row.cached = matched * block
         self.stats.cached_tokens += row.cached
         if row.cached_prompt_tokens is None:

@@ -136,6 +136,13 @@ class BlockTables:
         self.peak_used = max(self.peak_used, self.used)
         return len(table)
 
+    def kept_prefix(self, keys: list[bytes]) -> int:
+        """How many of `keys`, from the first, are kept (what `match` would take now)."""
+        count = 0
+        while count < len(keys) and keys[count] in self._by_key:
+            count += 1
+        return count
+
     def keep(self, row: Hashable, keys: list[bytes]) -> None:
         """Keep the row's first len(keys) blocks (full and written) under their keys for later rows;
         a key already kept keeps its block."""
