@@ -8,9 +8,13 @@ positions each:
   issue 25): each step's `torch.cat` appends a column by rewriting every layer's whole cache;
 - paged: the engine's `PagedKV` + `paged_rows` attention, the same forward the engine runs
   (`plan` included): each step writes its new keys in place.
+Then the prefix cache, through the engine on the same model (an image of IMAGE_TOKENS tokens with
+random embeddings, prompts of random token ids): a chat's second turn, its time to first token and
+the share of its prompt found in the cache, with the cache on and off; five questions about one
+document image, their prefill tokens with the cache on and off, asked one after another and all at once.
 Each row is printed the moment it is measured.
 
-Run: .venv/bin/python -m perf.paged_row [--rows 32] [--length 2048] [--repeats 3]
+Run: .venv/bin/python -m perf.paged_row [--rows 32] [--length 2048] [--repeats 3] [--what decode|prefix|all]
 """
 
 from __future__ import annotations
@@ -20,13 +24,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, DynamicCache, Qwen2_5_VLForConditionalGeneration
 
+from perf.engine import IdTokenizer
+from vlm_serving.generation.batch import BatchGenerator, GenerationRequest
+from vlm_serving.generation.engine import InflightEngine, RequestSink
 from vlm_serving.generation.paged_cache import PREPARED_MASK, PagedKV, use_paged_attention
+from vlm_serving.generation.sampling import SamplingParams
+from vlm_serving.generation.scheduling import EngineLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 4, 128, 2, 16
+IMAGE_TOKEN, IMAGE_SIDE = 8000, 24  # a 24 x 24 grid of merged patches: 576 image tokens
 
 
 def model_at_real_width():
@@ -38,8 +49,11 @@ def model_at_real_width():
     text.rope_parameters["mrope_section"] = [16, 24, 24]
     text.max_position_embeddings = 32768
     config.vision_config.out_hidden_size = 3584
+    config.image_token_id = IMAGE_TOKEN
     torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = 8191
+    return model
 
 
 def best_ms(step, repeats: int) -> float:
@@ -83,15 +97,79 @@ def paged_step(model, rows: int, length: int):
     return step
 
 
+def request(rng, image: np.ndarray, text: list[int], max_tokens: int) -> GenerationRequest:
+    """20 random tokens, the image, then `text`."""
+    ids = np.concatenate([rng.integers(100, 7000, 20), np.full(len(image), IMAGE_TOKEN), text]).astype(np.int64)
+    grid = {"image_grid_thw": np.array([[1, 2 * IMAGE_SIDE, 2 * IMAGE_SIDE]], dtype=np.int64)}
+    return GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, stream=True), image, grid, len(image))
+
+
+def serve(engine: InflightEngine, requests: list[GenerationRequest]) -> list[tuple[float, list[int]]]:
+    """Submit the requests together, step until all are answered: each one's seconds to its first
+    token and its tokens."""
+    started, firsts, tokens = time.perf_counter(), [None] * len(requests), [[] for _ in requests]
+
+    def sink(i):
+        def update(update):
+            firsts[i] = firsts[i] or time.perf_counter() - started
+            tokens[i].extend(update.token_ids)
+        return RequestSink(update, lambda exc: (_ for _ in ()).throw(exc))
+    for i, one in enumerate(requests):
+        engine.submit(one, sink(i))
+    while not engine.idle:
+        engine.step()
+    return list(zip(firsts, tokens))
+
+
+def prefix_rows(model) -> None:
+    use_paged_attention(model)
+    generator = BatchGenerator("qwen2_5_vl", model, IdTokenizer())
+    rng = np.random.default_rng(0)
+    image = (rng.standard_normal((IMAGE_SIDE * IMAGE_SIDE, 3584)) * 0.02).astype(np.float32)
+    first_text = rng.integers(100, 7000, 20).tolist()
+    ttft, cached = {}, {}
+    for caching in (True, False):
+        engine = InflightEngine(generator, EngineLimits(prefix_caching=caching, prefill_chunk_tokens=2048))
+        turn = request(np.random.default_rng(1), image, first_text, 16)
+        [(_, answer)] = serve(engine, [turn])
+        following = request(np.random.default_rng(1), image, first_text + answer + rng.integers(100, 7000, 20).tolist(), 4)
+        before = engine.stats.cached_tokens
+        [(ttft[caching], _)] = serve(engine, [following])
+        cached[caching] = (engine.stats.cached_tokens - before) / len(following.input_ids)
+    print(f"| second turn of a chat with one image ({len(following.input_ids)} prompt tokens): time to first token, "
+          f"cache on / off | {ttft[True] * 1000:.0f} ms | {ttft[False] * 1000:.0f} ms | "
+          f"{ttft[True] / ttft[False]:.2f}x |", flush=True)
+    print(f"| second turn: cached tokens / prompt tokens | {cached[True]:.2f} | {cached[False]:.2f} | - |", flush=True)
+    questions = [request(np.random.default_rng(2), image, rng.integers(100, 7000, 15).tolist(), 4) for _ in range(5)]
+    for together in (False, True):
+        prefilled = {}
+        for caching in (True, False):
+            engine = InflightEngine(generator, EngineLimits(prefix_caching=caching, prefill_chunk_tokens=2048))
+            for batch in ([questions] if together else [[q] for q in questions]):
+                serve(engine, batch)
+            prefilled[caching] = engine.stats.prefill_tokens
+        print(f"| five questions about one document image, {'all at once' if together else 'one after another'}: "
+              f"prefill tokens, cache on / off | {prefilled[True]} | {prefilled[False]} | "
+              f"{prefilled[True] / prefilled[False]:.2f}x |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--what", choices=("decode", "prefix", "all"), default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     rows, length = args.rows, args.length
     model = model_at_real_width()
+    if args.what in ("prefix", "all"):
+        print("Prefix cache, Qwen2.5-VL-7B width, 2 layers, fp32, 2 threads, through the engine", flush=True)
+        print("| measure | cache on | cache off | on / off |\n| --- | --- | --- | --- |", flush=True)
+        with torch.inference_mode():
+            prefix_rows(model)
+    if args.what == "prefix":
+        return 0
     layer_bytes = rows * (length + 1) * KV_HEADS * HEAD_DIM * 4  # one layer's keys (or values), fp32
     print(f"Decode step, {rows} rows x {length} positions, Qwen2.5-VL-7B width, {LAYERS} layers, fp32, 2 threads",
           flush=True)
