@@ -27,7 +27,9 @@ no cached key or value, rows join and leave without moving anyone's, and no row 
 Prefix caching: a prompt's full blocks are kept under keys chaining their token ids and their
 images' content (`kv_blocks.prefix_keys`); a new row (or a preempted one coming back) starts with
 the longest prefix kept (an earlier turn of its chat, the same document image) and prefills only
-the rest; kept blocks no row holds are evicted least recently used first. The final update says
+the rest (requests about one image that arrive together: the later ones wait for the first one's
+prefill of it, the rows behind them going first); kept blocks no row holds are evicted least
+recently used first. The final update says
 how many prompt tokens came from the cache (`RequestUpdate.cached_tokens`).
 
 Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
