@@ -88,6 +88,8 @@ def test_queue_overflow_is_resource_exhausted_and_a_cancelled_row_frees_its_slot
         wait_for(lambda: engine_metric(server, "vlm_engine_running") == 0)
         decoded = engine_metric(server, "vlm_engine_decode_tokens_total")
         assert decoded < 3000, "the cancelled row stopped long before its 3,900 tokens"
+        assert engine_metric(server, "vlm_engine_cached_tokens_total") >= 16, \
+            "the later prompts reused the first one's block of the chat template's system prompt"
 
 
 def test_a_request_beyond_the_cache_budget_is_invalid_argument_naming_it(one_row_stack):

@@ -191,12 +191,12 @@ def test_a_cancelled_row_frees_its_slot_for_a_waiting_request_at_the_next_step(f
     running, waiting = Caller(), Caller()
     engine.submit(family.request(ask("keep going"), [], max_tokens=200), running.sink())
     engine.submit(family.request(ask("waiting"), [], max_tokens=4), waiting.sink())
-    for _ in range(5):  # the first step prefills (one token) and decodes (another)
+    for _ in range(5):  # one forward per step: the first prefills (choosing a token), each later one decodes one
         engine.step()
     assert engine.stats.running == 1 and engine.stats.waiting == 1
     running.cancelled = True
     engine.step()
-    assert running.final.finish_reason == "cancelled" and running.final.completion_tokens == 6
+    assert running.final.finish_reason == "cancelled" and running.final.completion_tokens == 5
     assert engine.stats.waiting == 0 and engine.stats.running == 1, "the waiting request took the freed row"
     drive(engine, {})
     assert waiting.final.completion_tokens == 4
@@ -223,7 +223,10 @@ def test_the_cache_budget_is_never_exceeded_and_queue_overflow_is_refused(family
     requests = [family.request(ask("question " * n, n % 2), [picture(64, 64)] if n % 2 else [], max_tokens=10 + 7 * n)
                 for n in range(6)]
     reserves = [len(r.input_ids) + r.params.max_tokens for r in requests]
-    budget = 3 * max(reserves)
+    # Admission counts what rows need now (prompts, shared prefixes once): a budget of the longest
+    # row's whole life twice (whole blocks), less than the six rows need together.
+    budget = -(-2 * max(reserves) // 16) * 16
+    assert budget < sum(reserves)
     engine = InflightEngine(family.generator, EngineLimits(max_running=8, cache_tokens=budget, max_waiting=6))
     callers = [Caller() for _ in requests]
     for caller, request in zip(callers, requests):
@@ -482,10 +485,10 @@ class FaultyModel:
 
 @contextmanager
 def failing_last_layer(model, fault):
-    """The model's last decoder layer raises what `fault(hidden_states)` returns (if anything): a
-    failure midway through a forward, after the layers before it have filled their cache."""
+    """The model's last decoder layer raises what `fault(paged step)` returns (if anything): a
+    failure midway through a forward, after the layers before it have written their keys."""
     def hook(module, args, kwargs):
-        error = fault(args[0] if args else kwargs["hidden_states"])
+        error = fault(kwargs["paged_step"])
         if error is not None:
             raise error
 
@@ -510,9 +513,9 @@ def test_a_fault_in_one_row_of_a_prefill_group_of_three_fails_that_row_alone(fam
     prefills = []  # the rows of each prefill forward
 
     def forward_fault(inputs):
-        if inputs.get("inputs_embeds") is None:
+        lengths = inputs["paged_step"].prefill_ends  # one chunk each: to the prompts' ends
+        if not lengths:
             return None
-        lengths = inputs["attention_mask"].sum(-1).tolist()
         prefills.append(len(lengths))
         return injected if where == "forward" and faulty in lengths else None
 
@@ -537,8 +540,8 @@ OUT_OF_MEMORY = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2
 def test_out_of_memory_prefilling_a_group_prefills_its_rows_one_at_a_time(family, error):
     """Memory for one prompt at a time: every row is answered, with transformers' own tokens."""
     engine = InflightEngine(family.generator)
-    engine.model = FaultyModel(family.model, forward_fault=lambda inputs: error if inputs.get("inputs_embeds") is not None
-                               and len(inputs["inputs_embeds"]) > 1 else None)
+    engine.model = FaultyModel(family.model, forward_fault=lambda inputs: error if len(inputs["paged_step"].chunks) > 1
+                               else None)
     callers = [Caller() for _ in GROUP]
     drive(engine, {0: [(caller, family.request(messages, pictures, max_tokens=max_tokens))
                        for caller, (messages, pictures, max_tokens) in zip(callers, GROUP)]})
@@ -547,21 +550,61 @@ def test_out_of_memory_prefilling_a_group_prefills_its_rows_one_at_a_time(family
 
 
 @pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu"])
-def test_out_of_memory_decoding_fails_the_newest_row_and_the_others_go_on(family, error):
-    """Memory for two rows' decode steps, not three: the third row to join fails when it joins
-    (midway through a step, after the first layers took the step's column), and the two before
-    it go on with transformers' own tokens."""
+def test_out_of_memory_in_a_forward_preempts_the_newest_row_and_every_row_stays_exact(family, error):
+    """Memory for two rows in a forward, not three: the third row to join is preempted when it
+    joins (midway through the forward that packs its prompt beside the two decoding rows, after
+    the first layers wrote their keys), runs once a row has left, and every row gets
+    transformers' own tokens."""
     callers = [Caller() for _ in GROUP]
     arrivals = {step: [(caller, family.request(messages, pictures, max_tokens=max_tokens))]
                 for step, caller, (messages, pictures, max_tokens) in zip((0, 1, 4), callers, GROUP)}
-    decoding_three = lambda hidden: error if hidden.shape[:2] == (3, 1) else None  # noqa: E731
-    with failing_last_layer(family.model, decoding_three):
-        drive(InflightEngine(family.generator), arrivals)
-    assert all(caller.answered_once for caller in callers)
-    [failure] = callers[2].errors
-    assert isinstance(failure, OutOfMemory) and "the newest" in str(failure) and "out of memory" in str(failure)
-    for caller, (messages, pictures, max_tokens) in zip(callers[:2], GROUP[:2]):
-        assert caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+    three_rows = lambda step: error if step.rows == 3 else None  # noqa: E731
+    engine = InflightEngine(family.generator)
+    with failing_last_layer(family.model, three_rows):
+        drive(engine, arrivals)
+    assert engine.stats.preempted >= 1
+    for caller, (messages, pictures, max_tokens) in zip(callers, GROUP):
+        assert caller.answered_once and caller.final.token_ids == reference(family, messages, pictures, max_tokens)
+
+
+def test_out_of_memory_with_one_row_fails_it_naming_the_memory(family):
+    """Nothing to preempt: the row, retried alone (as a prompt among others would be), ends with an
+    error saying out of memory, and the next request runs."""
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    alone, after = Caller(), Caller()
+    engine = InflightEngine(family.generator)
+    engine.submit(family.request(ask("one"), [], max_tokens=5), alone.sink())
+    with failing_last_layer(family.model, lambda step: error):
+        engine.step()
+        engine.step()
+    drive(engine, {0: [(after, family.request(ask("two"), [], max_tokens=3))]})
+    [failure] = alone.errors
+    assert alone.answered_once and isinstance(failure, OutOfMemory) and "out of memory" in str(failure)
+    assert after.final.completion_tokens == 3
+
+
+def test_a_budget_too_small_for_all_rows_at_once_preempts_and_every_row_stays_exact(family):
+    """The rows' prompts fit together but not their growth: the newest rows are preempted (blocks
+    freed, recomputed later from prompt + chosen tokens) and every row still gets transformers'
+    own tokens. The block tables are instrumented: the budget is never exceeded."""
+    requests = [family.request(messages, pictures, max_tokens=max_tokens) for messages, pictures, max_tokens in CASES]
+    budget = -(-max(len(r.input_ids) + r.params.max_tokens for r in requests) // 4) * 4
+    engine = InflightEngine(family.generator, EngineLimits(cache_tokens=budget, block_tokens=4))
+    used, grow = [], engine.blocks.grow
+
+    def counted_grow(row, tokens):
+        try:
+            grow(row, tokens)
+        finally:
+            used.append(engine.blocks.used)
+
+    engine.blocks.grow = counted_grow
+    callers = [Caller() for _ in requests]
+    drive(engine, {0: list(zip(callers, requests))})
+    assert engine.stats.preempted >= 1
+    assert max(used) * 4 <= budget and engine.blocks.peak_used * 4 <= budget
+    for caller, (messages, pictures, max_tokens) in zip(callers, CASES):
+        assert caller.answered_once and caller.final.token_ids == reference(family, messages, pictures, max_tokens)
 
 
 def test_a_fault_that_escapes_a_step_answers_every_row_once_and_the_loop_serves_on(family, monkeypatch):
@@ -634,3 +677,39 @@ def test_stop_sequences_beside_a_response_format_are_refused_naming_stop(family)
         engine.submit(family.request(ask("hi"), [], stop=("}",), response_format=ResponseFormat("json_object")),
                       Caller().sink())
     assert engine.idle
+
+
+def test_preempted_rows_stream_each_token_once(family):
+    """Under a budget too small for all rows, streamed rows that are preempted and resumed send
+    every token once: the streamed tokens join to the greedy reference."""
+    requests = [family.request(messages, pictures, max_tokens=max_tokens, stream=True)
+                for messages, pictures, max_tokens in CASES]
+    budget = -(-max(len(r.input_ids) + r.params.max_tokens for r in requests) // 4) * 4
+    engine = InflightEngine(family.generator, EngineLimits(cache_tokens=budget, block_tokens=4))
+    callers = [Caller() for _ in requests]
+    drive(engine, {0: list(zip(callers, requests))})
+    assert engine.stats.preempted >= 1
+    for caller, (messages, pictures, max_tokens) in zip(callers, CASES):
+        streamed = [token for update in caller.updates for token in update.token_ids]
+        assert caller.answered_once and streamed == reference(family, messages, pictures, max_tokens)
+
+
+def test_a_preempted_seeded_sampling_row_draws_what_it_draws_with_room(family):
+    """The newest row (sampling, seeded) is preempted when both rows grow; resumed, it goes on
+    with its own generator where it stopped: the same tokens as with room to spare."""
+    long_answer = "a very long answer" if family.name == "qwen2_5_vl" else "answer list"  # no end token early
+    greedy = family.request(ask(long_answer), [], max_tokens=30)
+    sampled = family.request(ask("Tell me something"), [], max_tokens=24, temperature=0.9, seed=7)
+    each_alone = max(len(request.input_ids) + request.params.max_tokens for request in (greedy, sampled))
+    budget = -(-max(each_alone, len(greedy.input_ids) + len(sampled.input_ids) + 8) // 4) * 4
+
+    def run(limits):
+        engine = InflightEngine(family.generator, limits)
+        callers = Caller(), Caller()
+        drive(engine, {0: [(callers[0], greedy)], 1: [(callers[1], sampled)]})
+        return engine.stats.preempted, callers[1].final
+
+    preempted, tight = run(EngineLimits(cache_tokens=budget, block_tokens=4))
+    unpreempted, roomy = run(EngineLimits())
+    assert preempted >= 1 and unpreempted == 0
+    assert tight.token_ids == roomy.token_ids

@@ -83,10 +83,13 @@ class EngineMetrics:
 
     INTERVAL_S = 1.0
     GAUGES = (("running", "Rows in the running batch"), ("waiting", "Requests waiting for a row"),
-              ("prefilling", "Rows being prefilled"), ("cache_tokens_used", "Key/value-cache token slots in use"))
+              ("prefilling", "Rows being prefilled"), ("cache_tokens_used", "Key/value-cache token slots in use"),
+              ("cached_blocks", "Full key/value-cache blocks kept for prefix reuse"))
     COUNTERS = (("steps", "Engine steps"), ("step_seconds", "Seconds spent in engine steps"),
                 ("decode_tokens", "Tokens decoded (one per running row and step)"),
-                ("prefill_tokens", "Prompt tokens prefilled"))
+                ("prefill_tokens", "Prompt tokens prefilled"),
+                ("cached_tokens", "Prompt tokens found in the prefix cache instead of prefilled"),
+                ("preempted", "Rows preempted (recomputed later) for cache room or device memory"))
 
     def __init__(self, model: str, version: str, cache_budget: int, log_error):
         labels = {"model": model, "version": version}

@@ -52,6 +52,9 @@ class RequestUpdate:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     image_tokens: int = 0
+    # Prompt tokens found in the in-flight engine's prefix cache, not prefilled (OpenAI's
+    # usage.prompt_tokens_details.cached_tokens); 0 from the static scheduler.
+    cached_tokens: int = 0
     # Mean log-probability of the generated tokens (0 = certain; 0 before any token), each under the
     # distribution it was chosen from: the model's own, renormalised over the tokens the response
     # format allows (a token the format forces counts as certain). Penalties and temperature do not enter.

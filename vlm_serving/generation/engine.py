@@ -1,32 +1,36 @@
 """In-flight batching: requests join and leave the running batch at every generation step.
 
 One `InflightEngine` per generation instance owns the running batch. Each `step()`:
-1. ends cancelled rows (waiting or running) and frees their cache at once;
-2. admits waiting requests while the batch has room: at most `max_running` rows, and a
-   key/value-cache budget in tokens that the admitted rows can never exceed however long they run
-   (a request whose response format is still compiling waits, and the ones behind it go first);
-3. prefills the admitted requests together, at most `prefill_chunk_tokens` tokens per step, so a
-   long prompt with images never stalls the running rows for more than one chunk;
-4. runs one decode step for every running row and streams each row's new text (the constrained
-   rows' masks are filled on another thread while the forward runs: `grammar.MaskFiller`);
-5. retires finished, stopped and failed rows, freeing their cache.
+1. ends cancelled rows (waiting, prefilling or running) and frees their cache blocks at once;
+2. admits waiting requests while the batch has room: at most `max_running` rows, and the blocks
+   of the key/value cache each needs now (its prompt, and a block of room per row held to grow
+   into; a request whose response format is still compiling waits, and the ones behind it go first);
+3. runs ONE forward that packs, unpadded, every running row's decode token and a chunk of each
+   prefilling row's prompt (at most `prefill_chunk_tokens` prompt tokens per step, shared evenly,
+   so a long prompt with images never stalls the running rows or the short prompts beside it for
+   more than one chunk), and streams each row's new text (the constrained rows' masks are filled
+   on another thread while the forward runs: `grammar.MaskFiller`);
+4. retires finished, stopped and failed rows, freeing their blocks.
 
-Admission reserves each row's prompt + max_tokens, so no row is preempted for cache room. A request that
-leaves max_tokens unset reserves what the context (or the cache budget, where smaller) leaves after
-its prompt, at most max_tokens_limit: the longest answer it may take. Measured on the CPU profile
-with the tiny checkpoints (context = max_tokens_limit = 4,096): 8 and 16 concurrent such requests
-are all admitted at once, as with max_tokens 64 (16 is max_running; 16 x 4,096 is the 65,536-token
-budget). On the GPU profile with real checkpoints (contexts of 128k and 1M tokens, limit 4,096) a
-default row reserves prompt + 4,096 tokens of the 262,144: 62 rows for 100-token prompts, 31 for
-Pixtral prompts with a 1024x1024 image (4,200 tokens; 61 with max_tokens 64). Where default requests
-need more rows, the gateway caps them (VLM_DEFAULT_MAX_TOKENS) or cache_tokens grows; reserving less
-than the whole answer needs preemption, which a paged cache brings.
+Admission counts the blocks a row needs now, not what it may need: rows grow a block at a time
+as they decode. When a step needs blocks that are not free, the newest rows are preempted: their
+blocks freed, they go back to the front of the queue and are prefilled again later from their
+prompt and the tokens they had chosen, then go on where they stopped (greedy tokens stay exact).
+One row alone always fits: `submit` refuses a prompt + max_tokens beyond the budget. A request
+that leaves max_tokens unset may take what the context (or the cache budget, where smaller)
+leaves after its prompt, at most max_tokens_limit.
 
-Key/value cache: a dense, left-padded `DynamicCache` over the running rows (what Hugging Face's
-text-generation-inference did with transformers models). A prefilled group is merged in by
-left-padding the shorter of the two caches to the longer and concatenating rows; retired rows are
-filtered out and the columns that only padding still holds are trimmed. docs/performance.md says why this
-and not a slot or paged cache (measured by `perf/engine.py`).
+Key/value cache: a paged cache written in place (`paged_cache.PagedKV`, blocks of `block_tokens`
+slots in per-layer pools allocated once, a block table per row in `kv_blocks.BlockTables`) read
+by an attention function of our own registered with transformers (`paged_rows`): a step copies
+no cached key or value, rows join and leave without moving anyone's, and no row reads another's.
+Prefix caching: a prompt's full blocks are kept under keys chaining their token ids and their
+images' content (`kv_blocks.prefix_keys`); a new row (or a preempted one coming back) starts with
+the longest prefix kept (an earlier turn of its chat, the same document image) and prefills only
+the rest (requests about one image that arrive together: the later ones wait for the first one's
+prefill of it, the rows behind them going first); kept blocks no row holds are evicted least
+recently used first. The final update says
+how many prompt tokens came from the cache (`RequestUpdate.cached_tokens`).
 
 Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
 positions (images take fewer positions than tokens) follow every row exactly; image embeddings
@@ -46,13 +50,16 @@ One request never fails another:
   before anything reaches the device, where an out-of-range index is a device-side assert;
 - every row is always in exactly one of the waiting queue, the prefill group and the running
   batch until it has had its one final response (an update that ends it, or an error);
-- each row's prompt embeddings are built in their own try (a fault fails that row); a prefill
-  forward that fails cannot be pinned on one row, so its rows, none answered yet, go back to the
-  front of the queue to be prefilled one at a time, and only a row that fails alone fails;
-- out of memory: a prefill group is retried one row at a time as above; a decode step drops its
-  newest row (failed with an error saying so) and the others go on; merging a group into the
-  batch fails that group's rows (the newest) and leaves the batch whole.
-A decode forward that fails for any other reason fails the running rows (the step is shared);
+- each row's prompt embeddings are built in their own try (a fault fails that row); a forward
+  that fails cannot be pinned on one row (see below), and only a row that fails alone fails;
+- a forward that fails while it prefills several prompts: those rows (none answered yet) go back
+  to the front of the queue to be prefilled one at a time, and the running rows decode again at
+  the next step (what the failed forward wrote is overwritten: a row's length moves only after
+  its forward succeeded);
+- out of memory beside other rows: the newest row is preempted (as when blocks run out) and,
+  until a row finishes, the batch holds at most the rows that fitted; out of memory with one
+  row alone fails that row with an error saying so.
+A forward that fails for any other reason with no prompt to blame fails the running rows (the step is shared);
 an error escaping a step (a bug) ends what the engine holds (`EngineLoop`).
 """
 
@@ -67,13 +74,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from vlm_serving.generation.batch import (
     FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
     penalize_occurrences, penalize_repetitions, top_alternatives,
 )
+from vlm_serving.generation.kv_blocks import OutOfBlocks, image_runs, prefix_keys
 from vlm_serving.generation.grammar import FormatCompiler, MaskFiller, RowGrammar, TokenMasks
+from vlm_serving.generation.paged_cache import PREPARED_MASK, PagedKV, PagedStep, use_paged_attention
 from vlm_serving.generation.sampling import ParameterError
 from vlm_serving.generation.scheduling import EngineLimits
 from vlm_serving.generation.structured import ResponseFormat
@@ -104,11 +112,11 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     prefilling: int = 0
-    # Token slots of the dense cache (rows x columns), and those holding a real token (not padding).
+    # Token slots of the blocks the rows hold, and those holding a token (the rest of each row's last block).
     cache_tokens_used: int = 0
     cache_tokens_real: int = 0
     peak_cache_tokens: int = 0
-    # Seconds spent merging rows into the cache and filtering them out (the dense cache's price).
+    # Seconds spent planning the cache's slots for the steps' forwards (the paged cache's bookkeeping).
     cache_seconds: float = 0.0
     steps: int = 0
     step_seconds: float = 0.0
@@ -118,6 +126,12 @@ class EngineStats:
     decode_tokens: int = 0
     prefill_tokens: int = 0
     finished: int = 0
+    # Rows preempted (their blocks freed, recomputed later) for cache room or device memory.
+    preempted: int = 0
+    # Prefix caching: tokens found in the cache instead of prefilled (a preempted row's recompute
+    # included), and the full blocks kept for reuse.
+    cached_tokens: int = 0
+    cached_blocks: int = 0
 
 
 @dataclass(eq=False)  # a row is itself: the queue removes rows by identity
@@ -128,8 +142,6 @@ class _Row:
     generator: torch.Generator
     # The prompt's and generated tokens, for the repetition penalty (as plain `generate` sees them).
     seen: list[int]
-    # Prompt + max_tokens: the most cache columns this row can ever hold.
-    reserve: int
     # The prompt's positions, on the CPU: [3, tokens] (Qwen2.5-VL's temporal, height, width) or [tokens].
     positions: torch.Tensor
     # The row's response format, where it has one (constrained decoding; admitted once compiled).
@@ -137,36 +149,24 @@ class _Row:
     # Where the row's last chosen token (fed at the next decode step) sits.
     next_position: int = 0
     last_token: int = 0
-    # Prefilled in a group of its own: its group's prefill failed, and alone it fails by itself.
+    # Positions of the row in the cache (prompt tokens prefilled so far, then each decoded token's).
+    cached: int = 0
+    # While the row is prefilled: [tokens, hidden] embeddings of its prompt (a preempted row's:
+    # prompt + the tokens it had chosen) and their positions.
+    embeds: torch.Tensor | None = None
+    prefill_positions: torch.Tensor | None = None
+    # The order rows were admitted in (the newest is preempted first).
+    admitted: int = 0
+    # (start, end, content digest) of each image in the prompt: its blocks' prefix keys hold them.
+    images: list = field(default_factory=list)
+    # The prefix keys of the full blocks of what the row prefills.
+    block_keys: list = field(default_factory=list)
+    # Prompt tokens found in the prefix cache when the row was first prefilled (reported in its usage).
+    cached_prompt_tokens: int | None = None
+    # Prefilled with no other prompt beside it: a forward that held it among others failed, and
+    # alone it fails by itself.
     alone: bool = False
     ended: bool = False
-
-
-@dataclass
-class _PrefillGroup:
-    """Rows prefilled together: each one's prompt embeddings, their left-padded mask and positions,
-    and their own cache so far."""
-
-    rows: list[_Row]
-    embeds: list[torch.Tensor]  # per row [prompt tokens, hidden]
-    mask: torch.Tensor  # [rows, columns], 0 on the left padding
-    positions: torch.Tensor  # [3, rows, columns] (Qwen2.5-VL) or [rows, columns]
-    cache: DynamicCache = field(default_factory=DynamicCache)
-    done: int = 0  # columns prefilled so far
-
-    @property
-    def columns(self) -> int:
-        return self.mask.shape[1]
-
-    def embeds_between(self, start: int, end: int) -> torch.Tensor:
-        """Columns start:end of the rows' left-padded embeddings, [rows, end - start, hidden]: only
-        a chunk is ever padded (the whole group padded would be [rows, longest, hidden])."""
-        pieces = []
-        for embeds in self.embeds:
-            pad = self.columns - len(embeds)
-            piece = embeds[max(start - pad, 0) : max(end - pad, 0)]
-            pieces.append(torch.nn.functional.pad(piece, (0, 0, end - start - len(piece), 0)))
-        return torch.stack(pieces)
 
 
 class InflightEngine:
@@ -183,10 +183,15 @@ class InflightEngine:
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._waiting: collections.deque[_Row] = collections.deque()
-        self._prefill: _PrefillGroup | None = None
+        # Admitted rows whose prompts are being prefilled, and rows decoding, in the order they came.
+        self._prefilling: list[_Row] = []
         self._running: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [running rows, columns]
+        use_paged_attention(self.model)
+        self._cache = PagedKV(self.model, -(-limits.cache_tokens // limits.block_tokens), limits.block_tokens)
+        self.blocks = self._cache.tables
+        self._admissions = 0
+        # After an out-of-memory error: the most rows held until one of them finishes (None: max_running).
+        self._row_cap: int | None = None
         self._waiting_checked = 0.0
         self.on_step: Callable[[EngineStats], None] = lambda stats: None
         self.wakeup = threading.Event()
@@ -199,8 +204,8 @@ class InflightEngine:
         self.generator.check_request(request)
         # An unset max_tokens: up to the context or this instance's whole cache budget, whichever is less.
         request = self.generator.resolve(request, context=min(self.generator.max_context, self.limits.cache_tokens))
-        reserve = len(request.input_ids) + request.params.max_tokens
-        if reserve > self.limits.cache_tokens:
+        # One row alone always fits: preemption frees every other row's blocks for it.
+        if len(request.input_ids) + request.params.max_tokens > self.limits.cache_tokens:
             raise ParameterError(
                 f"prompt of {len(request.input_ids)} tokens + max_tokens {request.params.max_tokens} exceeds this "
                 f"model's key/value-cache budget of {self.limits.cache_tokens} tokens per instance; shorten the "
@@ -214,8 +219,11 @@ class InflightEngine:
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         progress = RowProgress(request, self.generator.tokenizer, self.generator.eos_ids, self.generator.token_bytes)
         positions = self._prompt_positions(request)
-        row = _Row(request, sink, progress, generator, request.input_ids.tolist(), reserve, positions, grammar,
-                   next_position=int(positions.max()) + 1)
+        # Hashed here, on the caller's thread: an image's rows are read once per request.
+        images = image_runs(request.input_ids, self.generator.image_token_id, request.image_embeds,
+                            request.language_tensors.get("image_grid_thw"))
+        row = _Row(request, sink, progress, generator, request.input_ids.tolist(), positions, grammar,
+                   next_position=int(positions.max()) + 1, images=images)
         with self._lock:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise EngineFull(
@@ -259,7 +267,7 @@ class InflightEngine:
 
     @property
     def idle(self) -> bool:
-        return not (self._waiting or self._prefill or self._running)
+        return not (self._waiting or self._prefilling or self._running)
 
     # ----- one iteration (the engine's thread only) -----
 
@@ -272,11 +280,9 @@ class InflightEngine:
         with torch.inference_mode():
             self._end_cancelled()
             self._admit()
-            worked = self._prefill is not None or bool(self._running)
-            if self._prefill is not None:
-                self._prefill_chunk()
-            if self._running:
-                self._decode()
+            worked = bool(self._prefilling or self._running)
+            if worked:
+                self._forward()
         self._account(time.perf_counter() - started if worked else 0.0)
         return worked
 
@@ -295,26 +301,24 @@ class InflightEngine:
                     self._waiting.remove(row)
             for row in gone:
                 self._finish(row, row.progress.end(FINISH_CANCELLED))
-        if self._prefill is not None:
-            for row in self._prefill.rows:
-                if not row.ended and row.sink.is_cancelled():
-                    self._finish(row, row.progress.end(FINISH_CANCELLED))
-            if all(row.ended for row in self._prefill.rows):
-                self._prefill = None
-        cancelled = [row for row in self._running if row.sink.is_cancelled()]
+        cancelled = [row for row in self._prefilling + self._running if row.sink.is_cancelled()]
         for row in cancelled:
             self._finish(row, row.progress.end(FINISH_CANCELLED))
         if cancelled:
             self._retire()
 
     def _admit(self) -> None:
-        """Move waiting rows, in order, into a new prefill group while the batch and the cache budget
-        allow. A row whose grammar is still compiling keeps its place and the rows behind it go first."""
-        if self._prefill is not None:
+        """Move waiting rows, in order, to the prefilling rows while the batch and the cache budget
+        allow. A row whose grammar is still compiling keeps its place and the rows behind it go first;
+        a row to be prefilled alone waits for the prompts before it and takes none beside it."""
+        if any(row.alone for row in self._prefilling):
             return
         admitted: list[_Row] = []
         gone: list[_Row] = []
         refused: list[tuple[_Row, Exception]] = []
+        held = self._prefilling + self._running
+        row_limit = min(self.limits.max_running, self._row_cap or self.limits.max_running)
+        free = self.blocks.free
         with self._lock:
             for candidate in list(self._waiting):
                 if candidate.sink.is_cancelled():
@@ -330,15 +334,18 @@ class InflightEngine:
                         self._waiting.remove(candidate)
                         refused.append((candidate, exc))
                         continue
-                if candidate.alone and admitted:
+                if candidate.alone and (admitted or self._prefilling):
                     break
-                rows = self._running + admitted + [candidate]
-                if len(rows) > self.limits.max_running:
+                if self._prefix_in_progress(candidate, self._prefilling + admitted):
+                    continue  # it starts from those blocks once they are kept; the rows behind it go first
+                if len(held) + len(admitted) + 1 > row_limit:
                     break
-                # The dense cache holds every row at the longest row's length: this bound holds for
-                # the rows' whole lives (each row's length stays within its reserve).
-                if len(rows) * max(row.reserve for row in rows) > self.limits.cache_tokens:
+                # The blocks its tokens need now, and one block of room for each row held to grow
+                # into (a row admitted into a full cache would only be preempted at the next step).
+                needed = self.blocks.needed(len(candidate.seen) + 1)
+                if needed + len(held) + len(admitted) > free:
                     break
+                free -= needed
                 self._waiting.remove(candidate)
                 admitted.append(candidate)
                 if candidate.alone:
@@ -348,34 +355,80 @@ class InflightEngine:
             self._finish(row, row.progress.end(FINISH_CANCELLED))
         for row, exc in refused:
             self._fail([row], exc)
+        for row in admitted:
+            self._admissions += 1
+            row.admitted = self._admissions
         if admitted:
-            self._prefill = self._prefill_group(admitted)
+            self._start_prefill(admitted)
 
-    def _prefill_group(self, rows: list[_Row]) -> _PrefillGroup | None:
-        """The rows' group, with each row's prompt embeddings built in its own try: a row whose
-        embeddings fail ends with its error, the others go on. Out of memory fails no row here
-        (`_prefill_failed`). None when no row is left."""
-        built: list[tuple[_Row, torch.Tensor]] = []
+    def _start_prefill(self, rows: list[_Row]) -> None:
+        """Build each admitted row's prompt embeddings in its own try: a row whose embeddings fail
+        ends with its error, the others go on. Out of memory fails no row here (`_prefill_failed`)."""
         try:
             for row in rows:
                 try:
-                    built.append((row, self._prompt_embeds(row.request)))
+                    row.embeds, row.prefill_positions = self._prefill_inputs(row)
                 except Exception as exc:
                     if _out_of_memory(exc):
                         raise
                     self._fail([row], exc)
-            if not built:
-                return None
-            longest = max(len(embeds) for _, embeds in built)
-            masks = [torch.nn.functional.pad(torch.ones(len(embeds), dtype=torch.long), (longest - len(embeds), 0))
-                     for _, embeds in built]
-            positions = [torch.nn.functional.pad(row.positions, (longest - len(embeds), 0), value=1)
-                         for row, embeds in built]
-            return _PrefillGroup([row for row, _ in built], [embeds for _, embeds in built],
-                                 torch.stack(masks).to(self.device), torch.stack(positions, dim=-2).to(self.device))
+                    continue
+                self._reuse_prefix(row)
+                self._prefilling.append(row)
         except Exception as exc:
+            self._prefilling = [row for row in self._prefilling if row not in rows]
             self._prefill_failed([row for row in rows if not row.ended], exc)
-            return None
+
+    def _prefix_keys(self, row: _Row) -> list[bytes]:
+        """The prefix keys of the full blocks of what the row prefills (computed once per length)."""
+        block = self.blocks.block_tokens
+        if len(row.block_keys) != len(row.seen) // block:
+            row.block_keys = prefix_keys(row.seen, block, row.images)
+        return row.block_keys
+
+    def _prefix_in_progress(self, candidate: _Row, prefilling: list[_Row]) -> bool:
+        """Whether an image of the candidate's prompt, past the blocks the cache keeps, is being
+        prefilled by another row now (questions about one document, submitted together): admitted
+        after that row, the candidate reuses the image's blocks instead of computing them again
+        beside it. Shared text alone (a system prompt) is cheap and never holds a row back."""
+        if not (self.limits.prefix_caching and candidate.images):
+            return False
+        block = self.blocks.block_tokens
+        usable = self._prefix_keys(candidate)[: (len(candidate.seen) - 1) // block]
+        kept = self.blocks.kept_prefix(usable)
+        for row in prefilling:
+            theirs = set(self._prefix_keys(row))
+            shared = kept
+            while shared < len(usable) and usable[shared] in theirs:
+                shared += 1
+            if any(start < shared * block and kept * block < end for start, end, _ in candidate.images):
+                return True
+        return False
+
+    def _reuse_prefix(self, row: _Row) -> None:
+        """Start the row with the longest prefix of what it prefills that the cache keeps; at least
+        its last token is prefilled (its logits choose the next token). Without prefix caching the
+        row has no keys, so it keeps no block either."""
+        if not self.limits.prefix_caching:
+            row.cached_prompt_tokens = 0
+            return
+        block = self.blocks.block_tokens
+        matched = self.blocks.match(row, self._prefix_keys(row)[: (len(row.seen) - 1) // block])
+        row.cached = matched * block
+        self.stats.cached_tokens += row.cached
+        if row.cached_prompt_tokens is None:
+            row.cached_prompt_tokens = min(row.cached, len(row.request.input_ids))
+
+    def _prefill_inputs(self, row: _Row) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the row prefills: its prompt's embeddings and positions, followed, for a preempted
+        row, by the tokens it had chosen (the last one included: the prefill's logits choose the next)."""
+        embeds, positions = self._prompt_embeds(row.request), row.positions
+        chosen = row.seen[len(row.request.input_ids):]
+        if chosen:
+            embeds = torch.cat([embeds, self.model.get_input_embeddings()(torch.tensor(chosen, device=self.device))])
+            after = torch.arange(len(chosen)) + int(positions.max()) + 1
+            positions = torch.cat([positions, after.expand(3, -1) if positions.dim() == 2 else after], dim=-1)
+        return embeds, positions
 
     def _prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
         """[prompt tokens, hidden]: the tokens' embeddings with the image tokens' rows replaced by the
@@ -404,116 +457,151 @@ class InflightEngine:
         )
         return positions[:, 0]
 
-    def _prefill_chunk(self) -> None:
-        group = self._prefill
-        width = max(1, self.limits.prefill_chunk_tokens // len(group.rows))
-        end = min(group.columns, group.done + width)
-        # The last chunk chooses each row's first token: its masks are filled while it runs.
-        masks = self._start_masks(group.rows) if end == group.columns else None
-        try:
-            out = self.model(
-                inputs_embeds=group.embeds_between(group.done, end),
-                attention_mask=group.mask[:, :end],
-                position_ids=group.positions[..., group.done : end],
-                cache=group.cache, use_cache=True, logits_to_keep=1,
-            )
-        except Exception as exc:
-            self._prefill = None
-            self._prefill_failed([row for row in group.rows if not row.ended], exc)
-            return
-        self.stats.prefill_tokens += int(group.mask[:, group.done : end].sum())
-        group.done = end
-        if end < group.columns:
-            return
-        # The group stays the engine's until its rows are in the running batch: whatever fails
-        # before that (a bug escaping the step included) still answers them.
-        self._advance(group.rows, out.logits[:, -1], masks)
+    def _chunks(self) -> list[tuple[_Row, int, int]]:
+        """(row, start, end) of the prompt tokens each prefilling row feeds this step: the budget is
+        shared evenly, and what a short prompt leaves goes to the longer ones."""
+        remaining = {row: len(row.embeds) - row.cached for row in self._prefilling if not row.ended}
+        shares = dict.fromkeys(remaining, 0)
+        budget = self.limits.prefill_chunk_tokens
+        while budget and any(shares[row] < remaining[row] for row in shares):
+            open_rows = [row for row in shares if shares[row] < remaining[row]]
+            share = max(1, budget // len(open_rows))
+            for row in open_rows:
+                take = min(share, remaining[row] - shares[row], budget)
+                shares[row] += take
+                budget -= take
+                if not budget:
+                    break
+        return [(row, row.cached, row.cached + take) for row, take in shares.items() if take]
+
+    def _forward(self) -> None:
+        """One forward over every running row's next token and the prompts' chunks; then each row
+        that got logits (the decoding rows, and the prompts whose last chunk ran) chooses its token."""
         started = time.perf_counter()
-        try:
-            self._join(group)
-        except Exception as exc:  # out of memory merging: the group's rows are the newest
-            self._fail(group.rows, _explain(exc, f"merging {len(group.rows)} new row(s) into the running batch"))
-        self._prefill = None
+        decoding, chunks = self._make_room()
+        if not (decoding or chunks):
+            return
+        step = self._cache.plan([(row, row.cached) for row in decoding], chunks)
         self.stats.cache_seconds += time.perf_counter() - started
+        completing = [row for row, _, end in chunks if end == len(row.embeds)]
+        # The rows that choose a token: their masks are filled while the forward runs.
+        choosing = decoding + completing
+        masks = self._start_masks(choosing)
+        try:
+            logits = self._run(step, decoding, chunks)
+        except Exception as exc:
+            if masks is not None:
+                masks.result()  # the fill reads the grammars that the next step's fill reads again
+            self._forward_failed(exc, decoding, [row for row, _, _ in chunks])
+            return
+        self.stats.decode_tokens += len(decoding)
+        for row in decoding:
+            row.cached += 1
+            row.next_position += 1
+        for row, start, end in chunks:
+            row.cached = end
+            self.stats.prefill_tokens += end - start
+            self.blocks.keep(row, row.block_keys[: end // self.blocks.block_tokens])
+        for row in completing:
+            row.next_position = int(row.prefill_positions.max()) + 1
+            row.embeds = row.prefill_positions = None
+            self._prefilling.remove(row)
+            self._running.append(row)
+        # The completed prompts are running rows before any of them is answered: whatever fails
+        # from here (a bug escaping the step included) still answers them.
+        if choosing:
+            self._advance(choosing, logits, masks)
+        self._retire()
+
+    def _make_room(self) -> tuple[list[_Row], list[tuple[_Row, int, int]]]:
+        """The step's decoding rows and prompt chunks, with the blocks they write into: while the
+        cache lacks them, the newest row is preempted (one row alone always fits: `submit`)."""
+        while True:
+            decoding = [row for row in self._running if not row.ended]
+            chunks = self._chunks()
+            try:
+                for row in decoding:
+                    self.blocks.grow(row, row.cached + 1)
+                for row, _, end in chunks:
+                    self.blocks.grow(row, end)
+                return decoding, chunks
+            except OutOfBlocks:  # the newest row held, whether or not this step feeds it
+                held = [row for row in self._prefilling + self._running if not row.ended]
+                self._preempt(max(held, key=lambda row: row.admitted))
+
+    def _preempt(self, row: _Row) -> None:
+        """Free the row's blocks and put it back at the front of the queue: it is prefilled again
+        later from its prompt and the tokens it had chosen, and goes on where it stopped."""
+        (self._running if row in self._running else self._prefilling).remove(row)
+        self.blocks.release(row)
+        row.cached, row.embeds, row.prefill_positions = 0, None, None
+        self.stats.preempted += 1
+        with self._lock:
+            self._waiting.appendleft(row)
+            self.stats.waiting = len(self._waiting)
+
+    def _run(self, step: PagedStep, decoding: list[_Row], chunks: list[tuple[_Row, int, int]]) -> torch.Tensor:
+        """The packed forward: [rows that choose, vocab] logits (decoding rows, then completed prompts)."""
+        embeds, positions, keep = [], [], []
+        if decoding:
+            last = torch.tensor([row.last_token for row in decoding], device=self.device)
+            embeds.append(self.model.get_input_embeddings()(last))
+            position = torch.tensor([row.next_position for row in decoding])
+            positions.append(position.expand(3, -1) if self.generator.marks_modalities else position)
+            keep.extend(range(len(decoding)))
+        at = len(decoding)
+        for row, start, end in chunks:
+            embeds.append(row.embeds[start:end])
+            positions.append(row.prefill_positions[..., start:end])
+            at += end - start
+            if end == len(row.embeds):
+                keep.append(at - 1)
+        position_ids = torch.cat(positions, dim=-1).to(self.device)
+        position_ids = position_ids[:, None] if self.generator.marks_modalities else position_ids[None]
+        out = self.model(inputs_embeds=torch.cat(embeds)[None], position_ids=position_ids, cache=self._cache,
+                         use_cache=False, attention_mask=PREPARED_MASK, paged_step=step,
+                         logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
+        return out.logits[0]
+
+    def _forward_failed(self, exc: Exception, decoding: list[_Row], prefilling: list[_Row]) -> None:
+        """A forward failed; no row's length moved, so the running rows simply decode again at the
+        next step. Prompts among others: they go back to be prefilled alone (none was answered).
+        A prompt alone, or out of memory beside running rows: the newest row ends and the others go
+        on. Anything else cannot be pinned on a row: the running rows fail."""
+        prefilling = [row for row in prefilling if not row.ended]
+        if len(prefilling) > 1 or (prefilling and not prefilling[0].alone):
+            self._prefill_failed(prefilling, exc)
+            return
+        live = decoding + prefilling
+        if _out_of_memory(exc) and len(live) > 1:
+            # Until a row finishes, the batch holds at most the rows that fitted.
+            self._row_cap = len(live) - 1
+            self._preempt(max(live, key=lambda row: row.admitted))
+        elif prefilling:
+            self._fail(prefilling, _explain(exc, f"prefilling a prompt of {len(prefilling[0].request.input_ids)} "
+                                                 f"tokens beside {len(decoding)} running row(s)"))
+        else:
+            self._fail(decoding, _explain(exc, f"decoding {len(decoding)} row(s)"))
+        self._retire()
 
     def _prefill_failed(self, rows: list[_Row], exc: Exception) -> None:
-        """A prefill that failed before any of its rows was answered. Alone, the row fails. In a
-        group, the fault (or the memory) cannot be pinned on one row: the rows go back to the front
-        of the queue, in order, to be prefilled one at a time, so only a row that fails alone fails."""
-        if len(rows) == 1:
+        """A prefill that failed before any of its rows was answered. Alone, the row fails. Among
+        others, the fault (or the memory) cannot be pinned on one row: the rows give back their
+        blocks and go back to the front of the queue, in order, to be prefilled one at a time, so
+        only a row that fails alone fails."""
+        if len(rows) == 1 and rows[0].alone:
             prompt = len(rows[0].request.input_ids)
             self._fail(rows, _explain(exc, f"prefilling a prompt of {prompt} tokens beside {len(self._running)} "
                                            "running row(s)"))
+            self._retire()
             return
         for row in rows:
-            row.alone = True
+            self._prefilling.remove(row) if row in self._prefilling else None
+            self.blocks.release(row)
+            row.alone, row.cached, row.embeds, row.prefill_positions = True, 0, None, None
         with self._lock:
             self._waiting.extendleft(reversed(rows))
             self.stats.waiting = len(self._waiting)
-
-    def _join(self, group: _PrefillGroup) -> None:
-        """Merge a prefilled group's cache into the running batch (rows that already ended left out).
-        The batch changes only once every layer is merged: a failure midway leaves it whole."""
-        keep = [i for i, row in enumerate(group.rows) if not row.ended]
-        if not keep:
-            return
-        cache, mask = group.cache, group.mask
-        if len(keep) < len(group.rows):
-            cache, mask = _select(cache, mask, keep)
-        rows = [group.rows[i] for i in keep]
-        if not self._running:
-            self._cache, self._mask, self._running = cache, mask, rows
-            self._trim()
-            return
-        columns = max(self._mask.shape[1], mask.shape[1])
-        merged = [(torch.cat([_pad_left(ours.keys, columns), _pad_left(theirs.keys, columns)]),
-                   torch.cat([_pad_left(ours.values, columns), _pad_left(theirs.values, columns)]))
-                  for ours, theirs in zip(self._cache.layers, cache.layers)]
-        mask = torch.cat([_pad_left(self._mask, columns), _pad_left(mask, columns)])
-        for layer, (keys, values) in zip(self._cache.layers, merged):
-            layer.keys, layer.values = keys, values
-        self._mask = mask
-        self._running += rows
-
-    def _decode(self) -> None:
-        rows = self._running
-        last = torch.tensor([[row.last_token] for row in rows], device=self.device)
-        position = torch.tensor([[row.next_position] for row in rows], device=self.device)
-        if self.generator.marks_modalities:
-            position = position.expand(3, -1, -1)
-        columns = self._mask.shape[1]
-        self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
-        masks = self._start_masks(rows)
-        try:
-            out = self.model(input_ids=last, attention_mask=self._mask, position_ids=position,
-                             cache=self._cache, use_cache=True)
-        except Exception as exc:
-            self._decode_failed(exc, columns)
-            return
-        self.stats.decode_tokens += len(rows)
-        for row in rows:
-            row.next_position += 1
-        self._advance(rows, out.logits[:, -1], masks)
-        started = time.perf_counter()
-        self._retire()
-        self.stats.cache_seconds += time.perf_counter() - started
-
-    def _decode_failed(self, exc: Exception, columns: int) -> None:
-        """A decode step failed. Out of memory: the step is undone, the newest row fails and the
-        others go on at the next step. Anything else cannot be pinned on a row: the running rows fail."""
-        rows = self._running
-        live = [row for row in rows if not row.ended]
-        if not (_out_of_memory(exc) and len(live) > 1):
-            self._running, self._cache, self._mask = [], None, None
-            self._fail(rows, _explain(exc, f"decoding {len(live)} row(s)"))
-            return
-        # The layers the forward reached hold the step's column already.
-        self._mask = self._mask[:, :columns]
-        for layer in self._cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, :columns], layer.values[:, :, :columns]
-        self._fail(live[-1:], _explain(exc, f"decoding {len(live)} rows; this one, the newest, was ended so that the "
-                                            "others go on"))
-        self._retire()
 
     def _start_masks(self, rows: list[_Row]) -> "Future[TokenMasks] | None":
         """Start filling the rows' masks for the token the coming forward chooses (None: no
@@ -569,29 +657,13 @@ class InflightEngine:
                 self._send(row, update)
 
     def _retire(self) -> None:
-        keep = [i for i, row in enumerate(self._running) if not row.ended]
-        if len(keep) == len(self._running):
-            return
-        if not keep:
-            self._running, self._cache, self._mask = [], None, None
-            return
-        try:
-            self._cache, self._mask = _select(self._cache, self._mask, keep)
-        except Exception as exc:
-            if not _out_of_memory(exc):
-                raise
-            return  # the ended rows stay in the batch, skipped, until a later step has the memory to drop them
-        self._running = [self._running[i] for i in keep]
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop the leading columns that only padding holds (the longest row left)."""
-        used = int(self._mask.any(dim=0).nonzero()[0])
-        if used:
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, used:]
-                layer.values = layer.values[:, :, used:]
-            self._mask = self._mask[:, used:]
+        """Drop the rows that ended (prefilling or running) and give back their blocks."""
+        for rows in (self._prefilling, self._running):
+            for row in [row for row in rows if row.ended]:
+                rows.remove(row)
+                self.blocks.release(row)
+                row.embeds = row.prefill_positions = None
+                self._row_cap = None
 
     # ----- answers -----
 
@@ -604,6 +676,7 @@ class InflightEngine:
     def _finish(self, row: _Row, update: RequestUpdate) -> None:
         if row.ended:
             return
+        update.cached_tokens = row.cached_prompt_tokens or 0
         row.ended = True
         self.stats.finished += 1
         try:
@@ -627,9 +700,10 @@ class InflightEngine:
         """End every request the engine holds with `exc` (the instance is going away)."""
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
-        prefilling = self._prefill.rows if self._prefill else []
-        self._fail(waiting + prefilling + self._running, exc)
-        self._prefill, self._running, self._cache, self._mask = None, [], None, None
+        self._fail(waiting + self._prefilling + self._running, exc)
+        for row in self._prefilling + self._running:
+            self.blocks.release(row)
+        self._prefilling, self._running = [], []
         self._account(0.0)
 
     def _account(self, seconds: float) -> None:
@@ -638,14 +712,11 @@ class InflightEngine:
         stats.step_seconds += seconds
         stats.running = len(self._running)
         stats.waiting = len(self._waiting)
-        stats.prefilling = len(self._prefill.rows) if self._prefill else 0
-        used = real = 0
-        if self._mask is not None:
-            used, real = self._mask.numel(), int(self._mask.sum())
-        if self._prefill is not None:
-            used += len(self._prefill.rows) * self._prefill.done
-            real += int(self._prefill.mask[:, : self._prefill.done].sum())
+        stats.prefilling = len(self._prefilling)
+        used = self.blocks.used * self.blocks.block_tokens
+        real = sum(row.cached for row in self._prefilling + self._running)
         stats.cache_tokens_used, stats.cache_tokens_real = used, real
+        stats.cached_blocks = self.blocks.kept
         stats.peak_cache_tokens = max(stats.peak_cache_tokens, used)
         self.on_step(stats)
 
@@ -671,25 +742,6 @@ def _explain(exc: Exception, doing: str) -> Exception:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """Left-pad the column dimension (-2 of a cache [rows, heads, columns, dim], -1 of a mask) with zeros."""
-    dim = -1 if tensor.dim() == 2 else -2
-    missing = columns - tensor.shape[dim]
-    if not missing:
-        return tensor
-    return torch.nn.functional.pad(tensor, (missing, 0) if dim == -1 else (0, 0, missing, 0))
-
-
-def _select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-    """The `keep` rows of a cache and its mask; the cache changes only once every layer is selected."""
-    index = torch.tensor(keep, device=mask.device)
-    selected = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
-    mask = mask.index_select(0, index)
-    for layer, (keys, values) in zip(cache.layers, selected):
-        layer.keys, layer.values = keys, values
-    return cache, mask
 
 
 class EngineLoop:

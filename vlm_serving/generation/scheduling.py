@@ -19,24 +19,45 @@ class EngineLimits:
 
     # Rows decoded together at each step.
     max_running: int = 16
-    # Key/value-cache budget in token slots: rows × padded columns of the dense cache, for every
-    # layer (bytes = this × layers × 2 × kv heads × head dim × dtype size). Admission reserves each
-    # row's prompt + max_tokens (unset: what the context leaves, at most max_tokens_limit), so the
-    # budget holds for the rows' whole lives.
+    # Key/value-cache budget in token slots, for every layer (bytes = this × layers × 2 × kv heads ×
+    # head dim × dtype size): a pool of cache_tokens / block_tokens blocks (rounded up), allocated
+    # once. A row holds the blocks its tokens fill; admission counts what rows need now, and the
+    # newest rows are preempted (recomputed later) when the blocks run out. One row's prompt +
+    # max_tokens must fit.
     cache_tokens: int = 65536
-    # Prompt tokens prefilled per step (rows × columns of one prefill forward).
+    # Token slots per block of the paged cache.
+    block_tokens: int = 16
+    # Prompt tokens prefilled per step (real tokens, packed unpadded across the prefilling rows and
+    # shared evenly among them); each running row's decode token comes on top, in the same forward.
     prefill_chunk_tokens: int = 512
     # Requests waiting for a row; beyond this many, new ones are refused (EngineFull).
     max_waiting: int = 64
+    # Keep prompts' full blocks for later rows with the same prefix (earlier turns, the same image).
+    prefix_caching: bool = True
 
     def to_parameters(self) -> dict[str, str]:
-        """As model-config parameters (string values)."""
-        return {name.name: str(getattr(self, name.name)) for name in fields(self)}
+        """As model-config parameters (string values; switches as "true" / "false")."""
+        return {name.name: _as_parameter(getattr(self, name.name)) for name in fields(self)}
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> "EngineLimits":
-        limits = cls(**{name.name: int(parameters[name.name]) for name in fields(cls) if name.name in parameters})
+        values = {}
+        for name in fields(cls):
+            if name.name not in parameters:
+                continue
+            text = parameters[name.name]
+            if name.type == "bool":
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(f"engine switch {name.name}={text!r} must be true or false")
+                values[name.name] = text.lower() == "true"
+            else:
+                values[name.name] = int(text)
+        limits = cls(**values)
         for name in fields(limits):
-            if getattr(limits, name.name) < 1:
+            if name.type != "bool" and getattr(limits, name.name) < 1:
                 raise ValueError(f"engine limit {name.name}={getattr(limits, name.name)} must be at least 1")
         return limits
+
+
+def _as_parameter(value: int | bool) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
