@@ -349,7 +349,8 @@ def tool_calls(calls) -> list[dict]:
 
 def usage(counts) -> dict:
     return {"prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
-            "total_tokens": counts.prompt_tokens + counts.completion_tokens}
+            "total_tokens": counts.prompt_tokens + counts.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": counts.cached_tokens}}
 
 
 def logprobs(entries) -> dict:

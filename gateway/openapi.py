@@ -56,10 +56,16 @@ class Choice(BaseModel):
     logprobs: dict[str, Any] | None
 
 
+class PromptTokensDetails(BaseModel):
+    # Prompt tokens the engine's prefix cache held (not prefilled again).
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ChatCompletion(BaseModel):

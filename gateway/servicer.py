@@ -62,7 +62,8 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
             outcome.write(message)
         message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, vlm_pb2.FINISH_REASON_UNSPECIFIED)
         message.usage.CopyFrom(vlm_pb2.Usage(
-            prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens, image_tokens=chunk.image_tokens
+            prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens, image_tokens=chunk.image_tokens,
+            cached_tokens=chunk.cached_tokens,
         ))
         message.confidence = chunk.confidence
         message.model_version = chunk.model_version

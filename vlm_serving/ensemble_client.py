@@ -57,6 +57,8 @@ class ResponseChunk:
     # With logprobs: per token of token_ids, {"token": its text alone, "bytes": its UTF-8 bytes,
     # "logprob", "top_logprobs": [{"token", "bytes", "logprob"}, ...] most likely first}.
     logprobs: list[dict] = field(default_factory=list)
+    # Prompt tokens the engine's prefix cache held (the last response only).
+    cached_tokens: int = 0
 
 
 def parse_response(result) -> ResponseChunk:
@@ -87,6 +89,8 @@ def parse_response(result) -> ResponseChunk:
         images=json.loads(scalar("IMAGE_INFO")),
         route=route,
         logprobs=logprobs,
+        # New in issue 25: a server not yet upgraded (a rolling update) sends none.
+        cached_tokens=0 if result.as_numpy("CACHED_TOKENS") is None else int(scalar("CACHED_TOKENS")),
     )
 
 

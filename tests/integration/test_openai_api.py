@@ -181,3 +181,25 @@ def test_the_sdk_never_repeats_a_request_that_timed_out(triton, tmp_path):
         assert timed_out() == 1, "the SDK repeated a request whose work had run"
     finally:
         impatient.stop()
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "pixtral"])
+def test_a_second_turn_reports_the_prompt_tokens_the_prefix_cache_held(gateway, model):
+    """A chat's second turn resends the first (its image included): the engine starts from the
+    first turn's kept blocks, and both APIs say how many prompt tokens that was."""
+    from vlm_client import VLMClient
+
+    client = sdk(gateway)
+    turn = ask("Describe the picture in a few words, please.")
+    first = client.chat.completions.create(model=model, messages=turn, max_tokens=6, temperature=0)
+    second_turn = turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                          {"role": "user", "content": "And what colour dominates?"}]
+    second = client.chat.completions.create(model=model, messages=second_turn, max_tokens=6, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    print(f"{model}: second turn {cached} of {second.usage.prompt_tokens} prompt tokens from the cache")
+    # Whole blocks of the first prompt (image included) are reused: at least all but its last two blocks.
+    assert first.usage.prompt_tokens - 32 <= cached < second.usage.prompt_tokens
+    with VLMClient(gateway.address, api_key=KEY) as grpc_client:
+        again = grpc_client.generate(model, "Describe the picture in a few words, please.", [PNG], max_tokens=4,
+                                     temperature=0.0)
+    assert again.usage.cached_tokens >= first.usage.prompt_tokens - 32, again.usage

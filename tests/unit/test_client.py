@@ -648,7 +648,7 @@ def test_batch_lines_keep_every_field_of_a_typed_result(tmp_path):
         assert batch(address, manifest, output) == 0
         record = results(output)["a"]
         assert record["result"]["detections"]["detections"][0]["image_index"] == 0
-        assert record["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "image_tokens": 0}
+        assert record["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "image_tokens": 0, "cached_tokens": 0}
     finally:
         holder[0].stop(0)
 

@@ -68,6 +68,7 @@ def to_response(update: RequestUpdate, version: str, image_info: bytes) -> "pb_u
         "PROMPT_TOKENS": np.array([[update.prompt_tokens]], dtype=np.int32),
         "COMPLETION_TOKENS": np.array([[update.completion_tokens]], dtype=np.int32),
         "IMAGE_TOKENS": np.array([[update.image_tokens]], dtype=np.int32),
+        "CACHED_TOKENS": np.array([[update.cached_tokens]], dtype=np.int32),
         "CONFIDENCE": np.array([[update.confidence]], dtype=np.float32),
         "MODEL_VERSION": np.array([[version.encode()]], dtype=np.object_),
         "IMAGE_INFO": np.array([[image_info]], dtype=np.object_),

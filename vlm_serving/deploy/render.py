@@ -80,6 +80,8 @@ RESPONSE_TENSORS = [
     ("PROMPT_TOKENS", "TYPE_INT32", "1"),
     ("COMPLETION_TOKENS", "TYPE_INT32", "1"),
     ("IMAGE_TOKENS", "TYPE_INT32", "1"),
+    # Prompt tokens found in the engine's prefix cache (RequestUpdate.cached_tokens).
+    ("CACHED_TOKENS", "TYPE_INT32", "1"),
     ("CONFIDENCE", "TYPE_FP32", "1"),
     ("MODEL_VERSION", "TYPE_STRING", "1"),
     ("IMAGE_INFO", "TYPE_STRING", "1"),

@@ -209,7 +209,7 @@ def _run(client: VLMClient, args) -> int:
             else f"{a.model}({a.confidence:.2f})" for a in last.route.attempts)
     print(f"[model={last.model} version={last.model_version} finish_reason={vlm_pb2.FinishReason.Name(last.finish_reason)} "
           f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
-          f"image_tokens={last.usage.image_tokens} confidence={last.confidence:.3f}"
+          f"image_tokens={last.usage.image_tokens} cached_tokens={last.usage.cached_tokens} confidence={last.confidence:.3f}"
           + (f" images={images}" if images else "") + route + "]", file=sys.stderr)
     return 0
 

@@ -14,7 +14,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import encode, picture
-from tests.unit.gateway.test_servicer import run
+from tests.unit.gateway.test_servicer import KEY, request, run
 from vlm_serving import tasks
 from vlm_serving.ensemble_client import ResponseChunk
 
@@ -38,6 +38,7 @@ def test_a_chat_completion_with_a_base64_image_is_the_grpc_request_and_answer():
                                                        seed=3, stop=["END"])
         assert answer.choices[0].message.content == "Hello" and answer.choices[0].finish_reason == "length"
         assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (12, 2, 14)
+        assert answer.usage.prompt_tokens_details.cached_tokens == 0
         assert answer.model == "pixtral" and answer.id.startswith("chatcmpl-")
         assert answer.model_extra["vlm"]["confidence"] == pytest.approx(-0.5)
         assert answer.model_extra["vlm"]["route"]["images"] == [{"kind": "IMAGE_KIND_DIAGRAM", "width": 448, "height": 336}]
@@ -45,6 +46,20 @@ def test_a_chat_completion_with_a_base64_image_is_the_grpc_request_and_answer():
         assert ensemble == "pixtral" and images == [PNG] and backend.details == ["low"]
         assert messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
         assert (params.max_tokens, params.temperature, params.seed, params.stop) == (7, 0.5, 3, ("END",))
+
+    run(test)
+
+
+def test_prompt_tokens_the_prefix_cache_held_are_reported_as_openai_does():
+    async def test(stub, backend, gw, channel):
+        backend.script = [ResponseChunk("Hello", [1, 2], True, "stop", 40, 2, 4, -0.5, "1", IMAGES, cached_tokens=32)]
+        answer = await sdk(gw).chat.completions.create(model="pixtral", messages=ask())
+        assert answer.usage.prompt_tokens == 40 and answer.usage.prompt_tokens_details.cached_tokens == 32
+        chunks = [chunk async for chunk in await sdk(gw).chat.completions.create(
+            model="pixtral", messages=ask(), stream=True, stream_options={"include_usage": True})]
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
+        reply = await stub.Generate(request("pixtral", "hi"), metadata=KEY)
+        assert (reply.usage.prompt_tokens, reply.usage.cached_tokens) == (40, 32)
 
     run(test)
 
