@@ -247,7 +247,7 @@ def throughputs(pairs) -> str:
 
 
 def rows_over_one_gateway(name: str, rows_of) -> None:
-    """A row script run alone: one Triton server and a gateway over it, `rows_of(gateway)` printed
+    """A row script run alone: one Triton server and a gateway over it, `rows_of(gateway, server)` printed
     as the table; every server stopped after (signals too)."""
     stop_on_signals()
     BENCH.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def rows_over_one_gateway(name: str, rows_of) -> None:
                                  extra_env={"VLM_API_KEYS": KEY})
         launch(gateway, servers)
         gateway.wait_serving(60)
-        print_table(rows_of(gateway))
+        print_table(rows_of(gateway, server))
     finally:
         stop_all(reversed(servers))
 

@@ -163,27 +163,13 @@ def rows(gateway, server, key: str, seconds: float = 15.0, stalled: int = 0) -> 
 
 
 def main() -> int:
-    from perf.bench import BENCH, KEY, free_port, launch, print_table, triton
-    from vlm_serving.deploy.stack import GatewayProcess
-    from vlm_serving.deploy.triton_server import stop_all, stop_on_signals
+    from perf.bench import KEY, rows_over_one_gateway
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--stalled", type=int, default=0, help="clients that stop reading long streams")
     args = parser.parse_args()
-    stop_on_signals()
-    BENCH.mkdir(parents=True, exist_ok=True)
-    servers = []
-    try:
-        server = triton("chaos_row", servers)
-        gateway = GatewayProcess(triton_url=server.grpc_url, address=f"127.0.0.1:{free_port()}",
-                                 metrics_port=free_port(), log_path=BENCH / "gateway_chaos_row.log",
-                                 http_address=f"127.0.0.1:{free_port()}", extra_env={"VLM_API_KEYS": KEY})
-        launch(gateway, servers)
-        gateway.wait_serving(60)
-        print_table(rows(gateway, server, KEY, args.seconds, args.stalled))
-    finally:
-        stop_all(reversed(servers))
+    rows_over_one_gateway("chaos_row", lambda gateway, server: rows(gateway, server, KEY, args.seconds, args.stalled))
     return 0
 
 

@@ -117,7 +117,7 @@ def rows(gateway, key: str) -> list[tuple]:
 def main() -> int:
     from perf.bench import KEY, rows_over_one_gateway
 
-    rows_over_one_gateway("front_door_row", lambda gateway: rows(gateway, KEY))
+    rows_over_one_gateway("front_door_row", lambda gateway, server: rows(gateway, KEY))
     return 0
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier)")
     args = parser.parse_args(argv)
-    rows_over_one_gateway("http_row", lambda gateway: [row(gateway, workload(16), 32 if args.quick else 96)])
+    rows_over_one_gateway("http_row", lambda gateway, server: [row(gateway, workload(16), 32 if args.quick else 96)])
     return 0
 
 if __name__ == "__main__":
