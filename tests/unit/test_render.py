@@ -53,6 +53,19 @@ def test_render_cli_sets_the_scheduler_and_engine_limits(tmp_path):
         == {"scheduler": "static", "max_running": "4", "cache_tokens": "9000", "prefill_chunk_tokens": "128"}
 
 
+def test_render_cli_sets_the_paged_cache_block_and_prefix_caching(tmp_path):
+    from vlm_serving.deploy.render import main
+    from vlm_serving.generation.scheduling import EngineLimits
+
+    main(["--repository", str(tmp_path), "--block-tokens", "32", "--no-prefix-caching"])
+    parameters = parse((tmp_path / "qwen2_5_vl_generate" / "config.pbtxt").read_text()).parameters
+    limits = EngineLimits.from_parameters({key: value.string_value for key, value in parameters.items()})
+    assert (limits.block_tokens, limits.prefix_caching) == (32, False)
+    main(["--repository", str(tmp_path)])
+    parameters = parse((tmp_path / "qwen2_5_vl_generate" / "config.pbtxt").read_text()).parameters
+    assert (parameters["block_tokens"].string_value, parameters["prefix_caching"].string_value) == ("16", "true")
+
+
 def test_cpu_profile_runs_everything_on_cpu_instances():
     for config in map(parse, render_family("qwen2_5_vl", PROFILES["cpu"]).values()):
         for group in config.instance_group:

@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running", type=int, help="in flight: rows decoded together per generation instance")
     parser.add_argument("--cache-tokens", type=int, help="in flight: key/value-cache budget in tokens per instance")
     parser.add_argument("--prefill-chunk-tokens", type=int, help="in flight: prompt tokens prefilled per step")
+    parser.add_argument("--block-tokens", type=int, help="in flight: token slots per block of the paged cache (default 16)")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
+                        help="in flight: keep prompts' full blocks for later requests with the same beginning "
+                             "(default on)")
     parser.add_argument("--encoder-variant", choices=VARIANTS, help="ONNX encoder variant")
     parser.add_argument("--encoder-cache-mib", type=int, help="image embedding cache size (0: off; default 1024)")
     parser.add_argument("--version-policy", help="versions that serve: latest:N (default latest:1), all, specific:1,2")
@@ -371,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.scheduler:
         profile = replace(profile, scheduler=args.scheduler)
     engine = {key: value for key, value in (("max_running", args.max_running), ("cache_tokens", args.cache_tokens),
-                                             ("prefill_chunk_tokens", args.prefill_chunk_tokens)) if value}
+                                             ("prefill_chunk_tokens", args.prefill_chunk_tokens),
+                                             ("block_tokens", args.block_tokens)) if value}
+    if args.prefix_caching is not None:
+        engine["prefix_caching"] = args.prefix_caching
     profile = replace(profile, engine=replace(profile.engine, **engine))
     if args.encoder_variant:
         profile = replace(profile, encoder_variant=args.encoder_variant)
