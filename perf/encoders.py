@@ -108,12 +108,12 @@ def encoder_speed(family: str, checkpoint: Path, pictures: list[Image.Image], ro
 def int8_token_agreement(family: str, items, max_tokens: int = 16) -> tuple[float, int]:
     """Share of greedy tokens (position by position) the int8 encoder's answers share with fp32's."""
     from vlm_serving.generation.batch import BatchGenerator, GenerationRequest
-    from vlm_serving.generation.loading import load_model
+    from vlm_serving.generation.loading import load_model, load_tokenizer
     from vlm_serving.generation.sampling import SamplingParams
 
     checkpoint = BUILD / "models" / family
     preprocessor = load_preprocessor(family, checkpoint)
-    generator = BatchGenerator(family, load_model(checkpoint), preprocessor.tokenizer)
+    generator = BatchGenerator(family, load_model(checkpoint), load_tokenizer(checkpoint))
     answers = {}
     for variant in ("fp32", "int8"):
         encoder = OnnxEncoder(family, checkpoint / "onnx", variant, threads=THREADS)

@@ -8,7 +8,7 @@ import numpy as np
 from tests.conftest import encode
 from vlm_serving.encoding.encoder import OnnxEncoder
 from vlm_serving.generation.batch import BatchGenerator, GenerationRequest
-from vlm_serving.generation.loading import load_model
+from vlm_serving.generation.loading import load_model, load_tokenizer
 from vlm_serving.generation.sampling import SamplingParams
 from vlm_serving.preprocessing.preprocess import load_preprocessor
 
@@ -27,7 +27,7 @@ class Family:
         self.name, self.checkpoint = name, checkpoint
         self.preprocessor = load_preprocessor(name, checkpoint)
         self.model = load_model(checkpoint)
-        self.generator = BatchGenerator(name, self.model, self.preprocessor.tokenizer)
+        self.generator = BatchGenerator(name, self.model, load_tokenizer(checkpoint))
         self.encoder = OnnxEncoder(name, checkpoint / "onnx")  # fp32, as served by default
         self.eos = self.generator.eos_ids
 

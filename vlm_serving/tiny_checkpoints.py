@@ -155,8 +155,20 @@ def build_qwen2_5_vl(out: Path, seed: int = SEED) -> None:
         Qwen2VLImageProcessorPil,
     )
 
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    trained = train_tokenizer(QWEN_SPECIAL)
+    # Saved with the normalizer and pre-tokenizer that transformers' Qwen2 tokenizer rebuilds around the
+    # vocabulary when it loads, as released Qwen checkpoints ship them: the file alone (what
+    # preprocessing reads, vlm_serving/preprocessing/prompt.py) then tokenizes as transformers does.
+    trained.normalizer = normalizers.NFC()
+    trained.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer = Qwen2TokenizerFast(
-        tokenizer_object=train_tokenizer(QWEN_SPECIAL),
+        tokenizer_object=trained,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,

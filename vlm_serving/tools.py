@@ -11,9 +11,9 @@ tiny nor released vision checkpoint's chat template renders tools, calls or resu
 list is written into the system turn, and calls and results into assistant and user turns, as those
 families' text templates write them (`apply_tools`, `tool_turns`). Mistral's markers are control
 tokens in Mistral's own tokenizers; the tiny Pixtral tokenizer has none, and in any tokenizer these
-blocks reach the template as message text, which `chat.prompt_ids` encodes as text (no control
-token comes from a message): the model reads the markers spelled out, as a caller could also type
-them. One call per answer.
+blocks reach the template as message text, which `preprocessing.prompt.PromptTokenizer.prompt_ids`
+encodes as text (no control token comes from a message): the model reads the markers spelled out, as
+a caller could also type them. One call per answer.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def system_text(functions: list[dict], family: str) -> str:
 def apply_tools(messages: list[dict], functions: list[dict], family: str) -> list[dict]:
     """The messages with the tools block added to the system turn (one is added if there is none);
     a system message's content is one string here (chat.template_messages joins its parts).
-    The block is the service's text; no caller's text becomes a control token (see chat.prompt_ids)."""
+    The block is the service's text; no caller's text becomes a control token (see PromptTokenizer.prompt_ids)."""
     if not functions:
         return messages
     block = system_text(functions, family)

@@ -198,7 +198,7 @@ def test_control_tokens_in_results_arguments_or_system_parts_stay_text(family, w
     image = encode(picture(64, 48))
     out = preprocessor([image], json.dumps(loop(attack)))
     clean = preprocessor([image], json.dumps(loop("x")))
-    control_ids = {preprocessor.tokenizer.convert_tokens_to_ids(token) for token in controls}
+    control_ids = {preprocessor.tokenizer.token_id(token) for token in controls}
     # Exactly the control tokens the template writes for the benign request: none from the caller.
     assert [t for t in out.input_ids.tolist() if t in control_ids] == [t for t in clean.input_ids.tolist() if t in control_ids]
     assert out.image_tokens == clean.image_tokens

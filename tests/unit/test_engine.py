@@ -364,8 +364,8 @@ def test_presence_and_frequency_penalties_follow_openais_formula(family):
 def test_an_unset_max_tokens_runs_to_the_limit_the_context_or_the_cache_budget(family):
     messages = ask("Tell me a story")
     prompt = len(family.request(messages, []).input_ids)
-    limited = BatchGenerator(family.name, family.model, family.preprocessor.tokenizer, max_tokens_limit=7)
-    small_context = BatchGenerator(family.name, family.model, family.preprocessor.tokenizer)
+    limited = BatchGenerator(family.name, family.model, family.generator.tokenizer, max_tokens_limit=7)
+    small_context = BatchGenerator(family.name, family.model, family.generator.tokenizer)
     small_context.max_context = prompt + 5
     for generator, limits, expected in ((limited, EngineLimits(), 7), (small_context, EngineLimits(), 5),
                                         (family.generator, EngineLimits(cache_tokens=prompt + 6), 6)):

@@ -116,7 +116,7 @@ def test_int8_model_quantizes_linear_layers_and_answers(family):
     modules = list(quantized.modules())
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in modules)
     assert not any(type(m) is torch.nn.Linear for m in modules), "every nn.Linear is quantized"
-    generator = BatchGenerator(family.name, quantized, family.preprocessor.tokenizer)
+    generator = BatchGenerator(family.name, quantized, family.generator.tokenizer)
     updates = []
     generator.generate([family.request(ask("int8?", 1), [picture(64, 64)], max_tokens=6)], lambda i, u: updates.append(u))
     assert updates[-1].finished and updates[-1].completion_tokens == 6
@@ -300,8 +300,8 @@ def test_presence_and_frequency_penalties_follow_openais_formula(family):
 def test_an_unset_max_tokens_runs_to_the_limit_or_the_context(family):
     messages = ask("Tell me a story")
     prompt = len(family.request(messages, []).input_ids)
-    limited = BatchGenerator(family.name, family.model, family.preprocessor.tokenizer, max_tokens_limit=7)
-    small_context = BatchGenerator(family.name, family.model, family.preprocessor.tokenizer)
+    limited = BatchGenerator(family.name, family.model, family.generator.tokenizer, max_tokens_limit=7)
+    small_context = BatchGenerator(family.name, family.model, family.generator.tokenizer)
     small_context.max_context = prompt + 5
     for generator, expected in ((limited, 7), (small_context, 5)):
         updates = []

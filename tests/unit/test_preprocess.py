@@ -101,7 +101,7 @@ def test_several_images_of_different_sizes_in_one_request(family):
     assert_images_equal_transformers(name, ours, reference)
     assert np.array_equal(ours.input_ids, reference["input_ids"])
     placeholders = {"qwen2_5_vl": ["<|image_pad|>"], "pixtral": ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]}[name]
-    ids = [preprocessor.tokenizer.convert_tokens_to_ids(token) for token in placeholders]
+    ids = [preprocessor.tokenizer.token_id(token) for token in placeholders]
     assert ours.image_tokens == int(np.isin(ours.input_ids, ids).sum()) > 0
 
 
@@ -163,7 +163,7 @@ def test_control_tokens_typed_by_a_caller_stay_text(family, where):
     benign = user(1, "hi") if where == "user" else [{"role": "system", "content": "be brief"}] + user(1, "hi")
     out = preprocessor([encode(picture(64, 48))], json.dumps(messages))
     clean = preprocessor([encode(picture(64, 48))], json.dumps(benign))
-    control_ids = {preprocessor.tokenizer.convert_tokens_to_ids(token) for token in controls}
+    control_ids = {preprocessor.tokenizer.token_id(token) for token in controls}
     # Exactly the control tokens the template writes for the benign request: none from the caller.
     assert [t for t in out.input_ids.tolist() if t in control_ids] == [t for t in clean.input_ids.tolist() if t in control_ids]
     assert out.image_tokens == clean.image_tokens

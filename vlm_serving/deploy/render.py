@@ -22,9 +22,9 @@ from string import Template
 
 import numpy as np
 
+from vlm_serving.checkpoint_config import checkpoint_context_tokens
 from vlm_serving.encoding.encoder import VARIANTS
 from vlm_serving.encoding.encoder_inputs import SPECS
-from vlm_serving.generation.loading import checkpoint_context_tokens
 from vlm_serving.generation.sampling import SamplingDefaults
 from vlm_serving.generation.scheduling import SCHEDULERS, EngineLimits
 from vlm_serving.pipelines import FAMILIES, ROUTER

@@ -174,19 +174,33 @@ def image_digest(image: ImageInputs) -> bytes:
 
 @functools.lru_cache(maxsize=256)
 def _qwen_indices(grid: tuple[int, int, int], merge: int, window_size: int, patch_size: int) -> ImageInputs:
-    """A grid's index tensors (read-only, shared: images of one size repeat, and so do these)."""
-    import torch
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
-
-    grid_thw = torch.tensor([grid], dtype=torch.int64)
-    window_index, cu_window_seqlens = get_vision_window_index(
-        grid_thw, spatial_merge_size=merge, window_size=window_size, patch_size=patch_size
-    )
+    """A grid's index tensors (read-only, shared: images of one size repeat, and so do these), as
+    transformers.vision_utils computes them (get_vision_position_ids, get_vision_cu_seqlens,
+    get_vision_window_index), in numpy: preprocessing imports no torch. Equal values are tested."""
+    t, h, w = grid
+    # Rotary positions (row, col) of each patch, merge-block by merge-block, repeated per frame.
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    blocks = (h // merge, merge, w // merge, merge)
+    position_ids = np.stack([rows.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1),
+                             cols.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)], axis=-1)
+    # Merged tokens in window order: windows of `side` x `side` merged tokens, row-major, the last row
+    # and column of windows cut short by the image's edge; each window's patches continue the bounds.
+    side = window_size // merge // patch_size
+    merged_h, merged_w = h // merge, w // merge
+    index = np.arange(t * merged_h * merged_w).reshape(t, merged_h, merged_w)
+    padded_h, padded_w = merged_h + side - merged_h % side, merged_w + side - merged_w % side
+    windows = np.full((t, padded_h, padded_w), -100, dtype=np.int64)
+    windows[:, :merged_h, :merged_w] = index
+    windows = windows.reshape(t, padded_h // side, side, padded_w // side, side).transpose(0, 1, 3, 2, 4)
+    windows = windows.reshape(t, -1, side * side)
+    window_index = windows[windows != -100]
+    bounds = np.concatenate([[0], np.cumsum((windows != -100).sum(-1).reshape(-1)) * merge * merge])
     indices = {
-        "position_ids": get_vision_position_ids(grid_thw, merge).numpy().astype(np.int64),
-        "cu_seqlens": get_vision_cu_seqlens(grid_thw).numpy().astype(np.int32),
-        "window_index": window_index.numpy().astype(np.int64),
-        "cu_window_seqlens": cu_window_seqlens.numpy().astype(np.int32),
+        "position_ids": np.tile(position_ids, (t, 1)).astype(np.int64),
+        "cu_seqlens": np.arange(t + 1, dtype=np.int32) * (h * w),
+        "window_index": window_index.astype(np.int64),
+        # A window wholly in the padding adds no patch and repeats a bound: kept once (unique_consecutive).
+        "cu_window_seqlens": bounds[np.concatenate([[True], np.diff(bounds) != 0])].astype(np.int32),
     }
     for value in indices.values():
         value.setflags(write=False)

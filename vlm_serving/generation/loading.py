@@ -28,15 +28,6 @@ def context_tokens(config) -> int:
     return int(getattr(config.get_text_config(), "max_position_embeddings", 32768))
 
 
-def checkpoint_context_tokens(checkpoint_dir: str | Path) -> int:
-    """`context_tokens` of a checkpoint folder; 0 where it has no config.json (yet)."""
-    from transformers import AutoConfig
-
-    if not (Path(checkpoint_dir) / "config.json").is_file():
-        return 0
-    return context_tokens(AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True))
-
-
 def load_model(checkpoint_dir: str | Path, quantization: str = "none", device: str = "cpu"):
     """The model in eval mode on `device`, loaded with `from_pretrained(local_files_only=True)`."""
     from transformers import AutoModelForImageTextToText

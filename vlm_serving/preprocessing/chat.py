@@ -1,5 +1,5 @@
-"""Chat messages: validation, each family's conventions, and rendering through the checkpoint's own
-chat template.
+"""Chat messages: validation and each family's conventions, before the checkpoint's own chat template
+renders them (vlm_serving/preprocessing/prompt.py).
 
 Messages use the Hugging Face chat shape that both families' templates understand:
 `[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}]`.
@@ -17,7 +17,6 @@ messages as one string, tool calls and results written as the family writes them
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from vlm_serving import tools
@@ -200,31 +199,3 @@ def count_images(messages: list[dict[str, Any]]) -> int:
         for part in message["content"]
         if part["type"] == "image"
     )
-
-
-def load_chat_template(tokenizer: Any, checkpoint_dir: str | Path) -> str:
-    """The checkpoint's chat template: the tokenizer's, else the processor's file beside it."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
-    directory = Path(checkpoint_dir)
-    if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text()
-    if (directory / "chat_template.json").is_file():
-        return json.loads((directory / "chat_template.json").read_text())["chat_template"]
-    raise FileNotFoundError(f"{directory}: no chat template in the tokenizer or chat_template.jinja/json")
-
-
-def prompt_ids(tokenizer: Any, chat_template: str, messages: list[dict[str, Any]]) -> list[int]:
-    """The prompt's token ids, one image placeholder per image part, ready for generation.
-
-    Callers' text never becomes control tokens: `sanitize_control_tokens` (transformers' own
-    guard) encodes any control token typed in a message (`<|im_start|>`, `[INST]`, `</s>`, an image
-    placeholder, ...) as plain text, so only the template itself writes turns and placeholders.
-    """
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=True, return_dict=False, add_generation_prompt=True,
-            sanitize_control_tokens=True,
-        )
-    except Exception as exc:  # jinja's raise_exception, e.g. roles out of order
-        raise MessageError(f"messages: the model's chat template refused them ({exc})") from None

@@ -16,17 +16,19 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from vlm_serving.preprocessing.chat import count_images, load_chat_template, parse_messages, prompt_ids, template_messages
+from vlm_serving.checkpoint_config import context_tokens, image_processor_config, read_json
+from vlm_serving.preprocessing.chat import count_images, parse_messages, template_messages
 from vlm_serving.encoding.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
 from vlm_serving.preprocessing.image_kind import ImageKind, classify
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, decode_image, upright_size
-from vlm_serving.generation.loading import context_tokens
 from vlm_serving.tasks import apply_task
+from vlm_serving.preprocessing.prompt import PromptTokenizer
 from vlm_serving.preprocessing.resolution import ImageDetail, PixelRange, ResolutionPresets
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
@@ -75,12 +77,6 @@ def normalize(pixels: np.ndarray, table: np.ndarray, channel_axis: int) -> np.nd
     return np.take(table.reshape(-1), pixels.astype(np.uint16) + offsets)
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    if isinstance(config, dict):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
 class FamilyPreprocessor:
     """Shared flow; subclasses define the image tensors and the placeholder expansion."""
 
@@ -89,8 +85,6 @@ class FamilyPreprocessor:
     def __init__(self, checkpoint_dir: str | Path, limits: ImageLimits = ImageLimits(), max_images: int = 16,
                  threads: int | None = None, max_request_pixels: int = 64_000_000,
                  presets: ResolutionPresets = ResolutionPresets()):
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-
         self.checkpoint_dir = Path(checkpoint_dir)
         # Decoding and resizing release the GIL: the images of a request are processed in parallel.
         self.pool = ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1))
@@ -98,13 +92,11 @@ class FamilyPreprocessor:
         self.max_images = max_images
         self.max_request_pixels = max_request_pixels
         self.presets = presets
-        self.config = AutoConfig.from_pretrained(self.checkpoint_dir, local_files_only=True)
-        self.max_context = context_tokens(self.config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir, local_files_only=True)
-        self.chat_template = load_chat_template(self.tokenizer, self.checkpoint_dir)
-        self.image_processor = AutoImageProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)
-        processor = self.image_processor
-        self.table = normalization_table(processor.rescale_factor, processor.image_mean, processor.image_std)
+        # Read from the checkpoint's JSON files and tokenizer.json: no transformers (nor torch) in this process.
+        self.max_context = context_tokens(read_json(self.checkpoint_dir, "config.json"))
+        self.tokenizer = PromptTokenizer.from_checkpoint(self.checkpoint_dir)
+        self.image_settings = settings = image_processor_config(self.checkpoint_dir, self.family)
+        self.table = normalization_table(settings["rescale_factor"], settings["image_mean"], settings["image_std"])
 
     def __call__(self, encoded_images: list[bytes], messages_json: bytes | str, max_tokens: int | None = None,
                  detail: ImageDetail | None = None, task: str | None = None,
@@ -133,7 +125,7 @@ class FamilyPreprocessor:
         if pixels > self.max_request_pixels:
             raise ImageError(f"the request's images hold {pixels} pixels in all, over the limit of "
                              f"{self.max_request_pixels} per request; send fewer or smaller images")
-        ids = np.asarray(prompt_ids(self.tokenizer, self.chat_template, messages), dtype=np.int64)
+        ids = np.asarray(self.tokenizer.prompt_ids(messages), dtype=np.int64)
         fewest = min((self.presets.range_for(kind, detail) for kind in ImageKind), key=lambda r: r.max_pixels)
         self._check_context(ids, [self.image_token_count(w, h, i, fewest) for i, (w, h) in enumerate(sizes)], max_tokens)
         # Decode every image before any resize: a bad one fails the request early.
@@ -221,15 +213,12 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
 
     def __init__(self, checkpoint_dir: str | Path, **kwargs: Any):
         super().__init__(checkpoint_dir, **kwargs)
-        self.vision_config = self.config.vision_config
-        processor = self.image_processor
-        self.patch = int(processor.patch_size)
-        self.merge = int(processor.merge_size)
-        self.temporal = int(processor.temporal_patch_size)
-        # The checkpoint's bounds (transformers' names for them: "shortest_edge" is min_pixels).
-        self.min_pixels = int(_get(processor.size, "shortest_edge"))
-        self.max_pixels = int(_get(processor.size, "longest_edge"))
-        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        settings = self.image_settings
+        self.vision_config = SimpleNamespace(**settings["vision"])
+        self.patch, self.merge, self.temporal = settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
+        # The checkpoint's bounds.
+        self.min_pixels, self.max_pixels = settings["min_pixels"], settings["max_pixels"]
+        self.image_pad_id = self.tokenizer.token_id("<|image_pad|>")
 
     def processing_size(self, width: int, height: int, pixels: PixelRange) -> tuple[int, int]:
         """(height, width) an image is resized to: `pixels` within the checkpoint's bounds."""
@@ -283,15 +272,12 @@ class PixtralPreprocessor(FamilyPreprocessor):
 
     def __init__(self, checkpoint_dir: str | Path, **kwargs: Any):
         super().__init__(checkpoint_dir, **kwargs)
-        processor = self.image_processor
-        patch = processor.patch_size
-        self.patch = int(_get(patch, "height")) if not isinstance(patch, int) else patch
-        self.longest_edge = int(_get(processor.size, "longest_edge"))
+        self.patch, self.longest_edge = self.image_settings["patch_size"], self.image_settings["longest_edge"]
         # PixtralProcessor's settings (merge size, placeholder names), where the checkpoint has them.
         path = self.checkpoint_dir / "processor_config.json"
         settings = json.loads(path.read_text()) if path.is_file() else {}
         self.merge = int(settings.get("spatial_merge_size", 1))
-        token = self.tokenizer.convert_tokens_to_ids
+        token = self.tokenizer.token_id
         self.image_id = token(settings.get("image_token", "[IMG]"))
         self.break_id = token(settings.get("image_break_token", "[IMG_BREAK]"))
         self.end_id = token(settings.get("image_end_token", "[IMG_END]"))
