@@ -133,7 +133,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
         image.load()
     except Exception as exc:
         raise ImageError(f"{where}: truncated or corrupt {image.format} data ({exc})") from None
-    return to_rgb(ImageOps.exif_transpose(image))
+    # In place: otherwise exif_transpose returns a copy of every picture it does not turn.
+    ImageOps.exif_transpose(image, in_place=True)
+    return to_rgb(image)
 
 
 def _open_checked(data: bytes, limits: ImageLimits, where: str) -> Image.Image:
