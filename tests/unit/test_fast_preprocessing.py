@@ -1,7 +1,7 @@
 """Faster preprocessing (issue 26): the fused normalize + patchify pass, the resize skipped for a picture
-already at its target size, and the image thread pool sized to the process's cores. The patches equal
-transformers' image processors value for value (max |diff| 0) at odd sizes, at every resolution preset,
-and across the fused pass's step boundaries."""
+already at its target size, the image thread pool sized to the process's cores, and a lone image's
+patches packed without a copy. The patches equal transformers' image processors value for value
+(max |diff| 0) at odd sizes, at every resolution preset, and across the fused pass's step boundaries."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from tests.conftest import FAMILIES, picture
+from vlm_serving.encoding.encoder_inputs import SPECS, pack, unpack
 from vlm_serving.preprocessing import preprocess
 from vlm_serving.preprocessing.image_kind import ImageKind
 from vlm_serving.preprocessing.preprocess import load_preprocessor
@@ -105,3 +106,22 @@ def test_the_image_pool_has_a_thread_per_core_the_process_may_use(checkpoints):
         os.sched_setaffinity(0, cores)
     assert load_preprocessor("qwen2_5_vl", path).pool._max_workers == min(16, len(cores))  # 16: max_images
     assert load_preprocessor("qwen2_5_vl", path, max_images=1).pool._max_workers == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lone_image_is_packed_without_copying_its_patches(checkpoints, family):
+    """A one-image request (and an image the encoder runs alone) hands its patches on as they are;
+    several images are joined, and both unpack to what went in."""
+    preprocessor = load_preprocessor(family, checkpoints / family)
+    placeholder = preprocessor.image_pad_id if family == "qwen2_5_vl" else preprocessor.image_id
+    pixels = preprocessor.checkpoint_range()
+    images = preprocessor.build([picture(200, 120, seed=1), picture(64, 97, seed=2)], np.array([placeholder] * 2),
+                                [pixels] * 2).images
+    lone = pack(images[:1], SPECS[family])
+    assert np.shares_memory(lone.tensors["pixel_values"], images[0]["pixel_values"])
+    joined = pack(images, SPECS[family])
+    assert not np.shares_memory(joined.tensors["pixel_values"], images[0]["pixel_values"])
+    for packed, originals in ((lone, images[:1]), (joined, images)):
+        for image, original in zip(unpack(packed, SPECS[family]), originals):
+            assert image.keys() == original.keys()
+            assert all(np.array_equal(image[name], original[name]) for name in image)

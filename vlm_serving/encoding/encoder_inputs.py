@@ -97,7 +97,11 @@ def pack(images: list[ImageInputs], spec: tuple[InputSpec, ...]) -> PackedImages
                 layout[row, column] = len(value) - 1
         if entry.kind == "bounds":
             parts.insert(0, np.zeros(1, dtype=entry.dtype))
-        tensors[entry.name] = np.concatenate(parts).astype(entry.dtype, copy=False) if parts else _empty(entry)
+        if not parts:
+            tensors[entry.name] = _empty(entry)
+        else:  # one part (a lone image's rows) is taken as it is: concatenating it would only copy it
+            joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            tensors[entry.name] = joined.astype(entry.dtype, copy=False)
     return PackedImages(tensors, layout)
 
 
