@@ -108,17 +108,22 @@ test-integration: models configs
 perf-tools: setup
 	bash perf/install_perf_tools.sh
 
-# Starts its own servers, prints one table of ratios measured in the same run, stops them.
-# `make bench BENCH_ARGS=--quick` for a smoke run (fewer requests, noisier).
+# Starts its own servers, prints each row as it is measured and one table of ratios at the end, stops them.
+# `make bench BENCH_ARGS=--quick` for a smoke run (fewer requests and rows, noisier; within 4 minutes
+# on 2 cores); `BENCH_ARGS="--only 18 3"` for some row groups.
 BENCH_ARGS ?=
 bench: models configs
 	$(PY) -m perf.bench $(BENCH_ARGS)
 
-# The generation engine alone (no Triton) at the real Qwen2.5-VL-7B and Pixtral-12B configurations,
-# random bf16 weights, static against in flight. Needs only torch and transformers: on a GPU machine
-# without this Makefile's venv, run `python -m perf.engine --config real --device cuda` from the root.
+# The generation engines alone (no Triton) at the real Qwen2.5-VL-7B and Pixtral-12B configurations,
+# random bf16 weights: the engine now, the engine before the paged cache and plain `generate` at 1, 8,
+# 32 and 64 rows (perf/engines_at_rows.py), then static against in flight (perf/engine.py). Needs
+# only torch and transformers: on a GPU machine without this Makefile's venv, run both from the root
+# (the old engine's tree comes from git: `python -m perf.engine_before` writes it under build/ first
+# where the history is, to be carried along).
 GPU_PYTHON ?= python3
 bench-gpu:
+	$(GPU_PYTHON) -m perf.engines_at_rows --config real --device cuda
 	$(GPU_PYTHON) -m perf.engine --config real --device cuda $(BENCH_ARGS)
 
 # perf_analyzer concurrency sweeps (CSV under build/perf/sweeps/) against the running stack (`make up`).

@@ -1,6 +1,6 @@
 """make bench: start the stack, measure, print one table of ratios measured in this run.
 
-    .venv/bin/python -m perf.bench [--quick]
+    .venv/bin/python -m perf.bench [--quick] [--only GROUP ...]
 
 1. gateway throughput / direct Triton throughput (same ensemble, same requests, concurrency 16),
    and the gateway's added p50 latency on a trivial request (text only, one token);
@@ -28,6 +28,10 @@
 17. grammar work at Qwen2.5-VL's vocabulary size (152,064, synthetic): the task schemas' compile
    against what submission waits, a step's masks at 1, 16 and 64 rows, and what a step still waits
    for them after a forward (perf/grammar_row.py).
+18. the engine at real scale (issue 25): the prefix cache on a chat's second turn and five questions
+   about one document, a decode step paged / dense (perf/paged_row.py), rows admitted under one cache
+   budget with mixed prompt lengths and short prompts beside a long one, now / before the paged cache
+   (perf/mixed_lengths_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import inspect
 import io
 import os
 import statistics
@@ -44,10 +49,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from perf.encoders import mid_size_qwen_checkpoint, rows as encoder_rows
@@ -74,8 +81,11 @@ def free_port() -> int:
 
 
 def progress(message: str) -> None:
-    """One line on stderr as each step starts: the bench runs for minutes."""
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    """One line on stderr as each step starts, with the seconds since the process started (the bench
+    runs for minutes; `python -m perf.bench` and the row modules' `from perf.bench import` are two
+    copies of this module, so the clock is the process's own)."""
+    elapsed = time.time() - psutil.Process().create_time()
+    print(f"bench [{elapsed:.0f} s]: {message}", file=sys.stderr, flush=True)
 
 
 def repository(name: str, **profile_changes) -> Path:
@@ -297,166 +307,275 @@ class Table:
             print(table_row(*row), flush=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description="Benchmarks with ratios measured in one run.")
-    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier)")
-    args = parser.parse_args()
-    scale = 0.25 if args.quick else 1.0
-    n = lambda count: max(8, int(count * scale))  # noqa: E731
-    stop_on_signals()  # SIGINT, SIGTERM and SIGHUP stop the servers (the finally below), never orphan them
-    BENCH.mkdir(parents=True, exist_ok=True)
-    images = workload(16)
-    text_only = workload(16, with_images=False)
-    table, notes = Table(), []
-    servers = []
-    try:
-        # Both servers up at once, measured in alternation (A B A B A B): on this shared VM the
-        # speed drifts by up to a third over minutes, and alternating keeps a ratio's two sides
-        # under the same conditions. Each ratio is the median of the rounds' ratios.
-        unbatched = triton("unbatched", servers, preprocess_batching=Batching(1, (1,), 0, 256),
-                           generate_batching=Batching(1, (1,), 0, 256), scheduler="static")
-        batched = triton("batched", servers)
-        gateway = GatewayProcess(triton_url=batched.grpc_url, address=f"127.0.0.1:{free_port()}",
-                                 metrics_port=free_port(), log_path=BENCH / "gateway.log",
-                                 http_address=f"127.0.0.1:{free_port()}", extra_env={"VLM_API_KEYS": KEY})
-        launch(gateway, servers)
-        gateway.wait_serving(60)
+class Run:
+    """What the row groups share: the run's size, its servers (stopped on exit) and the stack most
+    rows measure, one Triton server with in-flight batching and a gateway over it, started when a
+    group first asks for it."""
 
-        progress("row 2: dynamic batching on / off")
-        pairs, ratio, failed = alternate(
-            lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(64), 32),
-            lambda: load(lambda: TritonTarget(unbatched.grpc_url, "qwen2_5_vl"), images, 16, n(48), 32))
-        table.add(("2", "batching on (default: in flight) / off (static, max batch 1), c=16, 32 tokens",
-                     throughputs(pairs), ratio, ">= 4", "x", failed))
-        unbatched.stop()
-        servers.remove(unbatched)
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.scale = 0.25 if quick else 1.0
+        self.servers: list = []
+        self.notes: list[str] = []
+        self.images = workload(16)
+        self.text_only = workload(16, with_images=False)
+        self._stack: tuple[TritonServer, GatewayProcess] | None = None
 
-        progress("row 1: the gateway against direct Triton")
-        pairs, ratio, failed = alternate(
-            lambda: load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 16, n(96), 16),
-            lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 16, n(96), 16))
-        table.add(("1a", "gateway / direct Triton throughput, c=16, 16 tokens",
-                     throughputs(pairs), ratio, ">= 0.95", "x", failed))
-        added, runs = [], []
-        for _ in range(3):
-            via_gateway = load(lambda: GatewayTarget(gateway.address, KEY, "pixtral"), text_only, 1, n(100), 1)
-            direct = load(lambda: TritonTarget(batched.grpc_url, "pixtral"), text_only, 1, n(100), 1)
-            runs += [via_gateway, direct]
-            added.append((via_gateway.percentile(50) - direct.percentile(50)) * 1000)
-        failed = failures(*runs)
-        table.add(("1b", "gateway added p50 latency, trivial request (text, 1 token), c=1",
-                     " ; ".join(f"{a:.2f}" for a in added) + " ms", None if failed else statistics.median(added),
-                     "<= 1 ms", "ms", failed))
+    def n(self, count: int) -> int:
+        return max(8, int(count * self.scale))
 
-        progress("row 13: the OpenAI-compatible HTTP API against gRPC")
-        from perf import http_row
+    def stack(self) -> tuple[TritonServer, GatewayProcess]:
+        if self._stack is None:
+            batched = triton("batched", self.servers)
+            gateway = GatewayProcess(triton_url=batched.grpc_url, address=f"127.0.0.1:{free_port()}",
+                                     metrics_port=free_port(), log_path=BENCH / "gateway.log",
+                                     http_address=f"127.0.0.1:{free_port()}", extra_env={"VLM_API_KEYS": KEY})
+            launch(gateway, self.servers)
+            gateway.wait_serving(60)
+            self._stack = batched, gateway
+        return self._stack
 
-        table.add(http_row.row(gateway, images, n(96)))
+    def stop_servers(self) -> None:
+        stop_all(reversed(self.servers))
+        self.servers.clear()
+        self._stack = None
 
-        from perf import front_door_row
 
-        table.add(*front_door_row.rows(gateway, KEY))
+def batching_rows(run: Run) -> list[tuple]:
+    # Both servers up at once, measured in alternation (A B A B A B): on this shared VM the speed
+    # drifts by up to a third over minutes, and alternating keeps a ratio's two sides under the same
+    # conditions. Each ratio is the median of the rounds' ratios.
+    unbatched = triton("unbatched", run.servers, preprocess_batching=Batching(1, (1,), 0, 256),
+                       generate_batching=Batching(1, (1,), 0, 256), scheduler="static")
+    batched, _ = run.stack()
+    progress("row 2: dynamic batching on / off")
+    pairs, ratio, failed = alternate(
+        lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), run.images, 16, run.n(64), 32),
+        lambda: load(lambda: TritonTarget(unbatched.grpc_url, "qwen2_5_vl"), run.images, 16, run.n(48), 32))
+    unbatched.stop()
+    run.servers.remove(unbatched)
+    return [("2", "batching on (default: in flight) / off (static, max batch 1), c=16, 32 tokens",
+             throughputs(pairs), ratio, ">= 4", "x", failed)]
 
-        from perf import chaos_row
 
-        table.add(*chaos_row.rows(gateway, batched, KEY))
+def gateway_rows(run: Run) -> list[tuple]:
+    batched, gateway = run.stack()
+    progress("row 1: the gateway against direct Triton")
+    pairs, ratio, failed = alternate(
+        lambda: load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), run.images, 16, run.n(96), 16),
+        lambda: load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), run.images, 16, run.n(96), 16))
+    table = [("1a", "gateway / direct Triton throughput, c=16, 16 tokens", throughputs(pairs), ratio, ">= 0.95", "x",
+              failed)]
+    added, runs = [], []
+    for _ in range(3):
+        via_gateway = load(lambda: GatewayTarget(gateway.address, KEY, "pixtral"), run.text_only, 1, run.n(100), 1)
+        direct = load(lambda: TritonTarget(batched.grpc_url, "pixtral"), run.text_only, 1, run.n(100), 1)
+        runs += [via_gateway, direct]
+        added.append((via_gateway.percentile(50) - direct.percentile(50)) * 1000)
+    failed = failures(*runs)
+    table.append(("1b", "gateway added p50 latency, trivial request (text, 1 token), c=1",
+                  " ; ".join(f"{a:.2f}" for a in added) + " ms", None if failed else statistics.median(added),
+                  "<= 1 ms", "ms", failed))
+    return table
 
-        progress("row 14: a gateway over two Triton servers against one")
-        from perf import pool_row
 
-        table.add(pool_row.row(gateway, batched, servers, images, n(96)))
+def http_rows(run: Run) -> list[tuple]:
+    from perf import http_row
 
-        progress("row 4: time to first text")
-        streamed = load(lambda: GatewayTarget(gateway.address, KEY, "qwen2.5-vl"), images, 1, n(24), 64, stream=True)
-        first, whole = streamed.percentile(50, streamed.first_text), streamed.percentile(50)
-        short = [tokens for tokens in streamed.completion_tokens if tokens != 64]
-        failed = failures(streamed) or (f"{len(short)} answers ended before 64 tokens" if short else "")
-        table.add(("4", "stream: first text / whole response, 64 tokens, c=1",
-                     f"{first * 1000:.1f} / {whole * 1000:.1f} ms", None if failed else first / whole, "<= 0.2", "x",
-                     failed))
+    progress("row 13: the OpenAI-compatible HTTP API against gRPC")
+    return [http_row.row(run.stack()[1], run.images, run.n(96))]
 
-        progress("row 8: model auto")
-        photos_only = "auto routed some workload images elsewhere than Qwen2.5-VL"
 
-        def auto(**routing):
-            return lambda: TritonTarget(batched.grpc_url, "auto", routing)
+def front_door_rows(run: Run) -> list[tuple]:
+    from perf import front_door_row
 
-        pairs = [(load(auto(fallback=False), images, 1, n(32), 16),
-                  load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 1, n(32), 16)) for _ in range(3)]
-        failed = failures(*(side for pair in pairs for side in pair))
-        if not failed and any(set(a.routes) != {("default", "qwen2_5_vl")} for a, _ in pairs):
-            failed = photos_only
-        table.add(("8a", "routing overhead: p50 latency, auto without fallback / Qwen2.5-VL directly, c=1, 16 tokens",
-                     " ; ".join(f"{a.percentile(50) * 1000:.1f}/{b.percentile(50) * 1000:.1f}" for a, b in pairs) + " ms",
-                     None if failed else statistics.median(a.percentile(50) / b.percentile(50) for a, b in pairs),
-                     "<= 1.05", "x", failed))
-        fallback = load(auto(confidence_threshold=0.0), images, 1, n(24), 16)
-        direct = load(auto(fallback=False), images, 1, n(24), 16)
-        failed = failures(fallback, direct) or (
-            "" if set(fallback.routes) == {("low_confidence", "pixtral")} else "not every request fell back")
-        table.add(("8b", "fallback cost: p50 latency, auto falling back (threshold 0) / auto without fallback, c=1, "
-                     "16 tokens", f"{fallback.percentile(50) * 1000:.1f} / {direct.percentile(50) * 1000:.1f} ms",
-                     None if failed else fallback.percentile(50) / direct.percentile(50), "reported", "x", failed))
-        held = load(auto(confidence_threshold=-100.0), images, 1, n(24), 64, stream=True)
-        streamed_at_once = load(auto(fallback=False), images, 1, n(24), 64, stream=True)
-        failed = failures(held, streamed_at_once)
-        table.add(("8c", "holding for the fallback: stream first text, auto answer kept (held) / auto without "
-                     "fallback (streamed), c=1, 64 tokens",
-                     f"{held.percentile(50, held.first_text) * 1000:.1f} / "
-                     f"{streamed_at_once.percentile(50, streamed_at_once.first_text) * 1000:.1f} ms",
-                     None if failed else held.percentile(50, held.first_text) / streamed_at_once.percentile(50, streamed_at_once.first_text),
-                     "reported", "x", failed))
+    return front_door_row.rows(run.stack()[1], KEY)
 
-        progress("row 6: encoder cache hit / miss")
-        miss, hit = cache_hit_ratio(batched, n(24))
-        table.add(("6a", "repeated image, request latency cache hit / miss, qwen2_5_vl (tiny tower), 1 token, c=1",
-                     f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x", ""))
-        # The same with an encoder of real width (perf/encoders.py's 4x1280 tower) serving, 448x448 images.
-        mid = triton("mid_encoder", servers, checkpoints_dir=mid_size_checkpoints())
-        miss, hit = cache_hit_ratio(mid, n(12), size=(448, 448))
-        table.add(("6b", "repeated image, request latency cache hit / miss, Qwen2.5-VL-style tower 4x1280 serving, "
-                     "448x448, 1 token, c=1", f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x", ""))
-        mid.stop()
-        servers.remove(mid)
 
-        if PERF_ANALYZER.exists():
-            for ensemble in ("qwen2_5_vl", "pixtral"):
-                for stream in (False, True):
-                    notes.append(f"perf_analyzer {ensemble} {'stream' if stream else 'unary'} c=16, 16 tokens: "
-                                 f"{perf_analyzer(batched, ensemble, stream)}")
-        else:
-            notes.append("perf_analyzer not installed (`make perf-tools`): its rows are skipped")
-    finally:
-        stop_all(reversed(servers))
+def chaos_rows(run: Run) -> list[tuple]:
+    from perf import chaos_row
 
-    # In this process, with every server stopped: they would take cores from both sides.
+    batched, gateway = run.stack()
+    return chaos_row.rows(gateway, batched, KEY)
+
+
+def pool_rows(run: Run) -> list[tuple]:
+    from perf import pool_row
+
+    progress("row 14: a gateway over two Triton servers against one")
+    batched, gateway = run.stack()
+    return [pool_row.row(gateway, batched, run.servers, run.images, run.n(96))]
+
+
+def first_text_rows(run: Run) -> list[tuple]:
+    progress("row 4: time to first text")
+    streamed = load(lambda: GatewayTarget(run.stack()[1].address, KEY, "qwen2.5-vl"), run.images, 1, run.n(24), 64,
+                    stream=True)
+    first, whole = streamed.percentile(50, streamed.first_text), streamed.percentile(50)
+    short = [tokens for tokens in streamed.completion_tokens if tokens != 64]
+    failed = failures(streamed) or (f"{len(short)} answers ended before 64 tokens" if short else "")
+    return [("4", "stream: first text / whole response, 64 tokens, c=1", f"{first * 1000:.1f} / {whole * 1000:.1f} ms",
+             None if failed else first / whole, "<= 0.2", "x", failed)]
+
+
+def auto_rows(run: Run) -> list[tuple]:
+    progress("row 8: model auto")
+    batched, _ = run.stack()
+    images, n = run.images, run.n
+    photos_only = "auto routed some workload images elsewhere than Qwen2.5-VL"
+
+    def auto(**routing):
+        return lambda: TritonTarget(batched.grpc_url, "auto", routing)
+
+    pairs = [(load(auto(fallback=False), images, 1, n(32), 16),
+              load(lambda: TritonTarget(batched.grpc_url, "qwen2_5_vl"), images, 1, n(32), 16)) for _ in range(3)]
+    failed = failures(*(side for pair in pairs for side in pair))
+    if not failed and any(set(a.routes) != {("default", "qwen2_5_vl")} for a, _ in pairs):
+        failed = photos_only
+    table = [("8a", "routing overhead: p50 latency, auto without fallback / Qwen2.5-VL directly, c=1, 16 tokens",
+              " ; ".join(f"{a.percentile(50) * 1000:.1f}/{b.percentile(50) * 1000:.1f}" for a, b in pairs) + " ms",
+              None if failed else statistics.median(a.percentile(50) / b.percentile(50) for a, b in pairs),
+              "<= 1.05", "x", failed)]
+    fallback = load(auto(confidence_threshold=0.0), images, 1, n(24), 16)
+    direct = load(auto(fallback=False), images, 1, n(24), 16)
+    failed = failures(fallback, direct) or (
+        "" if set(fallback.routes) == {("low_confidence", "pixtral")} else "not every request fell back")
+    table.append(("8b", "fallback cost: p50 latency, auto falling back (threshold 0) / auto without fallback, c=1, "
+                  "16 tokens", f"{fallback.percentile(50) * 1000:.1f} / {direct.percentile(50) * 1000:.1f} ms",
+                  None if failed else fallback.percentile(50) / direct.percentile(50), "reported", "x", failed))
+    held = load(auto(confidence_threshold=-100.0), images, 1, n(24), 64, stream=True)
+    streamed_at_once = load(auto(fallback=False), images, 1, n(24), 64, stream=True)
+    failed = failures(held, streamed_at_once)
+    held_first = held.percentile(50, held.first_text)
+    at_once_first = streamed_at_once.percentile(50, streamed_at_once.first_text)
+    table.append(("8c", "holding for the fallback: stream first text, auto answer kept (held) / auto without "
+                  "fallback (streamed), c=1, 64 tokens", f"{held_first * 1000:.1f} / {at_once_first * 1000:.1f} ms",
+                  None if failed else held_first / at_once_first, "reported", "x", failed))
+    return table
+
+
+def encoder_cache_rows(run: Run) -> list[tuple]:
+    progress("row 6: encoder cache hit / miss")
+    miss, hit = cache_hit_ratio(run.stack()[0], run.n(24))
+    table = [("6a", "repeated image, request latency cache hit / miss, qwen2_5_vl (tiny tower), 1 token, c=1",
+              f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x", "")]
+    if run.quick:  # 6b starts a server of its own
+        return table
+    # The same with an encoder of real width (perf/encoders.py's 4x1280 tower) serving, 448x448 images.
+    mid = triton("mid_encoder", run.servers, checkpoints_dir=mid_size_checkpoints())
+    miss, hit = cache_hit_ratio(mid, run.n(12), size=(448, 448))
+    mid.stop()
+    run.servers.remove(mid)
+    table.append(("6b", "repeated image, request latency cache hit / miss, Qwen2.5-VL-style tower 4x1280 serving, "
+                  "448x448, 1 token, c=1", f"{hit * 1000:.1f} / {miss * 1000:.1f} ms", hit / miss, "< 1", "x", ""))
+    return table
+
+
+def perf_analyzer_notes(run: Run) -> list[tuple]:
+    if not PERF_ANALYZER.exists():
+        run.notes.append("perf_analyzer not installed (`make perf-tools`): its rows are skipped")
+        return []
+    for ensemble in ("qwen2_5_vl", "pixtral"):
+        for stream in (False, True):
+            run.notes.append(f"perf_analyzer {ensemble} {'stream' if stream else 'unary'} c=16, 16 tokens: "
+                             f"{perf_analyzer(run.stack()[0], ensemble, stream)}")
+    return []
+
+
+def preprocessing_rows(run: Run) -> list[tuple]:
     progress("row 3: preprocessing")
+    table = []
     for key, real, label in (("3a", False, "tiny checkpoints' limits"), ("3b", True, "real checkpoints' limits")):
-        ours, theirs, worst = preprocessing_ratio(real, rounds=max(1, int(3 * scale)))
+        ours, theirs, worst = preprocessing_ratio(real, rounds=max(1, int(3 * run.scale)))
         unequal = f"outputs differ by {worst:.2e} (> 1e-5)" if worst > 1e-5 else ""
-        table.add((key, f"preprocessing images/s, ours / transformers, 16 images a call, {label} "
-                     f"(max |diff| {worst:.1e})", f"{ours:.1f} / {theirs:.1f} images/s", ours / theirs, ">= 3", "x",
-                     unequal))
-    progress("row 9: image-kind classifier")
-    right, total, median_ms, worst_ms = classifier_accuracy_and_time(rounds=max(2, int(5 * scale)))
-    table.add(("9a", "image-kind classifier, ms per 1-megapixel image (median; worst over the tuning corpus)",
-                 f"{median_ms:.2f} ms (worst {worst_ms:.2f})", median_ms, "<= 2 ms", "ms", ""))
-    table.add(("9b", "image-kind classifier accuracy, held-out real images", f"{right} of {total}", right / total,
-                 ">= 0.9", "x", ""))
-    progress("rows 5, 7: vision encoders")
-    table.add(*encoder_rows(rounds=max(2, int(3 * scale))))
-    from perf.inflight import rows as scheduling_rows
+        table.append((key, f"preprocessing images/s, ours / transformers, 16 images a call, {label} "
+                      f"(max |diff| {worst:.1e})", f"{ours:.1f} / {theirs:.1f} images/s", ours / theirs, ">= 3", "x",
+                      unequal))
+    return table
 
-    table.add(*scheduling_rows(scale))
+
+def classifier_rows(run: Run) -> list[tuple]:
+    progress("row 9: image-kind classifier")
+    right, total, median_ms, worst_ms = classifier_accuracy_and_time(rounds=max(2, int(5 * run.scale)))
+    return [("9a", "image-kind classifier, ms per 1-megapixel image (median; worst over the tuning corpus)",
+             f"{median_ms:.2f} ms (worst {worst_ms:.2f})", median_ms, "<= 2 ms", "ms", ""),
+            ("9b", "image-kind classifier accuracy, held-out real images", f"{right} of {total}", right / total,
+             ">= 0.9", "x", "")]
+
+
+def encoder_speed_rows(run: Run) -> list[tuple]:
+    progress("rows 5, 7: vision encoders")
+    return encoder_rows(rounds=max(2, int(3 * run.scale)))
+
+
+def scheduling_rows(run: Run) -> list[tuple]:
+    from perf.inflight import rows
+
+    return rows(run.scale)
+
+
+def constrained_rows(run: Run) -> list[tuple]:
     progress("row 12: constrained decoding")
-    table.add(*constrained_decoding_rows())
-    progress("row 17: grammar at a real vocabulary")
+    return constrained_decoding_rows()
+
+
+def grammar_rows(run: Run) -> list[tuple]:
     from perf import grammar_row
 
-    table.add(*grammar_row.rows())
+    progress("row 17: grammar at a real vocabulary")
+    return grammar_row.rows()
 
+
+def engine_scale_rows(run: Run) -> Iterator[list[tuple]]:
+    from perf import mixed_lengths_row, paged_row
+
+    progress("rows 18a-f: the prefix cache and the paged cache's decode step")
+    yield paged_row.rows(run.quick)
+    progress("rows 18g-h: mixed prompt lengths, now and before the paged cache")
+    yield mixed_lengths_row.rows(run.quick)
+
+
+# Row groups by name, in the order they run. The first ones measure servers (the stack and servers of
+# their own); the rest run in this process with every server stopped (they would take cores from both
+# sides of a ratio).
+SERVED = {"2": batching_rows, "1": gateway_rows, "13": http_rows, "15": front_door_rows, "16": chaos_rows,
+          "14": pool_rows, "4": first_text_rows, "8": auto_rows, "6": encoder_cache_rows,
+          "perf_analyzer": perf_analyzer_notes}
+IN_PROCESS = {"3": preprocessing_rows, "9": classifier_rows, "5": encoder_speed_rows, "10": scheduling_rows,
+              "12": constrained_rows, "17": grammar_rows, "18": engine_scale_rows}
+# --quick: a smoke run of every kind of measure within 4 minutes on 2 cores; the groups that start
+# servers of their own or run for minutes wait for a whole run (or --only).
+QUICK = ("1", "13", "4", "6", "3", "9", "12", "18")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmarks with ratios measured in one run.")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer requests and only rows {', '.join(QUICK)} (a smoke run, noisier; within 4 minutes)")
+    parser.add_argument("--only", nargs="+", choices=[*SERVED, *IN_PROCESS], metavar="GROUP",
+                        help=f"only these row groups: {', '.join([*SERVED, *IN_PROCESS])}")
+    args = parser.parse_args(argv)
+    chosen = set(args.only or (QUICK if args.quick else [*SERVED, *IN_PROCESS]))
+    stop_on_signals()  # SIGINT, SIGTERM and SIGHUP stop the servers (the finally below), never orphan them
+    BENCH.mkdir(parents=True, exist_ok=True)
+    run, table = Run(args.quick), Table()
+    try:
+        for name, group in SERVED.items():
+            if name in chosen:
+                table.add(*group(run))
+    finally:
+        run.stop_servers()
+    for name, group in IN_PROCESS.items():
+        if name in chosen:
+            measured = group(run)
+            # A group returns its rows, or yields them in parts as it measures them (each part printed at once).
+            for part in measured if inspect.isgenerator(measured) else [measured]:
+                table.add(*part)
     print_table(table.rows)
-    for note in notes:
+    skipped = [name for name in [*SERVED, *IN_PROCESS] if name not in chosen]
+    if skipped:
+        run.notes.append(f"not run: row groups {', '.join(skipped)} (make bench without --quick / --only runs them)")
+    for note in run.notes:
         print(f"- {note}")
     return 0
 

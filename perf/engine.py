@@ -184,7 +184,7 @@ _FORMATS: dict = {}  # per generator: one compiler, so its cache serves every ru
 
 @dataclass
 class CacheUse:
-    """Over a run's steps: token slots of the dense cache, those holding real tokens, step seconds."""
+    """Over a run's steps: token slots of the blocks the rows hold, those holding a token, step seconds."""
 
     slots: int = 0
     real: int = 0
@@ -392,8 +392,8 @@ def measure(family: str, model, tokenizer, shape: Shape, device: str, count: int
          f"{inflight.requests_per_s:.2f} / {static.requests_per_s:.2f} req/s; "
          f"{inflight.tokens_per_s:.0f} / {static.tokens_per_s:.0f} tokens/s",
          inflight.requests_per_s / static.requests_per_s, ">= 1.5"),
-        (f"{family}: dense cache at saturation: merging and filtering rows, share of step time "
-         f"(padding share of the cache's token slots: {1 - cache_use.real / max(cache_use.slots, 1):.0%})",
+        (f"{family}: paged cache at saturation: planning the step's slots, share of step time "
+         f"(unfilled share of the rows' blocks: {1 - cache_use.real / max(cache_use.slots, 1):.0%})",
          f"{cache_use.cache_seconds:.3f} of {cache_use.step_seconds:.2f} s",
          cache_use.cache_seconds / cache_use.step_seconds, "reported"),
         (f"{family}: p99 latency of short requests at {rate:.2f} req/s, in flight / static",

@@ -49,8 +49,8 @@ def test_the_engine_benchmark_runs_both_schedulers_and_prints_its_rows(checkpoin
                     "engine / plain generate"):
         row = next(line for line in table.splitlines() if measure in line)
         assert float(row.split("|")[-2]) > 0, row
-    cache = next(line for line in table.splitlines() if "merging and filtering rows" in line)
-    assert "padding share of the cache's token slots" in cache and 0 <= float(cache.split("|")[-2]) < 1
+    cache = next(line for line in table.splitlines() if "planning the step's slots" in line)
+    assert "unfilled share of the rows' blocks" in cache and 0 <= float(cache.split("|")[-2]) < 1
 
 
 def test_the_bench_prints_each_row_when_it_is_measured_and_the_table_in_order_at_the_end(capsys):
@@ -64,3 +64,21 @@ def test_the_bench_prints_each_row_when_it_is_measured_and_the_table_in_order_at
                                                          "| 2 | failed | - | not a result: boom | x |"]
     print_table(table.rows)
     assert [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[3:]] == ["| 1a", "| 2", "| 9a"]
+
+
+def test_the_engine_before_the_paged_cache_runs_from_its_own_tree():
+    from perf.engine_before import ROOT, TREE, run_measure
+
+    assert run_measure("perf.engine_before", "before", {}) == {"engine": str(TREE / "vlm_serving/generation/engine.py")}
+    assert run_measure("perf.engine_before", "now", {}) == {"engine": str(ROOT / "vlm_serving/generation/engine.py")}
+
+
+def test_bench_gpu_compares_the_engines_and_generate_at_each_row_count(checkpoints, capsys):
+    from perf.engines_at_rows import main
+
+    main(["--family", "qwen2_5_vl", "--rows", "1", "3", "--prompt", "8", "--new", "3"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| qwen2_5_vl |")]
+    assert [line.split(" | ")[1] for line in lines] == ["1", "3"]
+    for line in lines:
+        rates = [float(rate) for rate in line.split(" | ")[2].split(" / ")]
+        assert len(rates) == 3 and min(rates) > 0
