@@ -15,6 +15,7 @@ encoded as plain text and only what the template wrote is encoded as control tok
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from datetime import datetime
@@ -32,6 +33,16 @@ from vlm_serving.preprocessing.chat import MessageError
 
 # The private-use characters transformers wraps around control tokens found in callers' strings.
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
+
+
+def release_free_heap() -> None:
+    """Hand the heap that parsing tokenizer.json freed back to the OS. glibc keeps it otherwise: about
+    75 MiB resident for a vocabulary of Qwen2.5-VL's size (151,643 tokens), where the tokenizer itself
+    holds about 50 (perf/memory_row.py measures it)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing kept to hand back this way
+        pass
 
 
 class GenerationBlocks(jinja2.ext.Extension):
@@ -178,6 +189,7 @@ class PromptTokenizer:
         if not (directory / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{directory / 'tokenizer.json'}: missing; the checkpoint's tokenizer is read from it")
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        release_free_heap()
         config = read_json(directory, "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
         return cls(tokenizer, load_chat_template(directory, config), named_special_tokens(config),
                    config.get("chat_control_tokens"), bool(config.get("split_special_tokens", False)))
