@@ -199,3 +199,33 @@ def test_penalties_and_logprobs_reach_every_model_that_takes_request_parameters(
         assert {key: (inputs[key].data_type, inputs[key].optional) for key in new} == {key: (kind, True) for key, kind in new.items()}, name
         outputs = {tensor.name: tensor.data_type for tensor in config.output}
         assert outputs["TOKEN_LOGPROBS"] == DataType.TYPE_STRING, name
+
+
+def test_the_preprocessing_instances_follow_the_cores_the_renderer_may_use(monkeypatch):
+    """By default, half the cores on the CPU profile (the models compute on the rest) and three quarters
+    on the GPU profile, two at least; a profile's own count wins."""
+    from vlm_serving.deploy import render
+
+    def instances(profile: str, family: str = "qwen2_5_vl") -> int:
+        [group] = parse(render_family(family, PROFILES[profile])[f"{family}_preprocess"]).instance_group
+        return group.count
+
+    monkeypatch.setattr(render.os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert (instances("cpu"), instances("gpu"), instances("cpu", "pixtral")) == (16, 24, 16)
+    monkeypatch.setattr(render.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    assert (instances("cpu"), instances("gpu")) == (3, 4)
+    monkeypatch.setattr(render.os, "sched_getaffinity", lambda pid: {0})
+    assert (instances("cpu"), instances("gpu")) == (2, 2)
+    assert render.preprocess_instances(replace(PROFILES["gpu"], preprocess_instances=5), cores=64) == 5
+
+
+def test_render_cli_sets_the_preprocessing_instances(tmp_path, capsys):
+    from vlm_serving.deploy.render import main
+
+    main(["--repository", str(tmp_path), "--preprocess-instances", "3"])
+    for family in FAMILIES:
+        [group] = parse((tmp_path / f"{family}_preprocess" / "config.pbtxt").read_text()).instance_group
+        assert (group.count, group.kind) == (3, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    with pytest.raises(SystemExit):
+        main(["--repository", str(tmp_path), "--preprocess-instances", "0"])
+    assert "--preprocess-instances 0: use 1 or more" in capsys.readouterr().err

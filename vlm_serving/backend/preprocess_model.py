@@ -13,8 +13,14 @@ from vlm_serving.backend.cancel_model import AbandonedRequests
 from vlm_serving.backend.common import error_response, image_tensors, model_parameters, optional_input, required_input
 from vlm_serving.preprocessing.chat import MessageError
 from vlm_serving.preprocessing.images import ImageError, ImageLimits
-from vlm_serving.preprocessing.preprocess import load_preprocessor
+from vlm_serving.preprocessing.preprocess import image_threads, load_preprocessor
 from vlm_serving.preprocessing.resolution import ResolutionPresets, parse_detail
+
+
+def instance_count(args: dict) -> int:
+    """How many instances of this model Triton runs (its instance groups' counts), each a process of its own."""
+    groups = json.loads(args["model_config"]).get("instance_group") or [{}]
+    return sum(int(group.get("count", 1)) for group in groups)
 
 
 class TritonPythonModel:
@@ -24,8 +30,10 @@ class TritonPythonModel:
             max_bytes=int(parameters["max_image_bytes"]), max_pixels=int(parameters["max_image_pixels"])
         )
         self.family = parameters["family"]
+        max_images = int(parameters["max_images"])
         self.preprocessor = load_preprocessor(
-            self.family, parameters["checkpoint"], limits=limits, max_images=int(parameters["max_images"]),
+            self.family, parameters["checkpoint"], limits=limits, max_images=max_images,
+            threads=image_threads(max_images, instance_count(args)),
             max_request_pixels=int(parameters["max_request_pixels"]),
             presets=ResolutionPresets.from_json(parameters["resolution_presets"]),
         )

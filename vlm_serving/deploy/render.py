@@ -15,6 +15,7 @@ encoder model (ONNX Runtime), which batches them apart from the language model.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -108,7 +109,8 @@ class Profile:
     name: str
     kind: str  # KIND_CPU or KIND_GPU for the generation models
     gpus: tuple[int, ...] = ()
-    preprocess_instances: int = 2
+    # None: from the cores the renderer may use (preprocess_instances below).
+    preprocess_instances: int | None = None
     generate_instances: int = 1  # per GPU on the GPU profile
     encoder_instances: int = 1  # per GPU on the GPU profile
     quantization: str = "none"
@@ -148,13 +150,30 @@ PROFILES = {
         name="gpu",
         kind="KIND_GPU",
         gpus=(0,),
-        preprocess_instances=4,
         encoder_variant="fp16",
         generate_batching=Batching(32, (8, 16, 32), 5000, 256),
         # Qwen2.5-VL-7B in bf16 keeps 56 KiB of keys and values per token: 262144 tokens = 14 GiB.
         engine=EngineLimits(max_running=64, cache_tokens=262144, prefill_chunk_tokens=2048, max_waiting=256),
     ),
 }
+
+
+# The share of the cores the preprocessing instances get by default: on the CPU profile the encoders and
+# the language models compute on the same cores; on the GPU profile the rest is for Triton, the embed step
+# and the gateway. Each instance is a process that keeps about one core busy (perf/scaling_row.py, rows 20)
+# and sizes its image threads to its share (preprocess.image_threads): instances x threads ~ cores.
+PREPROCESS_CORE_SHARE = {"KIND_CPU": 0.5, "KIND_GPU": 0.75}
+# Two at least: one request with a large image never holds all of preprocessing.
+MIN_PREPROCESS_INSTANCES = 2
+
+
+def preprocess_instances(profile: Profile, cores: int | None = None) -> int:
+    """The profile's preprocessing instance count, or by default its share of `cores` (default: the
+    cores this process may run on, its CPU affinity: render where the server runs, or set the count)."""
+    if profile.preprocess_instances is not None:
+        return profile.preprocess_instances
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    return max(MIN_PREPROCESS_INSTANCES, int(cores * PREPROCESS_CORE_SHARE[profile.kind]))
 
 
 def _tensors(tensors, optional: bool = False, ragged: bool = False) -> str:
@@ -236,7 +255,7 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
                                    default_detail=profile.image_detail.get(family, ImageDetail.AUTO)).to_json(),
         dynamic_batching=_dynamic_batching(profile.preprocess_batching),
         # Image decoding and tokenization are CPU work on every profile.
-        instance_group=_instance_group(profile.preprocess_instances, "KIND_CPU"),
+        instance_group=_instance_group(preprocess_instances(profile), "KIND_CPU"),
     )
     embed = fill(
         "embed.pbtxt",
@@ -344,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=Path, help="folder holding one checkpoint folder per family")
     parser.add_argument("--gpus", help="comma-separated GPU ids for the gpu profile, e.g. 0,1")
     parser.add_argument("--quantization", help="none, int8 (CPU), bnb-int8, bnb-nf4 or awq (GPU)")
+    parser.add_argument("--preprocess-instances", type=int,
+                        help="preprocessing instances (default: from the cores this machine lets the renderer use)")
     parser.add_argument("--generate-instances", type=int, help="generation instances (per GPU on gpu)")
     parser.add_argument("--encoder-instances", type=int, help="vision encoder instances (per GPU on gpu)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, help="generation scheduling (default inflight)")
@@ -368,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, gpus=tuple(int(g) for g in args.gpus.split(",")))
     if args.quantization:
         profile = replace(profile, quantization=args.quantization)
+    if args.preprocess_instances is not None:
+        if args.preprocess_instances < 1:
+            parser.error(f"--preprocess-instances {args.preprocess_instances}: use 1 or more")
+        profile = replace(profile, preprocess_instances=args.preprocess_instances)
     if args.generate_instances:
         profile = replace(profile, generate_instances=args.generate_instances)
     if args.encoder_instances:

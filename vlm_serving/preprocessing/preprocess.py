@@ -105,10 +105,11 @@ def resized_pixels(picture: Image.Image, width: int, height: int) -> np.ndarray:
     return np.asarray(picture)
 
 
-def image_threads(max_images: int) -> int:
-    """Threads for the images of a request: one per core this process may run on (its CPU affinity,
-    which taskset and container cpusets set, not the machine's count), at most one per image."""
-    return max(1, min(max_images, len(os.sched_getaffinity(0))))
+def image_threads(max_images: int, instances: int = 1) -> int:
+    """Threads for the images of a request: the cores this process may run on (its CPU affinity,
+    which taskset and container cpusets set, not the machine's count) shared among the model's
+    `instances` (each a process: instances x threads ~ cores), at least one, at most one per image."""
+    return max(1, min(max_images, len(os.sched_getaffinity(0)) // instances))
 
 
 class FamilyPreprocessor:
