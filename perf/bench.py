@@ -34,6 +34,8 @@
    (perf/mixed_lengths_row.py).
 19. resident memory of every process of the stack, idle and after 1,000 requests per family, on a stack
    of its own (perf/memory_row.py).
+20. preprocessing images/s through Triton at 1, 2 and 4 instances, and which process takes the cores
+   (perf/scaling_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -543,12 +545,18 @@ def memory_rows(run: Run) -> list[tuple]:
     return memory_row.rows_on_a_new_stack(run.servers, run.n(1000))
 
 
+def scaling_rows(run: Run) -> list[tuple]:
+    from perf import scaling_row
+
+    return scaling_row.rows(run.servers, run.quick)
+
+
 # Row groups by name, in the order they run. The first ones measure servers (the stack and servers of
 # their own); the rest run in this process with every server stopped (they would take cores from both
 # sides of a ratio).
 SERVED = {"2": batching_rows, "1": gateway_rows, "13": http_rows, "15": front_door_rows, "16": chaos_rows,
           "14": pool_rows, "4": first_text_rows, "8": auto_rows, "6": encoder_cache_rows,
-          "perf_analyzer": perf_analyzer_notes, "19": memory_rows}
+          "perf_analyzer": perf_analyzer_notes, "19": memory_rows, "20": scaling_rows}
 IN_PROCESS = {"3": preprocessing_rows, "9": classifier_rows, "5": encoder_speed_rows, "10": scheduling_rows,
               "12": constrained_rows, "17": grammar_rows, "18": engine_scale_rows}
 # --quick: a smoke run of every kind of measure within 4 minutes on 2 cores; the groups that start
