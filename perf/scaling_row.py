@@ -14,10 +14,12 @@ every request, and on these cores their CPU would be taken from preprocessing, s
 be preprocessing's. Only the small IMAGE_TOKENS output is asked back: the encoder's inputs still cross
 the stub's shared memory into Triton (as in the ensemble), but not the wire to the load generator.
 
-While it runs, each process's CPU seconds are read (psutil): the preprocessing stubs, tritonserver and
-this load generator. Their shares name the next limit: when the stubs hold all the cores, it is the
-preprocessing work itself (more instances need more cores); a large tritonserver or load-generator share
-is a limit that more instances cannot lift.
+While it runs, each process's CPU seconds are read (psutil): the preprocessing stubs, tritonserver, this
+load generator and the machine's other processes. Their shares name the next limit: when the stubs hold
+all the cores, it is the preprocessing work itself (more instances need more cores); a large tritonserver
+or load-generator share is a limit that more instances cannot lift. The last row runs the whole pipeline
+(the ensemble, 1 token, the embedding cache off) and reads each step's CPU per image: the embed step is
+one instance (one cache), so its CPU per image bounds the images/s any preprocessing count can pass on.
 """
 
 from __future__ import annotations
@@ -74,12 +76,16 @@ def stopped(server, servers: list) -> None:
     servers.remove(server)
 
 
-def processes_of(server) -> dict[str, list[psutil.Process]]:
-    """The processes by group: the stubs (every preprocessing instance), tritonserver, the load generator (this process)."""
-    from perf.memory_row import children, stub_instance
+def process_groups(server) -> dict[str, list[psutil.Process]]:
+    """A run's processes by group: the Python-backend stubs by model (every instance), tritonserver, and the
+    load generator (this process)."""
+    from perf.memory_row import INSTANCE, children, stub_instance
 
-    stubs = [psutil.Process(pid) for pid in children(server.process.pid) if stub_instance(pid)]
-    return {"stubs": stubs, "tritonserver": [psutil.Process(server.process.pid)], "load generator": [psutil.Process()]}
+    groups = defaultdict(list)
+    for pid in children(server.process.pid):
+        if (instance := stub_instance(pid)) is not None:
+            groups[INSTANCE.match(instance)["model"]].append(psutil.Process(pid))
+    return dict(groups) | {"tritonserver": [psutil.Process(server.process.pid)], "load generator": [psutil.Process()]}
 
 
 def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
@@ -141,21 +147,21 @@ def measure(instances: int, servers: list, concurrency: int, seconds: float) -> 
     progress(f"row 20: Triton with {instances} preprocessing instance(s)")
     server = started_server(f"scaling_{instances}", servers, (MODEL,), preprocess_instances=instances)
     try:
-        processes = processes_of(server)
+        processes = process_groups(server)
         progress(f"row 20: {instances} instance(s), c={concurrency}, {seconds:.0f} s")
         answered, errors, elapsed, cores = run_on_bench_loop(closed_loop(server.grpc_url, concurrency, seconds, processes))
     finally:
         stopped(server, servers)
-    return {"instances": instances, "stubs": len(processes["stubs"]), "images_per_s": answered / elapsed,
+    return {"instances": instances, "stubs": len(processes.get(MODEL, [])), "images_per_s": answered / elapsed,
             "errors": errors, "cores": cores}
 
 
 def next_limit(result: dict, cores: int) -> str:
     """Each group's cores busy, and which of the run's own processes took the most."""
-    used = result["cores"]
+    used = {"preprocessing" if name == MODEL else name: busy for name, busy in result["cores"].items()}
     shares = ", ".join(f"{name} {busy:.2f}" for name, busy in used.items())
     ours = {name: busy for name, busy in used.items() if name != "other processes"}
-    largest = {"stubs": "the preprocessing instances' own work", "tritonserver": "Triton itself",
+    largest = {"preprocessing": "the preprocessing instances' own work", "tritonserver": "Triton itself",
                "load generator": "the load generator"}[max(ours, key=ours.get)]
     return f"cores busy: {shares} (of {cores}; largest of the run's: {largest})"
 
@@ -165,17 +171,12 @@ def pipeline_row(key: str, servers: list, instances: int, requests: int) -> tupl
     each model's CPU per image, and the images/s the one embed instance (one cache) could pass at most."""
     from perf.bench import failures, load, progress, run_on_bench_loop
     from perf.load import TritonTarget, run_load
-    from perf.memory_row import INSTANCE, children, stub_instance
 
     progress(f"row {key}: the ensemble with {instances} preprocessing instances, CPU per image by step")
     server = started_server("scaling_pipeline", servers, ("qwen2_5_vl", "qwen2_5_vl_encoder"), preprocess_instances=instances,
                             encoder_cache_bytes=0)
     try:
-        groups = defaultdict(list)
-        for pid in children(server.process.pid):
-            if (instance := stub_instance(pid)) is not None:
-                groups[INSTANCE.match(instance)["model"]].append(psutil.Process(pid))
-        groups |= {"tritonserver": [psutil.Process(server.process.pid)], "load generator": [psutil.Process()]}
+        groups = process_groups(server)
         images = workload(16)
         target = lambda: TritonTarget(server.grpc_url, "qwen2_5_vl")  # noqa: E731
         warm = load(target, images, 16, 16, 1)
@@ -213,7 +214,7 @@ def rows(servers: list, quick: bool = False, counts=INSTANCE_COUNTS, concurrency
     def measured(result: dict) -> str:
         # The stubs' CPU per image: what an instance count costs per image whatever else takes the cores.
         return (f"{result['images_per_s']:.1f} images/s, "
-                f"{1000 * result['cores']['stubs'] / result['images_per_s']:.1f} ms preprocessing CPU per image")
+                f"{1000 * result['cores'][MODEL] / result['images_per_s']:.1f} ms preprocessing CPU per image")
 
     table = []
     for index, result in enumerate(results):
