@@ -115,6 +115,28 @@ def test_samples_each_codec_at_the_requested_rate(codec):
     assert all(frame.mode == "RGB" and frame.size == (64, 48) for frame in result.frames)
 
 
+def test_webm_recorded_live_without_a_length_in_its_header():
+    # Browsers' MediaRecorder writes WebM this way: no Duration element, no cues.
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm", options={"live": "1"}) as container:
+        stream = container.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(30):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), grey(index), np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(io.BytesIO(buffer.getvalue())) as container:
+        assert container.duration is None and container.streams.video[0].duration is None
+
+    result = decode_video(buffer.getvalue(), fps=2)
+
+    assert result.info.duration_s == pytest.approx(3.0)
+    assert result.timestamps_s == pytest.approx([0.5 * i for i in range(6)])
+    assert greys(result) == pytest.approx([grey(5 * i) for i in range(6)], abs=3)
+
+
 def test_animated_gif_frames_follow_their_delays():
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     data = gif(colours, [500, 500, 500, 500])

@@ -9,7 +9,9 @@ also pick the one FFmpeg demuxer allowed to read the data: nothing else probes i
 the pixel budget), and only then the decode. The frame size is a decompression-bomb guard: a GIF's
 logical screen is read from its first bytes before FFmpeg sees them, and FFmpeg's own probe decode
 runs under `max_pixels`, so a header claiming a huge frame is refused before a frame that size is
-allocated. Every refusal is a `VideoError` whose message names the limit and the fix.
+allocated. A header without the clip's length (a WebM recorded live, as browsers write it) gets
+it from its packets' timestamps, read without decoding. Every refusal is a `VideoError` whose
+message names the limit and the fix.
 
 Sampling: frames are taken at times 0, step, 2*step, ... before the end of the clip, with
 step = max(1/fps, 1/stream rate, duration/max_frames): the requested rate, never faster than the
@@ -178,12 +180,14 @@ def _open_checked(data: bytes, limits: VideoLimits, where: str):
     except (av.FFmpegError, ValueError) as exc:
         raise VideoError(f"{where}: cannot read the {kind} header: truncated or corrupt data ({exc})") from None
     try:
-        yield container, _read_header(container, kind, codecs, limits, where)
+        yield container, _read_header(container, data, kind, codecs, limits, where)
     finally:
         container.close()
 
 
-def _read_header(container, kind: str, codecs: tuple[str, ...], limits: VideoLimits, where: str) -> VideoInfo:
+def _read_header(
+    container, data: bytes, kind: str, codecs: tuple[str, ...], limits: VideoLimits, where: str
+) -> VideoInfo:
     if not container.streams.video:
         if container.streams.audio:
             raise VideoError(f"{where}: the {kind} file has audio only, no video stream; send a video")
@@ -201,13 +205,15 @@ def _read_header(container, kind: str, codecs: tuple[str, ...], limits: VideoLim
             f"downscale the video"
         )
     _check_frame_size(width, height, limits, where)
+    rate = float(stream.average_rate or stream.guessed_rate or 0)
     duration = _duration_s(container, stream)
+    if duration is None:
+        duration = _demuxed_duration_s(data, _CONTAINERS[kind][0], rate, limits)
     if duration is None or duration <= 0:
         raise _no_frames(kind, where)
     if duration > limits.max_duration_s:
         raise VideoError(f"{where}: {duration:.1f} s is over the limit of {limits.max_duration_s:g} s; trim the clip")
-    rate = stream.average_rate or stream.guessed_rate or 0
-    return VideoInfo(kind, codec, width, height, duration, float(rate))
+    return VideoInfo(kind, codec, width, height, duration, rate)
 
 
 def _no_frames(kind: str, where: str) -> VideoError:
@@ -229,6 +235,28 @@ def _duration_s(container, stream) -> float | None:
     if container.duration is not None:
         return container.duration / av.time_base
     return None
+
+
+def _demuxed_duration_s(data: bytes, demuxer: str, rate: float, limits: VideoLimits) -> float | None:
+    """The clip's length from its packets' timestamps (None without packets), for a file whose header
+    has none: a WebM recorded live, as browsers' MediaRecorder writes it. Packets are read, none decoded."""
+    # A second reader: the first stays at the start, where decoding begins (a live WebM has no index
+    # to seek back by).
+    options = {"max_pixels": str(limits.max_frame_pixels)}
+    with av.open(io.BytesIO(data), format=demuxer, options=options) as scan:
+        stream = scan.streams.video[0]
+        first = last = None
+        for packet in scan.demux(stream):
+            if packet.pts is None:
+                continue
+            first = packet.pts if first is None else min(first, packet.pts)
+            if last is None or packet.pts >= last[0]:
+                last = (packet.pts, packet.duration)
+    if first is None:
+        return None
+    # The last frame is on screen for its packet's duration, else one frame at the average rate.
+    shown = float(last[1] * stream.time_base) if last[1] else (1.0 / rate if rate > 0 else 0.0)
+    return float((last[0] - first) * stream.time_base) + shown
 
 
 def _sample(container, info: VideoInfo, targets: list[float], limits: VideoLimits, where: str):
