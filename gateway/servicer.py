@@ -32,7 +32,7 @@ IMAGE_KINDS = {"photo": vlm_pb2.IMAGE_KIND_PHOTO, "document": vlm_pb2.IMAGE_KIND
                "diagram": vlm_pb2.IMAGE_KIND_DIAGRAM}
 ROUTE_REASONS = {"image_kind": vlm_pb2.ROUTE_REASON_IMAGE_KIND, "low_confidence": vlm_pb2.ROUTE_REASON_LOW_CONFIDENCE,
                  "default": vlm_pb2.ROUTE_REASON_DEFAULT, "fallback_failed": vlm_pb2.ROUTE_REASON_FALLBACK_FAILED,
-                 "specialist_failed": vlm_pb2.ROUTE_REASON_SPECIALIST_FAILED}
+                 "specialist_failed": vlm_pb2.ROUTE_REASON_SPECIALIST_FAILED, "video": vlm_pb2.ROUTE_REASON_VIDEO}
 FINISH_REASONS = {
     "stop": vlm_pb2.FINISH_REASON_STOP,
     "length": vlm_pb2.FINISH_REASON_LENGTH,

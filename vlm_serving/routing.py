@@ -3,7 +3,9 @@
 The two-stage design this service grew from: Qwen2.5-VL is the fast primary model; Pixtral
 answers requests with a diagram among their images (reason IMAGE_KIND), and requests whose
 Qwen answer is less confident than the threshold are answered again by Pixtral (reason
-LOW_CONFIDENCE); the rest keep Qwen's answer (reason DEFAULT).
+LOW_CONFIDENCE); the rest keep Qwen's answer (reason DEFAULT). A request with a video is Qwen's
+alone (reason VIDEO, streamed at once): Qwen2.5-VL reads a clip natively, with its frames' timing
+in its 3-D positions; Pixtral has no temporal positions and would read loose frames.
 
 Confidence is the answer's mean log-probability per generated token (0: certain); the default
 threshold is ln(0.85) = -0.1625, the design's 0.85 read as the geometric-mean probability of the
@@ -44,6 +46,7 @@ class RouteReason(str, Enum):
     DEFAULT = "default"  # the primary's answer
     FALLBACK_FAILED = "fallback_failed"  # below the threshold, but the specialist's call failed: the primary's answer
     SPECIALIST_FAILED = "specialist_failed"  # a diagram, but the specialist's call failed: the primary answers
+    VIDEO = "video"  # the request holds a video: the primary, which reads clips natively, answers
 
 
 class CallerGone(Exception):
@@ -98,7 +101,7 @@ Call = Callable[[str, bool], Iterable[Reply]]
 
 
 def route(kinds: Callable[[], list[ImageKind]], options: RoutingOptions, stream: bool, call: Call, send: Send,
-          abandon: Callable[[str, Iterable[Reply]], None]) -> Route:
+          abandon: Callable[[str, Iterable[Reply]], None], has_video: bool = False) -> Route:
     """Answer one request.
 
     `call(family, stream)` sends the request to a family's ensemble at once and returns its
@@ -108,8 +111,11 @@ def route(kinds: Callable[[], list[ImageKind]], options: RoutingOptions, stream:
     them takes milliseconds): the primary is asked first, speculatively, so that time overlaps
     its preprocessing, and is abandoned when a diagram sends the request to the specialist. An
     error reply ends the request as it is (the family's own message), with the route so far,
-    unless another answer can stand in for it (the module's docstring).
+    unless another answer can stand in for it (the module's docstring). A request with a video
+    goes to the primary alone: the specialist would read the clip as loose frames, without their timing.
     """
+    if has_video:
+        return _relay(PRIMARY, RouteReason.VIDEO, [], call(PRIMARY, stream), send)
     primary = call(PRIMARY, stream and not options.fallback)
     if ImageKind.DIAGRAM in kinds():
         abandon(PRIMARY, primary)

@@ -59,8 +59,8 @@ class Families:
             return kinds
         return classify
 
-    def route(self, kinds, options, stream):
-        return route(self.kinds(kinds), options, stream, self.call, self.send, self.abandon)
+    def route(self, kinds, options, stream, has_video=False):
+        return route(self.kinds(kinds), options, stream, self.call, self.send, self.abandon, has_video=has_video)
 
     def send(self, reply, family, answer):
         assert reply.payload.startswith(family)
@@ -76,6 +76,16 @@ def test_a_diagram_goes_to_pixtral_at_once_and_streams(stream):
     assert answer.reason == RouteReason.IMAGE_KIND and families.calls[1:] == [("pixtral", stream)]
     expected_deltas = [("pixtral: delta 0", None), ("pixtral: delta 1", None)] if stream else []
     assert families.sent == expected_deltas + [("pixtral: final", (RouteReason.IMAGE_KIND, ["pixtral"]))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_video_goes_to_qwen_alone_streamed_at_once_even_beside_a_diagram_or_doubtful(stream):
+    families = Families(qwen_confidence=-2.0)
+    answer = families.route([DIAGRAM], RoutingOptions(), stream, has_video=True)
+    assert answer.reason == RouteReason.VIDEO and families.calls == [("qwen2_5_vl", stream)]
+    assert "classified" not in families.events and families.abandoned == []
+    expected_deltas = [("qwen2_5_vl: delta 0", None), ("qwen2_5_vl: delta 1", None)] if stream else []
+    assert families.sent == expected_deltas + [("qwen2_5_vl: final", (RouteReason.VIDEO, ["qwen2_5_vl"]))]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -37,7 +37,7 @@ from vlm_serving.preprocessing.images import ImageError, decode_image
 from vlm_serving.routing import CallerGone, Reply, Route, RoutingOptions, route
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-FORWARDED_INPUTS = ["MESSAGES", "IMAGES", "DETAIL", "TASK", "TOOLS"] + [name for name, _, _ in REQUEST_PARAMETERS]
+FORWARDED_INPUTS = ["MESSAGES", "IMAGES", "VIDEOS", "DETAIL", "TASK", "TOOLS"] + [name for name, _, _ in REQUEST_PARAMETERS]
 OUTPUTS = [name for name, _, _ in RESPONSE_TENSORS]
 # What Triton core puts in front of a family's message: the request's id, the ensemble whose step failed.
 _TRITON_PREFIXES = re.compile(r"^(\[request id: [^\]]*\] |in ensemble '[^']*', )+")
@@ -76,7 +76,8 @@ class TritonPythonModel:
             route(lambda: self._kinds(inputs.get("IMAGES")), self._options(request), stream,
                   call=lambda family, streamed: self._call(family, inputs, streamed, request, request_id, next(numbers)),
                   send=lambda reply, family, answer: self._send(sender, reply, family, answer),
-                  abandon=lambda family, replies: self._abandon(replies))
+                  abandon=lambda family, replies: self._abandon(replies),
+                  has_video="VIDEOS" in inputs and inputs["VIDEOS"].size > 0)
         except CallerGone:
             sender.send(flags=FINAL)
         except Exception as exc:  # never leave the caller's stream open
