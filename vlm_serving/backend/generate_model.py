@@ -25,6 +25,9 @@ from vlm_serving.generation.scheduling import EngineLimits
 from vlm_serving.generation.structured import ResponseFormat
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Qwen2.5-VL's clips: read where they come (a model repository rendered before video input sends
+# none, and its prompts hold no clip); `check_request` refuses video tokens without them.
+VIDEO_LANGUAGE_TENSORS = ("VIDEO_GRID_THW", "SECOND_PER_GRID_TS")
 
 
 def _scalar(request, name: str, default):
@@ -178,9 +181,11 @@ class TritonPythonModel:
             raise ParameterError("response_format needs the in-flight scheduler (render --scheduler inflight)")
         # Copies: in flight, the engine reads them after `execute` has returned and Triton may have
         # released the request's input buffers.
-        language_tensors = {
-            name.lower(): required_input(request, name)[0].copy() for name, _, _ in LANGUAGE_IMAGE_TENSORS[self.family]
-        }
+        language_tensors = {}
+        for name, _, _ in LANGUAGE_IMAGE_TENSORS[self.family]:
+            value = optional_input(request, name) if name in VIDEO_LANGUAGE_TENSORS else required_input(request, name)
+            if value is not None:
+                language_tensors[name.lower()] = value[0].copy()
         generation_request = GenerationRequest(
             input_ids=input_ids[0].astype(np.int64),
             params=params,

@@ -11,6 +11,7 @@ rule). Two hooks make it per-request:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -34,9 +35,11 @@ class GenerationRequest:
 
     input_ids: np.ndarray
     params: SamplingParams
-    # float32 [image tokens, hidden]: the vision encoder's rows for the prompt's image tokens, in order.
+    # float32 [image and video tokens, hidden]: the vision encoder's rows for the prompt's image and
+    # video tokens, in prompt order (one run per image or clip).
     image_embeds: np.ndarray | None = None
-    # What else the text model needs about the images (Qwen2.5-VL: image_grid_thw, for 3-D positions).
+    # What else the text model needs about the images and clips (Qwen2.5-VL's 3-D positions:
+    # image_grid_thw, video_grid_thw and second_per_grid_ts; a request with no clip may leave out the last two).
     language_tensors: dict[str, np.ndarray] = field(default_factory=dict)
     image_tokens: int = 0
 
@@ -315,6 +318,30 @@ def _describe_array(value) -> str:
     return type(value).__name__
 
 
+# A prompt token's modality, as Qwen2.5-VL's processor marks it (`mm_token_type_ids`).
+TEXT, IMAGE, VIDEO = 0, 1, 2
+# Per modality: the language tensor of its runs' grids, and what its runs are called in errors.
+_GRIDS = {IMAGE: ("image_grid_thw", "image"), VIDEO: ("video_grid_thw", "video")}
+
+
+@dataclass(frozen=True)
+class MediaRun:
+    """One image's or one clip's run of placeholder tokens in a prompt, and what its positions follow
+    (Qwen2.5-VL; Pixtral has no grid): its grid (t, h, w) and, for a clip, its seconds per temporal patch."""
+
+    start: int
+    end: int
+    kind: int  # IMAGE or VIDEO
+    grid: tuple[int, ...] = ()
+    seconds_per_patch: float | None = None
+
+
+def _runs(token_types: np.ndarray, kind: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of tokens of one modality."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], (token_types == kind).astype(np.int8), [0]])))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
 class BatchGenerator:
     """Runs batches of `GenerationRequest`s through one loaded model."""
 
@@ -334,10 +361,13 @@ class BatchGenerator:
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids))
         self.max_context = context_tokens(model.config)
         self.image_token_id = int(model.config.image_token_id)
+        # Qwen2.5-VL's clips; Pixtral has no video token (a video reaches it as frames, images).
+        video_token_id = getattr(model.config, "video_token_id", None)
+        self.video_token_id = None if video_token_id is None else int(video_token_id)
         embeddings = model.get_input_embeddings()
         self.vocab_size, self.hidden_size = embeddings.num_embeddings, embeddings.embedding_dim
         # Qwen2.5-VL builds its 3-D (multimodal rotary) positions only when given the processor's
-        # per-token modality ids (0 text, 1 image); Llava/Pixtral takes none.
+        # per-token modality ids (`token_types`); Llava/Pixtral takes none.
         self.marks_modalities = family == "qwen2_5_vl"
         # Qwen2.5-VL: an image's tokens are its grid's patches merged merge_size x merge_size.
         self.merge_size = model.config.vision_config.spatial_merge_size if self.marks_modalities else 1
@@ -382,42 +412,88 @@ class BatchGenerator:
         if max_tokens is not None and len(ids) + max_tokens > self.max_context:
             raise ParameterError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the model's context "
                                  f"of {self.max_context} tokens; shorten the prompt or lower max_tokens")
-        self._check_image_embeds(request)
+        token_types = self.token_types(ids)
+        self._check_image_embeds(request, token_types)
         if self.marks_modalities:
-            self._check_image_grid(ids, request.language_tensors.get("image_grid_thw"))
+            for kind in (IMAGE, VIDEO):
+                self._check_grid(token_types, kind, request.language_tensors.get(_GRIDS[kind][0]))
+            self._check_seconds_per_patch(token_types, request.language_tensors.get("second_per_grid_ts"))
 
-    def _check_image_embeds(self, request: GenerationRequest) -> None:
-        """Every image token of the prompt needs one embedding row of the model's width, and nothing more."""
-        placeholders = int((request.input_ids == self.image_token_id).sum())
+    def token_types(self, ids: np.ndarray) -> np.ndarray:
+        """Each prompt token's modality (TEXT, IMAGE or VIDEO): Qwen2.5-VL's `mm_token_type_ids`."""
+        types = np.where(ids == self.image_token_id, IMAGE, TEXT).astype(np.int32)
+        if self.video_token_id is not None:
+            types[ids == self.video_token_id] = VIDEO
+        return types
+
+    def media_runs(self, request: GenerationRequest) -> list[MediaRun]:
+        """Each image's and clip's run of tokens in a checked prompt, in prompt order, with its grid
+        and (a clip) its seconds per temporal patch where the model takes them (Qwen2.5-VL)."""
+        token_types = self.token_types(request.input_ids)
+        tensors = request.language_tensors
+        runs = []
+        for kind in (IMAGE, VIDEO):
+            grids = tensors.get(_GRIDS[kind][0]) if self.marks_modalities else None
+            seconds = tensors.get("second_per_grid_ts") if self.marks_modalities and kind == VIDEO else None
+            for index, (start, end) in enumerate(_runs(token_types, kind)):
+                runs.append(MediaRun(start, end, kind, () if grids is None else tuple(grids[index].tolist()),
+                                     None if seconds is None else float(seconds[index])))
+        return sorted(runs, key=lambda run: run.start)
+
+    def _check_image_embeds(self, request: GenerationRequest, token_types: np.ndarray) -> None:
+        """Every image and video token of the prompt needs one embedding row of the model's width, and nothing more."""
+        images, videos = int((token_types == IMAGE).sum()), int((token_types == VIDEO).sum())
         embeds = request.image_embeds
         if embeds is not None and (not isinstance(embeds, np.ndarray) or embeds.ndim != 2 or embeds.dtype.kind != "f"):
-            raise ValueError(f"IMAGE_EMBEDS must be [image tokens, {self.hidden_size}] floats, got {_describe_array(embeds)}")
+            raise ValueError(f"IMAGE_EMBEDS must be [image and video tokens, {self.hidden_size}] floats, got "
+                             f"{_describe_array(embeds)}")
         rows = 0 if embeds is None else len(embeds)
-        if placeholders != rows:
-            raise ValueError(f"the prompt holds {placeholders} image token(s) but {rows} image embedding row(s) came with it")
+        if images + videos != rows:
+            tokens = f"{images} image token(s)" + (f" and {videos} video token(s)" if videos else "")
+            raise ValueError(f"the prompt holds {tokens} but {rows} embedding row(s) came with it (IMAGE_EMBEDS: one "
+                             "row per image and video token, in prompt order)")
         if rows and embeds.shape[1] != self.hidden_size:
             raise ValueError(f"IMAGE_EMBEDS rows are {embeds.shape[1]} wide; this model's embeddings are "
                              f"{self.hidden_size} wide (the rows must come from this model's own vision encoder)")
 
-    def _check_image_grid(self, ids: np.ndarray, grid) -> None:
-        """Qwen2.5-VL: one IMAGE_GRID_THW row per image (a run of image tokens), whose merged patches
-        are exactly that run's tokens: its 3-D positions are built from them."""
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], (ids == self.image_token_id).astype(np.int8), [0]])))
-        runs = (edges[1::2] - edges[0::2]).tolist()
+    def _check_grid(self, token_types: np.ndarray, kind: int, grid) -> None:
+        """Qwen2.5-VL: one IMAGE_GRID_THW row per image (a run of image tokens), one VIDEO_GRID_THW
+        row per clip (a run of video tokens), in prompt order, whose merged patches are exactly that
+        run's tokens: its 3-D positions are built from them."""
+        tensor, noun = _GRIDS[kind]
+        name = tensor.upper()
+        runs = [end - start for start, end in _runs(token_types, kind)]
         grid = np.zeros((0, 3), np.int64) if grid is None else grid
         if not isinstance(grid, np.ndarray) or grid.ndim != 2 or grid.shape[1] != 3 or grid.dtype.kind not in "iu":
-            raise ValueError(f"IMAGE_GRID_THW must be [images, 3] integers, got {_describe_array(grid)}")
+            raise ValueError(f"{name} must be [{noun}s, 3] integers, got {_describe_array(grid)}")
         if len(grid) != len(runs):
-            raise ValueError(f"IMAGE_GRID_THW describes {len(grid)} image(s) but the prompt holds {len(runs)} run(s) of "
-                             "image tokens; send the preprocessing step's grid with its prompt")
+            raise ValueError(f"{name} describes {len(grid)} {noun}(s) but the prompt holds {len(runs)} run(s) of "
+                             f"{noun} tokens; send the preprocessing step's grid with its prompt")
         merge = self.merge_size
         for index, ((t, h, w), tokens) in enumerate(zip(grid.tolist(), runs)):
             if t < 1 or h < merge or w < merge or h % merge or w % merge:
-                raise ValueError(f"IMAGE_GRID_THW[{index}] = {[t, h, w]} is not a grid of patches (temporal at least 1, "
+                raise ValueError(f"{name}[{index}] = {[t, h, w]} is not a grid of patches (temporal at least 1, "
                                  f"height and width positive multiples of {merge})")
             if t * h * w // merge**2 != tokens:
-                raise ValueError(f"IMAGE_GRID_THW[{index}] = {[t, h, w]} makes {t * h * w // merge**2} image tokens but "
-                                 f"image {index} of the prompt has {tokens}; send the preprocessing step's grid with its prompt")
+                raise ValueError(f"{name}[{index}] = {[t, h, w]} makes {t * h * w // merge**2} {noun} tokens but "
+                                 f"{noun} {index} of the prompt has {tokens}; send the preprocessing step's grid with "
+                                 "its prompt")
+
+    def _check_seconds_per_patch(self, token_types: np.ndarray, seconds) -> None:
+        """Qwen2.5-VL: one SECOND_PER_GRID_TS value per clip, a positive number of seconds: each
+        temporal patch of the clip is that much later in its temporal positions."""
+        clips = len(_runs(token_types, VIDEO))
+        seconds = np.zeros(0, np.float32) if seconds is None else seconds
+        if not isinstance(seconds, np.ndarray) or seconds.ndim != 1 or seconds.dtype.kind != "f":
+            raise ValueError(f"SECOND_PER_GRID_TS must be [videos] floats, got {_describe_array(seconds)}")
+        if len(seconds) != clips:
+            raise ValueError(f"SECOND_PER_GRID_TS describes {len(seconds)} video(s) but the prompt holds {clips} "
+                             "run(s) of video tokens; send the preprocessing step's seconds per temporal patch with "
+                             "its prompt")
+        for index, value in enumerate(seconds.tolist()):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"SECOND_PER_GRID_TS[{index}] = {value} is not a positive number of seconds (temporal "
+                                 "patch size / sampling fps)")
 
     def generate(
         self,
@@ -471,19 +547,24 @@ class BatchGenerator:
         checks the names and values against transformers' processor).
 
         `generate` still gets the ids: Qwen2.5-VL computes its 3-D positions from them, the
-        modality ids and `image_grid_thw`, and both families track the generated sequence with them.
+        modality ids (`token_types`: image and video tokens), `image_grid_thw`, `video_grid_thw` and
+        `second_per_grid_ts`, and both families track the generated sequence with them.
         """
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        token_types = torch.from_numpy(self.token_types(input_ids.cpu().numpy())).to(self.device)
         if self.marks_modalities:
-            inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(torch.int32)
-        with_images = [r for r in requests if r.image_embeds is not None and len(r.image_embeds)]
-        if not with_images:
+            inputs["mm_token_type_ids"] = token_types * attention_mask.to(torch.int32)
+        with_media = [r for r in requests if r.image_embeds is not None and len(r.image_embeds)]
+        if not with_media:
             return inputs
         embeddings = self.model.get_input_embeddings()(input_ids)
-        rows = torch.from_numpy(np.concatenate([r.image_embeds for r in with_images]))
-        mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        rows = torch.from_numpy(np.concatenate([r.image_embeds for r in with_media]))
+        mask = (token_types != TEXT).unsqueeze(-1)
         inputs["inputs_embeds"] = embeddings.masked_scatter(mask, rows.to(embeddings))
-        for name in with_images[0].language_tensors:
-            joined = np.concatenate([r.language_tensors[name] for r in with_images])
-            inputs[name] = torch.from_numpy(joined).to(self.device)
+        # Each tensor's rows, request after request (a request without one holds none of its kind);
+        # one with no rows at all is left out, as the processor leaves out the video tensors without clips.
+        for name in dict.fromkeys(name for r in with_media for name in r.language_tensors):
+            joined = np.concatenate([r.language_tensors[name] for r in with_media if name in r.language_tensors])
+            if len(joined):
+                inputs[name] = torch.from_numpy(joined).to(self.device)
         return inputs

@@ -25,27 +25,29 @@ slots in per-layer pools allocated once, a block table per row in `kv_blocks.Blo
 by an attention function of our own registered with transformers (`paged_rows`): a step copies
 no cached key or value, rows join and leave without moving anyone's, and no row reads another's.
 Prefix caching: a prompt's full blocks are kept under keys chaining their token ids and their
-images' content (`kv_blocks.prefix_keys`); a new row (or a preempted one coming back) starts with
-the longest prefix kept (an earlier turn of its chat, the same document image) and prefills only
-the rest (requests about one image that arrive together: the later ones wait for the first one's
-prefill of it, the rows behind them going first); kept blocks no row holds are evicted least
-recently used first. The final update says
-how many prompt tokens came from the cache (`RequestUpdate.cached_tokens`).
+images' and clips' content (`kv_blocks.prefix_keys`); a new row (or a preempted one coming back)
+starts with the longest prefix kept (an earlier turn of its chat, the same document image or clip)
+and prefills only the rest (requests about one image that arrive together: the later ones wait for
+the first one's prefill of it, the rows behind them going first); kept blocks no row holds are
+evicted least recently used first. The final update says how many prompt tokens came from the cache
+(`RequestUpdate.cached_tokens`).
 
 Positions are per row: each row keeps its next position, so Qwen2.5-VL's multimodal rotary
-positions (images take fewer positions than tokens) follow every row exactly; image embeddings
-enter at prefill only. Each row keeps its own parameters, seed, stop sequences, penalties and
-cancellation; greedy rows give exactly plain `generate`'s tokens. Log-probabilities (logprobs and
-their alternatives) are the model's own: the log-softmax of the logits before any penalty,
-top-k/top-p cut or grammar mask; rows that do not ask for them cost nothing more. The confidence
-(the mean log-probability of the chosen tokens, which model `auto` routes by) is taken over the
-distribution a row chose from: the model's own, renormalised over the tokens its response format
-allows, so a token the format forces (a JSON key, the one allowed string) counts as certain and
-only the model's real choices count as doubt; free-text rows are unchanged by this.
+positions (images and clips take fewer positions than tokens; a clip's temporal positions follow
+its seconds per temporal patch) follow every row exactly; image and clip embeddings enter at
+prefill only. Each row keeps its own parameters, seed, stop sequences, penalties and cancellation;
+greedy rows give exactly plain `generate`'s tokens. Log-probabilities (logprobs and their
+alternatives) are the model's own: the log-softmax of the logits before any penalty, top-k/top-p
+cut or grammar mask; rows that do not ask for them cost nothing more. The confidence (the mean
+log-probability of the chosen tokens, which model `auto` routes by) is taken over the distribution
+a row chose from: the model's own, renormalised over the tokens its response format allows, so a
+token the format forces (a JSON key, the one allowed string) counts as certain and only the model's
+real choices count as doubt; free-text rows are unchanged by this.
 
 One request never fails another:
 - everything a request holds is checked at submission (`BatchGenerator.check_request`: token ids
-  in the vocabulary, image rows of the model's width, Qwen2.5-VL's grid against its image tokens,
+  in the vocabulary, image and clip rows of the model's width, Qwen2.5-VL's grids against its image
+  and video tokens and each clip's seconds per temporal patch,
   lengths), and its positions are computed there, on the CPU: a malformed request is refused
   before anything reaches the device, where an out-of-range index is a device-side assert;
 - every row is always in exactly one of the waiting queue, the prefill group and the running
@@ -76,10 +78,10 @@ from dataclasses import dataclass, field
 import torch
 
 from vlm_serving.generation.batch import (
-    FINISH_CANCELLED, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
+    FINISH_CANCELLED, IMAGE, TEXT, VIDEO, BatchGenerator, GenerationRequest, RequestUpdate, RowProgress, choose_tokens,
     penalize_occurrences, penalize_repetitions, top_alternatives,
 )
-from vlm_serving.generation.kv_blocks import OutOfBlocks, image_runs, prefix_keys
+from vlm_serving.generation.kv_blocks import OutOfBlocks, media_digests, prefix_keys
 from vlm_serving.generation.grammar import FormatCompiler, MaskFiller, RowGrammar, TokenMasks
 from vlm_serving.generation.paged_cache import PREPARED_MASK, PagedKV, PagedStep, use_paged_attention
 from vlm_serving.generation.sampling import ParameterError
@@ -157,8 +159,8 @@ class _Row:
     prefill_positions: torch.Tensor | None = None
     # The order rows were admitted in (the newest is preempted first).
     admitted: int = 0
-    # (start, end, content digest) of each image in the prompt: its blocks' prefix keys hold them.
-    images: list = field(default_factory=list)
+    # (start, end, content digest) of each image and clip in the prompt: its blocks' prefix keys hold them.
+    media: list = field(default_factory=list)
     # The prefix keys of the full blocks of what the row prefills.
     block_keys: list = field(default_factory=list)
     # Prompt tokens found in the prefix cache when the row was first prefilled (reported in its usage).
@@ -219,11 +221,10 @@ class InflightEngine:
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         progress = RowProgress(request, self.generator.tokenizer, self.generator.eos_ids, self.generator.token_bytes)
         positions = self._prompt_positions(request)
-        # Hashed here, on the caller's thread: an image's rows are read once per request.
-        images = image_runs(request.input_ids, self.generator.image_token_id, request.image_embeds,
-                            request.language_tensors.get("image_grid_thw"))
+        # Hashed here, on the caller's thread: an image's or clip's rows are read once per request.
+        media = media_digests(self.generator.media_runs(request), request.image_embeds)
         row = _Row(request, sink, progress, generator, request.input_ids.tolist(), positions, grammar,
-                   next_position=int(positions.max()) + 1, images=images)
+                   next_position=int(positions.max()) + 1, media=media)
         with self._lock:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise EngineFull(
@@ -383,15 +384,15 @@ class InflightEngine:
         """The prefix keys of the full blocks of what the row prefills (computed once per length)."""
         block = self.blocks.block_tokens
         if len(row.block_keys) != len(row.seen) // block:
-            row.block_keys = prefix_keys(row.seen, block, row.images)
+            row.block_keys = prefix_keys(row.seen, block, row.media)
         return row.block_keys
 
     def _prefix_in_progress(self, candidate: _Row, prefilling: list[_Row]) -> bool:
-        """Whether an image of the candidate's prompt, past the blocks the cache keeps, is being
-        prefilled by another row now (questions about one document, submitted together): admitted
-        after that row, the candidate reuses the image's blocks instead of computing them again
+        """Whether an image or clip of the candidate's prompt, past the blocks the cache keeps, is
+        being prefilled by another row now (questions about one document, submitted together): admitted
+        after that row, the candidate reuses its blocks instead of computing them again
         beside it. Shared text alone (a system prompt) is cheap and never holds a row back."""
-        if not (self.limits.prefix_caching and candidate.images):
+        if not (self.limits.prefix_caching and candidate.media):
             return False
         block = self.blocks.block_tokens
         usable = self._prefix_keys(candidate)[: (len(candidate.seen) - 1) // block]
@@ -401,7 +402,7 @@ class InflightEngine:
             shared = kept
             while shared < len(usable) and usable[shared] in theirs:
                 shared += 1
-            if any(start < shared * block and kept * block < end for start, end, _ in candidate.images):
+            if any(start < shared * block and kept * block < end for start, end, _ in candidate.media):
                 return True
         return False
 
@@ -431,30 +432,34 @@ class InflightEngine:
         return embeds, positions
 
     def _prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
-        """[prompt tokens, hidden]: the tokens' embeddings with the image tokens' rows replaced by the
-        encoder's (`check_request` made sure both fit)."""
+        """[prompt tokens, hidden]: the tokens' embeddings with the image and video tokens' rows
+        replaced by the encoder's (`check_request` made sure both fit)."""
         ids = torch.from_numpy(request.input_ids).to(self.device)
         embeds = self.model.get_input_embeddings()(ids)
         if request.image_embeds is not None and len(request.image_embeds):
-            image_rows = torch.from_numpy(request.image_embeds).to(embeds)
-            embeds = embeds.masked_scatter((ids == self.generator.image_token_id)[:, None], image_rows)
+            media_rows = torch.from_numpy(request.image_embeds).to(embeds)
+            media_tokens = torch.from_numpy(self.generator.token_types(request.input_ids) != TEXT).to(self.device)
+            embeds = embeds.masked_scatter(media_tokens[:, None], media_rows)
         return embeds
 
     def _prompt_positions(self, request: GenerationRequest) -> torch.Tensor:
         """[3, tokens] (Qwen2.5-VL's temporal, height, width) or [tokens] positions of a checked
-        prompt, computed on the CPU at submission (a fault here is the submitter's error)."""
+        prompt, computed on the CPU at submission (a fault here is the submitter's error): transformers'
+        own `get_rope_index`, given what `generate` gives it (the processor's modality ids, the grids,
+        the clips' seconds per temporal patch)."""
         ids = torch.from_numpy(request.input_ids)
         arange = torch.arange(len(ids))
         if not self.generator.marks_modalities:
             return arange
-        grid = request.language_tensors.get("image_grid_thw")
-        if grid is None or not len(grid):
+        token_types = torch.from_numpy(self.generator.token_types(request.input_ids))
+        kinds = set(token_types.unique().tolist())
+        if kinds == {TEXT}:
             return arange.expand(3, -1)
-        image_tokens = (ids == self.generator.image_token_id).to(torch.int32)
+        names = (["image_grid_thw"] if IMAGE in kinds else []) + (
+            ["video_grid_thw", "second_per_grid_ts"] if VIDEO in kinds else [])
+        tensors = {name: torch.from_numpy(request.language_tensors[name]) for name in names}
         positions, _ = self.model.model.get_rope_index(
-            ids[None], mm_token_type_ids=image_tokens[None], image_grid_thw=torch.from_numpy(grid),
-            attention_mask=torch.ones_like(ids)[None],
-        )
+            ids[None], mm_token_type_ids=token_types[None], attention_mask=torch.ones_like(ids)[None], **tensors)
         return positions[:, 0]
 
     def _chunks(self) -> list[tuple[_Row, int, int]]:

@@ -8,8 +8,9 @@ gives them back when it leaves; no row's keys ever move. Block 0 is never handed
 slot that shorter rows' padded reads point at (masked), so it is outside the budget.
 
 Prefix caching: a full block of a prompt is kept under a key that hashes the key of the block
-before it, its token ids and, for image tokens, the image's content (`image_runs`): equal keys
-mean equal tokens at equal positions after an equal past, so equal keys and values. A new row
+before it, its token ids and, for image and video tokens, the image's or clip's content and what
+its positions follow (`media_digests`): equal keys mean equal tokens at equal positions after an
+equal past, so equal keys and values. A new row
 starts with the longest run of its prompt's keys already kept (reference-counted: several rows
 hold them at once, none writes them: a row writes only past the blocks it matched). A kept block
 that no row holds is free to take: the least recently released one is taken (evicted) first.
@@ -29,23 +30,27 @@ class OutOfBlocks(RuntimeError):
     """The pool has fewer free blocks than a row needs."""
 
 
-def image_runs(input_ids: np.ndarray, image_token_id: int, image_embeds: np.ndarray | None,
-               grid: np.ndarray | None = None) -> list[tuple[int, int, bytes]]:
-    """(start, end, content digest) of each run of image tokens in a prompt. The digest hashes the
-    run's embedding rows (the vision encoder's output: it covers the encoder's identity too) and,
-    where the model has one (Qwen2.5-VL), the image's grid, which its positions follow."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], (input_ids == image_token_id).astype(np.int8), [0]])))
-    runs, row = [], 0
-    for index, (start, end) in enumerate(zip(edges[0::2].tolist(), edges[1::2].tolist())):
-        digest = hashlib.blake2b(np.ascontiguousarray(image_embeds[row : row + end - start]).tobytes(), digest_size=16)
-        if grid is not None and index < len(grid):
-            digest.update(np.asarray(grid[index], dtype=np.int64).tobytes())
-        runs.append((start, end, digest.digest()))
-        row += end - start
-    return runs
+def media_digests(runs, media_embeds: np.ndarray | None) -> list[tuple[int, int, bytes]]:
+    """(start, end, content digest) of each image's or clip's run of tokens in a prompt (`runs`:
+    `batch.MediaRun`s in prompt order, whose tokens take `media_embeds`' rows in that order). The
+    digest hashes the run's kind (an image never stands for a clip), its embedding rows (the vision
+    encoder's output: it covers the encoder's identity too) and what its positions follow where the
+    model has it (Qwen2.5-VL): the grid and a clip's seconds per temporal patch (the same frames
+    at another rate take other temporal positions)."""
+    digests, row = [], 0
+    for run in runs:
+        tokens = run.end - run.start
+        digest = hashlib.blake2b(bytes([run.kind]), digest_size=16)
+        digest.update(np.ascontiguousarray(media_embeds[row : row + tokens]).tobytes())
+        digest.update(np.asarray(run.grid, dtype=np.int64).tobytes())
+        if run.seconds_per_patch is not None:
+            digest.update(np.float32(run.seconds_per_patch).tobytes())
+        digests.append((run.start, run.end, digest.digest()))
+        row += tokens
+    return digests
 
 
-def prefix_keys(token_ids: list[int], block_tokens: int, images: list[tuple[int, int, bytes]]) -> list[bytes]:
+def prefix_keys(token_ids: list[int], block_tokens: int, media: list[tuple[int, int, bytes]]) -> list[bytes]:
     """The keys of a token sequence's full blocks, each chained to the one before it."""
     ids = np.asarray(token_ids, dtype=np.int64)
     keys, key = [], b""
@@ -53,8 +58,8 @@ def prefix_keys(token_ids: list[int], block_tokens: int, images: list[tuple[int,
         end = start + block_tokens
         digest = hashlib.blake2b(key, digest_size=16)
         digest.update(ids[start:end].tobytes())
-        for run_start, run_end, content in images:
-            if run_start < end and start < run_end:  # the block holds some of this image's tokens
+        for run_start, run_end, content in media:
+            if run_start < end and start < run_end:  # the block holds some of this image's or clip's tokens
                 digest.update(content + (start - run_start).to_bytes(8, "little", signed=True))
         key = digest.digest()
         keys.append(key)
