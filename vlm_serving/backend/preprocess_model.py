@@ -1,4 +1,4 @@
-"""Triton adapter for `vlm_serving.preprocessing.preprocess`: IMAGES + MESSAGES in; token ids, the encoder's
+"""Triton adapter for `vlm_serving.preprocessing.preprocess`: IMAGES + VIDEOS + MESSAGES in; token ids, the encoder's
 packed inputs and the language model's image tensors out. A request whose caller has gone (REQUEST_ID on
 the cancellation board) is answered with an error at once, its images never decoded."""
 
@@ -15,6 +15,7 @@ from vlm_serving.preprocessing.chat import MessageError
 from vlm_serving.preprocessing.images import ImageError, ImageLimits
 from vlm_serving.preprocessing.preprocess import image_threads, load_preprocessor
 from vlm_serving.preprocessing.resolution import ResolutionPresets, parse_detail
+from vlm_serving.preprocessing.video import VideoLimits
 
 
 def instance_count(args: dict) -> int:
@@ -36,6 +37,8 @@ class TritonPythonModel:
             threads=image_threads(max_images, instance_count(args)),
             max_request_pixels=int(parameters["max_request_pixels"]),
             presets=ResolutionPresets.from_json(parameters["resolution_presets"]),
+            video_limits=VideoLimits(max_bytes=int(parameters["max_video_bytes"])),
+            max_videos=int(parameters["max_videos"]),
         )
         self.abandoned = AbandonedRequests(args)
 
@@ -50,6 +53,8 @@ class TritonPythonModel:
             messages = required_input(request, "MESSAGES").reshape(-1)[0]
             images = optional_input(request, "IMAGES")
             encoded = [] if images is None else [bytes(image) for image in images.reshape(-1)]
+            videos = optional_input(request, "VIDEOS")
+            clips = [] if videos is None else [bytes(video) for video in videos.reshape(-1)]
             max_tokens = optional_input(request, "MAX_TOKENS")
             # Absent or 0: unset (the answer takes what the context leaves).
             budget = None if max_tokens is None else int(max_tokens.reshape(-1)[0]) or None
@@ -59,7 +64,8 @@ class TritonPythonModel:
             task = None if task is None else task.reshape(-1)[0].decode("utf-8") or None
             tools = optional_input(request, "TOOLS")
             tools = [] if tools is None else json.loads(tools.reshape(-1)[0] or b"[]")
-            result = self.preprocessor(encoded, messages, max_tokens=budget, detail=detail, task=task, tools=tools)
+            result = self.preprocessor(encoded, messages, max_tokens=budget, detail=detail, task=task, tools=tools,
+                                       encoded_videos=clips)
         except (ImageError, MessageError, ValueError) as exc:
             return error_response(exc)
         except Exception as exc:  # one request's unexpected failure must not fail its batch-mates

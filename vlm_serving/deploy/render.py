@@ -50,7 +50,12 @@ def encoder_tensors(family: str) -> list[tuple[str, str, str]]:
 
 
 # What the language model takes about the images besides their embeddings.
-LANGUAGE_IMAGE_TENSORS = {"qwen2_5_vl": [("IMAGE_GRID_THW", "TYPE_INT64", "-1, 3")], "pixtral": []}
+# Qwen2.5-VL's 3-D positions: each image's and clip's grid, and each clip's seconds per temporal patch.
+LANGUAGE_IMAGE_TENSORS = {
+    "qwen2_5_vl": [("IMAGE_GRID_THW", "TYPE_INT64", "-1, 3"), ("VIDEO_GRID_THW", "TYPE_INT64", "-1, 3"),
+                   ("SECOND_PER_GRID_TS", "TYPE_FP32", "-1")],
+    "pixtral": [],
+}
 IMAGE_EMBEDS = [("IMAGE_EMBEDS", "TYPE_FP32", "-1, -1")]
 # Which encoder computed the embeddings (model/version/variant/weights mtime), for the cache.
 ENCODER_IDENTITY = [("ENCODER_IDENTITY", "TYPE_STRING", "1")]
@@ -134,6 +139,9 @@ class Profile:
     max_image_pixels: int = 40_000_000
     # All images of one request together, from their headers, before any is decoded.
     max_request_pixels: int = 64_000_000
+    # Video clips (vlm_serving/preprocessing/video.py checks the rest of VideoLimits: length, frame size, pixels).
+    max_videos: int = 4
+    max_video_bytes: int = 64 * 1024 * 1024
     # Which versions of each model serve: "latest:N", "all" or "specific:1,2".
     version_policy: str = "latest:1"
     # The router's default confidence threshold (mean log-probability per token; see routing.py).
@@ -251,6 +259,8 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         max_image_bytes=profile.max_image_bytes,
         max_image_pixels=profile.max_image_pixels,
         max_request_pixels=profile.max_request_pixels,
+        max_videos=profile.max_videos,
+        max_video_bytes=profile.max_video_bytes,
         resolution_presets=replace(profile.resolution_presets,
                                    default_detail=profile.image_detail.get(family, ImageDetail.AUTO)).to_json(),
         dynamic_batching=_dynamic_batching(profile.preprocess_batching),

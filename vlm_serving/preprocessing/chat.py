@@ -4,7 +4,9 @@ renders them (vlm_serving/preprocessing/prompt.py).
 Messages use the Hugging Face chat shape that both families' templates understand:
 `[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}]`.
 Content may also be a plain string. Image parts carry no data: the k-th image part refers to the
-k-th encoded image sent beside the messages. A tool loop adds two shapes (OpenAI's, flattened):
+k-th encoded image sent beside the messages; likewise the k-th `{"type": "video", "fps": 2.0,
+"max_frames": 32}` part (user messages only) to the k-th encoded clip, sampled at `fps` frames a
+second into at most `max_frames` frames. A tool loop adds two shapes (OpenAI's, flattened):
 `{"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "name": "get_weather",
 "arguments": "{\"city\": \"Paris\"}"}]}` and `{"role": "tool", "content": "21", "tool_call_id": "call_1"}`.
 
@@ -76,9 +78,29 @@ def _check_content(message: dict[str, Any], where: str) -> None:
             raise MessageError(f"{where}.content[{j}]: a {role} message holds text only; send images in a user message")
         if kind == "image":
             continue
+        if kind == "video":
+            _check_video_part(part, role, f"{where}.content[{j}]")
+            continue
         raise MessageError(
-            f"{where}.content[{j}]: expected {{'type': 'text', 'text': str}} or {{'type': 'image'}}"
+            f"{where}.content[{j}]: expected {{'type': 'text', 'text': str}}, {{'type': 'image'}} or "
+            "{'type': 'video', 'fps': float, 'max_frames': int}"
         )
+
+
+# Sampling bounds of a video part (protos/vlm/v1/vlm.proto, Video); the gateway fills in the defaults.
+MAX_VIDEO_FPS = 30.0
+MAX_VIDEO_FRAMES = 256
+
+
+def _check_video_part(part: dict[str, Any], role: str, where: str) -> None:
+    if role != "user":
+        raise MessageError(f"{where}: a {role} message cannot hold a video; send videos in a user message")
+    fps, max_frames = part.get("fps"), part.get("max_frames")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_VIDEO_FPS:
+        raise MessageError(f"{where}.fps: {fps!r}: frames to sample per second, greater than 0 and at most "
+                           f"{MAX_VIDEO_FPS:g}")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or not 2 <= max_frames <= MAX_VIDEO_FRAMES:
+        raise MessageError(f"{where}.max_frames: {max_frames!r}: the most frames to sample, 2 to {MAX_VIDEO_FRAMES}")
 
 
 def _check_calls(message: dict[str, Any], where: str) -> None:
@@ -191,11 +213,29 @@ def _check_mistral_order(messages: list[dict[str, Any]]) -> None:
                            "the conversation ends with an assistant message")
 
 
+def media_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The image and video parts, in reading order."""
+    return [part for message in messages if isinstance(message["content"], list)
+            for part in message["content"] if part["type"] in ("image", "video")]
+
+
 def count_images(messages: list[dict[str, Any]]) -> int:
-    return sum(
-        1
-        for message in messages
-        if isinstance(message["content"], list)
-        for part in message["content"]
-        if part["type"] == "image"
-    )
+    return sum(1 for part in media_parts(messages) if part["type"] == "image")
+
+
+def video_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [part for part in media_parts(messages) if part["type"] == "video"]
+
+
+def videos_as_frames(messages: list[dict[str, Any]], frame_counts: list[int]) -> list[dict[str, Any]]:
+    """The messages with the k-th video part replaced by `frame_counts[k]` image parts: how a family
+    without video input (Pixtral) reads a clip, its sampled frames as images in time order."""
+    counts = iter(frame_counts)
+
+    def parts(content):
+        if not isinstance(content, list):
+            return content
+        return [image for part in content
+                for image in ([{"type": "image"}] * next(counts) if part["type"] == "video" else [part])]
+
+    return [{**message, "content": parts(message["content"])} for message in messages]

@@ -24,15 +24,21 @@ import numpy as np
 from PIL import Image
 
 from vlm_serving.checkpoint_config import context_tokens, image_processor_config, read_json
-from vlm_serving.preprocessing.chat import count_images, parse_messages, template_messages
+from vlm_serving.preprocessing.chat import (count_images, media_parts, parse_messages, template_messages, video_parts,
+                                            videos_as_frames)
 from vlm_serving.encoding.encoder_inputs import ImageInputs, pixtral_image_inputs, qwen_image_inputs
 from vlm_serving.preprocessing.image_kind import ImageKind, classify
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, decode_image, upright_size
 from vlm_serving.tasks import apply_task
 from vlm_serving.preprocessing.prompt import PromptTokenizer
+from vlm_serving.preprocessing.qwen_video import QwenVideoProcessor
 from vlm_serving.preprocessing.resolution import ImageDetail, PixelRange, ResolutionPresets
+from vlm_serving.preprocessing.video import SampledVideo, VideoError, VideoInfo, VideoLimits, decode_video, probe_video, sample_times
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
+# The tokens a clip's frames share when a family reads them as images (Pixtral): 16,384 tokens take
+# 32 frames at about 360x360 pixels each.
+VIDEO_CLIP_TOKENS = 16384
 
 
 @dataclass
@@ -47,6 +53,8 @@ class PreprocessedRequest:
     # Per image: its kind and the (width, height) in pixels it was processed at.
     image_kinds: list[ImageKind] = field(default_factory=list)
     processed_sizes: list[tuple[int, int]] = field(default_factory=list)
+    # Per video: the frames sampled from it.
+    video_frames: list[int] = field(default_factory=list)
 
     def image_info_json(self) -> str:
         """Per image {"kind", "width", "height"}: what the answer reports of how it saw each image."""
@@ -112,19 +120,46 @@ def image_threads(max_images: int, instances: int = 1) -> int:
     return max(1, min(max_images, len(os.sched_getaffinity(0)) // instances))
 
 
+@dataclass(frozen=True)
+class Clip:
+    """One video of a request as its container's header describes it, and how it is to be sampled."""
+
+    index: int  # among the request's videos, for errors ("video 1: ...")
+    data: bytes
+    fps: float
+    max_frames: int
+    info: VideoInfo
+    frames: int  # how many frames sampling takes, known before decoding
+
+    @classmethod
+    def probe(cls, index: int, data: bytes, part: dict, limits: VideoLimits) -> "Clip":
+        if part["max_frames"] > limits.max_frames:
+            raise VideoError(f"video {index}: max_frames {part['max_frames']} is over the limit of "
+                             f"{limits.max_frames} frames per clip; ask for {limits.max_frames} or fewer")
+        info = probe_video(data, limits, index=index)
+        frames = len(sample_times(info.duration_s, part["fps"], part["max_frames"], info.fps))
+        return cls(index, data, part["fps"], part["max_frames"], info, frames)
+
+    def decode(self, limits: VideoLimits) -> SampledVideo:
+        return decode_video(self.data, self.fps, self.max_frames, limits, index=self.index)
+
+
 class FamilyPreprocessor:
-    """Shared flow; subclasses define the image tensors and the placeholder expansion."""
+    """Shared flow; subclasses define the image and video tensors and the placeholder expansion."""
 
     family: str
 
     def __init__(self, checkpoint_dir: str | Path, limits: ImageLimits = ImageLimits(), max_images: int = 16,
                  threads: int | None = None, max_request_pixels: int = 64_000_000,
-                 presets: ResolutionPresets = ResolutionPresets()):
+                 presets: ResolutionPresets = ResolutionPresets(), video_limits: VideoLimits = VideoLimits(),
+                 max_videos: int = 4):
         self.checkpoint_dir = Path(checkpoint_dir)
         # Decoding, resizing and normalizing release the GIL: the images of a request are processed in parallel.
         self.pool = ThreadPoolExecutor(threads or image_threads(max_images))
         self.limits = limits
         self.max_images = max_images
+        self.video_limits = video_limits
+        self.max_videos = max_videos
         self.max_request_pixels = max_request_pixels
         self.presets = presets
         # Read from the checkpoint's JSON files and tokenizer.json: no transformers (nor torch) in this process.
@@ -135,18 +170,19 @@ class FamilyPreprocessor:
 
     def __call__(self, encoded_images: list[bytes], messages_json: bytes | str, max_tokens: int | None = None,
                  detail: ImageDetail | None = None, task: str | None = None,
-                 tools: list[dict] = ()) -> PreprocessedRequest:
+                 tools: list[dict] = (), encoded_videos: list[bytes] = ()) -> PreprocessedRequest:
         """The request's tensors, each image processed at the pixel range its kind and `detail` give
         (None: the model's default detail). Before any image is decoded, the headers alone decide
         whether the request can fit: pixels per request, and prompt + the fewest image tokens the
         images can take + `max_tokens` (unset: one token at least) within the context; after the
         images are classified, the exact count is checked again. `task` (vlm_serving/tasks.py): its
         instruction, in this family's conventions, replaces the last user turn's text; `tools`
-        (vlm_serving/tools.py, as functions): written into the system turn in this family's convention."""
+        (vlm_serving/tools.py, as functions): written into the system turn in this family's convention.
+        Videos: each clip's header gives its frame count and size, so its tokens count in the same
+        checks before anything is decoded."""
         messages = parse_messages(messages_json)
         if task:
             messages = apply_task(messages, task, self.family)
-        messages = template_messages(messages, self.family, list(tools))
         expected = count_images(messages)
         if expected != len(encoded_images):
             raise ImageError(
@@ -155,6 +191,17 @@ class FamilyPreprocessor:
             )
         if len(encoded_images) > self.max_images:
             raise ImageError(f"{len(encoded_images)} images is over the limit of {self.max_images} per request")
+        parts = video_parts(messages)
+        if len(parts) != len(encoded_videos):
+            raise VideoError(
+                f"messages hold {len(parts)} video part(s) but {len(encoded_videos)} video(s) were sent; "
+                "send one encoded clip per {'type': 'video'} part, in order"
+            )
+        if len(encoded_videos) > self.max_videos:
+            raise VideoError(f"{len(encoded_videos)} videos is over the limit of {self.max_videos} per request")
+        media_order = [part["type"] for part in media_parts(messages)]
+        clips = [Clip.probe(k, data, part, self.video_limits) for k, (data, part) in enumerate(zip(encoded_videos, parts))]
+        messages = template_messages(self.with_video_placeholders(messages, clips), self.family, list(tools))
         sizes = [upright_size(data, self.limits, index=i) for i, data in enumerate(encoded_images)]
         pixels = sum(width * height for width, height in sizes)
         if pixels > self.max_request_pixels:
@@ -162,35 +209,58 @@ class FamilyPreprocessor:
                              f"{self.max_request_pixels} per request; send fewer or smaller images")
         ids = np.asarray(self.tokenizer.prompt_ids(messages), dtype=np.int64)
         fewest = min((self.presets.range_for(kind, detail) for kind in ImageKind), key=lambda r: r.max_pixels)
-        self._check_context(ids, [self.image_token_count(w, h, i, fewest) for i, (w, h) in enumerate(sizes)], max_tokens)
-        # Decode every image before any resize: a bad one fails the request early.
+        clip_tokens = [self.clip_token_count(clip.frames, clip.info.width, clip.info.height, clip.index, detail)
+                       for clip in clips]
+        self._check_context(ids, [self.image_token_count(w, h, i, fewest) for i, (w, h) in enumerate(sizes)],
+                            clip_tokens, [clip.frames for clip in clips], max_tokens)
+        # Decode every image and clip before any resize: a bad one fails the request early.
         pictures = self.map(lambda i: decode_image(encoded_images[i], self.limits, index=i), range(len(encoded_images)))
+        sampled = self.map(lambda clip: clip.decode(self.video_limits), clips)
         kinds = self.map(classify, pictures)
         ranges = [self.presets.range_for(kind, detail) for kind in kinds]
+        clip_tokens = [self.clip_token_count(len(video.frames), video.frames[0].width, video.frames[0].height, k, detail)
+                       for k, video in enumerate(sampled)]
         self._check_context(ids, [self.image_token_count(w, h, i, r) for i, ((w, h), r) in enumerate(zip(sizes, ranges))],
-                            max_tokens)
-        result = self.build(pictures, ids, ranges)
+                            clip_tokens, [len(video.frames) for video in sampled], max_tokens)
+        result = self.build(pictures, ids, ranges, sampled, media_order, detail)
         result.image_kinds = kinds
+        result.video_frames = [len(video.frames) for video in sampled]
         return result
 
-    def _check_context(self, ids: np.ndarray, image_tokens: list[int], max_tokens: int | None) -> None:
-        text_tokens = len(ids) - len(image_tokens)  # each image's placeholder is replaced by its tokens
-        prompt = text_tokens + sum(image_tokens)
+    def _check_context(self, ids: np.ndarray, image_tokens: list[int], clip_tokens: list[int], clip_frames: list[int],
+                       max_tokens: int | None) -> None:
+        # Each image's placeholder is replaced by its tokens, and each clip's by its frames'.
+        placeholders = len(image_tokens) + sum(map(self.clip_placeholders, clip_frames))
+        text_tokens = len(ids) - placeholders
+        prompt = text_tokens + sum(image_tokens) + sum(clip_tokens)
+        media = f"{sum(image_tokens)} image tokens ({', '.join(map(str, image_tokens)) or 'no images'})"
+        if clip_tokens:
+            media += f" + {sum(clip_tokens)} video tokens ({', '.join(map(str, clip_tokens))})"
+        smaller = ("send fewer or smaller images" + (", shorter clips or a lower fps or max_frames" if clip_tokens else "")
+                   + ", a lower detail")
         if max_tokens is None and prompt >= self.max_context:
             raise ImageError(
-                f"the prompt's {text_tokens} text tokens + {sum(image_tokens)} image tokens "
-                f"({', '.join(map(str, image_tokens)) or 'no images'}) = {prompt} tokens leave no room for an answer "
-                f"in the model's context of {self.max_context}; send fewer or smaller images, a lower detail or a "
-                "shorter prompt"
+                f"the prompt's {text_tokens} text tokens + {media} = {prompt} tokens leave no room for an answer "
+                f"in the model's context of {self.max_context}; {smaller} or a shorter prompt"
             )
         needed = prompt + (max_tokens or 0)
         if needed > self.max_context:
             raise ImageError(
-                f"the prompt's {text_tokens} text tokens + {sum(image_tokens)} image tokens "
-                f"({', '.join(map(str, image_tokens)) or 'no images'}) + max_tokens {max_tokens} = {needed} tokens "
-                f"exceed the model's context of {self.max_context}; send fewer or smaller images, a lower "
-                "detail, a shorter prompt or a lower max_tokens"
+                f"the prompt's {text_tokens} text tokens + {media} + max_tokens {max_tokens} = {needed} tokens "
+                f"exceed the model's context of {self.max_context}; {smaller}, a shorter prompt or a lower max_tokens"
             )
+
+    def with_video_placeholders(self, messages: list[dict], clips: list[Clip]) -> list[dict]:
+        """The messages as this family's template is to render the clips in them."""
+        raise NotImplementedError
+
+    def clip_token_count(self, frames: int, width: int, height: int, index: int, detail: ImageDetail | None) -> int:
+        """The tokens a clip of `frames` sampled frames of `width` x `height` (upright) takes in the prompt."""
+        raise NotImplementedError
+
+    def clip_placeholders(self, frames: int) -> int:
+        """How many placeholder tokens the template wrote for a clip of `frames` sampled frames."""
+        raise NotImplementedError
 
     def image_token_count(self, width: int, height: int, index: int, pixels: PixelRange) -> int:
         """The tokens an upright `width` x `height` image takes in the prompt at `pixels`."""
@@ -204,7 +274,10 @@ class FamilyPreprocessor:
         """The `size` argument that makes transformers' image processor resize as `pixels` does here."""
         raise NotImplementedError
 
-    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange]) -> PreprocessedRequest:
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange],
+              videos: list[SampledVideo] = (), media_order: list[str] | None = None,
+              detail: ImageDetail | None = None) -> PreprocessedRequest:
+        """`media_order`: "image" or "video" for each media part, in reading order (None: images only)."""
         raise NotImplementedError
 
     def map(self, function, items) -> list:
@@ -254,6 +327,8 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
         # The checkpoint's bounds.
         self.min_pixels, self.max_pixels = settings["min_pixels"], settings["max_pixels"]
         self.image_pad_id = self.tokenizer.token_id("<|image_pad|>")
+        self.video_pad_id = self.tokenizer.token_id("<|video_pad|>")
+        self.video = QwenVideoProcessor(settings, self.checkpoint_dir)
 
     def processing_size(self, width: int, height: int, pixels: PixelRange) -> tuple[int, int]:
         """(height, width) an image is resized to: `pixels` within the checkpoint's bounds."""
@@ -284,17 +359,42 @@ class Qwen2_5_VLPreprocessor(FamilyPreprocessor):
         height, width = self.processing_size(width, height, pixels)
         return (height // self.patch) * (width // self.patch) // self.merge**2
 
-    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange]) -> PreprocessedRequest:
+    # A clip is its template's one <|video_pad|>, expanded like an image's <|image_pad|>.
+    def with_video_placeholders(self, messages: list[dict], clips: list[Clip]) -> list[dict]:
+        return messages
+
+    def clip_placeholders(self, frames: int) -> int:
+        return 1
+
+    def clip_token_count(self, frames: int, width: int, height: int, index: int, detail: ImageDetail | None) -> int:
+        return self.video.token_count(frames, width, height, index)
+
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange],
+              videos: list[SampledVideo] = (), media_order: list[str] | None = None,
+              detail: ImageDetail | None = None) -> PreprocessedRequest:
         results = self.map(lambda item: self.patchify(*item), list(zip(pictures, ranges)))
-        images = [qwen_image_inputs(patches, grid, self.vision_config) for patches, grid in results]
+        clips = self.map(lambda item: self.video.process(item[1].frames, item[1].sampling_fps, item[0]), list(enumerate(videos)))
         grids = np.stack([grid for _, grid in results]) if results else np.zeros((0, 3), dtype=np.int64)
+        video_grids = np.stack([clip.grid_thw for clip in clips]) if clips else np.zeros((0, 3), dtype=np.int64)
         counts = [int(grid.prod()) // self.merge**2 for grid in grids]
-        expansions = [np.full(count, self.image_pad_id, dtype=np.int64) for count in counts]
+        video_counts = [int(grid.prod()) // self.merge**2 for grid in video_grids]
+        # The encoder's inputs in reading order: the embed step's rows fill the prompt's image and video
+        # tokens in the order they come.
+        image_inputs = iter([qwen_image_inputs(patches, grid, self.vision_config) for patches, grid in results])
+        clip_inputs = iter([clip.inputs for clip in clips])
+        inputs = [next(image_inputs) if kind == "image" else next(clip_inputs)
+                  for kind in media_order or ["image"] * len(pictures)]
+        ids = self._expand(prompt_ids, self.image_pad_id, [np.full(n, self.image_pad_id, dtype=np.int64) for n in counts])
+        ids = self._expand(ids, self.video_pad_id, [np.full(n, self.video_pad_id, dtype=np.int64) for n in video_counts])
         return PreprocessedRequest(
-            input_ids=self._expand(prompt_ids, self.image_pad_id, expansions),
-            images=images,
-            language_tensors={"image_grid_thw": grids},
-            image_tokens=sum(counts),
+            input_ids=ids,
+            images=inputs,
+            language_tensors={
+                "image_grid_thw": grids,
+                "video_grid_thw": video_grids,
+                "second_per_grid_ts": np.array([clip.second_per_grid_t for clip in clips], dtype=np.float32),
+            },
+            image_tokens=sum(counts) + sum(video_counts),
             processed_sizes=[(int(grid[2]) * self.patch, int(grid[1]) * self.patch) for grid in grids],
         )
 
@@ -364,15 +464,46 @@ class PixtralPreprocessor(FamilyPreprocessor):
     def image_token_count(self, width: int, height: int, index: int, pixels: PixelRange) -> int:
         return len(self.placeholder_ids(*self.checked_target_size(width, height, index, pixels)))
 
-    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange]) -> PreprocessedRequest:
+    # Pixtral has no video input: a clip's sampled frames are images, in time order, each at an even
+    # share of the clip's token budget (as qwen-vl-utils bounds a clip for Qwen2.5-VL), never above the
+    # photo preset of the request's detail.
+    def with_video_placeholders(self, messages: list[dict], clips: list[Clip]) -> list[dict]:
+        return videos_as_frames(messages, [clip.frames for clip in clips])
+
+    def clip_placeholders(self, frames: int) -> int:
+        return frames
+
+    def frame_range(self, frames: int, detail: ImageDetail | None) -> PixelRange:
+        photo = self.presets.range_for(ImageKind.PHOTO, detail)
+        share = VIDEO_CLIP_TOKENS * (self.patch * self.merge) ** 2 // frames
+        return PixelRange(1, max((self.patch * self.merge) ** 2, min(photo.max_pixels, share)))
+
+    def clip_token_count(self, frames: int, width: int, height: int, index: int, detail: ImageDetail | None) -> int:
+        return frames * self.image_token_count(width, height, index, self.frame_range(frames, detail))
+
+    def build(self, pictures: list[Image.Image], prompt_ids: np.ndarray, ranges: list[PixelRange],
+              videos: list[SampledVideo] = (), media_order: list[str] | None = None,
+              detail: ImageDetail | None = None) -> PreprocessedRequest:
+        # Every picture in reading order with its pixel range, a clip's frames in its place.
+        images, clips = iter(zip(pictures, ranges)), iter(videos)
+        ordered, is_image = [], []
+        for kind in media_order or ["image"] * len(pictures):
+            if kind == "image":
+                ordered.append(next(images))
+                is_image.append(True)
+            else:
+                video = next(clips)
+                frame_range = self.frame_range(len(video.frames), detail)
+                ordered += [(frame, frame_range) for frame in video.frames]
+                is_image += [False] * len(video.frames)
         sizes = [self.checked_target_size(picture.width, picture.height, index, pixels)
-                 for index, (picture, pixels) in enumerate(zip(pictures, ranges))]
+                 for index, (picture, pixels) in enumerate(ordered)]
         expansions = [self.placeholder_ids(h, w) for h, w in sizes]
         return PreprocessedRequest(
             input_ids=self._expand(prompt_ids, self.image_id, expansions),
-            images=self.map(lambda item: self.patchify(*item), list(zip(pictures, sizes))),
+            images=self.map(lambda item: self.patchify(item[0][0], item[1]), list(zip(ordered, sizes))),
             image_tokens=sum(len(expansion) for expansion in expansions),
-            processed_sizes=[(w, h) for h, w in sizes],
+            processed_sizes=[(w, h) for (h, w), image in zip(sizes, is_image) if image],
         )
 
 

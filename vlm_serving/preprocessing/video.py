@@ -88,6 +88,9 @@ class SampledVideo:
     frames: list[Image.Image]
     timestamps_s: list[float]
     info: VideoInfo
+    # Frames per second the samples were taken at (1 / the step between sample times): what the
+    # model is told of the clip's timing (Qwen2.5-VL's seconds per temporal patch).
+    sampling_fps: float
 
 
 def check_encoded(data: bytes, limits: VideoLimits = VideoLimits()) -> str:
@@ -116,6 +119,11 @@ def sample_times(duration_s: float, fps: float, max_frames: int, stream_fps: flo
     # keeps a rounding error in duration / step from adding or dropping a sample.
     count = max(1, math.ceil(duration_s / step - 1e-6))
     return [i * step for i in range(min(count, max_frames))]
+
+
+def sampling_rate(times: list[float], fps: float) -> float:
+    """The rate `sample_times` sampled at: `fps` unless it had to step further apart (one sample: `fps`)."""
+    return 1.0 / (times[1] - times[0]) if len(times) > 1 else fps
 
 
 def probe_video(data: bytes, limits: VideoLimits = VideoLimits(), index: int = 0) -> VideoInfo:
@@ -159,7 +167,7 @@ def decode_video(
             raise
         except (av.FFmpegError, ValueError) as exc:
             raise VideoError(f"{where}: truncated or corrupt {info.container} data ({exc})") from None
-    return SampledVideo(frames=frames, timestamps_s=times, info=info)
+    return SampledVideo(frames=frames, timestamps_s=times, info=info, sampling_fps=sampling_rate(targets, fps))
 
 
 @contextmanager
