@@ -49,11 +49,31 @@ function createClient(address, apiKey, { timeoutMs = 60000 } = {}) {
   };
 }
 
-/** One user turn with images (Buffers) first, then the prompt. */
-function userRequest(model, prompt, images = [], config = {}) {
+/**
+ * A Video message: `source` is the encoded file (a Buffer: MP4 H.264, WebM VP8/VP9 or animated GIF)
+ * or an http(s) URL the service fetches; `fps` (frames sampled per second) and `maxFrames` (the most
+ * frames) left at 0 get the service's defaults, 2 and 32.
+ */
+function video(source, { fps = 0, maxFrames = 0 } = {}) {
+  const sampling = { fps, max_frames: maxFrames };
+  if (Buffer.isBuffer(source)) return { data: source, ...sampling };
+  if (typeof source === 'string' && /^https?:\/\//.test(source)) return { url: source, ...sampling };
+  throw new TypeError(`cannot send ${typeof source} ${String(source).slice(0, 40)} as a video: give a Buffer `
+    + '(the file\'s bytes) or an http(s) URL');
+}
+
+/**
+ * One user turn: images (Buffers) first, then videos (each a `video(...)`, or a Buffer or URL sampled
+ * at the service's defaults), then the prompt.
+ */
+function userRequest(model, prompt, images = [], config = {}, videos = []) {
   const parts = images.map((data) => ({ image: { data } }));
+  for (const clip of videos) {
+    const ready = typeof clip === 'object' && clip !== null && !Buffer.isBuffer(clip); // a video(...)
+    parts.push({ video: ready ? clip : video(clip) });
+  }
   parts.push({ text: prompt });
   return { model, messages: [{ role: 'user', parts }], config };
 }
 
-module.exports = { createClient, userRequest, status: grpc.status };
+module.exports = { createClient, userRequest, video, status: grpc.status };

@@ -77,7 +77,7 @@ def test_the_answer_streams_into_the_chat_and_joins_the_conversation(photo):
     gateway = Gateway(deltas("A red ", "square", ".", usage=vlm_pb2.Usage(prompt_tokens=40, completion_tokens=3),
                              confidence=-0.25, model_version="1"))
     updates = ask(WebUI(gateway), "  What is it? ", [photo])
-    box, chat, turns, details, gallery, table, markdown = updates[-1]
+    box, chat, turns, details, gallery, table, markdown, _video = updates[-1]
     assert [update[1][-1]["content"] for update in updates[1:]] == ["A red ", "A red square", "A red square.",
                                                                  "A red square."]  # the last: with the facts
     assert updates[0][0] == {"__type__": "update", "value": None}  # the box empties as the question is sent
@@ -238,8 +238,8 @@ def test_each_result_type_shows_its_panel(photo, tmp_path):
 
 
 def test_a_new_conversation_forgets_everything():
-    box, chat, turns, details, gallery, table, markdown = WebUI(Gateway()).clear()
-    assert chat == [] and turns == [] and details == "" and not gallery["visible"]
+    box, chat, turns, details, gallery, table, markdown, video = WebUI(Gateway()).clear()
+    assert chat == [] and turns == [] and details == "" and not gallery["visible"] and video["value"] is None
 
 
 def test_the_page_never_holds_the_api_key(monkeypatch):

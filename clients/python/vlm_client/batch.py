@@ -1,4 +1,4 @@
-"""`vlm batch`: many requests from a folder of images or a JSONL manifest, results as JSONL, resumable.
+"""`vlm batch`: many requests from a folder of images and videos or a JSONL manifest, results as JSONL, resumable.
 
 Every finished item is one complete JSON line, written and flushed at once: a job killed at any
 point leaves a file whose lines all parse. Rerunning the same command goes on where it stopped:
@@ -6,8 +6,8 @@ the ids already answered are skipped, and those whose line is an error run again
 `retry_failed` is off). Their old lines, and a last line a kill tore, are dropped by rewriting the
 file whole: a new file renamed over the old one, so a kill at any moment leaves one or the other.
 Items that fail become error lines (`error.code`, `error.message`) and the job goes on: a manifest
-line with a bad field too, never sent. UNAVAILABLE and RESOURCE_EXHAUSTED are retried with backoff
-first. A gateway that cannot be reached stops the job (its finished lines stay; rerun to go on).
+line with a bad field too, and a file named as a video that is none (vlm_client.videos), never sent.
+UNAVAILABLE and RESOURCE_EXHAUSTED are retried with backoff first. A gateway that cannot be reached stops the job (its finished lines stay; rerun to go on).
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vlm.v1 import vlm_pb2
 
 from vlm_client.client import DETAILS, TASKS, AsyncVLMClient, GatewayUnreachable, to_dict
+from vlm_client.videos import to_video
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+# A folder's .gif files stay images (most are still pictures); a manifest line sends one as a clip
+# when it names it as a "video".
+VIDEO_EXTENSIONS = (".mp4", ".webm")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 NUMBER = 'a JSON number, e.g. 0.5 (not "0.5")'
 INTEGER = 'a JSON integer, e.g. 64 (not "64")'
@@ -47,6 +51,12 @@ class ManifestLine(BaseModel):
     images: list[str] | None = Field(None, description='a list of image paths (relative to the manifest) or '
                                      'http(s) URLs, e.g. ["a.png"]; one image may also be "image": "a.png"')
     image: str | None = Field(None, description='one image path or URL, e.g. "a.png"')
+    videos: list[str] | None = Field(None, description='a list of video paths (relative to the manifest) or '
+                                     'http(s) URLs, e.g. ["a.mp4"]; one video may also be "video": "a.mp4"')
+    video: str | None = Field(None, description='one video path or URL, e.g. "a.mp4"')
+    # How the line's videos are sampled (unset: the command line's --fps / --max-frames, else the service's).
+    fps: float | None = Field(None, gt=0, description="a JSON number greater than 0, e.g. 1 (frames per second)")
+    max_frames: int | None = Field(None, gt=0, description="a JSON integer greater than 0, e.g. 16")
     prompt: str | None = None
     model: str | None = None
     task: Literal[TASKS] | None = None
@@ -63,6 +73,8 @@ class ManifestLine(BaseModel):
 
 # Per-item parameters a manifest line may set.
 PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "detail")
+# How a line's videos are sampled (vlm.v1.Video's fields).
+VIDEO_OPTIONS = ("fps", "max_frames")
 
 
 class ManifestError(ValueError):
@@ -86,21 +98,34 @@ class BatchItem:
     # `line` is that manifest line as written, its result line's input.
     problem: str = ""
     line: dict | None = None
+    videos: list[str] = field(default_factory=list)  # paths or http(s) URLs
+    video_options: dict[str, Any] = field(default_factory=dict)  # VIDEO_OPTIONS for every video of the item
 
     def as_input(self) -> dict:
         if self.line is not None:
             return {name: value for name, value in self.line.items() if name != "id"}
-        return {"images": self.images, "prompt": self.prompt, "model": self.model, "task": self.task, **self.params}
+        videos = {"videos": self.videos, **self.video_options} if self.videos else {}
+        return {"images": self.images, **videos, "prompt": self.prompt, "model": self.model, "task": self.task,
+                **self.params}
 
 
-def folder_items(folder: Path, prompt: str, model: str, task: str | None, params: dict) -> list[BatchItem]:
-    """One item per image under `folder` (recursive, by extension), its id the relative path."""
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    return [BatchItem(str(path.relative_to(folder)), [str(path)], prompt, model, task, dict(params)) for path in paths]
+def folder_items(folder: Path, prompt: str, model: str, task: str | None, params: dict,
+                 video_options: dict | None = None) -> list[BatchItem]:
+    """One item per image or video under `folder` (recursive, by extension: IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS), its id the relative path; `video_options` (VIDEO_OPTIONS) for each video."""
+    items = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        kind = path.suffix.lower()
+        if kind in IMAGE_EXTENSIONS:
+            items.append(BatchItem(str(path.relative_to(folder)), [str(path)], prompt, model, task, dict(params)))
+        elif kind in VIDEO_EXTENSIONS:
+            items.append(BatchItem(str(path.relative_to(folder)), [], prompt, model, task, dict(params),
+                                   videos=[str(path)], video_options=dict(video_options or {})))
+    return items
 
 
 def manifest_items(manifest: Path, prompt: str | None, model: str | None, task: str | None,
-                   params: dict) -> list[BatchItem]:
+                   params: dict, video_options: dict | None = None) -> list[BatchItem]:
     """One item per line (see ManifestLine); relative paths are taken from the manifest's folder.
     Ids are compared as text (1 and "1" are one id). A line that is not a JSON object with an id,
     or an id used twice, is a ManifestError; a line with a bad field is an item with a `problem`."""
@@ -117,7 +142,7 @@ def manifest_items(manifest: Path, prompt: str | None, model: str | None, task: 
         item_id = str(entry["id"])
         lines_of_id.setdefault(item_id, []).append(number)
         items.append(manifest_item(f"{manifest}:{number}", item_id, entry, manifest.parent, prompt, model, task,
-                                   params))
+                                   params, video_options or {}))
     repeated = [f"{item_id!r} on lines {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
                 for item_id, numbers in lines_of_id.items() if len(numbers) > 1]
     if repeated:
@@ -131,9 +156,10 @@ def is_id(value: Any) -> bool:
 
 
 def manifest_item(where: str, item_id: str, entry: dict, folder: Path, prompt: str | None, model: str | None,
-                  task: str | None, params: dict) -> BatchItem:
+                  task: str | None, params: dict, video_options: dict) -> BatchItem:
     """The item of one manifest line (`where`: file:line), or, for a line with a bad field, an item
-    whose `problem` names the field and what it must be."""
+    whose `problem` names the field and what it must be. `video_options`: the command line's, for
+    the line's videos where it sets none."""
     problems = []
     try:
         line = ManifestLine.model_validate(entry)
@@ -149,14 +175,24 @@ def manifest_item(where: str, item_id: str, entry: dict, folder: Path, prompt: s
     if line is not None:
         if line.images is not None and line.image is not None:
             problems.append('give "images" or "image", not both')
+        if line.videos is not None and line.video is not None:
+            problems.append('give "videos" or "video", not both')
+        if (line.fps is not None or line.max_frames is not None) and not (line.videos or line.video):
+            problems.append('"fps" and "max_frames" sample the line\'s videos; give "video" or "videos"')
         if not (line.model or model):
             problems.append('no model: give --model or "model"')
     if problems:
         return BatchItem(item_id, [], "", "", problem=f"{where}: " + "; ".join(problems), line=entry)
-    images = line.images if line.images is not None else [line.image] if line.image is not None else []
-    return BatchItem(item_id, [image if "://" in image else str(folder / image) for image in images],
-                     line.prompt if line.prompt is not None else prompt or "", line.model or model,
-                     line.task or task, {**params, **line.model_dump(include=set(PARAMETERS), exclude_none=True)})
+    def paths(many: list[str] | None, one: str | None) -> list[str]:
+        named = many if many is not None else [one] if one is not None else []
+        return [name if "://" in name else str(folder / name) for name in named]
+
+    videos = paths(line.videos, line.video)
+    return BatchItem(item_id, paths(line.images, line.image), line.prompt if line.prompt is not None else prompt or "",
+                     line.model or model, line.task or task,
+                     {**params, **line.model_dump(include=set(PARAMETERS), exclude_none=True)}, videos=videos,
+                     video_options={**video_options, **line.model_dump(include=set(VIDEO_OPTIONS), exclude_none=True)}
+                     if videos else {})
 
 
 def resume(output: Path, rerun_if_failed: Collection[str]) -> tuple[set[str], set[str]]:
@@ -208,13 +244,16 @@ class Summary:
     skipped: int = 0
     retried: int = 0
     images: int = 0
+    videos: int = 0
     seconds: float = 0.0
 
     def line(self) -> str:
-        rate = self.images / self.seconds if self.seconds else 0.0
+        counts = {"images": self.images, **({"videos": self.videos} if self.videos else {})}
+        sent = ", ".join(f"{count} {kind}" for kind, count in counts.items())
+        rates = ", ".join(f"{count / self.seconds if self.seconds else 0.0:.2f} {kind}/s"
+                          for kind, count in counts.items())
         return (f"done {self.done}, failed {self.failed}, skipped {self.skipped} (already in the output), "
-                f"retried {self.retried} (failed before); "
-                f"{self.images} images in {self.seconds:.1f}s = {rate:.2f} images/s")
+                f"retried {self.retried} (failed before); {sent} in {self.seconds:.1f}s = {rates}")
 
 
 async def _answer(client: AsyncVLMClient, item: BatchItem, attempts: int, backoff_s: float) -> dict:
@@ -223,8 +262,9 @@ async def _answer(client: AsyncVLMClient, item: BatchItem, attempts: int, backof
         return {"error": {"code": "INVALID_ARGUMENT", "message": item.problem}}
     for attempt in range(attempts):
         try:
-            answer = await client.generate(item.model, item.prompt or None, item.images, task=item.task,
-                                           **item.params)
+            videos = [to_video(video, **item.video_options) for video in item.videos]
+            answer = await client.generate(item.model, item.prompt or None, item.images, videos=videos,
+                                           task=item.task, **item.params)
             break
         except GatewayUnreachable:
             raise
@@ -232,7 +272,7 @@ async def _answer(client: AsyncVLMClient, item: BatchItem, attempts: int, backof
             if error.code() not in RETRYABLE or attempt == attempts - 1:
                 return {"error": {"code": error.code().name, "message": error.details()}}
             await asyncio.sleep(backoff_s * 2**attempt * (0.5 + random.random() / 2))
-        except (OSError, ValueError) as error:  # a missing or unreadable image file, say
+        except (OSError, ValueError) as error:  # a missing or unreadable file, a file that is not a video
             return {"error": {"code": "INVALID_ARGUMENT", "message": str(error)}}
     kind = answer.WhichOneof("result")
     record = {"text": answer.text, "model": answer.model,
@@ -275,6 +315,7 @@ async def run_batch(client: AsyncVLMClient, items: list[BatchItem], output: Path
                 else:
                     summary.done += 1
                     summary.images += len(item.images)
+                    summary.videos += len(item.videos)
                 bar.set_postfix(failed=summary.failed, refresh=False)
                 bar.update(1)
 

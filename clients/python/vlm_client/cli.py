@@ -1,6 +1,7 @@
 """vlm: the command-line client.
 
     VLM_API_KEY=dev-local-key vlm generate --model qwen2.5-vl --image photo.jpg "What is this?" --stream
+    VLM_API_KEY=dev-local-key vlm generate --model qwen2.5-vl --video clip.mp4 --fps 1 "What happens?"
     VLM_API_KEY=dev-local-key vlm models
     VLM_API_KEY=dev-admin-key vlm load qwen2.5-vl     # put new versions/configs live (admin key)
     VLM_API_KEY=dev-admin-key vlm backends            # the Triton servers behind the gateway
@@ -21,6 +22,10 @@ from vlm.v1 import vlm_pb2
 from vlm_client.client import (DEFAULT_ADDRESS, DETAILS, TASKS, GatewayUnreachable, VLMClient, response_format,
                                to_dict)
 from vlm_client.images import stored_orientation, upright_box
+from vlm_client.videos import to_video
+
+# What vlm_serving.preprocessing.video.SUPPORTED says; not imported, as PyAV would load at every start.
+VIDEO_KINDS = "MP4 (H.264), WebM (VP8, VP9), animated GIF"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait for a connection to the gateway before failing, within the "
                              "deadline (default: %(default)g)")
     commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="ask about images")
+    generate = commands.add_parser("generate", help="ask about images and videos")
     generate.add_argument("prompt")
     generate.add_argument("--model", required=True, help="qwen2.5-vl, pixtral, or auto: Pixtral for diagrams, "
                           "else Qwen2.5-VL with a fallback to Pixtral when it is unsure (see `vlm models`)")
@@ -45,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--no-fallback", action="store_true", help="model auto: keep Qwen2.5-VL's answer, "
                           "streamed at once")
     generate.add_argument("--image", action="append", default=[], help="image path or http(s) URL (repeatable)")
+    generate.add_argument("--video", action="append", default=[], help=f"video path or http(s) URL: {VIDEO_KINDS}; "
+                          "at most 4, after the images (repeatable)")
+    generate.add_argument("--fps", type=float, help="frames each --video is sampled at per second, greater than 0 "
+                          "and at most 30 (default: the service's, 2)")
+    generate.add_argument("--max-frames", type=int, help="the most frames sampled of each --video, 2 to 256; "
+                          "where --fps would take more, they are spread over the whole clip (default: the "
+                          "service's, 32)")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
     generate.add_argument("--max-tokens", type=int, help="tokens to generate: at least 1, at most the model's "
                           "max_tokens, and with the prompt and image tokens within its context_tokens (both in "
@@ -60,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                                "low and high force the smallest and largest size (default: the model's)")
     generate.add_argument("--task", choices=TASKS,
                           help="ask for a task's typed result: grounding (boxes of the objects the prompt names), "
-                               "ocr (text lines with boxes), document (Markdown), chart (a table), caption, vqa")
+                               "ocr (text lines with boxes), document (Markdown), chart (a table), caption, vqa "
+                               "(with a video: caption and vqa only)")
     generate.add_argument("--json", action="store_true",
                           help="print the whole answer as JSON, every field included (machine output; with "
                                "--stream: each message as it comes, one JSON object a line)")
@@ -74,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--regex", help="the answer matches this regular expression as a whole")
     shape.add_argument("--choice", action="append", help="the answer is exactly one of these (repeatable)")
     batch = commands.add_parser(
-        "batch", help="run a folder of images or a JSONL manifest, results as JSONL (resumable)",
+        "batch", help="run a folder of images and videos or a JSONL manifest, results as JSONL (resumable)",
         description="One result line per item in --output. Rerunning the same command goes on where it "
                     "stopped: the items answered are skipped, those that failed run again (unless "
                     "--no-retry-failed). A manifest line that is not a JSON object with an id, or an id used "
                     "twice (ids compare as text: 1 and \"1\" are one id), stops the job before anything runs; "
                     "any other bad line (an unknown field, a value of the wrong type) is that item's error line.")
-    batch.add_argument("source", help="a folder (its images, recursively) or a .jsonl manifest: one "
-                       '{"id", "images": [paths or URLs] (or "image": one), "prompt", "model", "task", parameters} '
-                       "per line")
+    batch.add_argument("source", help="a folder (its images and .mp4/.webm videos, recursively: one item each; a "
+                       '.gif is an image there) or a .jsonl manifest: one {"id", "images": [paths or URLs] (or '
+                       '"image": one), "videos": [paths or URLs] (or "video": one), "fps", "max_frames", "prompt", '
+                       '"model", "task", parameters} per line')
     batch.add_argument("--output", required=True, help="JSONL results, one line per item (rewritten whole, "
                        "never cut, when a rerun drops a line)")
     batch.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
@@ -92,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--task", choices=TASKS)
     batch.add_argument("--max-tokens", type=int)
     batch.add_argument("--temperature", type=float)
+    batch.add_argument("--fps", type=float, help="frames each video is sampled at per second (default: a manifest "
+                       "line's, else the service's, 2)")
+    batch.add_argument("--max-frames", type=int, help="the most frames sampled of each video (default: a manifest "
+                       "line's, else the service's, 32)")
     batch.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: %(default)s)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands.add_parser("models", help="list served models", description="One line per model: its versions, "
@@ -115,14 +133,27 @@ def main(argv: list[str] | None = None) -> int:
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}{hint(error, client.address)}", file=sys.stderr)
         except IsADirectoryError as error:
-            print(f"error: {error.filename} is a directory; --image takes an image file or an http(s) URL",
-                  file=sys.stderr)
+            print(f"error: {error.filename} is a directory; {what_takes(args, error.filename)}", file=sys.stderr)
         except FileNotFoundError as error:
-            print(f"error: no such file: {error.filename} (--image takes an image file or an http(s) URL)",
-                  file=sys.stderr)
-        except OSError as error:
+            print(f"error: no such file: {error.filename} ({what_takes(args, error.filename)})", file=sys.stderr)
+        except (OSError, ValueError) as error:  # ValueError: a file that is not a video (vlm_client.videos)
             print(f"error: {error}", file=sys.stderr)
     return 1
+
+
+def what_takes(args, filename: str) -> str:
+    """What the option that named `filename` takes."""
+    if filename in getattr(args, "video", ()):
+        return f"--video takes a video file ({VIDEO_KINDS}) or an http(s) URL"
+    return "--image takes an image file or an http(s) URL"
+
+
+def sampling_problem(args) -> str | None:
+    """Why --fps or --max-frames cannot be sent as given (0 would mean the service's default, silently)."""
+    for option, value in (("--fps", args.fps), ("--max-frames", args.max_frames)):
+        if value is not None and not value > 0:
+            return f"{option} must be greater than 0 (leave it out for the service's default)"
+    return None
 
 
 def _run(client: VLMClient, args) -> int:
@@ -154,6 +185,13 @@ def _run(client: VLMClient, args) -> int:
                   f"quantization={model.quantization}\tversions={versions}\t"
                   f"context_tokens={model.context_tokens}\tmax_tokens={model.max_tokens}\tdefaults={defaults}")
         return 0
+    problem = sampling_problem(args)
+    if (args.fps is not None or args.max_frames is not None) and not args.video:
+        problem = "--fps and --max-frames sample the --video clips; give a --video"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    videos = [to_video(video, args.fps or 0.0, args.max_frames or 0) for video in args.video]
     config = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                   detail=args.detail)
@@ -179,7 +217,7 @@ def _run(client: VLMClient, args) -> int:
         config["tool_choice"] = args.tool_choice
     if args.stream:
         last = None
-        for message in client.stream(args.model, args.prompt, args.image, **config):
+        for message in client.stream(args.model, args.prompt, args.image, videos=videos, **config):
             if args.json:
                 print(json.dumps(to_dict(message), ensure_ascii=False), flush=True)
             else:
@@ -188,7 +226,7 @@ def _run(client: VLMClient, args) -> int:
         if not args.json:
             print()
     else:
-        last = client.generate(args.model, args.prompt, args.image, **config)
+        last = client.generate(args.model, args.prompt, args.image, videos=videos, **config)
         if args.json:
             print(json.dumps(to_dict(last), ensure_ascii=False, indent=2))
         else:
@@ -225,14 +263,20 @@ def _batch(args) -> int:
     source = Path(args.source)
     params = {name: value for name, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
               if value is not None}
+    problem = sampling_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    video_options = {name: value for name, value in (("fps", args.fps), ("max_frames", args.max_frames))
+                     if value is not None}
     try:
         if source.is_dir():
             if not args.model:
                 print("error: --model is needed for a folder", file=sys.stderr)
                 return 1
-            items = folder_items(source, args.prompt, args.model, args.task, params)
+            items = folder_items(source, args.prompt, args.model, args.task, params, video_options)
         elif source.is_file():
-            items = manifest_items(source, args.prompt, args.model, args.task, params)
+            items = manifest_items(source, args.prompt, args.model, args.task, params, video_options)
         else:
             print(f"error: no such folder or manifest: {source}", file=sys.stderr)
             return 1

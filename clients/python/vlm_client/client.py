@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from vlm_client.images import to_image
+from vlm_client.videos import to_video
 
 # Retried by any call: only what provably did no work. The gateway marks such refusals (a full
 # queue, a model not loaded yet) with google.rpc.RetryInfo. A CANCELLED the client did not cause is
@@ -98,9 +99,12 @@ def build_request(
     task: int | str | None = None,
     tools: Iterable[dict | vlm_pb2.Tool] = (),
     tool_choice: str | None = None,
+    videos: Iterable[Any] = (),
     **config: Any,
 ) -> vlm_pb2.GenerateRequest:
-    """A request from a prompt and images (one user turn), or from ready-made messages. `detail`:
+    """A request from a prompt, images and videos (one user turn: images, videos, then the prompt),
+    or from ready-made messages. `videos`: paths, bytes, URLs or `to_video(source, fps, max_frames)`
+    for a clip sampled otherwise than at the service's defaults. `detail`:
     an ImageDetail value or its short name ("auto", "low", "high"); None: the model's default.
     `routing` (model "auto"): RoutingOptions fields, e.g. {"confidence_threshold": -0.5}.
     `task`: a Task value or its short name ("grounding", "ocr", ...); the answer then carries the
@@ -123,6 +127,7 @@ def build_request(
                                     name="" if tool_choice in modes else tool_choice)
     if messages is None:
         parts = [vlm_pb2.Part(image=to_image(image)) for image in images]
+        parts += [vlm_pb2.Part(video=to_video(video)) for video in videos]
         if prompt:
             parts.append(vlm_pb2.Part(text=prompt))
         messages = [vlm_pb2.Message(role="user", parts=parts)]

@@ -20,18 +20,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from vlm_client.client import DEFAULT_ADDRESS, VLMClient  # noqa: E402
-from vlm_client.webui.handlers import DETAILS, FALLBACK_MODELS, TASKS, WebUI  # noqa: E402
+from vlm_client.webui.handlers import DETAILS, FALLBACK_MODELS, TASKS, WebUI, sampled_frames  # noqa: E402
 
 # System fonts: the default theme would fetch its fonts from Google's servers.
 THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-# Uploads larger than the gateway's default image limit would only be refused by it.
-MAX_UPLOAD = "20mb"
+# Uploads larger than the gateway's default video limit would only be refused by it (an image over
+# its 20 MB limit is refused by the gateway, saying so).
+MAX_UPLOAD = "64mb"
 
 
 def build(ui: WebUI) -> gr.Blocks:
     with gr.Blocks(title="Vision-language models") as page:
         turns = gr.State([])
-        gr.Markdown("## Vision-language models\nAdd images, ask; the conversation is kept until *New conversation*.")
+        gr.Markdown("## Vision-language models\nAdd images or a video, ask; the conversation is kept until "
+                    "*New conversation*.")
         with gr.Row():
             with gr.Column(scale=3):
                 chat = gr.Chatbot(label="Conversation", elem_id="chat", height=460, latex_delimiters=[],
@@ -42,6 +44,16 @@ def build(ui: WebUI) -> gr.Blocks:
                 with gr.Row():
                     stop = gr.Button("Stop", elem_id="stop", variant="secondary")
                     new = gr.Button("New conversation", elem_id="new")
+                with gr.Row():
+                    video = gr.File(label="Video for the next question (MP4, WebM, animated GIF)", elem_id="video",
+                                    file_types=[".mp4", ".webm", ".gif"], file_count="single", height=120)
+                    with gr.Column():
+                        # The service's bounds and defaults (vlm.v1.Video).
+                        fps = gr.Slider(0.1, 30, value=2, step=0.1, label="Frames per second", elem_id="fps")
+                        max_frames = gr.Slider(2, 256, value=32, step=1, label="Max frames", elem_id="max-frames")
+                frames_note = gr.Markdown(elem_id="frames-note")
+                frames = gr.Gallery(label="Frames sent (the service's sampling)", elem_id="frames", visible=False,
+                                    columns=8, height=180, object_fit="contain")
             with gr.Column(scale=2):
                 model = gr.Dropdown(list(FALLBACK_MODELS), value="auto", label="Model", elem_id="model",
                                     info="auto: Pixtral for diagrams, else Qwen2.5-VL with a fallback to Pixtral")
@@ -57,8 +69,13 @@ def build(ui: WebUI) -> gr.Blocks:
                                      object_fit="contain")
                 table = gr.Dataframe(label="Table", elem_id="table", visible=False, interactive=False)
                 markdown = gr.Markdown(elem_id="result", visible=False)
-        outputs = [box, chat, turns, details, gallery, table, markdown]
-        asked = box.submit(ui.respond, [box, turns, model, task, max_tokens, temperature, top_p, detail], outputs)
+        outputs = [box, chat, turns, details, gallery, table, markdown, video]
+        asked = box.submit(ui.respond, [box, turns, model, task, max_tokens, temperature, top_p, detail, video, fps,
+                                        max_frames], outputs)
+        # Previewed on the user's upload or removal, not when sending empties the upload: the gallery
+        # then keeps showing the frames that were sent.
+        for event in (video.upload, video.clear, fps.change, max_frames.change):
+            event(sampled_frames, [video, fps, max_frames], [frames, frames_note], trigger_mode="always_last")
         stop.click(None, cancels=[asked])
         new.click(ui.clear, None, outputs, cancels=[asked])
         chat.clear(ui.clear, None, outputs, cancels=[asked])  # the conversation panel's own bin

@@ -1,5 +1,6 @@
 """The web UI's handlers: the conversation kept as turns, each question sent with the whole
-conversation through the Python client, the answer streamed into the page, the typed result drawn.
+conversation through the Python client, the answer streamed into the page, the typed result drawn,
+and an uploaded video's frames shown as the service samples them before the clip is sent.
 
 Everything here is plain Python over the client and Gradio's update values, so it is tested without
 a browser (tests/unit/test_webui.py); `app.py` only lays the page out and wires these to it."""
@@ -19,6 +20,7 @@ from vlm.v1 import vlm_pb2
 
 from vlm_client.client import VLMClient
 from vlm_client.images import to_image, upright_box
+from vlm_client.videos import to_video
 
 # Shown when the gateway cannot be asked which models it serves; ListModels names these by default.
 FALLBACK_MODELS = ("auto", "qwen2.5-vl", "pixtral")
@@ -30,13 +32,23 @@ DETAILS = (("Model's default", "default"), ("Auto (by image kind)", "auto"), ("L
 
 
 @dataclass(frozen=True)
+class Clip:
+    """A video of the conversation (the path of Gradio's upload) and the sampling it is sent with."""
+
+    path: str
+    fps: float
+    max_frames: int
+
+
+@dataclass(frozen=True)
 class Turn:
-    """One turn of the conversation: a user's question with the images they added (paths of Gradio's
-    uploads), or the model's answer."""
+    """One turn of the conversation: a user's question with the images and videos they added (paths
+    of Gradio's uploads), or the model's answer."""
 
     role: str
     text: str
     images: tuple[str, ...] = ()
+    videos: tuple[Clip, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,11 +73,12 @@ class Settings:
 
 
 def to_messages(turns: Sequence[Turn]) -> list[vlm_pb2.Message]:
-    """The conversation as the API's messages: each user turn's images before its text (an empty
-    answer, which the API could not take as a message, is left out)."""
+    """The conversation as the API's messages: each user turn's images, then its videos, before its
+    text (an empty answer, which the API could not take as a message, is left out)."""
     messages = []
     for turn in turns:
         parts = [vlm_pb2.Part(image=to_image(path)) for path in turn.images]
+        parts += [vlm_pb2.Part(video=to_video(clip.path, clip.fps, clip.max_frames)) for clip in turn.videos]
         if turn.text:
             parts.append(vlm_pb2.Part(text=turn.text))
         if parts:
@@ -74,13 +87,13 @@ def to_messages(turns: Sequence[Turn]) -> list[vlm_pb2.Message]:
 
 
 def to_chat(turns: Sequence[Turn]) -> list[dict]:
-    """The conversation as Gradio Chatbot messages (images shown in the user's bubble)."""
+    """The conversation as Gradio Chatbot messages (images and videos shown in the user's bubble)."""
     chat = []
     for turn in turns:
-        content: list[Any] = [{"path": path} for path in turn.images]
+        content: list[Any] = [{"path": path} for path in (*turn.images, *(clip.path for clip in turn.videos))]
         if turn.text:
             content.append(turn.text)
-        chat.append({"role": turn.role, "content": content if turn.images else turn.text})
+        chat.append({"role": turn.role, "content": content if turn.images or turn.videos else turn.text})
     return chat
 
 
@@ -181,6 +194,26 @@ def hidden_results() -> tuple[dict, dict, dict]:
     return result_views(None, ())
 
 
+def sampled_frames(video: str | None, fps: float, max_frames: int) -> tuple[dict, dict]:
+    """Updates of the frames gallery and its note for the uploaded `video`: the frames the service
+    takes of it at `fps` and `max_frames` (its own sampling, vlm_serving.preprocessing.video, with
+    the default limits), each captioned with its time; or, for a file it would refuse, why."""
+    if not video:
+        return gr.update(value=None, visible=False), gr.update(value="")
+    from vlm_serving.preprocessing.video import VideoError, decode_video
+
+    try:
+        with open(video, "rb") as file:
+            sampled = decode_video(file.read(), fps=float(fps), max_frames=int(max_frames))
+    except (OSError, VideoError) as error:
+        return gr.update(value=None, visible=False), gr.update(value=f"**Video** {error}")
+    info = sampled.info
+    note = (f"**{len(sampled.frames)} frames** at {sampled.sampling_fps:g} fps of {info.duration_s:.1f} s, "
+            f"{sampled.frames[0].width}×{sampled.frames[0].height} ({info.container}): what the model is sent")
+    frames = [(frame, f"{seconds:.2f} s") for frame, seconds in zip(sampled.frames, sampled.timestamps_s)]
+    return gr.update(value=frames, visible=True), gr.update(value=note)
+
+
 def error_text(error: grpc.RpcError, address: str) -> str:
     """A gRPC error as the page says it, with what to do where the status alone does not say."""
     code = error.code()
@@ -210,37 +243,47 @@ class WebUI:
         return gr.update(choices=names, value=default), note
 
     def respond(self, message: dict | None, turns: list[Turn], model: str, task: str, max_tokens: float,
-                temperature: float, top_p: float, detail: str) -> Iterator[tuple]:
-        """Ask the question in `message` ({"text", "files"} of the multimodal box) after `turns`.
-        Yields (box, chat, turns, details, gallery, table, markdown) as the answer streams in. A
-        refused or failed request leaves the conversation as it was and the question in the box."""
+                temperature: float, top_p: float, detail: str, video: str | None = None, fps: float = 2.0,
+                max_frames: float = 32) -> Iterator[tuple]:
+        """Ask the question in `message` ({"text", "files"} of the multimodal box), with the uploaded
+        `video` sampled at `fps` and `max_frames`, after `turns`. Yields (box, chat, turns, details,
+        gallery, table, markdown, video upload) as the answer streams in. A refused or failed request
+        leaves the conversation as it was and the question and the video where they were."""
         message = message or {}
         text = (message.get("text") or "").strip()
         files = tuple(message.get("files") or ())
-        if not text and not files:
-            yield (gr.update(), to_chat(turns), turns, "Type a question or add an image.", *hidden_results())
+        clips = (Clip(video, float(fps), int(max_frames)),) if video else ()
+        if not text and not files and not clips:
+            yield (gr.update(), to_chat(turns), turns, "Type a question or add an image or a video.",
+                   *hidden_results(), gr.update())
             return
-        asked = [*turns, Turn("user", text, files)]
+        asked = [*turns, Turn("user", text, files, clips)]
         settings = Settings(model, task, max_tokens, temperature, top_p, detail)
         text_so_far, last = "", None
-        yield (gr.update(value=None), to_chat(asked), turns, "*Thinking…*", *hidden_results())
+        yield (gr.update(value=None), to_chat(asked), turns, "*Thinking…*", *hidden_results(), gr.update(value=None))
         try:
             for chunk in self.client.stream(model, messages=to_messages(asked), **settings.request_options()):
                 text_so_far, last = text_so_far + chunk.text, chunk
                 # The answer so far is part of the conversation: a stopped answer stays as shown.
                 now = [*asked, Turn("assistant", text_so_far)]
-                yield (gr.update(), to_chat(now), now, "*Answering…*", *hidden_results())
+                yield (gr.update(), to_chat(now), now, "*Answering…*", *hidden_results(), gr.update())
         except grpc.RpcError as error:
-            yield (gr.update(value={"text": text, "files": list(files)}), to_chat(turns), turns,
-                   error_text(error, self.client.address), *hidden_results())
+            yield (*self._given_back(text, files, turns), error_text(error, self.client.address),
+                   *hidden_results(), gr.update(value=video))
             return
-        except OSError as error:  # an uploaded file that cannot be read
-            yield (gr.update(value={"text": text, "files": list(files)}), to_chat(turns), turns,
-                   f"**Error** {error}", *hidden_results())
+        except (OSError, ValueError) as error:  # an uploaded file that cannot be read, or is no video
+            yield (*self._given_back(text, files, turns), f"**Error** {error}", *hidden_results(),
+                   gr.update(value=video))
             return
         done = [*asked, Turn("assistant", text_so_far)]
-        yield (gr.update(), to_chat(done), done, describe(last), *result_views(last, conversation_images(done)))
+        yield (gr.update(), to_chat(done), done, describe(last), *result_views(last, conversation_images(done)),
+               gr.update())
+
+    @staticmethod
+    def _given_back(text: str, files: tuple[str, ...], turns: list[Turn]) -> tuple:
+        """The box with the question again, and the conversation as it was."""
+        return gr.update(value={"text": text, "files": list(files)}), to_chat(turns), turns
 
     def clear(self) -> tuple:
         """A new conversation."""
-        return (gr.update(value=None), [], [], "", *hidden_results())
+        return (gr.update(value=None), [], [], "", *hidden_results(), gr.update(value=None))
