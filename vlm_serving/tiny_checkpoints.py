@@ -308,6 +308,24 @@ def write_example_chart(path: Path) -> None:
     plt.close(figure)
 
 
+def write_example_clip(path: Path) -> None:
+    """A 4-second clip for the video demo (the sun of the example picture rising, 8 fps, H.264 in MP4)."""
+    import av
+    from PIL import Image, ImageDraw
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for index in range(32):
+            image = Image.new("RGB", (320, 240), (120, 180, 240))
+            draw = ImageDraw.Draw(image)
+            top = 140 - 3 * index
+            draw.ellipse((120, top, 200, top + 80), fill=(250, 200, 30))
+            draw.rectangle((0, 150, 320, 240), fill=(20, 70, 160))
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())
+
+
 BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "pixtral": build_pixtral}
 
 
@@ -330,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{target}: built in {time.perf_counter() - start:.1f}s")
     write_example_image(args.out_dir / "example.png")
     write_example_chart(args.out_dir / "example_chart.png")
+    write_example_clip(args.out_dir / "example.mp4")
     return 0
 
 
