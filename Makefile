@@ -13,9 +13,9 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/python
 PROTO := protos/vlm/v1/vlm.proto
 
-.PHONY: setup system-tools protos node schemathesis perf-tools bench bench-gpu sweep models configs up down run ui test test-unit test-integration clean
+.PHONY: setup system-tools protos node schemathesis reference-env perf-tools bench bench-gpu sweep models configs up down run ui test test-unit test-integration clean
 
-setup: $(STAMP) protos node schemathesis
+setup: $(STAMP) protos node schemathesis reference-env
 
 # Tools some tests drive: npm (the Node.js client), docker-compose (validates docker-compose.yml),
 # chromium with chromedriver (the web UI's browser test) and kubectl (renders the Kustomize overlays).
@@ -49,6 +49,17 @@ $(SCHEMATHESIS): requirements-schemathesis.txt
 	test -x build/schemathesis/bin/python || $(PYTHON) -m venv build/schemathesis
 	build/schemathesis/bin/pip install --disable-pip-version-check -q -r requirements-schemathesis.txt
 	touch $(SCHEMATHESIS)
+
+# transformers' video processor (it needs torchvision) in a virtualenv of its own, for the reference
+# tests only: PyPI's torchvision does not import beside the service's torch 2.13.0; see
+# requirements-reference.txt. tests/unit/test_qwen_video.py runs tests/reference_env/ with it.
+REFERENCE_ENV := build/reference-env
+reference-env: $(REFERENCE_ENV)/.installed
+
+$(REFERENCE_ENV)/.installed: requirements-reference.txt
+	test -x $(REFERENCE_ENV)/bin/python || $(PYTHON) -m venv $(REFERENCE_ENV)
+	$(REFERENCE_ENV)/bin/pip install --disable-pip-version-check -q -r requirements-reference.txt
+	touch $@
 
 # Python stubs of the public API (build outputs, never committed), importable as `vlm.v1`.
 protos: $(GEN)/vlm/v1/vlm_pb2_grpc.py

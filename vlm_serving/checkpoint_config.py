@@ -22,6 +22,8 @@ CLIP_NORMALIZATION = {"rescale_factor": 1 / 255, "image_mean": [0.48145466, 0.45
 QWEN_PROCESSOR_DEFAULTS = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
                            "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}
 PIXTRAL_PROCESSOR_DEFAULTS = {"patch_size": {"height": 16, "width": 16}, "size": {"longest_edge": 1024}}
+# Qwen2VLVideoProcessor's own defaults (its bounds differ from the image processor's).
+QWEN_VIDEO_PROCESSOR_DEFAULTS = {**QWEN_PROCESSOR_DEFAULTS, "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}}
 
 
 def read_json(checkpoint_dir: str | Path, name: str) -> dict[str, Any]:
@@ -81,4 +83,33 @@ def image_processor_config(checkpoint_dir: str | Path, family: str) -> dict[str,
         out["longest_edge"] = int((settings.get("size") or PIXTRAL_PROCESSOR_DEFAULTS["size"])["longest_edge"])
     else:
         raise ValueError(f"unknown model family {family!r}")
+    return out
+
+
+def qwen_video_processor_config(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """What preprocessing needs of a Qwen2.5-VL checkpoint's video processor, from the file transformers'
+    AutoVideoProcessor reads it from: processor_config.json's "video_processor", else
+    video_preprocessor_config.json, else preprocessor_config.json (a checkpoint without video settings
+    gives its video processor the image processor's file). rescale_factor, image_mean, image_std,
+    patch_size, merge_size, temporal_patch_size, min_pixels and max_pixels (a frame's bounds: `size`,
+    overridden by `min_pixels`/`max_pixels`), and max_video_tokens (None where the file sets none).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    nested = checkpoint_dir / "processor_config.json"
+    settings = json.loads(nested.read_text()).get("video_processor") if nested.is_file() else None
+    if settings is None:
+        name = "video_preprocessor_config.json"
+        settings = read_json(checkpoint_dir, name if (checkpoint_dir / name).is_file() else "preprocessor_config.json")
+    out = {key: settings.get(key, default) for key, default in CLIP_NORMALIZATION.items()}
+    out.update({key: int(settings.get(key, QWEN_VIDEO_PROCESSOR_DEFAULTS[key]))
+                for key in ("patch_size", "merge_size", "temporal_patch_size")})
+    size = dict(settings.get("size") or QWEN_VIDEO_PROCESSOR_DEFAULTS["size"])
+    for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if settings.get(key) is not None:
+            size[edge] = settings[key]
+        if not size.get(edge):
+            raise ValueError(f"{checkpoint_dir}: the video processor's size gives no {edge}; add it (pixels a frame)")
+    out["min_pixels"], out["max_pixels"] = int(size["shortest_edge"]), int(size["longest_edge"])
+    tokens = settings.get("max_video_tokens")
+    out["max_video_tokens"] = int(tokens) if tokens is not None else None
     return out
