@@ -26,6 +26,8 @@ from vlm_serving.generation.structured import JSON_SCHEMA, ResponseFormat
 
 CAPTION, VQA, OCR, DOCUMENT, GROUNDING, CHART = "caption", "vqa", "ocr", "document", "grounding", "chart"
 TASKS = (CAPTION, VQA, OCR, DOCUMENT, GROUNDING, CHART)
+# Tasks whose prompts suit a video clip; the others (boxes, text lines, pages, charts) read images only.
+VIDEO_TASKS = (CAPTION, VQA)
 # Tasks whose answer is a JSON document (constrained by `output_format`); the rest answer in text.
 STRUCTURED = (OCR, GROUNDING, CHART)
 # How each family states box coordinates: pixels of the image it saw, or per mille of its sides.
@@ -135,14 +137,25 @@ def _box_clause(family: str) -> str:
     return " Coordinates are on a 0-1000 scale of the image's width and height."
 
 
-def instruction(task: str, family: str, user_text: str, image_count: int) -> str:
+def _caption_subject(image_count: int, video_count: int) -> str:
+    if not video_count:
+        return "each image" if image_count > 1 else "this image"
+    if not image_count:
+        return "each video" if video_count > 1 else "this video"
+    return "each image and video"
+
+
+def instruction(task: str, family: str, user_text: str, image_count: int, video_count: int = 0) -> str:
     """The text the model gets for `task` in the family's own conventions (`user_text`: what the
     caller wrote, kept where the task uses it)."""
+    if video_count and task not in VIDEO_TASKS:
+        raise TaskError(f"task {task} reads images only (tasks for videos: {', '.join(VIDEO_TASKS)}); send the "
+                        "clip's frames as images, or ask without the task")
     user_text = user_text.strip()
     many = _images_clause(image_count)
     boxes = _box_clause(family)
     if task == CAPTION:
-        subject = "each image" if image_count > 1 else "this image"
+        subject = _caption_subject(image_count, video_count)
         return (f"Describe {subject} in one or two sentences." + (f" {user_text}" if user_text else "")).strip()
     if task == VQA:
         if not user_text:
@@ -177,10 +190,9 @@ def apply_task(messages: list[dict], task: str, family: str) -> list[dict]:
         content = message.get("content")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
         user_text = " ".join(part.get("text", "") for part in parts if part.get("type") == "text")
-        image_count = sum(1 for m in messages for p in (m["content"] if isinstance(m["content"], list) else [])
-                          if p.get("type") == "image")
+        media = [p.get("type") for m in messages for p in (m["content"] if isinstance(m["content"], list) else [])]
         kept = [part for part in parts if part.get("type") != "text"]
-        text = instruction(task, family, user_text, image_count)
+        text = instruction(task, family, user_text, media.count("image"), media.count("video"))
         return [*messages[: messages.index(message)], {**message, "content": kept + [{"type": "text", "text": text}]},
                 *messages[messages.index(message) + 1 :]]
     raise TaskError(f"task {task} needs a user message")

@@ -18,6 +18,7 @@ from vlm_serving.preprocessing.chat import MessageError, parse_messages, videos_
 from vlm_serving.preprocessing.images import ImageError
 from vlm_serving.preprocessing.preprocess import VIDEO_CLIP_TOKENS, load_preprocessor
 from vlm_serving.preprocessing.video import VideoError, VideoLimits, decode_video
+from vlm_serving.tasks import TaskError
 
 
 def video_part(fps: float = 2.0, max_frames: int = 32) -> dict:
@@ -156,3 +157,16 @@ def test_the_clips_sampled_frames_are_distinct():
     levels = [int(np.asarray(frame).mean()) for frame in decode_video(CLIP, 2.0, 32).frames]
     assert all(abs(level - grey(5 * i)) <= 3 for i, level in enumerate(levels))
     assert len(set(levels[:5])) == 5
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "pixtral"])
+def test_caption_and_vqa_tasks_read_clips_and_the_image_tasks_refuse_them(name, checkpoints):
+    preprocessor = load_preprocessor(name, checkpoints / name)
+    captioned = preprocessor([], user(video_part(max_frames=4), text=""), task="caption", encoded_videos=[CLIP])
+    prompt = preprocessor.tokenizer.decode(captioned.input_ids.tolist())
+    assert "Describe this video in one or two sentences." in prompt
+    asked = preprocessor([], user(video_part(max_frames=4), text="What colour is it?"), task="vqa", encoded_videos=[CLIP])
+    assert "What colour is it?\nAnswer the question briefly." in preprocessor.tokenizer.decode(asked.input_ids.tolist())
+    for task in ("ocr", "document", "grounding", "chart"):
+        with pytest.raises(TaskError, match=f"task {task} reads images only \\(tasks for videos: caption, vqa\\)"):
+            preprocessor([], user(video_part(max_frames=4)), task=task, encoded_videos=[CLIP])
