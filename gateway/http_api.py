@@ -44,7 +44,7 @@ from gateway.validation import REQUEST_ID
 
 # Bodies larger than this are parsed on a worker thread: the event loop serves everyone else meanwhile.
 OFF_LOOP_BYTES = 64 * 1024
-# What a body may hold besides its images' base64: the gRPC message's allowance for text, tools and
+# What a body may hold besides its images' and videos' base64: the gRPC message's allowance for text, tools and
 # schemas, twice over for JSON's escapes and layout. Checked before parsing: a JSON parser holds
 # the interpreter for the whole document, so a body of millions of small objects is refused unread.
 MAX_BODY_BYTES_BESIDE_IMAGES = 2 * REQUEST_TEXT_ALLOWANCE
@@ -91,8 +91,8 @@ def error_response(error: HttpError) -> JSONResponse:
 
 
 def bytes_beside_images(raw: bytes, max_images: int) -> int:
-    """The body's bytes outside its data URLs' base64 payloads (the first `max_images` of them;
-    string searches only, no parsing)."""
+    """The body's bytes outside its data URLs' base64 payloads (the first `max_images` of them, images
+    and videos alike; string searches only, no parsing)."""
     images, start = 0, raw.find(_BASE64_START)
     for _ in range(max_images):
         if start < 0:
@@ -177,10 +177,11 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
             if len(raw) > limit:
                 raise HttpError(413, "invalid_request_error", f"the request body is over the limit of {limit} bytes",
                                 code="request_too_large")
-        beside = bytes_beside_images(raw, settings.max_images)
+        beside = bytes_beside_images(raw, settings.max_images + settings.max_videos)
         if beside > MAX_BODY_BYTES_BESIDE_IMAGES:
             raise HttpError(413, "invalid_request_error", f"the request body holds {beside} bytes besides its images' "
-                            f"data, over the limit of {MAX_BODY_BYTES_BESIDE_IMAGES} bytes", code="request_too_large")
+                            f"and videos' data, over the limit of {MAX_BODY_BYTES_BESIDE_IMAGES} bytes",
+                            code="request_too_large")
         if len(raw) > OFF_LOOP_BYTES:
             return await asyncio.to_thread(parse_body, bytes(raw), settings)
         return parse_body(bytes(raw), settings)

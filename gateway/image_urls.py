@@ -1,4 +1,5 @@
-"""Fetch a request's image URLs: allowlisted hosts and ports, public addresses, bounded in bytes.
+"""Fetch a request's image and video URLs: allowlisted hosts and ports, public addresses, bounded
+in bytes.
 
 Validation already checked each URL against the allowlist (scheme, host, port). Here each name is
 resolved once, every address it resolves to must be public (or inside
@@ -7,7 +8,9 @@ resolve to a public address for the check and to a private one for the connectio
 rebinding). Redirects are not followed (a redirect could point anywhere). A request's URLs are
 fetched concurrently with aiohttp, each within `image_url_timeout_s` in total; the caller's
 deadline (the servicer's timeout scope) bounds them all. Bytes are counted while they arrive:
-no image may pass `max_image_bytes` and all images of a request together `max_request_image_bytes`.
+no image may pass `max_image_bytes`, no video `max_video_bytes`, and all images and videos of a
+request together `max_request_image_bytes`. Fetched bytes get the checks sent bytes got in
+validation (a video's: its header, read without decoding).
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from aiohttp.abc import AbstractResolver
 
 from gateway.errors import invalid_argument
 from gateway.settings import Settings
-from gateway.validation import ImageSource, check_image_bytes, check_image_url
+from gateway.validation import ImageSource, check_url
 
 _CHUNK_BYTES = 64 * 1024
 
 
 class _Refused(Exception):
-    """Why an image cannot be had, worded for the caller."""
+    """Why an image or video cannot be had, worded for the caller."""
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -63,7 +66,8 @@ def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address, sett
     kind = next((name for name, flag in (("loopback", address.is_loopback), ("link-local (cloud metadata)", address.is_link_local),
                                          ("private", address.is_private), ("multicast", address.is_multicast))
                  if flag), "non-public")
-    return f"a {kind} address, which image URLs may not reach (VLM_IMAGE_URL_ALLOWED_NETWORKS allows networks)"
+    return (f"a {kind} address, which image and video URLs may not reach (VLM_IMAGE_URL_ALLOWED_NETWORKS allows "
+            "networks)")
 
 
 class _PinnedResolver(AbstractResolver):
@@ -97,7 +101,7 @@ async def _checked_addresses(host: str, port: int, settings: Settings) -> list[d
 
 
 class _Budget:
-    """Image bytes left for the whole request, spent as they arrive."""
+    """Image and video bytes left for the whole request, spent as they arrive."""
 
     def __init__(self, limit: int, spent: int):
         self.limit = limit
@@ -106,18 +110,17 @@ class _Budget:
     def spend(self, count: int) -> None:
         self.left -= count
         if self.left < 0:
-            raise invalid_argument([("messages", f"the request's images add up to more than {self.limit} bytes, "
-                                                 "the limit per request; send fewer or smaller images")])
+            raise invalid_argument([("messages", f"the request's images and videos add up to more than {self.limit} "
+                                                 "bytes, the limit per request; send fewer or smaller ones")])
 
 
-async def _download(url: str, settings: Settings, budget: _Budget) -> bytes:
+async def _download(url: str, limit: int, settings: Settings, budget: _Budget) -> bytes:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     addresses = await _checked_addresses(parts.hostname, port, settings)
     connector = aiohttp.TCPConnector(resolver=_PinnedResolver(addresses), use_dns_cache=False,
                                      force_close=True)
     timeout = aiohttp.ClientTimeout(total=settings.image_url_timeout_s)
-    limit = settings.max_image_bytes
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
         async with session.get(url, allow_redirects=False) as response:
             if 300 <= response.status < 400:
@@ -136,27 +139,29 @@ async def _download(url: str, settings: Settings, budget: _Budget) -> bytes:
 
 
 async def fetch(source: ImageSource, settings: Settings, budget: _Budget) -> bytes:
-    """The image's bytes; an INVALID_ARGUMENT naming the field when they cannot be had."""
+    """The image's or video's bytes; an INVALID_ARGUMENT naming the field when they cannot be had."""
     if source.data is not None:
         return source.data
-    problem = check_image_url(source.url, settings)  # defence in depth: never fetch unchecked URLs
+    problem = check_url(source.url, settings, source.kind)  # defence in depth: never fetch unchecked URLs
     if problem is None:
         try:
-            data = await _download(source.url, settings, budget)
-            problem = check_image_bytes(data, settings)
+            data = await _download(source.url, source.max_bytes(settings), settings, budget)
+            # Off the event loop: a video's header takes up to 0.1 s to read (see `holds_video`).
+            problem = await asyncio.to_thread(source.problem, data, settings)
             if problem is None:
                 return data
         except _Refused as exc:
             problem = str(exc)
         except asyncio.TimeoutError:  # aiohttp's total timeout (the caller's deadline is a cancellation)
-            problem = f"fetching the image took longer than {settings.image_url_timeout_s:g}s"
+            problem = f"fetching the {source.kind} took longer than {settings.image_url_timeout_s:g}s"
         except aiohttp.ClientError as exc:
-            problem = f"could not fetch the image: {exc}"
+            problem = f"could not fetch the {source.kind}: {exc}"
     raise invalid_argument([(source.field, problem)])
 
 
-async def fetch_images(sources: list[ImageSource], settings: Settings) -> list[bytes]:
-    """Every image's bytes in request order, URLs fetched concurrently; the first failure wins."""
+async def fetch_all(sources: list[ImageSource], settings: Settings) -> list[bytes]:
+    """Every image's and video's bytes in the order given, URLs fetched concurrently; the first
+    failure wins."""
     budget = _Budget(settings.max_request_image_bytes, 0)
     budget.spend(sum(len(source.data) for source in sources if source.data is not None))
     tasks = [asyncio.ensure_future(fetch(source, settings, budget)) for source in sources]

@@ -38,6 +38,8 @@ FINISH_REASONS = {vlm_pb2.FINISH_REASON_STOP: "stop", vlm_pb2.FINISH_REASON_LENG
                   vlm_pb2.FINISH_REASON_CANCELLED: "stop"}
 DETAILS = {"auto": vlm_pb2.IMAGE_DETAIL_AUTO, "low": vlm_pb2.IMAGE_DETAIL_LOW, "high": vlm_pb2.IMAGE_DETAIL_HIGH}
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,(.*)$", re.S)
+# A video's data URL: video/<type>, or image/gif (an animated GIF is a clip too).
+_VIDEO_DATA_URL = re.compile(r"^data:(?:video/[A-Za-z0-9.+-]+|image/gif);base64,(.*)$", re.S)
 # OpenAI request fields this service does not serve: refused with this reason, not silently ignored.
 UNSERVED = {
     "logit_bias": "token-level logit biases are not supported",
@@ -64,10 +66,22 @@ class ImageURL(_Lenient):
     detail: Literal["auto", "low", "high"] | None = None
 
 
+class VideoURL(_Lenient):
+    """vLLM's video part, with this service's sampling options (unset: their defaults)."""
+
+    url: str = Field(description="a data:video/...;base64 URL (MP4 H.264, WebM VP8/VP9; data:image/gif for an "
+                                 "animated GIF), or an http(s) URL on the service's allowlist")
+    fps: float | None = Field(None, description="this service's extension: frames to sample per second "
+                                                "(default 2, at most 30)")
+    max_frames: INT32 | None = Field(None, description="this service's extension: the most frames to sample "
+                                                       "(default 32, 2 to 256)")
+
+
 class ContentPart(_Lenient):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
 
 
 class FunctionCall(_Lenient):
@@ -197,10 +211,20 @@ def bad_request(message: str, param: str | None) -> HttpError:
     return HttpError(400, "invalid_request_error", message, param, "invalid_argument")
 
 
+# What pydantic puts in an error's location for the branch of a union it tried ("str",
+# "list[ContentPart]", "NamedToolChoice"): no field the caller wrote.
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|(list|dict|literal)\[.*\]|[A-Z]\w*)$")
+
+
 def validation_problems(errors: list[dict]) -> HttpError:
-    """pydantic's errors as one 400, naming the first field as the caller wrote it."""
+    """pydantic's errors as one 400, naming the first field as the caller wrote it. A union (a
+    message's content: text or a list of parts) fails in each branch: the deepest error comes first,
+    the caller's mistake inside a part rather than "not a string"."""
     def path(error) -> str:
-        return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+        return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]
+                       if not (isinstance(part, str) and _UNION_BRANCH.match(part))).lstrip(".")
+
+    errors = sorted(errors, key=lambda error: -len(error["loc"]))
 
     def problem(error) -> str:
         name = path(error)
@@ -218,6 +242,10 @@ class ParamNames:
 
     _RULES = [
         (re.compile(r"^messages\[(\d+)\]\.parts\[(\d+)\]\.image(\.data|\.url)?$"), r"messages[\1].content[\2].image_url.url"),
+        (re.compile(r"^messages\[(\d+)\]\.parts\[(\d+)\]\.video\.(data|url)$"), r"messages[\1].content[\2].video_url.url"),
+        (re.compile(r"^messages\[(\d+)\]\.parts\[(\d+)\]\.video\.(fps|max_frames)$"),
+         r"messages[\1].content[\2].video_url.\3"),
+        (re.compile(r"^messages\[(\d+)\]\.parts\[(\d+)\]\.video$"), r"messages[\1].content[\2]"),
         (re.compile(r"^messages\[(\d+)\]\.parts\[(\d+)\](\.text)?$"), r"messages[\1].content[\2]\3"),
         (re.compile(r"^messages\[(\d+)\]\.parts$"), r"messages[\1].content"),
         (re.compile(r"^messages\[(\d+)\]\.tool_calls\[(\d+)\]\.(name|arguments)$"), r"messages[\1].tool_calls[\2].function.\3"),
@@ -251,6 +279,30 @@ class ParamNames:
 
 # ----- translation -----------------------------------------------------------------------------
 
+def _video(video_url: VideoURL | None, where: str) -> vlm_pb2.Video:
+    """A video_url part as the public API's Video (`where`: the part's path)."""
+    if video_url is None:
+        raise bad_request("a video_url part needs video_url.url", f"{where}.video_url")
+    # The proto reads 0 as unset: an explicit 0 is refused here, as the proto refuses other values out of range.
+    for name, value in (("fps", video_url.fps), ("max_frames", video_url.max_frames)):
+        if value == 0:
+            raise bad_request(f"{name} 0 is out of range; leave {name} out for its default",
+                              f"{where}.video_url.{name}")
+    video = vlm_pb2.Video(fps=video_url.fps or 0, max_frames=video_url.max_frames or 0)
+    data = _VIDEO_DATA_URL.match(video_url.url)
+    if data:
+        try:
+            video.data = base64.b64decode(data.group(1), validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request("the data URL's base64 does not decode", f"{where}.video_url.url") from None
+    elif video_url.url.startswith("data:"):
+        raise bad_request("a video data URL must be data:video/<type>;base64,<data> (data:image/gif;base64,<data> for "
+                          "an animated GIF)", f"{where}.video_url.url")
+    else:
+        video.url = video_url.url
+    return video
+
+
 def _parts(content, where: str) -> tuple[list[vlm_pb2.Part], list[str]]:
     """The message's parts as the public API's, and the details its images asked for."""
     if content is None:
@@ -261,6 +313,9 @@ def _parts(content, where: str) -> tuple[list[vlm_pb2.Part], list[str]]:
     for j, part in enumerate(content):
         if part.type == "text":
             parts.append(vlm_pb2.Part(text=part.text or ""))
+            continue
+        if part.type == "video_url":
+            parts.append(vlm_pb2.Part(video=_video(part.video_url, f"{where}.content[{j}]")))
             continue
         if part.image_url is None:
             raise bad_request("an image_url part needs image_url.url", f"{where}.content[{j}].image_url")

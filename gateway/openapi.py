@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.openai_protocol import ChatCompletionRequest
 from gateway.settings import Settings
+from gateway.validation import MAX_VIDEO_FPS, VIDEO_FRAMES
 from vlm_serving.generation.sampling import BOUNDS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 REF = "#/components/schemas/{model}"
@@ -199,6 +200,9 @@ def _bounds(schemas: dict, settings: Settings) -> None:
     request["messages"].update(minItems=1, maxItems=settings.max_messages)
     request["stop"].update(maxItems=MAX_STOP_SEQUENCES, minLength=1, maxLength=MAX_STOP_CHARS)
     schemas["ChatMessage"]["properties"]["content"].update(maxItems=settings.max_parts_per_message, minLength=1)
+    video = schemas["VideoURL"]["properties"]
+    video["fps"].update(exclusiveMinimum=0, maximum=MAX_VIDEO_FPS)
+    video["max_frames"].update(minimum=VIDEO_FRAMES.start, maximum=VIDEO_FRAMES.stop - 1)
 
 
 def describe(app: FastAPI, settings: Settings) -> dict:

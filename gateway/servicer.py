@@ -1,4 +1,4 @@
-"""`vlm.v1.VisionLanguageService`: validate, fetch allowlisted images, call the family's ensemble."""
+"""`vlm.v1.VisionLanguageService`: validate, fetch allowlisted images and videos, call the family's ensemble."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
 from gateway.triton_backend import is_unloaded, pipeline_ready, to_api_error
 from gateway.triton_pool import NoServerReady, TritonPool
-from gateway.validation import ValidatedRequest, validate
+from gateway.validation import ValidatedRequest, holds_video, validate
 from vlm_serving import tasks, tools
 from vlm_serving.generation.structured import TOOL_CALL
 from vlm_serving.pipelines import FAMILIES, ROUTER
@@ -175,7 +175,10 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
     async def _attempt(self, request, context, stream: bool, deliver) -> ApiError | None:
         request_id = request.request_id
         try:
-            call = validate(request, self.settings, stream)
+            if holds_video(request, self.settings):  # probing video headers: off the loop that serves everyone
+                call = await asyncio.to_thread(validate, request, self.settings, stream)
+            else:
+                call = validate(request, self.settings, stream)
             request_id = call.request_id
             request_id_var.set(request_id)
             context.set_trailing_metadata((("x-request-id", request_id),))
@@ -202,21 +205,22 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         return None
 
     async def _generate(self, call: ValidatedRequest, deliver, deadline: asyncio.Timeout) -> None:
-        images = await image_urls.fetch_images(call.images, self.settings)
+        fetched = await image_urls.fetch_all([*call.images, *call.videos], self.settings)
+        images, videos = fetched[:len(call.images)], fetched[len(call.images):]
         if asyncio.get_running_loop().time() >= deadline.when():
             # The deadline passed before the request was read (validating it took longer) or while its
-            # images were fetched, and its timer has not fired yet: nobody waits for the answer, so
+            # images and videos were fetched, and its timer has not fired yet: nobody waits for the answer, so
             # Triton never sees the request (where its images would be decoded and encoded for no one).
             raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            "the deadline passed before the request was sent to the model; it was not sent")
         started, first = time.perf_counter(), None
-        log.debug("request", extra={"fields": {"model": call.model, "images": len(images),
+        log.debug("request", extra={"fields": {"model": call.model, "images": len(images), "videos": len(videos),
                                                "max_tokens": call.params.max_tokens, "stream": call.params.stream}})
         routing = None
         if call.ensemble == ROUTER:
             routing = {"confidence_threshold": call.confidence_threshold, "fallback": call.fallback}
         chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id,
-                                       call.detail, routing, call.task, tools.to_wire(call.tools))
+                                       call.detail, routing, call.task, tools.to_wire(call.tools), videos)
         text, outcome = [], None
         try:
             async with aclosing(chunks):
@@ -241,7 +245,8 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                             "latency_s": round(time.perf_counter() - started, 4)}})
                     await deliver(chunk, call, outcome)
         except InferenceServerException as exc:
-            raise to_api_error(exc, call.model, [image.field for image in call.images]) from None
+            raise to_api_error(exc, call.model, [image.field for image in call.images],
+                               [video.field for video in call.videos]) from None
         except NoServerReady as exc:  # said with the model's public name
             raise ApiError(grpc.StatusCode.UNAVAILABLE, f"model {call.model!r} is not ready on any inference server "
                            f"({exc.states}); retry with backoff", retry_after_s=exc.retry_after_s) from None

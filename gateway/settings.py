@@ -43,11 +43,13 @@ class Settings:
     metrics_port: int = 9090
     max_images: int = 16
     max_image_bytes: int = 20 * 1024 * 1024
-    # All image bytes of one request, sent and fetched together.
+    max_videos: int = 4
+    max_video_bytes: int = 64 * 1024 * 1024
+    # All image and video bytes of one request, sent and fetched together.
     max_request_image_bytes: int = 64 * 1024 * 1024
     # Largest request message accepted at all: gRPC refuses a bigger one (RESOURCE_EXHAUSTED) before
     # parsing it, HTTP a bigger body (413, with 4/3 of it for base64). Default (from_env): the image
-    # budget plus REQUEST_TEXT_ALLOWANCE for text, tools and schemas.
+    # and video budget plus REQUEST_TEXT_ALLOWANCE for text, tools and schemas.
     max_request_bytes: int = 64 * 1024 * 1024 + 4 * 1024 * 1024
     max_prompt_chars: int = 32_768
     max_messages: int = 256
@@ -69,7 +71,7 @@ class Settings:
     # How long a request waits for a connection to a Triton that is down before it is refused
     # (UNAVAILABLE with RetryInfo: it was never sent); reconnects back off to at most half of it.
     triton_connect_timeout_s: float = 2.0
-    # Requests with more image bytes than this get a Triton stream (and connection) of their own.
+    # Requests with more image and video bytes than this get a Triton stream (and connection) of their own.
     triton_large_request_bytes: int = 1024 * 1024
     # Responses a stream may have waiting for a slow reader before it is failed (RESOURCE_EXHAUSTED).
     max_stream_backlog: int = 1024
@@ -138,6 +140,8 @@ class Settings:
             metrics_port=number("VLM_METRICS_PORT", defaults.metrics_port),
             max_images=number("VLM_MAX_IMAGES", defaults.max_images),
             max_image_bytes=number("VLM_MAX_IMAGE_BYTES", defaults.max_image_bytes),
+            max_videos=number("VLM_MAX_VIDEOS", defaults.max_videos),
+            max_video_bytes=number("VLM_MAX_VIDEO_BYTES", defaults.max_video_bytes),
             max_request_image_bytes=image_budget,
             max_request_bytes=number("VLM_MAX_REQUEST_BYTES", image_budget + REQUEST_TEXT_ALLOWANCE),
             max_prompt_chars=number("VLM_MAX_PROMPT_CHARS", defaults.max_prompt_chars),
@@ -163,7 +167,7 @@ class Settings:
 
     @property
     def max_http_body_bytes(self) -> int:
-        """The largest HTTP request body: images travel there as base64, 4/3 of their bytes."""
+        """The largest HTTP request body: images and videos travel there as base64, 4/3 of their bytes."""
         return self.max_request_bytes * 4 // 3
 
     def family_of(self, model: str) -> str:

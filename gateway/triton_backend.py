@@ -3,7 +3,7 @@
 Small requests share one long-lived `ModelStreamInfer` stream, with responses routed back by
 request id: a stream per request cost a fifth of the gateway's CPU (see perf/RESULTS.md). The
 stream is owned by two tasks, a writer and a reader, so no caller ever awaits inside it: a caller
-who gives up (cancelled, deadline) only forgets its own request. Requests whose images exceed
+who gives up (cancelled, deadline) only forgets its own request. Requests whose images and videos exceed
 `large_request_bytes` travel on a connection of their own, one stream each, so their megabytes
 never queue ahead of small requests' bytes (TCP delivers a connection's bytes in order, whatever
 HTTP/2 streams they belong to). Triton's errors become `ApiError`s with the status code a caller
@@ -36,7 +36,8 @@ from vlm_serving.errors import CALLER_ERROR_PREFIX, INTERNAL_ERROR_PREFIX
 from vlm_serving.generation.sampling import SamplingParams
 
 log = logging.getLogger("gateway")
-_IMAGE_ERROR = re.compile(r"image (\d+): (.*)", re.S)
+# Preprocessing's errors about one image or video: "image <k>: ..." (k counts the request's images).
+_MEDIA_ERROR = re.compile(r"(image|video) (\d+): (.*)", re.S)
 # Triton core's own messages (the stream API carries no status code): anchored, so that a model's
 # message that merely mentions "not found" is never taken for a missing model.
 _TRITON_MODEL_NOT_READY = re.compile(r"^Request for unknown model: '[^']*' (is not found|has no available versions"
@@ -105,14 +106,17 @@ def unavailable(reason: str) -> InferenceServerException:
     return InferenceServerException(reason, status=str(grpc.StatusCode.UNAVAILABLE))
 
 
-def to_api_error(exc: InferenceServerException, model: str, image_fields: list[str]) -> ApiError:
+def to_api_error(exc: InferenceServerException, model: str, image_fields: list[str],
+                 video_fields: list[str] = ()) -> ApiError:
     """Map by what the error provably is (`classify`); anything unknown is INTERNAL (never a
-    retryable guess)."""
+    retryable guess). An error about the k-th image or video names that part's field."""
     kind, text = classify(exc)
     if kind is TritonError.CALLER:
-        image = _IMAGE_ERROR.match(text)
-        if image and int(image.group(1)) < len(image_fields):
-            return invalid_argument([(image_fields[int(image.group(1))], image.group(2))])
+        media = _MEDIA_ERROR.match(text)
+        if media:
+            fields = image_fields if media.group(1) == "image" else video_fields
+            if int(media.group(2)) < len(fields):
+                return invalid_argument([(fields[int(media.group(2))], media.group(3))])
         if text.startswith("response_format"):  # found when the generation step compiled it
             return invalid_argument([("config.response_format", text)])
         return invalid_argument([("messages", text)])
@@ -244,7 +248,7 @@ class TritonBackend:
     request waits for a connection to Triton that is down before it is refused (retryably: it was
     never sent). Reconnect attempts back off to at most `connect_timeout_s` / 2, so a Triton that
     comes back is reached within that bound, not after gRPC's default backoff of up to 120 s.
-    `large_request_bytes`: image bytes
+    `large_request_bytes`: image and video bytes
     above which a request gets a stream of its own on the bulk connection. `max_stream_backlog`:
     responses a request may have waiting for its reader before it is failed.
     """
@@ -341,9 +345,10 @@ class TritonBackend:
         routing: dict | None = None,
         task: str | None = None,
         tools: str = "",
+        videos: list[bytes] = (),
     ) -> AsyncIterator[ResponseChunk]:
         """The ensemble's responses as chunks (`routing`: model "auto"'s confidence_threshold and
-        fallback).
+        fallback; `videos`: the encoded clips of the messages' video parts, in their order).
 
         A consumer that stops early (client cancel, deadline) puts the request on the
         cancellation board, which frees its row in the running batch.
@@ -355,6 +360,7 @@ class TritonBackend:
         inputs = build_inputs(
             messages,
             images,
+            videos=list(videos),
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -379,7 +385,7 @@ class TritonBackend:
             model_name=ensemble, inputs=inputs, model_version="", request_id=triton_id, outputs=None,
             sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None, parameters=None,
         )
-        if sum(map(len, images)) > self.large_request_bytes:
+        if sum(map(len, images)) + sum(map(len, videos)) > self.large_request_bytes:
             responses = self._on_own_stream(request)
         else:
             responses = self._on_shared_stream(request, triton_id)

@@ -6,6 +6,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -14,7 +15,9 @@ from vlm.v1 import vlm_pb2
 from gateway.errors import ApiError, invalid_argument
 from gateway.settings import Settings
 from vlm_serving.pipelines import ROUTER
+from vlm_serving.preprocessing.chat import MAX_VIDEO_FPS, MAX_VIDEO_FRAMES
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
+from vlm_serving.preprocessing.video import VideoError, VideoLimits, probe_video, sample_times
 from vlm_serving import tasks, tools
 from vlm_serving.generation import structured
 from vlm_serving.generation.sampling import SamplingParams
@@ -22,6 +25,11 @@ from vlm_serving.generation.sampling import SamplingParams
 ROLES = ("system", "user", "assistant", "tool")
 # Roles whose messages hold text only.
 TEXT_ONLY_ROLES = ("system", "tool")
+# A video's sampling (proto Video; unset, 0, is the default): frames per second, and the most
+# frames, at least 2 (Qwen2.5-VL reads frames in temporal pairs).
+DEFAULT_VIDEO_FPS = 2.0
+DEFAULT_VIDEO_FRAMES = 32
+VIDEO_FRAMES = range(2, MAX_VIDEO_FRAMES + 1)
 
 # ASCII only: the id goes back in gRPC metadata, which allows nothing else.
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
@@ -31,9 +39,32 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 class ImageSource:
     """One image of the request: its bytes, or a URL still to fetch; `field` names it for errors."""
 
+    kind: ClassVar[str] = "image"
     field: str
     data: bytes | None = None
     url: str | None = None
+
+    def max_bytes(self, settings: Settings) -> int:
+        return settings.max_image_bytes
+
+    def problem(self, data: bytes, settings: Settings) -> str | None:
+        """Why these (fetched) bytes cannot be this image, or None."""
+        return check_image_bytes(data, settings)
+
+
+@dataclass
+class VideoSource(ImageSource):
+    """One video of the request and how to sample it (defaults filled in)."""
+
+    kind: ClassVar[str] = "video"
+    fps: float = DEFAULT_VIDEO_FPS
+    max_frames: int = DEFAULT_VIDEO_FRAMES
+
+    def max_bytes(self, settings: Settings) -> int:
+        return settings.max_video_bytes
+
+    def problem(self, data: bytes, settings: Settings) -> str | None:
+        return check_video_bytes(data, settings, (self.fps, self.max_frames))
 
 
 @dataclass
@@ -44,6 +75,8 @@ class ValidatedRequest:
     # Chat messages as the preprocessor takes them ({"type": "image"} parts in image order).
     messages: list[dict] = field(default_factory=list)
     images: list[ImageSource] = field(default_factory=list)
+    # Clips in part order ({"type": "video", "fps": ..., "max_frames": ...} parts in the messages).
+    videos: list[VideoSource] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     # "auto", "low" or "high"; None: the model's default.
     detail: str | None = None
@@ -133,17 +166,18 @@ def _allowlist_entry(entry: str) -> tuple[str, int | None]:
     return parts.hostname or "", parts.port
 
 
-def check_image_url(url: str, settings: Settings) -> str | None:
-    """Why `url` may not be fetched, or None when it may (addresses are checked when fetching)."""
+def check_url(url: str, settings: Settings, kind: str = "image") -> str | None:
+    """Why the `kind` ("image" or "video") at `url` may not be fetched, or None when it may (addresses
+    are checked when fetching). Images and videos share the allowlist."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         return f"not a valid URL ({exc})"
     if parts.scheme not in DEFAULT_PORTS:
-        return f"only http(s) image URLs are fetched, got scheme {parts.scheme!r}"
+        return f"only http(s) {kind} URLs are fetched, got scheme {parts.scheme!r}"
     if parts.username or parts.password:
-        return "image URLs may not carry credentials"
+        return f"{kind} URLs may not carry credentials"
     host = (parts.hostname or "").lower()
     if not host:
         return "the URL names no host"
@@ -155,9 +189,19 @@ def check_image_url(url: str, settings: Settings) -> str | None:
             return f"port {port} of {host!r} is not on this service's image URL allowlist"
         return (
             f"host {host!r} is not on this service's image URL allowlist "
-            f"({', '.join(sorted(settings.image_url_allowlist)) or 'empty'}); send the image bytes in image.data instead"
+            f"({', '.join(sorted(settings.image_url_allowlist)) or 'empty'}); send the {kind} bytes in {kind}.data "
+            "instead"
         )
     return None
+
+
+def holds_video(request, settings: Settings) -> bool:
+    """Whether the request has a video part (whose header `validate` probes: about 1 ms, up to 0.1 s
+    for a long WebM recorded live, whose length comes from scanning its packets). Messages over the
+    limits are not looked into: `validate` refuses them unread."""
+    return len(request.messages) <= settings.max_messages and any(
+        len(message.parts) <= settings.max_parts_per_message
+        and any(part.WhichOneof("kind") == "video" for part in message.parts) for message in request.messages)
 
 
 def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
@@ -171,10 +215,11 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     violations: list[tuple[str, str]] = []
     if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
         violations.append(("request_id", "1 to 128 ASCII letters, digits and _.:/- characters"))
-    messages, images = conversation(request.messages, settings, violations)
+    messages, images, videos = conversation(request.messages, settings, violations)
     image_parts = sum(1 for m in messages for c in m["content"] if c["type"] == "image")
     if image_parts > settings.max_images:
         violations.append(("messages", f"{image_parts} images is over the limit of {settings.max_images} per request"))
+    video_parts = sum(1 for m in messages for c in m["content"] if c["type"] == "video")
     task = TASKS.get(request.task)
     params = sampling_params(request.config, stream, default_max_tokens(task, settings))
     violations += [(f"config.{name}", message) for name, message in params.violations(settings.max_tokens_limit)]
@@ -192,8 +237,12 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     if task:
         if params.response_format.constrained:
             violations.append(("config.response_format", f"task {task} shapes its own answer; leave response_format unset"))
-        if not image_parts:
-            violations.append(("messages", f"task {task} needs at least one image"))
+        if video_parts and task not in tasks.VIDEO_TASKS:
+            violations.append(("task", f"task {task} reads images only; send the video's frames as images, "
+                                       f"or ask for {' or '.join(tasks.VIDEO_TASKS)}, which read videos too"))
+        elif not image_parts and not video_parts:
+            needs = "one image or video" if task in tasks.VIDEO_TASKS else "one image"
+            violations.append(("messages", f"task {task} needs at least {needs}"))
         params = replace(params, response_format=tasks.output_format(task, image_parts))
     tool_list = [tools.Tool(t.name, t.description, _compact(t.parameters) if t.parameters else tools.Tool.parameters)
                  for t in request.tools]
@@ -215,6 +264,7 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
         request_id=request.request_id or uuid.uuid4().hex,
         messages=messages,
         images=images,
+        videos=videos,
         params=params,
         detail=DETAILS.get(request.detail),
         confidence_threshold=threshold,
@@ -224,31 +274,35 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     )
 
 
-def conversation(messages, settings: Settings, violations: list) -> tuple[list[dict], list[ImageSource]]:
-    """The messages as the preprocessor takes them and the images to fetch, every problem added to
-    `violations`. Counts are checked before anything is iterated: a flood of messages or parts is
-    refused at the cost of reading its lengths."""
+def conversation(messages, settings: Settings,
+                 violations: list) -> tuple[list[dict], list[ImageSource], list[VideoSource]]:
+    """The messages as the preprocessor takes them and the images and videos to fetch, every problem
+    added to `violations`. Counts are checked before anything is iterated: a flood of messages, parts
+    or videos (each of which is probed) is refused at the cost of reading its lengths."""
     if not messages:
         violations.append(("messages", "at least one message is required"))
     if len(messages) > settings.max_messages:
         violations.append(("messages", f"{len(messages)} messages is over the limit of {settings.max_messages}"))
-        return [], []
+        return [], [], []
     floods = [(f"messages[{i}].parts", f"{len(m.parts)} parts is over the limit of {settings.max_parts_per_message} "
                                        "per message") for i, m in enumerate(messages) if len(m.parts) > settings.max_parts_per_message]
     total = sum(len(m.parts) for m in messages)
     if total > settings.max_parts and not floods:
         floods.append(("messages", f"{total} parts is over the limit of {settings.max_parts} per request"))
+    video_count = sum(part.WhichOneof("kind") == "video" for m in messages for part in m.parts) if not floods else 0
+    if video_count > settings.max_videos:
+        floods.append(("messages", f"{video_count} videos is over the limit of {settings.max_videos} per request"))
     if floods:
         violations += floods
-        return [], []
+        return [], [], []
     # The calls of the last assistant message that tool messages may still answer (each once).
-    converted, images, text_chars, open_calls = [], [], 0, set()
+    converted, images, videos, text_chars, open_calls = [], [], [], 0, set()
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if message.role not in ROLES:
             violations.append((f"{where}.role", f"{message.role!r} is not one of {', '.join(ROLES)}"))
         if not message.parts and not message.tool_calls:
-            violations.append((f"{where}.parts", "at least one part (text or image) is required"))
+            violations.append((f"{where}.parts", "at least one part (text, image or video) is required"))
         content = []
         for j, part in enumerate(message.parts):
             path = f"{where}.parts[{j}]"
@@ -267,8 +321,18 @@ def conversation(messages, settings: Settings, violations: list) -> tuple[list[d
                 if source is not None:
                     images.append(source)
                 content.append({"type": "image"})
+            elif kind == "video":
+                if message.role != "user":
+                    violations.append((f"{path}.video", f"videos go in user messages only, not in a message of role "
+                                                        f"{message.role!r}"))
+                    continue
+                fps, max_frames = video_sampling(part.video)
+                source = video_source(part.video, fps, max_frames, f"{path}.video", settings, violations)
+                if source is not None:
+                    videos.append(source)
+                content.append({"type": "video", "fps": fps, "max_frames": max_frames})
             else:
-                violations.append((path, "set either text or image"))
+                violations.append((path, "set text, image or video"))
         entry = {"role": message.role, "content": content}
         if message.role == "assistant":
             open_calls = set()
@@ -289,7 +353,7 @@ def conversation(messages, settings: Settings, violations: list) -> tuple[list[d
         converted.append(entry)
     if text_chars > settings.max_prompt_chars:
         violations.append(("messages", f"{text_chars} characters of text is over the limit of {settings.max_prompt_chars}"))
-    return converted, images
+    return converted, images, videos
 
 
 def tool_calls(message, where: str, violations: list, max_chars: int) -> tuple[list[dict], int]:
@@ -334,8 +398,61 @@ def image_source(image, path: str, settings: Settings, violations: list) -> Imag
         violations.append((path, "set either data or url"))
         return None
     value = getattr(image, source)
-    problem = check_image_bytes(value, settings) if source == "data" else check_image_url(value, settings)
+    problem = check_image_bytes(value, settings) if source == "data" else check_url(value, settings)
     if problem:
         violations.append((f"{path}.{source}", problem))
         return None
     return ImageSource(field=f"{path}.{source}", **{source: value})
+
+
+def video_sampling(video) -> tuple[float, int]:
+    """The video's fps and max_frames with the defaults for unset (0) ones. fps, a float32 on the
+    wire, is read as the shortest decimal of its precision: 0.3 stays 0.3, not 0.30000001192."""
+    return float(f"{video.fps:.7g}") or DEFAULT_VIDEO_FPS, video.max_frames or DEFAULT_VIDEO_FRAMES
+
+
+def check_video_bytes(data: bytes, settings: Settings, sampling: tuple[float, int] | None) -> str | None:
+    """Why these bytes cannot be a video here, or None, from what needs no decoding (decoding happens
+    in Triton): size, magic bytes, the container's header (video stream, codec, frame size, length),
+    and with `sampling` (fps, max_frames) the frames it would take against the pixel budget per clip."""
+    limits = VideoLimits(max_bytes=settings.max_video_bytes)
+    try:
+        info = probe_video(data, limits)
+    except VideoError as exc:
+        return str(exc).removeprefix("video 0: ")  # the field names the video
+    if sampling is None:
+        return None
+    frames = len(sample_times(info.duration_s, *sampling, info.fps))
+    pixels = frames * info.width * info.height
+    if pixels > limits.max_total_pixels:
+        return (f"{frames} frames of {info.width}x{info.height} = {pixels} pixels is over the budget of "
+                f"{limits.max_total_pixels} pixels per clip; lower fps or max_frames, or downscale")
+    return None
+
+
+def video_source(video, fps: float, max_frames: int, path: str, settings: Settings,
+                 violations: list) -> VideoSource | None:
+    sampling_ok = True
+    if not 0 < fps <= MAX_VIDEO_FPS:  # NaN too
+        violations.append((f"{path}.fps", f"{fps:g} is out of range; frames to sample per second, greater than 0 "
+                                          f"and at most {MAX_VIDEO_FPS:g} (unset: {DEFAULT_VIDEO_FPS:g})"))
+        sampling_ok = False
+    if max_frames not in VIDEO_FRAMES:
+        violations.append((f"{path}.max_frames", f"{max_frames} is out of range; the most frames to sample, "
+                                                 f"{VIDEO_FRAMES.start} to {VIDEO_FRAMES.stop - 1} "
+                                                 f"(unset: {DEFAULT_VIDEO_FRAMES})"))
+        sampling_ok = False
+    source = video.WhichOneof("source")  # "data" or "url"
+    if source is None:
+        violations.append((path, "set either data or url"))
+        return None
+    value = getattr(video, source)
+    if source == "url":
+        problem = check_url(value, settings, "video")
+    else:  # the pixel budget only for a sampling that is valid: it is refused on its own otherwise
+        problem = check_video_bytes(value, settings, (fps, max_frames) if sampling_ok else None)
+    if problem:
+        violations.append((f"{path}.{source}", problem))
+    if problem or not sampling_ok:
+        return None
+    return VideoSource(field=f"{path}.{source}", fps=fps, max_frames=max_frames, **{source: value})

@@ -107,7 +107,9 @@ def user_message(prompt: str, image_count: int) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}] * image_count + [{"type": "text", "text": prompt}]}]
 
 
-def build_inputs(messages: list[dict[str, Any]], images: list[bytes], **params: Any) -> list[grpcclient.InferInput]:
+def build_inputs(messages: list[dict[str, Any]], images: list[bytes], videos: list[bytes] = (),
+                 **params: Any) -> list[grpcclient.InferInput]:
+    """The ensemble's inputs; `videos`: the encoded clips of the messages' video parts, in order."""
     def tensor(name: str, dtype: str, array: np.ndarray) -> grpcclient.InferInput:
         item = grpcclient.InferInput(name, list(array.shape), dtype)
         item.set_data_from_numpy(array)
@@ -116,6 +118,8 @@ def build_inputs(messages: list[dict[str, Any]], images: list[bytes], **params: 
     inputs = [tensor("MESSAGES", "BYTES", np.array([[json.dumps(messages).encode()]], dtype=np.object_))]
     if images:
         inputs.append(tensor("IMAGES", "BYTES", np.array([images], dtype=np.object_)))
+    if videos:
+        inputs.append(tensor("VIDEOS", "BYTES", np.array([list(videos)], dtype=np.object_)))
     stop = params.pop("stop", None)
     if stop:
         inputs.append(tensor("STOP", "BYTES", np.array([[s.encode() for s in stop]], dtype=np.object_)))

@@ -10,7 +10,7 @@ from google.rpc import error_details_pb2
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import ApiError, invalid_argument
-from gateway.image_urls import fetch_images
+from gateway.image_urls import fetch_all
 from gateway.settings import Settings
 from gateway.triton_backend import to_api_error
 from gateway.validation import ImageSource
@@ -126,7 +126,7 @@ def url_settings(host, **changes):
 
 def fetch_urls(urls, host, **changes):
     sources = [ImageSource(field=f"messages[0].parts[{i}].image.url", url=url) for i, url in enumerate(urls)]
-    return asyncio.run(fetch_images(sources, url_settings(host, **changes)))
+    return asyncio.run(fetch_all(sources, url_settings(host, **changes)))
 
 
 def test_allowlisted_url_is_fetched(image_host):

@@ -36,6 +36,7 @@ class ScriptedBackend:
         self.script = [ResponseChunk("Hel", [1], False),
                        ResponseChunk("lo", [2], True, "length", 12, 2, 4, -0.5, "3", images)]
         self.calls = []
+        self.videos = []
         self.details = []
         self.routings = []
         self.tasks = []
@@ -44,8 +45,9 @@ class ScriptedBackend:
         self.unloaded: set[str] = set()  # Triton models left out of the repository index
 
     async def generate(self, ensemble, messages, images, params, request_id, detail=None, routing=None, task=None,
-                       tools=""):
+                       tools="", videos=()):
         self.calls.append((ensemble, messages, images, params))
+        self.videos.append(videos)
         self.tools.append(tools)
         self.details.append(detail)
         self.routings.append(routing)

@@ -77,7 +77,7 @@ def test_missing_model_names_the_field():
         (request(image(url="http://evil.example/a.png")), "messages[0].parts[0].image.url", "not on this service's image URL allowlist"),
         (request(image(url="http://user:pw@images.internal/a.png")), "messages[0].parts[0].image.url", "credentials"),
         (request(vlm_pb2.Part(image=vlm_pb2.Image())), "messages[0].parts[0].image", "set either data or url"),
-        (request(vlm_pb2.Part()), "messages[0].parts[0]", "set either text or image"),
+        (request(vlm_pb2.Part()), "messages[0].parts[0]", "set text, image or video"),
         (request(text("x"), role="robot"), "messages[0].role", "'robot' is not one of"),
         (request(), "messages[0].parts", "at least one part"),
         (request(text("y" * 101)), "messages", "101 characters of text is over the limit of 100"),
