@@ -29,7 +29,7 @@ from tests.conftest import REPO_ROOT
 from tests.unit.test_video import encode
 from vlm_serving.checkpoint_config import image_processor_config, qwen_video_processor_config
 from vlm_serving.encoding.encoder import OnnxEncoder
-from vlm_serving.preprocessing.qwen_video import QwenVideoProcessor, channels_first, resize_frames
+from vlm_serving.preprocessing.qwen_video import QwenVideoProcessor, resize_frames, stacked_frames
 from vlm_serving.preprocessing.video import VideoError, decode_video, probe_video, sample_times
 
 REFERENCE_PYTHON = REPO_ROOT / "build" / "reference-env" / "bin" / "python"
@@ -173,8 +173,9 @@ def test_token_count_from_the_header_equals_the_tensors(compared, processor):
 
 
 def test_resize_is_torchvisions_to_the_byte(tmp_path):
-    """Frames resized here (torch's uint8 kernel, called directly) equal torchvision's v2 resize as the
-    video processor calls it, on many sizes: up, down, one side only, odd sizes."""
+    """Frames resized here (torch's uint8 kernel, called directly on channels-last frames) equal
+    torchvision's v2 resize as the video processor calls it (on channels-first frames), on many sizes:
+    up, down, one side only, odd sizes, one frame."""
     rng = np.random.default_rng(7)
     sizes = [((360, 640), (252, 448)), ((61, 97), (56, 112)), ((20, 30), (56, 84)), ((200, 48), (196, 56)),
              ((57, 83), (56, 84)), ((1080, 1920), (140, 252)), ((64, 64), (64, 112)), ((99, 50), (28, 50))]
@@ -184,15 +185,16 @@ def test_resize_is_torchvisions_to_the_byte(tmp_path):
     for k, ((height, width), target) in enumerate(sizes):
         y, x = np.mgrid[0:height, 0:width]
         smooth = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x * y) % 256])
-        frames = np.clip(smooth[None] + rng.integers(-60, 61, (3, 3, height, width)), 0, 255).astype(np.uint8)
+        count = 1 if k % 5 == 0 else 3
+        frames = np.clip(smooth[None] + rng.integers(-60, 61, (count, 3, height, width)), 0, 255).astype(np.uint8)
         job[f"frames_{k}"], job[f"size_{k}"] = frames, np.array(target)
-        ours[k] = resize_frames(frames, *target)
+        ours[k] = resize_frames(np.ascontiguousarray(frames.transpose(0, 2, 3, 1)), *target)
     np.savez(tmp_path / "job.npz", **job)
     run_reference("resize", tmp_path / "job.npz", tmp_path / "out.npz")
     theirs = np.load(tmp_path / "out.npz")
     for k, (source, target) in enumerate(sizes):
-        assert ours[k].shape == (3, 3, *target)
-        assert np.array_equal(ours[k], theirs[f"resized_{k}"]), f"{source} -> {target}"
+        assert ours[k].shape == (len(job[f"frames_{k}"]), *target, 3)
+        assert np.array_equal(ours[k], theirs[f"resized_{k}"].transpose(0, 2, 3, 1)), f"{source} -> {target}"
 
 
 def write_variant(directory: Path, checkpoint: Path, files: dict[str, dict]) -> Path:
@@ -263,7 +265,7 @@ def test_bad_clips_get_clear_errors(processor):
     with pytest.raises(ValueError, match="sampling_fps 0 must be a positive"):
         processor.process(frames, 0)
     with pytest.raises(ValueError, match="frame 1: expected uint8 RGB of 28x28"):
-        channels_first([frames[0], np.zeros((30, 28, 3), np.uint8)])
+        stacked_frames([frames[0], np.zeros((30, 28, 3), np.uint8)])
 
 
 LEAN_PROCESS = """

@@ -80,30 +80,28 @@ def _torch():
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [frames, 3, height, width]: uint8 [frames, 3, H, W] resized as torchvision's v2 `resize`
-    does on the CPU (bicubic, antialias: torch's uint8 kernel, called directly); the same size is kept as is."""
-    if frames.shape[-2:] == (height, width):
+    """uint8 [frames, height, width, 3]: uint8 [frames, H, W, 3] resized as torchvision's v2 `resize`
+    does on the CPU (bicubic, antialias: torch's uint8 kernel, called directly); the same size is kept
+    as is. The kernel takes the frames channels-last, as they are, and computes the same bytes as for the
+    channels-first copy transformers hands it (tested), without the transposing copy (2x the resize's time)."""
+    if frames.shape[1:3] == (height, width):
         return frames
     torch = _torch()
-    resized = torch.nn.functional.interpolate(torch.from_numpy(frames), size=[height, width], mode="bicubic",
-                                              align_corners=False, antialias=True)
-    return resized.numpy()
+    resized = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2), size=[height, width],
+                                              mode="bicubic", align_corners=False, antialias=True)
+    return np.ascontiguousarray(resized.permute(0, 2, 3, 1).numpy())
 
 
-def channels_first(frames: list[Image.Image | np.ndarray]) -> np.ndarray:
-    """uint8 [frames, 3, H, W], contiguous (the layout transformers hands torchvision) from upright RGB
-    frames (PIL images or uint8 [H, W, 3] arrays) of one size."""
+def stacked_frames(frames: list[Image.Image | np.ndarray]) -> np.ndarray:
+    """uint8 [frames, H, W, 3] from upright RGB frames (PIL images or uint8 [H, W, 3] arrays) of one size."""
     if not frames:
         raise ValueError("a clip needs at least one frame")
-    first = np.asarray(frames[0])
-    stacked = np.empty((len(frames), 3, *first.shape[:2]), dtype=np.uint8)
-    for index, frame in enumerate(frames):
-        pixels = np.asarray(frame)
-        if pixels.dtype != np.uint8 or pixels.shape != (*first.shape[:2], 3):
-            raise ValueError(f"frame {index}: expected uint8 RGB of {first.shape[1]}x{first.shape[0]}, got "
-                             f"{pixels.dtype} of shape {pixels.shape}; frames of a clip share one size")
-        stacked[index] = pixels.transpose(2, 0, 1)
-    return stacked
+    pixels = [np.asarray(frame) for frame in frames]
+    for index, frame in enumerate(pixels):
+        if frame.dtype != np.uint8 or frame.shape != (*pixels[0].shape[:2], 3):
+            raise ValueError(f"frame {index}: expected uint8 RGB of {pixels[0].shape[1]}x{pixels[0].shape[0]}, got "
+                             f"{frame.dtype} of shape {frame.shape}; frames of a clip share one size")
+    return np.stack(pixels)
 
 
 class QwenVideoProcessor:
@@ -155,17 +153,17 @@ class QwenVideoProcessor:
 
         if not sampling_fps > 0 or not math.isfinite(sampling_fps):
             raise ValueError(f"sampling_fps {sampling_fps} must be a positive number of frames per second")
-        pixels = channels_first(frames)
-        height, width = self.frame_size(len(frames), pixels.shape[3], pixels.shape[2], index)
+        pixels = stacked_frames(frames)
+        height, width = self.frame_size(len(frames), pixels.shape[2], pixels.shape[1], index)
         resized = resize_frames(pixels, height, width)
         if pad := -len(resized) % self.temporal:  # the last frame repeated, as transformers' patchify pads
             resized = np.concatenate([resized, np.repeat(resized[-1:], pad, axis=0)])
         p, m, t = self.patch, self.merge, self.temporal
         grid = np.array([len(resized) // t, height // p, width // p], dtype=np.int64)
-        blocks = resized.reshape(grid[0], t, 3, grid[1] // m, m, p, grid[2] // m, m, p)
+        blocks = resized.reshape(grid[0], t, grid[1] // m, m, p, grid[2] // m, m, p, 3)
         # -> [time, merge-block row, merge-block col, row in block, col in block, channel, frame, y, x]; the
         # copy (one byte a value) lets each patch's frames be one run of rows for `normalize_patches`.
-        blocks = np.ascontiguousarray(blocks.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)).reshape(-1, 3, t * p, p)
+        blocks = np.ascontiguousarray(blocks.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)).reshape(-1, 3, t * p, p)
         patches = np.empty((len(blocks), 3, 1, t * p, p), dtype=np.float32)
         normalize_patches(blocks, self.table, patches)
         return QwenVideo(
