@@ -52,13 +52,15 @@ $(SCHEMATHESIS): requirements-schemathesis.txt
 
 # transformers' video processor (it needs torchvision) in a virtualenv of its own, for the reference
 # tests only: PyPI's torchvision does not import beside the service's torch 2.13.0; see
-# requirements-reference.txt. tests/unit/test_qwen_video.py runs tests/reference_env/ with it.
+# requirements-reference.txt (pip's output in build/reference-env.log). tests/unit/test_qwen_video.py
+# runs tests/reference_env/ with it.
 REFERENCE_ENV := build/reference-env
 reference-env: $(REFERENCE_ENV)/.installed
 
 $(REFERENCE_ENV)/.installed: requirements-reference.txt
 	test -x $(REFERENCE_ENV)/bin/python || $(PYTHON) -m venv $(REFERENCE_ENV)
-	$(REFERENCE_ENV)/bin/pip install --disable-pip-version-check -q -r requirements-reference.txt
+	$(REFERENCE_ENV)/bin/pip install --disable-pip-version-check -q -r requirements-reference.txt \
+	  >build/reference-env.log 2>&1 || { cat build/reference-env.log; exit 1; }
 	touch $@
 
 # Python stubs of the public API (build outputs, never committed), importable as `vlm.v1`.
