@@ -36,6 +36,8 @@
    of its own (perf/memory_row.py).
 20. preprocessing images/s through Triton at 1, 2 and 4 instances, and which process takes the cores
    (perf/scaling_row.py).
+21. video: decode + preprocessing frames/s per family, and a 10-second clip's request latency split into
+   decode + preprocessing, encode and generate, on a server of its own (perf/video_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -551,12 +553,18 @@ def scaling_rows(run: Run) -> list[tuple]:
     return scaling_row.rows(run.servers, run.quick)
 
 
+def video_rows(run: Run) -> list[tuple]:
+    from perf import video_row
+
+    return list(video_row.rows(run.servers, requests=3 if run.quick else 5))
+
+
 # Row groups by name, in the order they run. The first ones measure servers (the stack and servers of
 # their own); the rest run in this process with every server stopped (they would take cores from both
 # sides of a ratio).
 SERVED = {"2": batching_rows, "1": gateway_rows, "13": http_rows, "15": front_door_rows, "16": chaos_rows,
           "14": pool_rows, "4": first_text_rows, "8": auto_rows, "6": encoder_cache_rows,
-          "perf_analyzer": perf_analyzer_notes, "19": memory_rows, "20": scaling_rows}
+          "perf_analyzer": perf_analyzer_notes, "19": memory_rows, "20": scaling_rows, "21": video_rows}
 IN_PROCESS = {"3": preprocessing_rows, "9": classifier_rows, "5": encoder_speed_rows, "10": scheduling_rows,
               "12": constrained_rows, "17": grammar_rows, "18": engine_scale_rows}
 # --quick: a smoke run of every kind of measure within 4 minutes on 2 cores; the groups that start
