@@ -216,14 +216,15 @@ def test_a_visitor_cannot_name_a_file_on_the_server(webui, tmp_path):
 
     secret = tmp_path / "secret.png"
     secret.write_bytes(encode(picture(20, 20)))
-    def ask_by_api(question):
+    def ask_by_api(question, video=None):
+        settings = ["pixtral", "none", 4, 0, 1, "default", video, 2, 32]
         call = urllib.request.Request(webui + "gradio_api/call/respond", method="POST",
                                       headers={"Content-Type": "application/json"},
-                                      data=json.dumps({"data": [question, "pixtral", "none", 4, 0, 1, "default"]}).encode())
+                                      data=json.dumps({"data": [question, *settings]}).encode())
         event = json.loads(urllib.request.urlopen(call, timeout=10).read())["event_id"]
         return urllib.request.urlopen(f"{webui}gradio_api/call/respond/{event}", timeout=60).read().decode()
 
     assert "event: complete" in ask_by_api({"text": "hi", "files": []})  # the call itself is right
-    named = {"text": "hi", "files": [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}]}
-    answer = ask_by_api(named)
-    assert answer.startswith("event: error") and "complete" not in answer
+    reference = {"path": str(secret), "meta": {"_type": "gradio.FileData"}}
+    for answer in (ask_by_api({"text": "hi", "files": [reference]}), ask_by_api({"text": "hi", "files": []}, reference)):
+        assert answer.startswith("event: error") and "complete" not in answer

@@ -1,14 +1,16 @@
-// Runs against a live gateway: VLM_GATEWAY_ADDRESS, VLM_API_KEY and VLM_TEST_IMAGE (a PNG path).
+// Runs against a live gateway: VLM_GATEWAY_ADDRESS, VLM_API_KEY, VLM_TEST_IMAGE (a PNG path) and
+// VLM_TEST_VIDEO (an MP4 path).
 'use strict';
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
-const { createClient, userRequest, status } = require('../client');
+const { createClient, userRequest, video, status } = require('../client');
 
 const address = process.env.VLM_GATEWAY_ADDRESS;
 const apiKey = process.env.VLM_API_KEY;
 const image = fs.readFileSync(process.env.VLM_TEST_IMAGE);
+const clip = fs.readFileSync(process.env.VLM_TEST_VIDEO);
 const client = createClient(address, apiKey);
 
 test.after(() => client.close());
@@ -44,6 +46,25 @@ for (const model of ['qwen2.5-vl', 'pixtral']) {
     assert.equal(last.finish_reason, 'FINISH_REASON_LENGTH');
   });
 }
+
+test('auto sends a clip to Qwen2.5-VL, sampled as asked', async () => {
+  const ask = (maxFrames) => client.generate(userRequest('auto', 'What moves?', [], { max_tokens: 4 },
+    [video(clip, { fps: 2, maxFrames })]));
+  const [fewer, more] = [await ask(4), await ask(8)];
+  assert.equal(more.model, 'qwen2.5-vl');
+  assert.equal(more.route.reason, 'ROUTE_REASON_VIDEO');
+  assert.equal(more.usage.completion_tokens, 4);
+  assert.ok(more.usage.prompt_tokens > fewer.usage.prompt_tokens, 'more frames, more prompt tokens');
+});
+
+test('a video sampled out of bounds is INVALID_ARGUMENT naming its field', async () => {
+  const request = userRequest('qwen2.5-vl', 'hi', [], {}, [video(clip, { fps: 99 })]);
+  await assert.rejects(client.generate(request), (error) => {
+    assert.equal(error.code, status.INVALID_ARGUMENT);
+    assert.match(error.details, /messages\[0\]\.parts\[0\]\.video\.fps/);
+    return true;
+  });
+});
 
 test('a bad parameter is INVALID_ARGUMENT naming the field', async () => {
   const request = userRequest('pixtral', 'hi', [], { temperature: 9 });

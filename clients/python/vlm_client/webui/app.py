@@ -39,7 +39,7 @@ def build(ui: WebUI) -> gr.Blocks:
                 chat = gr.Chatbot(label="Conversation", elem_id="chat", height=460, latex_delimiters=[],
                                   feedback_options=None, buttons=["copy", "copy_all"])
                 box = gr.MultimodalTextbox(elem_id="ask", file_types=["image"], file_count="multiple",
-                                           sources=["upload"], placeholder="Ask about your images…",
+                                           sources=["upload"], placeholder="Ask about your images or video…",
                                            show_label=False)
                 with gr.Row():
                     stop = gr.Button("Stop", elem_id="stop", variant="secondary")
