@@ -17,7 +17,7 @@ from gateway.settings import Settings
 from vlm_serving.pipelines import ROUTER
 from vlm_serving.preprocessing.chat import MAX_VIDEO_FPS, MAX_VIDEO_FRAMES
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, check_encoded
-from vlm_serving.preprocessing.video import VideoError, VideoLimits, probe_video, sample_times
+from vlm_serving.preprocessing.video import VideoError, VideoLimits, probe_sampling, probe_video
 from vlm_serving import tasks, tools
 from vlm_serving.generation import structured
 from vlm_serving.generation.sampling import SamplingParams
@@ -417,16 +417,9 @@ def check_video_bytes(data: bytes, settings: Settings, sampling: tuple[float, in
     and with `sampling` (fps, max_frames) the frames it would take against the pixel budget per clip."""
     limits = VideoLimits(max_bytes=settings.max_video_bytes)
     try:
-        info = probe_video(data, limits)
+        probe_video(data, limits) if sampling is None else probe_sampling(data, *sampling, limits)
     except VideoError as exc:
         return str(exc).removeprefix("video 0: ")  # the field names the video
-    if sampling is None:
-        return None
-    frames = len(sample_times(info.duration_s, *sampling, info.fps))
-    pixels = frames * info.width * info.height
-    if pixels > limits.max_total_pixels:
-        return (f"{frames} frames of {info.width}x{info.height} = {pixels} pixels is over the budget of "
-                f"{limits.max_total_pixels} pixels per clip; lower fps or max_frames, or downscale")
     return None
 
 

@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor
 
 from tests.conftest import FAMILIES, picture
 from vlm_serving.encoding.encoder_inputs import SPECS, pack, unpack
-from vlm_serving.preprocessing import preprocess
+from vlm_serving.preprocessing import patches
 from vlm_serving.preprocessing.image_kind import ImageKind
 from vlm_serving.preprocessing.preprocess import load_preprocessor
 from vlm_serving.tiny_checkpoints import with_real_image_limits
@@ -64,7 +64,7 @@ def test_patches_equal_transformers_at_odd_sizes_and_every_preset(checkpoint, ki
 @pytest.mark.parametrize("step_values", [1, 1000, 4097])
 def test_patches_equal_transformers_across_every_step_boundary(checkpoints, monkeypatch, step_values):
     """Steps of one row of patches, of a few rows, and of rows that do not divide the picture."""
-    monkeypatch.setattr(preprocess, "NORMALIZE_STEP_VALUES", step_values)
+    monkeypatch.setattr(patches, "NORMALIZE_STEP_VALUES", step_values)
     for family in FAMILIES:
         preprocessor = load_preprocessor(family, checkpoints / family)
         pictures = [picture(331, 517, seed=1), picture(640, 480, seed=2)]

@@ -1,12 +1,17 @@
-"""Per-family preprocessing: encoded images + chat messages -> token ids and the encoder's inputs.
+"""Per-family preprocessing: encoded images and video clips + chat messages -> token ids and the
+encoder's inputs.
 
 Each family reproduces its transformers processor exactly (same resize, same float32 arithmetic,
 same placeholder expansion), only faster: normalization is a per-channel lookup table on the uint8
-pixels, fused with patchify in one cache-sized pass (`normalize_patches`), a picture already at its
+pixels, fused with patchify in one cache-sized pass (`patches.normalize_patches`), a picture already at its
 target size is not resampled, the images of a request are processed on as many threads as the process
 has cores, and image placeholders are expanded in token ids rather than by tokenizing a string with
 thousands of repeated placeholder tokens. Each image also gets the index tensors its vision encoder
 graph takes (`vlm_serving.encoding.encoder_inputs`), so the encoder is pure tensor work.
+
+A clip is sampled into frames (`video.py`); Qwen2.5-VL reads them as its native video input
+(`qwen_video.py`: one encoder input per clip, `<|video_pad|>` tokens, its grid and timing for the
+3-D positions), Pixtral as images (`videos_as_frames`). Images and clips keep their reading order.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from vlm_serving.encoding.encoder_inputs import ImageInputs, pixtral_image_input
 from vlm_serving.preprocessing.image_kind import ImageKind, classify
 from vlm_serving.preprocessing.images import ImageError, ImageLimits, decode_image, upright_size
 from vlm_serving.tasks import apply_task
+from vlm_serving.preprocessing.patches import normalization_table, normalize_patches, smart_resize
 from vlm_serving.preprocessing.prompt import PromptTokenizer
 from vlm_serving.preprocessing.qwen_video import QwenVideoProcessor
 from vlm_serving.preprocessing.resolution import ImageDetail, PixelRange, ResolutionPresets
-from vlm_serving.preprocessing.video import SampledVideo, VideoError, VideoInfo, VideoLimits, decode_video, probe_video, sample_times
+from vlm_serving.preprocessing.video import SampledVideo, VideoError, VideoInfo, VideoLimits, decode_video, probe_sampling
 
 FAMILIES = ("qwen2_5_vl", "pixtral")
 # The tokens a clip's frames share when a family reads them as images (Pixtral): 16,384 tokens take
@@ -60,49 +66,6 @@ class PreprocessedRequest:
         """Per image {"kind", "width", "height"}: what the answer reports of how it saw each image."""
         return json.dumps([{"kind": kind.value, "width": width, "height": height}
                            for kind, (width, height) in zip(self.image_kinds, self.processed_sizes)])
-
-
-def normalization_table(rescale_factor: float, mean: list[float], std: list[float]) -> np.ndarray:
-    """float32 [3, 256]: the normalized value of every uint8 level per channel.
-
-    Computed with transformers' own arithmetic (rescale in float64, cast to float32, then
-    (x - mean) / std in float32), so a lookup gives bit-identical values.
-    """
-    levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
-    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
-    std32 = np.asarray(std, dtype=np.float32)[:, None]
-    return (levels[None, :] - mean32) / std32
-
-
-# Pixel values `normalize_patches` handles per step: the step's indices and values (12 bytes a value)
-# stay in the CPU's cache from the lookup to the write.
-NORMALIZE_STEP_VALUES = 1 << 16
-
-
-def normalize_patches(pixels: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
-    """Normalize and patchify in one pass: out[i, ..., c, t, y, x] = table[c, pixels[i, ..., c, y, x]]
-    for every temporal slot t.
-
-    `pixels`: uint8 [rows, ..., 3, py, px], the resized picture seen as patches (a transposed view of
-    it: nothing copied yet). `out`: float32 [rows, ..., 3, temporal, py, px]. A few rows at a time, the
-    bytes are copied once into channel-major indices (the transpose and the widening to numpy's index
-    type in one copy), looked up in their channel's 256 values and written to every temporal slot. The
-    whole-array form of the same steps went through temporaries of up to 8 bytes a value, twice the
-    size of the output, each written and read back from memory: twice the time.
-    """
-    rows = len(pixels)
-    step = max(1, NORMALIZE_STEP_VALUES // pixels[0].size)
-    by_channel = np.moveaxis(pixels, -3, 0)  # [3, rows, ..., py, px]
-    indices = np.empty((3, min(step, rows), *by_channel.shape[2:]), dtype=np.intp)
-    values = np.empty(indices.shape, dtype=np.float32)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        count = stop - start
-        np.copyto(indices[:, :count], by_channel[:, start:stop])
-        for channel in range(3):
-            # mode="clip" (uint8 indices are always in range) lets np.take write into `values` directly.
-            np.take(table[channel], indices[channel, :count], out=values[channel, :count], mode="clip")
-            out[start:stop, ..., channel, :, :, :] = values[channel, :count, ..., None, :, :]
 
 
 def resized_pixels(picture: Image.Image, width: int, height: int) -> np.ndarray:
@@ -136,8 +99,7 @@ class Clip:
         if part["max_frames"] > limits.max_frames:
             raise VideoError(f"video {index}: max_frames {part['max_frames']} is over the limit of "
                              f"{limits.max_frames} frames per clip; ask for {limits.max_frames} or fewer")
-        info = probe_video(data, limits, index=index)
-        frames = len(sample_times(info.duration_s, part["fps"], part["max_frames"], info.fps))
+        info, frames = probe_sampling(data, part["fps"], part["max_frames"], limits, index)
         return cls(index, data, part["fps"], part["max_frames"], info, frames)
 
     def decode(self, limits: VideoLimits) -> SampledVideo:
@@ -297,21 +259,6 @@ class FamilyPreprocessor:
             start = position + 1
         pieces.append(prompt_ids[start:])
         return np.concatenate(pieces).astype(np.int64)
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's target size: multiples of `factor`, pixel count within bounds, aspect kept."""
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 class Qwen2_5_VLPreprocessor(FamilyPreprocessor):

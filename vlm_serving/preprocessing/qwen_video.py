@@ -43,10 +43,8 @@ from PIL import Image
 
 from vlm_serving.checkpoint_config import context_tokens, qwen_video_processor_config, read_json
 from vlm_serving.encoding.encoder_inputs import ImageInputs, qwen_image_inputs
+from vlm_serving.preprocessing.patches import normalization_table, normalize_patches, smart_resize
 from vlm_serving.preprocessing.video import VideoError
-
-# The image path's pieces (normalization_table, normalize_patches, smart_resize) are imported where they
-# are used: preprocess.py imports this module, so importing it back at the top would be circular.
 
 # transformers' smart_resize refuses frames more elongated than this.
 MAX_ASPECT_RATIO = 200
@@ -110,8 +108,6 @@ class QwenVideoProcessor:
     (its `vision`: the tower's settings for the encoder's index tensors)."""
 
     def __init__(self, image_settings: dict[str, Any], checkpoint_dir: str | Path):
-        from vlm_serving.preprocessing.preprocess import normalization_table
-
         settings = qwen_video_processor_config(checkpoint_dir)
         self.vision_config = SimpleNamespace(**image_settings["vision"])
         self.patch, self.merge, self.temporal = settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
@@ -133,8 +129,6 @@ class QwenVideoProcessor:
     def frame_size(self, frames: int, width: int, height: int, index: int = 0) -> tuple[int, int]:
         """(height, width) each of a clip's `frames` upright `width` x `height` frames is resized to.
         `index` only names the video in errors ("video 1: ...")."""
-        from vlm_serving.preprocessing.preprocess import smart_resize
-
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
             raise VideoError(f"video {index}: frames of {width}x{height} are over Qwen2.5-VL's aspect ratio limit "
                              f"of {MAX_ASPECT_RATIO}:1; crop or pad the video")
@@ -150,8 +144,6 @@ class QwenVideoProcessor:
     def process(self, frames: list[Image.Image | np.ndarray], sampling_fps: float, index: int = 0) -> QwenVideo:
         """The clip's tensors from its sampled frames (upright RGB, one size, in time order) and the rate
         they were sampled at (frames per second)."""
-        from vlm_serving.preprocessing.preprocess import normalize_patches
-
         if not sampling_fps > 0 or not math.isfinite(sampling_fps):
             raise ValueError(f"sampling_fps {sampling_fps} must be a positive number of frames per second")
         pixels = stacked_frames(frames)

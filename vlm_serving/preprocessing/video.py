@@ -132,6 +132,25 @@ def probe_video(data: bytes, limits: VideoLimits = VideoLimits(), index: int = 0
         return info
 
 
+def probe_sampling(data: bytes, fps: float, max_frames: int, limits: VideoLimits = VideoLimits(),
+                   index: int = 0) -> tuple[VideoInfo, int]:
+    """The header's facts about `data` and how many frames sampling it at `fps`, at most `max_frames`,
+    takes, within every limit the header can show (the clip's pixel budget included); nothing is decoded."""
+    info = probe_video(data, limits, index)
+    frames = len(sample_times(info.duration_s, fps, max_frames, info.fps))
+    check_sampled_pixels(info, frames, limits, f"video {index}")
+    return info, frames
+
+
+def check_sampled_pixels(info: VideoInfo, frames: int, limits: VideoLimits, where: str) -> None:
+    total = frames * info.width * info.height
+    if total > limits.max_total_pixels:
+        raise VideoError(
+            f"{where}: {frames} frames of {info.width}x{info.height} = {total} pixels is over the "
+            f"budget of {limits.max_total_pixels} pixels per clip; lower fps or max_frames, or downscale"
+        )
+
+
 def decode_video(
     data: bytes,
     fps: float = 2.0,
@@ -155,12 +174,7 @@ def decode_video(
         )
     with _open_checked(data, limits, where) as (container, info):
         targets = sample_times(info.duration_s, fps, max_frames, info.fps)
-        total = len(targets) * info.width * info.height
-        if total > limits.max_total_pixels:
-            raise VideoError(
-                f"{where}: {len(targets)} frames of {info.width}x{info.height} = {total} pixels is over the "
-                f"budget of {limits.max_total_pixels} pixels per clip; lower fps or max_frames, or downscale"
-            )
+        check_sampled_pixels(info, len(targets), limits, where)
         try:
             frames, times = _sample(container, info, targets, limits, where)
         except VideoError:

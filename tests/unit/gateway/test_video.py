@@ -38,6 +38,7 @@ from tests.unit.gateway import fake_triton
 from tests.unit.gateway.fake_triton import PARAMS, start_fake_triton
 from tests.unit.gateway.test_servicer import KEY, run
 from tests.unit.test_video import spies  # noqa: F401 (a fixture: the decoders PyAV opens)
+from vlm_serving.preprocessing import video as video_module
 from vlm_serving.preprocessing.video import VideoError, decode_video, probe_video
 
 SETTINGS = Settings(api_keys=frozenset({"k"}), image_url_allowlist=("media.internal",))
@@ -316,12 +317,15 @@ def test_a_slow_video_header_never_holds_up_other_callers(monkeypatch):
         time.sleep(1.0)
         return probe_video(*args, **kwargs)
 
-    monkeypatch.setattr(validation, "probe_video", slow_probe)
+    monkeypatch.setattr(video_module, "probe_video", slow_probe)
 
     async def test(stub, backend, gw, channel):
         with_video = asyncio.ensure_future(stub.Generate(request(video(data=good_clip())), metadata=KEY))
-        while not probing.is_set():
+        for _ in range(1000):
+            if probing.is_set():
+                break
             await asyncio.sleep(0.01)
+        assert probing.is_set(), "the video's header was never probed"
         started = time.monotonic()
         await stub.Generate(request(text("meanwhile")), metadata=KEY)
         assert time.monotonic() - started < 0.5 and not with_video.done()
@@ -332,6 +336,7 @@ def test_a_slow_video_header_never_holds_up_other_callers(monkeypatch):
 
 def test_nothing_of_a_video_is_read_before_the_key_is_checked(monkeypatch):
     probed = []
+    monkeypatch.setattr(video_module, "probe_video", lambda *a, **k: probed.append(a))
     monkeypatch.setattr(validation, "probe_video", lambda *a, **k: probed.append(a))
 
     async def test(stub, backend, gw, channel):
