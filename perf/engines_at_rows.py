@@ -103,7 +103,8 @@ def _generate_point(generator, device: str, rows: int, prompt: int, new: int) ->
 def measure(family: str, config: str, device: str, rows: list[int], prompt: int, new: int,
             with_generate: bool) -> dict:
     """{"engine": {rows: point}, "generate": {rows: point}} for the engine this process imports."""
-    torch.set_num_threads(torch.get_num_threads() if device != "cpu" else 2)
+    if device == "cpu":  # the 2-core machine's figures; on a GPU host torch keeps its own count
+        torch.set_num_threads(2)
     torch.manual_seed(0)
     results: dict[str, dict] = {"engine": {}, "generate": {}}
     with torch.inference_mode():
