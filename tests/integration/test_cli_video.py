@@ -10,23 +10,14 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from tests.conftest import encode, picture
 from tests.integration.conftest import KEY
+from tests.integration.test_video_pipeline import moving_square
 from tests.unit.test_video import encode as encode_clip
 
 pytestmark = pytest.mark.integration
-
-
-def moving_square(index: int, size=(96, 72)) -> np.ndarray:
-    """Frame `index` of a clip: a yellow square moving right over blue."""
-    width, height = size
-    pixels = np.full((height, width, 3), (20, 90, 160), np.uint8)
-    x = (index * 3) % (width - 24)
-    pixels[20:44, x:x + 24] = (240, 200, 30)
-    return pixels
 
 
 @pytest.fixture(scope="module")

@@ -311,7 +311,8 @@ def test_truncated_webm_names_where_its_frames_stop():
         decode_video(data[: len(data) // 2], fps=2)
 
 
-def test_audio_only_file_is_refused():
+def audio_only() -> bytes:
+    """An MP4 with an audio track and no video stream."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
         stream = container.add_stream("aac", rate=16000)
@@ -319,13 +320,11 @@ def test_audio_only_file_is_refused():
         frame.sample_rate, frame.pts = 16000, 0
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
-
-    with pytest.raises(VideoError, match="video 0: the MP4 file has audio only, no video stream; send a video"):
-        decode_video(buffer.getvalue())
+    return buffer.getvalue()
 
 
-def test_zero_length_video_is_refused():
-    # A WebM with a video track that holds no frames (its length comes from the audio beside it).
+def zero_length() -> bytes:
+    """A WebM whose video track holds no frames (its length comes from the audio beside it)."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="webm") as container:
         stream = container.add_stream("libvpx", rate=10)
@@ -335,9 +334,17 @@ def test_zero_length_video_is_refused():
         frame.sample_rate, frame.pts = 48000, 0
         for packet in [*audio.encode(frame), *audio.encode()]:
             container.mux(packet)
+    return buffer.getvalue()
 
+
+def test_audio_only_file_is_refused():
+    with pytest.raises(VideoError, match="video 0: the MP4 file has audio only, no video stream; send a video"):
+        decode_video(audio_only())
+
+
+def test_zero_length_video_is_refused():
     with pytest.raises(VideoError, match="the WebM file has no frames \\(zero length\\)"):
-        decode_video(buffer.getvalue())
+        decode_video(zero_length())
 
 
 def test_unsupported_codec_is_refused():

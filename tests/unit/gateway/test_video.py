@@ -37,6 +37,7 @@ from tests.conftest import encode, http_host, picture, serving_file
 from tests.unit.gateway import fake_triton
 from tests.unit.gateway.fake_triton import PARAMS, start_fake_triton
 from tests.unit.gateway.test_servicer import KEY, run
+from tests.unit.test_video import audio_only, zero_length
 from tests.unit.test_video import spies  # noqa: F401 (a fixture: the decoders PyAV opens)
 from vlm_serving.preprocessing import video as video_module
 from vlm_serving.preprocessing.video import VideoError, decode_video, probe_video
@@ -57,31 +58,6 @@ def clip(frames: int = 10, rate=10, size: tuple[int, int] = (64, 48), codec: str
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def audio_only() -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def zero_length() -> bytes:
-    """A WebM whose video track holds no frames (its length comes from the audio beside it)."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="webm") as container:
-        stream = container.add_stream("libvpx", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        audio = container.add_stream("libopus", rate=48000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="flt", layout="mono")
-        frame.sample_rate, frame.pts = 48000, 0
-        for packet in [*audio.encode(frame), *audio.encode()]:
             container.mux(packet)
     return buffer.getvalue()
 
