@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlm.v1 import vlm_pb2
 
-from gateway import openai_protocol as protocol
+from gateway import media_budget, openai_protocol as protocol
 from gateway.auth import key_matches
 from gateway.errors import ApiError
 from gateway.openai_protocol import ChatCompletionRequest, HttpError, ParamNames, bad_request
@@ -165,18 +165,29 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
             raise HttpError(401, "authentication_error", "missing or unknown API key; send 'Authorization: Bearer <key>'",
                             code="invalid_api_key")
 
+    def hold_body(size: int) -> None:
+        """The body's bytes (its images' and videos' base64) in the gateway's in-flight media budget."""
+        try:
+            media_budget.cover(size)
+        except ApiError as error:
+            raise HttpError(429, "rate_limit_error", error.message, code=error.code.name.lower(),
+                            retry_after_s=error.retry_after_s) from None
+
     async def body_of(request: Request) -> ChatCompletionRequest:
         limit = settings.max_http_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise HttpError(413, "invalid_request_error", f"the request body of {declared} bytes is over the limit of "
                             f"{limit} bytes", code="request_too_large")
+        if declared and declared.isdigit():
+            hold_body(int(declared))  # before the body is read
         raw = bytearray()
         async for piece in request.stream():
             raw += piece
             if len(raw) > limit:
                 raise HttpError(413, "invalid_request_error", f"the request body is over the limit of {limit} bytes",
                                 code="request_too_large")
+        hold_body(len(raw))  # a body without Content-Length, once read
         beside = bytes_beside_images(raw, settings.max_images + settings.max_videos)
         if beside > MAX_BODY_BYTES_BESIDE_IMAGES:
             raise HttpError(413, "invalid_request_error", f"the request body holds {beside} bytes besides its images' "
@@ -188,6 +199,11 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        # The body's bytes stay reserved until the request ends (a stream's: until its servicer call ends).
+        with servicer.media.hold():
+            return await _chat_completions(request)
+
+    async def _chat_completions(request: Request):
         authenticate(request)
         body = await body_of(request)
         generate_request = protocol.to_generate_request(body, request.scope["state"]["request_id"])

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver
 
+from gateway import media_budget
 from gateway.errors import invalid_argument
 from gateway.settings import Settings
 from gateway.validation import ImageSource, check_url
@@ -135,6 +136,7 @@ async def _download(url: str, limit: int, settings: Settings, budget: _Budget) -
                 if len(data) > limit:
                     raise _Refused(f"more than the limit of {limit} bytes")
                 budget.spend(len(chunk))
+                media_budget.hold_more(len(chunk))
             return bytes(data)
 
 

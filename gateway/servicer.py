@@ -14,7 +14,7 @@ import grpc
 from tritonclient.utils import InferenceServerException
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
-from gateway import image_urls
+from gateway import image_urls, media_budget
 from gateway.errors import ApiError
 from gateway.observability import Metrics, request_id_var
 from gateway.settings import Settings
@@ -50,6 +50,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         # The requests being handled (their tasks), and how they end when a drain's grace ends.
         self.running: set[asyncio.Task] = set()
         self.ended: ApiError | None = None
+        self.media = media_budget.MediaBudget(settings.max_inflight_media_bytes)
 
     def _answering_model(self, requested: str, chunk) -> str:
         family = chunk.route.get("family")
@@ -136,7 +137,8 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         task = asyncio.current_task()
         self.running.add(task)
         try:
-            return await self._handle(request, context, model, method, stream, deliver, task)
+            with self.media.hold():  # the request's images and videos, given back however it ends
+                return await self._handle(request, context, model, method, stream, deliver, task)
         finally:
             self.running.discard(task)
 
@@ -175,6 +177,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
     async def _attempt(self, request, context, stream: bool, deliver) -> ApiError | None:
         request_id = request.request_id
         try:
+            media_budget.cover(media_budget.media_bytes(request))  # before they are held any longer
             if holds_video(request, self.settings):  # probing video headers: off the loop that serves everyone
                 call = await asyncio.to_thread(validate, request, self.settings, stream)
             else:

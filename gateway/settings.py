@@ -47,6 +47,9 @@ class Settings:
     max_video_bytes: int = 64 * 1024 * 1024
     # All image and video bytes of one request, sent and fetched together.
     max_request_image_bytes: int = 64 * 1024 * 1024
+    # All encoded image and video bytes held by the requests in flight together (gateway/media_budget.py):
+    # beyond it a request is refused with RESOURCE_EXHAUSTED (retryable). Sized to the gateway's memory.
+    max_inflight_media_bytes: int = 1024 * 1024 * 1024
     # Largest request message accepted at all: gRPC refuses a bigger one (RESOURCE_EXHAUSTED) before
     # parsing it, HTTP a bigger body (413, with 4/3 of it for base64). Default (from_env): the image
     # and video budget plus REQUEST_TEXT_ALLOWANCE for text, tools and schemas.
@@ -127,6 +130,14 @@ class Settings:
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         image_budget = number("VLM_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes)
+        request_bytes = number("VLM_MAX_REQUEST_BYTES", image_budget + REQUEST_TEXT_ALLOWANCE)
+        inflight_media = number("VLM_MAX_INFLIGHT_MEDIA_BYTES", defaults.max_inflight_media_bytes)
+        # The most one request may hold: its HTTP body (base64) and the URLs it fetches.
+        largest_request = request_bytes * 4 // 3 + image_budget
+        if inflight_media < largest_request:
+            raise SettingsError(f"VLM_MAX_INFLIGHT_MEDIA_BYTES={inflight_media} is less than one request may hold "
+                                f"({largest_request} bytes: 4/3 of VLM_MAX_REQUEST_BYTES for an HTTP body plus "
+                                "VLM_MAX_REQUEST_IMAGE_BYTES fetched); raise it or lower those")
         return cls(
             listen_address=env.get("VLM_LISTEN_ADDRESS", defaults.listen_address),
             http_address=env.get("VLM_HTTP_ADDRESS", defaults.http_address),
@@ -143,7 +154,8 @@ class Settings:
             max_videos=number("VLM_MAX_VIDEOS", defaults.max_videos),
             max_video_bytes=number("VLM_MAX_VIDEO_BYTES", defaults.max_video_bytes),
             max_request_image_bytes=image_budget,
-            max_request_bytes=number("VLM_MAX_REQUEST_BYTES", image_budget + REQUEST_TEXT_ALLOWANCE),
+            max_request_bytes=request_bytes,
+            max_inflight_media_bytes=inflight_media,
             max_prompt_chars=number("VLM_MAX_PROMPT_CHARS", defaults.max_prompt_chars),
             max_messages=number("VLM_MAX_MESSAGES", defaults.max_messages),
             max_parts_per_message=number("VLM_MAX_PARTS_PER_MESSAGE", defaults.max_parts_per_message),
