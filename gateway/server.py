@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -20,9 +21,12 @@ from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.admin import ModelAdminServicer
 from gateway.auth import PUBLIC_METHODS, AuthInterceptor
+from gateway.keys import KeyRing, env_entries
 from gateway.observability import Metrics, PoolCollector, configure_logging
 from gateway.servicer import VisionLanguageServicer
 from gateway.settings import Settings
+from gateway import tracing
+from gateway.tls import CertificateFiles, channel_credentials
 from gateway.triton_backend import TritonBackend
 from gateway.triton_pool import TritonPool
 
@@ -86,6 +90,7 @@ class Gateway:
             self.servicer.end_remaining()
         await stopping
         await self.backend.close()
+        tracing.shutdown()
         self.metrics_http.shutdown()
         self.metrics_http.server_close()
 
@@ -115,11 +120,16 @@ class _UvicornServer(uvicorn.Server):
 class HttpServer:
     """The OpenAI-compatible API on uvicorn, in the gRPC server's event loop."""
 
-    def __init__(self, app, address: str):
+    def __init__(self, app, address: str, tls: CertificateFiles | None = None):
         host, _, port = address.rpartition(":")
         # httptools: the C HTTP parser (h11, the pure-Python one, cost a tenth of the throughput).
+        protocol, tls_context = HttpToolsProtocol, None
+        if tls is not None:
+            reloading = tls.ssl_context()
+            protocol, tls_context = reloading.protocol(HttpToolsProtocol), reloading.context
         self.config = uvicorn.Config(app, host=host or "localhost", port=int(port), log_level="warning",
-                                     lifespan="off", access_log=False, http="httptools")
+                                     lifespan="off", access_log=False, http=protocol,
+                                     ssl_context_factory=tls_context and (lambda config, default: tls_context))
         self.server = _UvicornServer(self.config)
         self.task: asyncio.Task | None = None
 
@@ -174,9 +184,16 @@ async def watch_health(settings: Settings, backend: TritonPool, servicer: health
 
 
 async def start(settings: Settings) -> Gateway:
+    # A bad key file stops the start here, before anything listens.
+    keys = KeyRing(env_entries(settings.api_keys, settings.admin_api_keys), settings.api_keys_file)
+    triton_credentials = (channel_credentials(settings.triton_tls_ca_file, settings.triton_tls_cert_file,
+                                              settings.triton_tls_key_file) if settings.triton_tls_ca_file else None)
+    tls = (CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+           if settings.tls_cert_file else None)
     backend = TritonPool(settings.triton_url, lambda address: TritonBackend(
         address, keepalive_s=settings.triton_keepalive_s, large_request_bytes=settings.triton_large_request_bytes,
-        max_stream_backlog=settings.max_stream_backlog, connect_timeout_s=settings.triton_connect_timeout_s),
+        max_stream_backlog=settings.max_stream_backlog, connect_timeout_s=settings.triton_connect_timeout_s,
+        credentials=triton_credentials),
         resolve_s=settings.triton_resolve_s)
     await backend.probe()  # know the servers' states before the first request
     metrics = Metrics()
@@ -185,7 +202,7 @@ async def start(settings: Settings) -> Gateway:
     # so `grpcurl -plaintext HOST list` works on first contact; every other RPC needs one.
     public = PUBLIC_METHODS | (REFLECTION_METHODS if settings.reflection == "public" else frozenset())
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(settings.api_keys, ADMIN_METHODS, settings.admin_api_keys, public)],
+        interceptors=[*tracing.server_interceptors(), AuthInterceptor(keys, ADMIN_METHODS, public)],
         # Checked against the inflated size too: a compressed bomb is refused before it is parsed.
         options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                  ("grpc.max_concurrent_streams", settings.max_concurrent_streams)],
@@ -200,7 +217,8 @@ async def start(settings: Settings) -> Gateway:
             (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(settings.listen_address)
+    port = (server.add_secure_port(settings.listen_address, tls.grpc_credentials()) if tls
+            else server.add_insecure_port(settings.listen_address))
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen_address}")
     metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
@@ -211,9 +229,10 @@ async def start(settings: Settings) -> Gateway:
     if settings.http_address != "off":
         from gateway.http_api import create_app
 
-        http = HttpServer(create_app(settings, servicer, readiness), settings.http_address)
+        http = HttpServer(tracing.asgi(create_app(settings, servicer, keys, readiness)), settings.http_address, tls)
         await http.start()
     log.info("listening", extra={"fields": {"address": settings.listen_address, "port": port,
+                                            "tls": ("mutual" if settings.tls_client_ca_file else "on") if tls else "off",
                                             "http": f"{settings.http_address} ({http.port if http else 'off'})",
                                             "triton": settings.triton_url,
                                             "metrics": f"{settings.metrics_address}:{metrics_server.server_port}"}})
@@ -223,6 +242,7 @@ async def start(settings: Settings) -> Gateway:
 async def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
+    tracing.configure()  # before `start`: the servers get their tracing interceptor and middleware
     gateway = await start(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

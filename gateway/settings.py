@@ -20,6 +20,28 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def _tls_files(env: dict[str, str]) -> dict[str, str | None]:
+    """The TLS file settings, each an existing file, in the pairs they only work in."""
+    names = {"tls_cert_file": "VLM_TLS_CERT_FILE", "tls_key_file": "VLM_TLS_KEY_FILE",
+             "tls_client_ca_file": "VLM_TLS_CLIENT_CA_FILE", "triton_tls_ca_file": "VLM_TRITON_TLS_CA_FILE",
+             "triton_tls_cert_file": "VLM_TRITON_TLS_CERT_FILE", "triton_tls_key_file": "VLM_TRITON_TLS_KEY_FILE"}
+    files = {field_name: env.get(variable) or None for field_name, variable in names.items()}
+    for field_name, path in files.items():
+        if path and not os.path.isfile(path):
+            raise SettingsError(f"{names[field_name]}={path!r} is not a file: give the path of a PEM file")
+    for cert, key in (("tls_cert_file", "tls_key_file"), ("triton_tls_cert_file", "triton_tls_key_file")):
+        if bool(files[cert]) != bool(files[key]):
+            raise SettingsError(f"{names[cert]} and {names[key]} go together: set both (a certificate "
+                                "chain and its private key) or neither")
+    if files["tls_client_ca_file"] and not files["tls_cert_file"]:
+        raise SettingsError("VLM_TLS_CLIENT_CA_FILE (mutual TLS) needs TLS: set VLM_TLS_CERT_FILE and "
+                            "VLM_TLS_KEY_FILE too")
+    if files["triton_tls_cert_file"] and not files["triton_tls_ca_file"]:
+        raise SettingsError("VLM_TRITON_TLS_CERT_FILE needs VLM_TRITON_TLS_CA_FILE, the authority that "
+                            "signed Triton's certificate (it switches TLS to Triton on)")
+    return files
+
+
 @dataclass(frozen=True)
 class Settings:
     """Gateway settings; `from_env` documents the variable behind each field."""
@@ -27,6 +49,17 @@ class Settings:
     listen_address: str = "localhost:50051"
     # The OpenAI-compatible HTTP API (gateway/http_api.py), host:port; "off": none.
     http_address: str = "localhost:8080"
+    # TLS on both listeners (gateway/tls.py): PEM certificate chain and key files, read again when they
+    # change; with tls_client_ca_file, mutual TLS (clients need a certificate that authority signed).
+    # None: plain text, for loopback use.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    # TLS to Triton: the authority that signed Triton's certificate (set: TLS on), and this gateway's
+    # certificate and key where Triton requires client certificates. Read at start.
+    triton_tls_ca_file: str | None = None
+    triton_tls_cert_file: str | None = None
+    triton_tls_key_file: str | None = None
     # The inference servers: host:port, a comma-separated list of them, or dns:///NAME:PORT (every
     # address NAME resolves to, e.g. a Kubernetes headless Service; re-resolved every triton_resolve_s).
     triton_url: str = "localhost:8001"
@@ -39,6 +72,12 @@ class Settings:
     api_keys: frozenset[str] = frozenset()
     # Keys allowed to call admin RPCs (model loading); each must also be in api_keys.
     admin_api_keys: frozenset[str] = frozenset()
+    # A file of named, hashed keys with scopes and limits (gateway/keys.py; `vlm keys add`), reloaded
+    # when it changes; "": the environment's keys only.
+    api_keys_file: str = ""
+    # Requests in flight per model at which it counts as full (its generation rows plus the queue it
+    # may have): beyond it each key gets its fair share only (gateway/quotas.py); 0: no fair sharing.
+    model_capacity: int = 0
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9090
     max_images: int = 16
@@ -113,8 +152,9 @@ class Settings:
             raise SettingsError(f"VLM_REQUIRED_MODELS names {', '.join(unknown)}, not served here "
                                 f"(VLM_MODELS serves {', '.join(models)})")
         api_keys = frozenset(_list(env.get("VLM_API_KEYS", "")))
-        if not api_keys:
-            raise SettingsError("VLM_API_KEYS is empty: set at least one API key (e.g. VLM_API_KEYS=dev-local-key)")
+        if not api_keys and not env.get("VLM_API_KEYS_FILE"):
+            raise SettingsError("VLM_API_KEYS is empty: set at least one API key (e.g. VLM_API_KEYS=dev-local-key) "
+                                "or a key file (VLM_API_KEYS_FILE, written by `vlm keys add`)")
         admin_keys = frozenset(_list(env.get("VLM_ADMIN_API_KEYS", "")))
         reflection = env.get("VLM_REFLECTION", defaults.reflection)
         if reflection not in REFLECTION_MODES:
@@ -129,6 +169,7 @@ class Settings:
             parse_targets(env.get("VLM_TRITON_URL", defaults.triton_url))
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        tls = _tls_files(env)
         image_budget = number("VLM_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes)
         request_bytes = number("VLM_MAX_REQUEST_BYTES", image_budget + REQUEST_TEXT_ALLOWANCE)
         inflight_media = number("VLM_MAX_INFLIGHT_MEDIA_BYTES", defaults.max_inflight_media_bytes)
@@ -141,12 +182,15 @@ class Settings:
         return cls(
             listen_address=env.get("VLM_LISTEN_ADDRESS", defaults.listen_address),
             http_address=env.get("VLM_HTTP_ADDRESS", defaults.http_address),
+            **tls,
             triton_url=env.get("VLM_TRITON_URL", defaults.triton_url),
             triton_resolve_s=number("VLM_TRITON_RESOLVE_S", defaults.triton_resolve_s, float),
             models=models,
             required_models=required,
             api_keys=api_keys | admin_keys,
             admin_api_keys=admin_keys,
+            api_keys_file=env.get("VLM_API_KEYS_FILE", ""),
+            model_capacity=number("VLM_MODEL_CAPACITY", defaults.model_capacity),
             metrics_address=env.get("VLM_METRICS_ADDRESS", defaults.metrics_address),
             metrics_port=number("VLM_METRICS_PORT", defaults.metrics_port),
             max_images=number("VLM_MAX_IMAGES", defaults.max_images),

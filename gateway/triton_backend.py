@@ -29,6 +29,7 @@ from tritonclient.grpc._infer_result import InferResult
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
+from gateway import tracing
 from gateway.errors import ApiError, invalid_argument
 from vlm_serving.pipelines import pipeline, serving_models
 from vlm_serving.ensemble_client import ResponseChunk, build_inputs, parse_response
@@ -250,11 +251,13 @@ class TritonBackend:
     comes back is reached within that bound, not after gRPC's default backoff of up to 120 s.
     `large_request_bytes`: image and video bytes
     above which a request gets a stream of its own on the bulk connection. `max_stream_backlog`:
-    responses a request may have waiting for its reader before it is failed.
+    responses a request may have waiting for its reader before it is failed. `credentials`: TLS to
+    Triton (None: plain text).
     """
 
     def __init__(self, url: str, keepalive_s: float = 30.0, large_request_bytes: int = 1 << 20,
-                 max_stream_backlog: int = 1024, connect_timeout_s: float = 2.0):
+                 max_stream_backlog: int = 1024, connect_timeout_s: float = 2.0,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.url = url
         self.connect_timeout_s = connect_timeout_s
         self.large_request_bytes = large_request_bytes
@@ -262,7 +265,7 @@ class TritonBackend:
         keepalive_ms = int(keepalive_s * 1000)
         self.client = triton_aio.InferenceServerClient(url, keepalive_options=KeepAliveOptions(
             keepalive_time_ms=keepalive_ms, keepalive_timeout_ms=keepalive_ms,
-            keepalive_permit_without_calls=True, http2_max_pings_without_data=0))
+            keepalive_permit_without_calls=True, http2_max_pings_without_data=0), creds=credentials)
         options = [
             ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
@@ -276,8 +279,13 @@ class TritonBackend:
             # Without it, channels with equal arguments share one connection (gRPC's global pool).
             ("grpc.use_local_subchannel_pool", 1),
         ]
-        self._channel = grpc.aio.insecure_channel(url, options=options)
-        self._bulk_channel = grpc.aio.insecure_channel(url, options=options)
+        def channel() -> grpc.aio.Channel:
+            if credentials is None:
+                return grpc.aio.insecure_channel(url, options=options)
+            return grpc.aio.secure_channel(url, credentials, options=options)
+
+        self._channel = channel()
+        self._bulk_channel = channel()
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._bulk_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._bulk_channel)
         self._stream: _SharedStream | None = None
@@ -319,9 +327,9 @@ class TritonBackend:
         finally:
             stream.forget(triton_id)
 
-    async def _on_own_stream(self, request) -> AsyncIterator:
+    async def _on_own_stream(self, request, metadata: list[tuple[str, str]] = ()) -> AsyncIterator:
         await self._connected(self._bulk_channel)
-        call = self._bulk_stub.ModelStreamInfer()
+        call = self._bulk_stub.ModelStreamInfer(metadata=metadata or None)
         try:
             await call.write(request)
             while True:
@@ -385,8 +393,11 @@ class TritonBackend:
             model_name=ensemble, inputs=inputs, model_version="", request_id=triton_id, outputs=None,
             sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None, parameters=None,
         )
-        if sum(map(len, images)) + sum(map(len, videos)) > self.large_request_bytes:
-            responses = self._on_own_stream(request)
+        # Triton reads a trace context from the call's metadata only, which on the shared stream
+        # belongs to every request on it: a traced request travels on a stream of its own.
+        trace_context = tracing.trace_headers()
+        if trace_context or sum(map(len, images)) + sum(map(len, videos)) > self.large_request_bytes:
+            responses = self._on_own_stream(request, trace_context)
         else:
             responses = self._on_shared_stream(request, triton_id)
         finished = False

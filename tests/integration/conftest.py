@@ -67,7 +67,7 @@ def image_host():
         yield host
 
 
-def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
+def start_gateway(triton_url: str, log_dir, credentials=None, **env) -> GatewayProcess:
     port, metrics, http = free_ports(3)
     gateway = GatewayProcess(
         triton_url=triton_url, address=f"127.0.0.1:{port}", metrics_port=metrics, log_path=log_dir / "gateway.log",
@@ -76,6 +76,7 @@ def start_gateway(triton_url: str, log_dir, **env) -> GatewayProcess:
         # (tests of the unbounded default set VLM_DEFAULT_MAX_TOKENS="").
         extra_env={"VLM_API_KEYS": KEY, "VLM_HEALTH_POLL_S": "0.5", "VLM_METRICS_ADDRESS": "127.0.0.1",
                    "VLM_DEFAULT_MAX_TOKENS": "64", **env},
+        credentials=credentials,  # the gateway's TLS, if env sets it
     )
     gateway.start()
     try:

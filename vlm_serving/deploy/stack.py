@@ -55,6 +55,8 @@ class GatewayProcess:
     # Where the started process is recorded (see `record`) until it is stopped; None: nowhere.
     pid_file: Path | None = None
     process: subprocess.Popen | None = None
+    # How health checks reach a gateway serving TLS (VLM_TLS_CERT_FILE); None: plain text.
+    credentials: grpc.ChannelCredentials | None = None
 
     def start(self) -> None:
         env = dict(os.environ)
@@ -77,7 +79,9 @@ class GatewayProcess:
                 record(self.pid_file, self.process.pid)
 
     def health(self) -> int:
-        with grpc.insecure_channel(self.address) as channel:
+        channel = (grpc.secure_channel(self.address, self.credentials) if self.credentials
+                   else grpc.insecure_channel(self.address))
+        with channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 return reply.status

@@ -6,6 +6,7 @@
     VLM_API_KEY=dev-admin-key vlm load qwen2.5-vl     # put new versions/configs live (admin key)
     VLM_API_KEY=dev-admin-key vlm backends            # the Triton servers behind the gateway
     VLM_ADDRESS=gateway.internal:50051 vlm models     # another gateway (or --address)
+    vlm keys --file keys.jsonl add ci-bot --requests-per-second 5 --max-concurrent 4   # prints the key once
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import grpc
 from vlm.v1 import vlm_pb2
 
 from vlm_client.client import (DEFAULT_ADDRESS, DETAILS, TASKS, GatewayUnreachable, VLMClient, response_format,
-                               to_dict)
+                               tls_credentials, to_dict)
 from vlm_client.images import stored_orientation, upright_box
 from vlm_client.videos import to_video
 
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                                             "items failed, 130 interrupted (Ctrl-C).")
     parser.add_argument("--address", help=f"gateway host:port (default: $VLM_ADDRESS, else {DEFAULT_ADDRESS})")
     parser.add_argument("--api-key", help="API key (default: $VLM_API_KEY)")
+    parser.add_argument("--ca-file", help="TLS: the authority that signed the gateway's certificate, PEM "
+                                          "(default: $VLM_CA_FILE; plain text unless this or --cert-file is set)")
+    parser.add_argument("--cert-file", help="mutual TLS: this client's certificate, PEM (default: $VLM_CERT_FILE)")
+    parser.add_argument("--key-file", help="mutual TLS: the client certificate's private key (default: $VLM_KEY_FILE)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="deadline in seconds for the whole call, retries included (default: %(default)g)")
     parser.add_argument("--connect-timeout", type=float, default=5.0,
@@ -120,11 +125,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("load", "load or reload a model from the repository (admin key)"),
                        ("unload", "unload a model (admin key)")):
         commands.add_parser(name, help=text).add_argument("model")
+    keys = commands.add_parser("keys", help="create and list the gateway's named API keys (its VLM_API_KEYS_FILE)",
+                               description="Works on the key file itself, not through the gateway: the gateway "
+                                           "reloads the file when it changes. Revoke a key by deleting its line.")
+    keys.add_argument("--file", help="the key file (default: $VLM_API_KEYS_FILE)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = key_commands.add_parser("add", help="create a key: prints it once, appends its hashed entry to the file")
+    add.add_argument("name", help="the key's name in logs and metrics (letters, digits, '.', '_', '-'); a rotation's "
+                     "new key may take the old one's name (they share its limits)")
+    add.add_argument("--scope", choices=("user", "admin"), default="user", help="admin: may also load and unload "
+                     "models (default: %(default)s)")
+    add.add_argument("--requests-per-second", type=float, help="sustained request rate (default: unlimited)")
+    add.add_argument("--burst", type=int, help="requests at once beyond the rate (default: one second's worth)")
+    add.add_argument("--max-concurrent", type=int, help="requests in flight at once (default: unlimited)")
+    add.add_argument("--tokens-per-minute", type=int, help="generated tokens per minute (default: unlimited)")
+    key_commands.add_parser("list", help="the entries: names, scopes, limits (never keys)")
     args = parser.parse_args(argv)
+    if args.command == "keys":  # the key file, no gateway call
+        return _keys(args)
+    try:
+        tls_credentials(args.ca_file, args.cert_file, args.key_file)  # a bad file is named before any call
+    except ValueError as error:
+        parser.error(str(error))
     if args.command == "batch":
         return _batch(args)
-    with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout,
-                   connect_timeout=args.connect_timeout) as client:
+    with VLMClient(args.address, api_key=args.api_key, timeout=args.timeout, connect_timeout=args.connect_timeout,
+                   ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file) as client:
         try:
             return _run(client, args)
         except KeyboardInterrupt:  # the call is cancelled as the client closes
@@ -139,6 +165,40 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as error:  # ValueError: a file that is not a video (vlm_client.videos)
             print(f"error: {error}", file=sys.stderr)
     return 1
+
+
+def _keys(args) -> int:
+    """`vlm keys add` / `vlm keys list` on the key file (the gateway's format: gateway/keys.py)."""
+    import os
+
+    from gateway import keys
+
+    path = args.file or os.environ.get("VLM_API_KEYS_FILE")
+    if not path:
+        print("error: name the key file: --file PATH or VLM_API_KEYS_FILE", file=sys.stderr)
+        return 1
+    try:
+        if args.keys_command == "list":
+            for entry in keys.load_key_file(path) if os.path.exists(path) else []:
+                limits = " ".join(f"{name}={getattr(entry.limits, name):g}" for name in keys.LIMITS
+                                  if getattr(entry.limits, name) is not None)
+                print(f"{entry.name}\tscope={entry.scope}\tid={entry.key_id}\t{limits or 'unlimited'}")
+            return 0
+        key_id, key = keys.new_key()
+        limits = keys.Limits(args.requests_per_second, args.burst, args.max_concurrent, args.tokens_per_minute)
+        line = keys.entry_line(keys.KeyEntry(args.name, args.scope, limits, key_id, keys.hash_key(key)))
+        keys.parse_entry(line, "the new entry")  # the checks the gateway makes, before the file is touched
+        if os.path.exists(path):
+            keys.load_key_file(path)  # never append to a file the gateway would refuse
+        with open(path, "a", encoding="utf-8") as file:
+            os.chmod(path, 0o600)
+            file.write(line + "\n")
+    except keys.KeyFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(key)
+    print(f"key {args.name!r} ({args.scope}) added to {path}; it is shown only now", file=sys.stderr)
+    return 0
 
 
 def what_takes(args, filename: str) -> str:
@@ -286,7 +346,8 @@ def _batch(args) -> int:
 
     async def go():
         async with AsyncVLMClient(args.address, api_key=args.api_key, timeout=args.timeout,
-                                  connect_timeout=args.connect_timeout) as client:
+                                  connect_timeout=args.connect_timeout, ca_file=args.ca_file,
+                                  cert_file=args.cert_file, key_file=args.key_file) as client:
             return await run_batch(client, items, Path(args.output), args.concurrency,
                                    retry_failed=args.retry_failed, progress=not args.no_progress)
 

@@ -173,15 +173,46 @@ class _Attempts:
         return delay
 
 
+def tls_credentials(ca_file: str | None = None, cert_file: str | None = None,
+                    key_file: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS to a gateway that serves it: trust `ca_file` (default: $VLM_CA_FILE; unset: the system's
+    authorities) and, for mutual TLS, present `cert_file` with its `key_file` (default: $VLM_CERT_FILE,
+    $VLM_KEY_FILE). None (plain text) when none of them is set."""
+    ca_file = ca_file or os.environ.get("VLM_CA_FILE") or None
+    cert_file = cert_file or os.environ.get("VLM_CERT_FILE") or None
+    key_file = key_file or os.environ.get("VLM_KEY_FILE") or None
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("cert_file and key_file (--cert-file/--key-file, $VLM_CERT_FILE/$VLM_KEY_FILE) go "
+                         "together: a client certificate needs its private key")
+    if not (ca_file or cert_file):
+        return None
+
+    def read(path: str | None, name: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except OSError as exc:
+            raise ValueError(f"{name}: {path}: {exc.strerror}; give a PEM file") from None
+
+    return grpc.ssl_channel_credentials(read(ca_file, "ca_file (--ca-file, $VLM_CA_FILE)"),
+                                        read(key_file, "key_file (--key-file, $VLM_KEY_FILE)"),
+                                        read(cert_file, "cert_file (--cert-file, $VLM_CERT_FILE)"))
+
+
 class _Base:
     """`address`: the gateway's host:port (default: $VLM_ADDRESS, else localhost:50051); `api_key`
     (default: $VLM_API_KEY); `timeout`: each call's deadline in seconds, its retries included;
     `connect_timeout`: how long a call waits for a connection to the gateway before failing with
-    GatewayUnreachable (UNAVAILABLE), within that deadline."""
+    GatewayUnreachable (UNAVAILABLE), within that deadline; `ca_file`, `cert_file`, `key_file`: TLS
+    (see `tls_credentials`; default: plain text)."""
 
     def __init__(self, address: str | None = None, api_key: str | None = None, timeout: float = 120.0,
-                 retries: int = 3, backoff: float = 0.25, connect_timeout: float = 5.0):
+                 retries: int = 3, backoff: float = 0.25, connect_timeout: float = 5.0,
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None):
         self.address = address or os.environ.get("VLM_ADDRESS") or DEFAULT_ADDRESS
+        self.credentials = tls_credentials(ca_file, cert_file, key_file)
         key = api_key if api_key is not None else os.environ.get("VLM_API_KEY", "")
         self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
         self.timeout = timeout
@@ -195,7 +226,8 @@ class VLMClient(_Base):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = (grpc.secure_channel(self.address, self.credentials) if self.credentials
+                        else grpc.insecure_channel(self.address))
         self.stub = vlm_pb2_grpc.VisionLanguageServiceStub(self.channel)
         self.admin = vlm_pb2_grpc.ModelAdminServiceStub(self.channel)
         # Whether a call went through since the channel was made or a call found no connection:
@@ -313,7 +345,9 @@ class AsyncVLMClient(_Base):
         level, or reused across `asyncio.run` calls, gets a channel of each loop)."""
         loop = asyncio.get_running_loop()
         if self._channel is None or self._loop is not loop:
-            self._channel, self._loop = grpc.aio.insecure_channel(self.address), loop
+            self._channel = (grpc.aio.secure_channel(self.address, self.credentials) if self.credentials
+                             else grpc.aio.insecure_channel(self.address))
+            self._loop = loop
             self._stub = vlm_pb2_grpc.VisionLanguageServiceStub(self._channel)
         return self._channel
 

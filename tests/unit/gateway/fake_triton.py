@@ -108,7 +108,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
                                               raw_output_contents=[raw])
 
 
-async def start_fake_triton(port: int = 0) -> tuple[grpc.aio.Server, FakeTriton, int]:
+async def start_fake_triton(port: int = 0, credentials: grpc.ServerCredentials | None = None
+                            ) -> tuple[grpc.aio.Server, FakeTriton, int]:
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", 256 << 20),
         # Accept the gateway's keepalive pings at any rate (as Triton started by our launcher does).
@@ -117,7 +118,8 @@ async def start_fake_triton(port: int = 0) -> tuple[grpc.aio.Server, FakeTriton,
     ])
     fake = FakeTriton()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    port = (server.add_secure_port(f"127.0.0.1:{port}", credentials) if credentials
+            else server.add_insecure_port(f"127.0.0.1:{port}"))
     await server.start()
     return server, fake, port
 
