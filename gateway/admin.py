@@ -10,6 +10,7 @@ Every call reaches every live inference server of the pool at once, and answers 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -17,6 +18,7 @@ import grpc
 from tritonclient.utils import InferenceServerException
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
+from gateway.keys import caller_var
 from gateway.settings import Settings
 from gateway.servicer import model_info
 from gateway.triton_backend import unloading
@@ -24,12 +26,41 @@ from gateway.triton_pool import TritonPool
 from vlm_serving.pipelines import own_models
 
 log = logging.getLogger("gateway.admin")
+# One line per admin call, for whoever must answer "who changed what, when": its own logger, so it can
+# be routed (or kept) apart from the rest.
+audit_log = logging.getLogger("gateway.audit")
 # Triton's answer to a load or unload while it polls its repository.
 _POLL_MODE = "explicit model load / unload is not allowed if polling is enabled"
 POLL_MODE_REFUSAL = (
     "the inference server polls its model repository (model control mode poll) and loads changes "
     "there by itself; LoadModel and UnloadModel work only in explicit mode. `vlm models` shows what serves"
 )
+
+
+def audited(rpc):
+    """Write the audit line of each call of `rpc`: who (the key's name), what (the RPC, its model),
+    and the result (OK or the status code it ended with)."""
+    @functools.wraps(rpc)
+    async def call(self, request, context):
+        result = "UNKNOWN"
+        try:
+            response = await rpc(self, request, context)
+            result = "OK"
+            return response
+        except asyncio.CancelledError:
+            result = "CANCELLED"
+            raise
+        except Exception:
+            code = context.code()  # what context.abort set; none: an unexpected failure
+            result = code.name if code is not None else "UNKNOWN"
+            raise
+        finally:
+            caller = caller_var.get()
+            audit_log.info("admin call", extra={"fields": {
+                "key": caller.name if caller else "", "rpc": rpc.__name__,
+                "model": getattr(request, "model", ""), "result": result}})
+
+    return call
 
 
 class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
@@ -52,6 +83,7 @@ class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, POLL_MODE_REFUSAL)
         return results
 
+    @audited
     async def LoadModel(self, request, context):
         ensemble = await self._ensemble(request.model, context)
         started = time.perf_counter()
@@ -75,6 +107,7 @@ class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
         info = await model_info(self.backend, request.model, ensemble, index)
         return vlm_pb2.LoadModelResponse(model=info, load_seconds=seconds, backends=backend_results(results))
 
+    @audited
     async def UnloadModel(self, request, context):
         ensemble = await self._ensemble(request.model, context)
         for triton_model in reversed(own_models(ensemble)):
@@ -88,6 +121,7 @@ class ModelAdminServicer(vlm_pb2_grpc.ModelAdminServiceServicer):
         return vlm_pb2.UnloadModelResponse(model=await model_info(self.backend, request.model, ensemble, index),
                                            backends=backend_results(results))
 
+    @audited
     async def ListBackends(self, request, context):
         return vlm_pb2.ListBackendsResponse(backends=[
             vlm_pb2.Backend(address=server.address, healthy=server.healthy, outstanding_requests=server.outstanding,

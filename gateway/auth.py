@@ -1,14 +1,14 @@
 """API-key authentication for every RPC except health checks (and reflection, when public).
 
 The key is checked from the call's metadata before any of its request is read: a refused call
-costs no message buffer, whatever it sends.
+costs no message buffer, whatever it sends. Keys, their names and scopes: gateway/keys.py.
 """
 
 from __future__ import annotations
 
-import hmac
-
 import grpc
+
+from gateway.keys import KeyRing, caller_var
 
 PUBLIC_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
@@ -20,37 +20,29 @@ def bearer_key(metadata) -> str | None:
     return None
 
 
-def key_matches(presented: str | None, keys: frozenset[str]) -> bool:
-    """Whether `presented` is one of `keys`. Compared as bytes (any text, even non-ASCII, is just a
-    wrong key) against every key with no early exit, so timing tells nothing about the keys."""
-    if presented is None:
-        return False
-    given = presented.encode("utf-8", "surrogateescape")
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key.encode("utf-8"))
-    return matched
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, api_keys: frozenset[str], admin_methods: frozenset[str] = frozenset(),
-                 admin_keys: frozenset[str] = frozenset(), public_methods: frozenset[str] = PUBLIC_METHODS):
-        self.api_keys = api_keys
+    """Who calls (gateway/keys.py): the key's entry is put in `caller_var` for the request's quotas,
+    logs and metrics; admin methods need an admin-scoped key."""
+
+    def __init__(self, keys: KeyRing, admin_methods: frozenset[str] = frozenset(),
+                 public_methods: frozenset[str] = PUBLIC_METHODS):
+        self.keys = keys
         self.public_methods = public_methods
         self.admin_methods = admin_methods
-        self.admin_keys = admin_keys
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if details.method in self.public_methods or handler is None:
             return handler
-        presented = bearer_key(details.invocation_metadata)
-        if not key_matches(presented, self.api_keys):
+        # The handler runs in this task: what is set here is the request's.
+        entry = await self.keys.identify(bearer_key(details.invocation_metadata))
+        if entry is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing or unknown API key; send metadata 'authorization: Bearer <key>'")
-        if details.method in self.admin_methods and not key_matches(presented, self.admin_keys):
+        caller_var.set(entry)
+        if details.method in self.admin_methods and not entry.admin:
             return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
-                            f"{details.method} needs an admin-scoped API key")
+                            f"{details.method} needs an admin-scoped API key (key {entry.name!r} is {entry.scope})")
         return handler
 
 

@@ -12,7 +12,7 @@ class ApiError(Exception):
     """An error for the caller: a status code, an actionable message, and bad fields if any."""
 
     def __init__(self, code: grpc.StatusCode, message: str, violations: list[tuple[str, str]] = (),
-                 retry_after_s: float | None = None):
+                 retry_after_s: float | None = None, quota_violations: list[tuple[str, str]] = ()):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -20,6 +20,8 @@ class ApiError(Exception):
         # Set only where the request provably did no work (refused before it ran): clients retry
         # what carries a google.rpc.RetryInfo, and nothing else.
         self.retry_after_s = retry_after_s
+        # (subject, description) of each quota the request is over: a google.rpc.QuotaFailure.
+        self.quota_violations = list(quota_violations)
 
     def to_status(self) -> grpc.Status:
         details = []
@@ -32,6 +34,13 @@ class ApiError(Exception):
             )
             packed = any_pb2.Any()
             packed.Pack(bad_request)
+            details.append(packed)
+        if self.quota_violations:
+            failure = error_details_pb2.QuotaFailure(violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+                for subject, description in self.quota_violations])
+            packed = any_pb2.Any()
+            packed.Pack(failure)
             details.append(packed)
         if self.retry_after_s is not None:
             info = error_details_pb2.RetryInfo()

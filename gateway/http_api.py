@@ -33,9 +33,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlm.v1 import vlm_pb2
 
-from gateway import media_budget, openai_protocol as protocol
-from gateway.auth import key_matches
+from gateway import media_budget, openai_protocol as protocol, tracing
 from gateway.errors import ApiError
+from gateway.keys import KeyRing, caller_var
+from gateway.observability import request_id_var
 from gateway.openai_protocol import ChatCompletionRequest, HttpError, ParamNames, bad_request
 from gateway.openapi import describe
 from gateway.servicer import VisionLanguageServicer
@@ -64,6 +65,8 @@ class RequestIds:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        request_id_var.set(request_id)  # on log lines and spans from here on
+        tracing.tag_request(request_id)
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -131,7 +134,7 @@ def parse_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
         raise protocol.validation_problems(exc.errors()) from None
 
 
-def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambda: True) -> FastAPI:
+def create_app(settings: Settings, servicer: VisionLanguageServicer, keys: KeyRing, ready=lambda: True) -> FastAPI:
     # No /docs or /redoc: FastAPI's pages load their scripts from a public CDN. /openapi.json
     # describes the API for any viewer or client generator.
     app = FastAPI(title="VLM serving: OpenAI-compatible API", version="1", docs_url=None, redoc_url=None,
@@ -158,12 +161,15 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
         return error_response(HttpError(500, "server_error", f"internal error in the gateway (request id {request_id}); "
                                         "the gateway logged the details under this id", code="internal"))
 
-    def authenticate(request: Request) -> None:
+    async def authenticate(request: Request) -> None:
+        """The caller's key entry into `caller_var` (the request's quotas, logs and metrics), or 401."""
         header = request.headers.get("authorization", "")
         presented = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
-        if not key_matches(presented, settings.api_keys):
+        entry = await keys.identify(presented)
+        if entry is None:
             raise HttpError(401, "authentication_error", "missing or unknown API key; send 'Authorization: Bearer <key>'",
                             code="invalid_api_key")
+        caller_var.set(entry)
 
     def hold_body(size: int) -> None:
         """The body's bytes (its images' and videos' base64) in the gateway's in-flight media budget."""
@@ -204,7 +210,7 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
             return await _chat_completions(request)
 
     async def _chat_completions(request: Request):
-        authenticate(request)
+        await authenticate(request)
         body = await body_of(request)
         generate_request = protocol.to_generate_request(body, request.scope["state"]["request_id"])
         names = ParamNames(body)
@@ -283,12 +289,12 @@ def create_app(settings: Settings, servicer: VisionLanguageServicer, ready=lambd
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authenticate(request)
+        await authenticate(request)
         return {"object": "list", "data": [model_card(name) for name in sorted(settings.models)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
-        authenticate(request)
+        await authenticate(request)
         if model_id not in settings.models:
             raise HttpError(404, "not_found_error", f"model {model_id!r} is not served here; available: "
                             f"{', '.join(sorted(settings.models))}", "model", "model_not_found")

@@ -12,6 +12,9 @@ from contextlib import contextmanager
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gateway import tracing
+from gateway.keys import caller_var
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -43,12 +46,18 @@ class Metrics:
         self.routed = Counter(
             "vlm_routed_requests", "Requests model auto answered, by route reason; fallback rate: "
             "(low_confidence + fallback_failed) / all", ["reason"], registry=self.registry)
+        # By the API key's name (gateway/keys.py; never the key): who uses the service, who is refused.
+        self.key_requests = Counter("vlm_key_requests", "Finished RPCs by API key name and status code",
+                                    ["key", "code"], registry=self.registry)
+        self.quota_refusals = Counter("vlm_quota_refusals", "Requests refused by a key's quota or fair share, "
+                                      "by key name and limit", ["key", "limit"], registry=self.registry)
         self.images = Counter("vlm_images", "Images answered about, by model and image kind", ["model", "kind"],
                               registry=self.registry)
 
     @contextmanager
-    def track(self, model: str, method: str):
-        """Count the RPC, time it and keep it in flight; the caller sets `outcome["code"]`."""
+    def track(self, model: str, method: str, key: str = ""):
+        """Count the RPC (by model, and by `key`: the caller's key name), time it and keep it in flight;
+        the caller sets `outcome["code"]`."""
         outcome = {"code": grpc.StatusCode.OK}
         start = time.perf_counter()
         self.in_flight.labels(model).inc()
@@ -62,6 +71,7 @@ class Metrics:
             self.in_flight.labels(model).dec()
             self.latency.labels(model, method).observe(time.perf_counter() - start)
             self.requests.labels(model, method, outcome["code"].name).inc()
+            self.key_requests.labels(key, outcome["code"].name).inc()
 
     def count_usage(self, model: str, prompt: int, completion: int, image: int) -> None:
         self.tokens.labels(model, "prompt").inc(prompt)
@@ -80,6 +90,10 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             entry["request_id"] = request_id
+        entry.update(tracing.log_fields())
+        caller = caller_var.get()
+        if caller is not None:  # the key's name, never the key
+            entry["key"] = caller.name
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

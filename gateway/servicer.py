@@ -14,9 +14,11 @@ import grpc
 from tritonclient.utils import InferenceServerException
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
-from gateway import image_urls, media_budget
+from gateway import image_urls, media_budget, tracing
 from gateway.errors import ApiError
+from gateway.keys import caller_var
 from gateway.observability import Metrics, request_id_var
+from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.triton_backend import is_unloaded, pipeline_ready, to_api_error
 from gateway.triton_pool import NoServerReady, TritonPool
@@ -50,6 +52,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         # The requests being handled (their tasks), and how they end when a drain's grace ends.
         self.running: set[asyncio.Task] = set()
         self.ended: ApiError | None = None
+        self.quotas = Quotas(settings.model_capacity)
         self.media = media_budget.MediaBudget(settings.max_inflight_media_bytes)
 
     def _answering_model(self, requested: str, chunk) -> str:
@@ -157,9 +160,11 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
 
     async def _handle(self, request, context, model: str, method: str, stream: bool, deliver,
                       task: asyncio.Task) -> ApiError | None:
-        with self.metrics.track(model, method) as outcome:
+        caller = caller_var.get()
+        with self.metrics.track(model, method, caller.name if caller else "") as outcome:
+            refusal = self.quotas.admit(caller, model)  # before any of the request is read
             try:
-                error = await self._attempt(request, context, stream, deliver)
+                error = refusal if refusal is not None else await self._attempt(request, context, stream, deliver)
             except asyncio.CancelledError:  # the caller went away, its own deadline passed, or a drain ended
                 if self.ended is not None and task.uncancel() == 0:
                     error = self.ended
@@ -168,6 +173,11 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                     expired = remaining is not None and remaining <= 0
                     outcome["code"] = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                     raise
+            finally:
+                if refusal is None:
+                    self.quotas.release(caller, model)
+            if refusal is not None:
+                self.metrics.quota_refusals.labels(caller.name, refusal.limit).inc()
             if error is not None:
                 outcome["code"] = error.code
                 log.info("request refused", extra={"fields": {"model": model, "method": method,
@@ -178,12 +188,15 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         request_id = request.request_id
         try:
             media_budget.cover(media_budget.media_bytes(request))  # before they are held any longer
-            if holds_video(request, self.settings):  # probing video headers: off the loop that serves everyone
-                call = await asyncio.to_thread(validate, request, self.settings, stream)
-            else:
-                call = validate(request, self.settings, stream)
+            with tracing.span("validate") as span:
+                if holds_video(request, self.settings):  # probing video headers: off the loop that serves everyone
+                    call = await asyncio.to_thread(validate, request, self.settings, stream)
+                else:
+                    call = validate(request, self.settings, stream)
+                span.set_attribute(tracing.REQUEST_ID_ATTRIBUTE, call.request_id)
             request_id = call.request_id
             request_id_var.set(request_id)
+            tracing.tag_request(request_id)
             context.set_trailing_metadata((("x-request-id", request_id),))
             remaining = context.time_remaining()
             timeout = self.settings.default_timeout_s
@@ -208,7 +221,9 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         return None
 
     async def _generate(self, call: ValidatedRequest, deliver, deadline: asyncio.Timeout) -> None:
-        fetched = await image_urls.fetch_all([*call.images, *call.videos], self.settings)
+        with tracing.span("fetch media") as span:
+            span.set_attributes({"vlm.images": len(call.images), "vlm.videos": len(call.videos)})
+            fetched = await image_urls.fetch_all([*call.images, *call.videos], self.settings)
         images, videos = fetched[:len(call.images)], fetched[len(call.images):]
         if asyncio.get_running_loop().time() >= deadline.when():
             # The deadline passed before the request was read (validating it took longer) or while its
@@ -225,34 +240,39 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id,
                                        call.detail, routing, call.task, tools.to_wire(call.tools), videos)
         text, outcome = [], None
-        try:
-            async with aclosing(chunks):
-                async for chunk in chunks:
-                    text.append(chunk.text)
-                    if chunk.finished and (call.task or call.tools):
-                        outcome = Outcome.of(call, chunk.route.get("family") or call.ensemble, "".join(text), chunk, images)
-                    if first is None and chunk.text:
-                        first = time.perf_counter() - started
-                        self.metrics.first_token.labels(call.model).observe(first)
-                    if chunk.finished:
-                        self.metrics.count_usage(call.model, chunk.prompt_tokens, chunk.completion_tokens,
-                                                 chunk.image_tokens)
-                        for image in chunk.images:
-                            self.metrics.images.labels(call.model, image["kind"]).inc()
-                        if chunk.route:
-                            self.metrics.routed.labels(chunk.route["reason"]).inc()
-                        # One line per request, at the end: enough to trace it, cheap on the hot path.
-                        log.info("done", extra={"fields": {
-                            "model": call.model, "images": len(images), "stream": call.params.stream,
-                            "finish_reason": chunk.finish_reason, "completion_tokens": chunk.completion_tokens,
-                            "latency_s": round(time.perf_counter() - started, 4)}})
-                    await deliver(chunk, call, outcome)
-        except InferenceServerException as exc:
-            raise to_api_error(exc, call.model, [image.field for image in call.images],
-                               [video.field for video in call.videos]) from None
-        except NoServerReady as exc:  # said with the model's public name
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"model {call.model!r} is not ready on any inference server "
-                           f"({exc.states}); retry with backoff", retry_after_s=exc.retry_after_s) from None
+        with tracing.span("triton infer") as span:
+            try:
+                async with aclosing(chunks):
+                    async for chunk in chunks:
+                        text.append(chunk.text)
+                        if chunk.finished and (call.task or call.tools):
+                            outcome = Outcome.of(call, chunk.route.get("family") or call.ensemble, "".join(text), chunk, images)
+                        if first is None and chunk.text:
+                            first = time.perf_counter() - started
+                            span.add_event("first token")
+                            self.metrics.first_token.labels(call.model).observe(first)
+                        if chunk.finished:
+                            span.set_attributes({"vlm.completion_tokens": chunk.completion_tokens,
+                                                 "vlm.finish_reason": chunk.finish_reason})
+                            self.metrics.count_usage(call.model, chunk.prompt_tokens, chunk.completion_tokens,
+                                                     chunk.image_tokens)
+                            self.quotas.charge(caller_var.get(), chunk.completion_tokens)
+                            for image in chunk.images:
+                                self.metrics.images.labels(call.model, image["kind"]).inc()
+                            if chunk.route:
+                                self.metrics.routed.labels(chunk.route["reason"]).inc()
+                            # One line per request, at the end: enough to trace it, cheap on the hot path.
+                            log.info("done", extra={"fields": {
+                                "model": call.model, "images": len(images), "stream": call.params.stream,
+                                "finish_reason": chunk.finish_reason, "completion_tokens": chunk.completion_tokens,
+                                "latency_s": round(time.perf_counter() - started, 4)}})
+                        await deliver(chunk, call, outcome)
+            except InferenceServerException as exc:
+                raise to_api_error(exc, call.model, [image.field for image in call.images],
+                                   [video.field for video in call.videos]) from None
+            except NoServerReady as exc:  # said with the model's public name
+                raise ApiError(grpc.StatusCode.UNAVAILABLE, f"model {call.model!r} is not ready on any inference server "
+                               f"({exc.states}); retry with backoff", retry_after_s=exc.retry_after_s) from None
 
 
 RESULT_FIELDS = {tasks.Detections: "detections", tasks.TextLines: "text_lines", tasks.Document: "document",
