@@ -39,6 +39,12 @@ def optional_input(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
+def read_request_id(request) -> str:
+    """The request's REQUEST_ID input ("" without one)."""
+    value = optional_input(request, "REQUEST_ID")
+    return "" if value is None else value.reshape(-1)[0].decode("utf-8")
+
+
 def required_input(request, name: str) -> np.ndarray:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:

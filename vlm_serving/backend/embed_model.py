@@ -9,9 +9,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.cancel_model import AbandonedRequests
-from vlm_serving.backend.common import error_response, image_tensors, model_parameters, read_images
+from vlm_serving.backend.common import error_response, image_tensors, model_parameters, read_images, read_request_id
 from vlm_serving.encoding.encoder import EmbeddingCache, EncoderChanges, embed_batch
 from vlm_serving.encoding.encoder_inputs import split_per_image
+from vlm_serving.tracing import ModelTracing
 
 
 class TritonPythonModel:
@@ -32,6 +33,7 @@ class TritonPythonModel:
         self.cached_bytes = self._metric("vlm_encoder_cache_bytes", "Bytes of image embeddings in the cache", gauge=True)
         self.counted = (0, 0, 0)
         self.abandoned = AbandonedRequests(args)
+        self.tracing = ModelTracing()
 
     def _metric(self, name: str, description: str, gauge: bool = False):
         kind = pb_utils.MetricFamily.GAUGE if gauge else pb_utils.MetricFamily.COUNTER
@@ -69,7 +71,13 @@ class TritonPythonModel:
                 indices.append(index)
             except (ValueError, IndexError) as exc:
                 responses[index] = error_response(exc)
-        answers = await embed_batch(batch, self.cache, self.identity, self._encode)
+        spans = [self.tracing.start("encoder cache", requests[index], read_request_id(requests[index]),
+                                    **{"vlm.images": len(images)}) for index, images in zip(indices, batch)]
+        hits: list[int] = []
+        answers = await embed_batch(batch, self.cache, self.identity, self._encode, hits)
+        for span, images, found in zip(spans, batch, hits):
+            span.set_attributes({"vlm.cache.hits": found, "vlm.cache.misses": len(images) - found})
+            span.end()
         for index, answer in zip(indices, answers):
             if isinstance(answer, Exception):
                 # Preprocessing made the encoder's inputs: whatever fails here is not the caller's fault.
@@ -80,6 +88,9 @@ class TritonPythonModel:
                 )
         self._export_metrics()
         return responses
+
+    def finalize(self):
+        self.tracing.shutdown()
 
     def _export_metrics(self) -> None:
         stats = self.cache.stats

@@ -14,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving import tasks
-from vlm_serving.backend.common import error_response, model_parameters, optional_input, required_input
+from vlm_serving.backend.common import error_response, model_parameters, optional_input, read_request_id, required_input
 from vlm_serving.generation.cancellation import CancellationBoard
 from vlm_serving.deploy.render import LANGUAGE_IMAGE_TENSORS
 from vlm_serving.generation.batch import BatchGenerator, GenerationRequest, RequestUpdate, run_batch
@@ -23,6 +23,7 @@ from vlm_serving.generation.loading import load_model, load_tokenizer
 from vlm_serving.generation.sampling import ParameterError, SamplingParams
 from vlm_serving.generation.scheduling import EngineLimits
 from vlm_serving.generation.structured import ResponseFormat
+from vlm_serving.tracing import GenerationSpans, ModelTracing
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Qwen2.5-VL's clips: read where they come (a model repository rendered before video input sends
@@ -143,6 +144,7 @@ class TritonPythonModel:
         self.max_tokens_limit = int(parameters["max_tokens_limit"])
         self.logger = pb_utils.Logger
         self.cancellations = CancellationBoard()
+        self.tracing = ModelTracing()
         started = time.perf_counter()
         model = load_model(parameters["checkpoint"], parameters["quantization"], device)
         self.generator = BatchGenerator(self.family, model, load_tokenizer(parameters["checkpoint"]), device,
@@ -208,11 +210,9 @@ class TritonPythonModel:
             except Exception as exc:  # never leave a request's stream open
                 sender.send(error_response(exc, caller_error=False), flags=FINAL)
                 continue
-            request_id = optional_input(request, "REQUEST_ID")
-            request_id = "" if request_id is None else request_id.reshape(-1)[0].decode("utf-8")
             image_info = optional_input(request, "IMAGE_INFO")
             image_info = b"[]" if image_info is None else bytes(image_info.reshape(-1)[0])
-            accepted.append((generation_request, sender, self._sink(request, sender, request_id, image_info)))
+            accepted.append((generation_request, sender, self._sink(request, sender, read_request_id(request), image_info)))
         if self.scheduler == "inflight":
             for generation_request, sender, sink in accepted:
                 self._submit(generation_request, sender, sink)
@@ -228,7 +228,7 @@ class TritonPythonModel:
         return None
 
     def _sink(self, request, sender, request_id: str, image_info: bytes) -> RequestSink:
-        return RequestSink(
+        sink = RequestSink(
             send_update=lambda update: sender.send(to_response(update, self.version, image_info),
                                                    flags=FINAL if update.finished else 0),
             # A ParameterError after submission is the request's own: a format the grammar engine cannot compile.
@@ -236,6 +236,22 @@ class TritonPythonModel:
                                                flags=FINAL),
             is_cancelled=lambda: request.is_cancelled() or self.cancellations.is_cancelled(request_id),
         )
+        return self._traced(sink, request, request_id) if self.tracing.enabled else sink
+
+    def _traced(self, sink: RequestSink, request, request_id: str) -> RequestSink:
+        """The sink, recording the request's queue wait and generation spans on the way."""
+        spans = GenerationSpans(self.tracing, request, request_id)
+
+        def send_update(update):
+            spans.update(update)
+            sink.send_update(update)
+
+        def send_error(exc):
+            spans.failed(exc)
+            sink.send_error(exc)
+
+        return RequestSink(send_update=send_update, send_error=send_error, is_cancelled=sink.is_cancelled,
+                           on_admitted=spans.admitted)
 
     def _submit(self, generation_request: GenerationRequest, sender, sink: RequestSink) -> None:
         try:
@@ -250,3 +266,4 @@ class TritonPythonModel:
     def finalize(self):
         if self.scheduler == "inflight":
             self.loop.stop(grace_s=30.0, reason=RuntimeError("the generation model was unloaded mid-request; retry"))
+        self.tracing.shutdown()

@@ -10,12 +10,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.cancel_model import AbandonedRequests
-from vlm_serving.backend.common import error_response, image_tensors, model_parameters, optional_input, required_input
+from vlm_serving.backend.common import (
+    error_response, image_tensors, model_parameters, optional_input, read_request_id, required_input,
+)
 from vlm_serving.preprocessing.chat import MessageError
 from vlm_serving.preprocessing.images import ImageError, ImageLimits
 from vlm_serving.preprocessing.preprocess import image_threads, load_preprocessor
 from vlm_serving.preprocessing.resolution import ResolutionPresets, parse_detail
 from vlm_serving.preprocessing.video import VideoLimits
+from vlm_serving.tracing import ModelTracing
 
 
 def instance_count(args: dict) -> int:
@@ -41,9 +44,22 @@ class TritonPythonModel:
             max_videos=int(parameters["max_videos"]),
         )
         self.abandoned = AbandonedRequests(args)
+        self.tracing = ModelTracing()
 
     def execute(self, requests):
-        return [self._preprocess(request) for request in requests]
+        return [self._traced(request) for request in requests]
+
+    def _traced(self, request):
+        if not self.tracing.enabled:
+            return self._preprocess(request)
+        with self.tracing.span("preprocess", request, read_request_id(request)) as span:
+            response = self._preprocess(request)
+            if response.has_error():
+                span.set_attribute("vlm.error", response.error().message())
+            return response
+
+    def finalize(self):
+        self.tracing.shutdown()
 
     def _preprocess(self, request):
         abandoned = self.abandoned.response_if_abandoned(request)

@@ -38,6 +38,23 @@ BUILD = REPO_ROOT / "build"
 GRPC_KEEPALIVE_FLAGS = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-max-ping-strikes=0")
 
 
+# The models read the collector from here (the stubs inherit Triton's environment).
+OTLP_ENDPOINT_VARIABLE = "VLM_OTLP_ENDPOINT"
+
+
+def trace_flags(otlp_endpoint: str | None) -> list[str]:
+    """Triton's own OpenTelemetry tracing to an OTLP/HTTP collector (the only exporter Triton has):
+    every request traced (rate 1: the gateway decides which requests carry a sampled `traceparent`,
+    Triton's spans join that trace). Triton batches its exports like the SDKs do
+    (OTEL_BSP_SCHEDULE_DELAY and the other OTEL_BSP_* variables apply)."""
+    if not otlp_endpoint:
+        return []
+    return ["--trace-config=mode=opentelemetry", "--trace-config=rate=1", "--trace-config=count=-1",
+            "--trace-config=level=TIMESTAMPS",
+            f"--trace-config=opentelemetry,url={otlp_endpoint.rstrip('/')}/v1/traces",
+            "--trace-config=opentelemetry,resource=service.name=triton"]
+
+
 class TritonError(RuntimeError):
     pass
 
@@ -54,6 +71,9 @@ class TritonServer:
     load_models: tuple[str, ...] = ("*",)
     log_path: Path = BUILD / "triton.log"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # An OTLP/HTTP collector (e.g. "http://localhost:4318"): Triton traces every request
+    # (`trace_flags`) and the models' own spans go there too (vlm_serving/tracing.py). None: no tracing.
+    otlp_endpoint: str | None = None
     # Where the started process is recorded (see `record`) until it is stopped; None: nowhere.
     pid_file: Path | None = None
     process: subprocess.Popen | None = None
@@ -81,6 +101,7 @@ class TritonServer:
             f"--model-control-mode={self.model_control}",
             "--strict-readiness=true",
             *GRPC_KEEPALIVE_FLAGS,
+            *trace_flags(self.otlp_endpoint),
         ]
         if self.model_control == "explicit":
             args += [f"--load-model={name}" for name in self.load_models]
@@ -98,6 +119,8 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         # Bytecode written into a version folder looks like a change to the repository poller.
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        if self.otlp_endpoint:
+            env[OTLP_ENDPOINT_VARIABLE] = self.otlp_endpoint
         env.update(self.extra_env)
         return env
 

@@ -160,17 +160,21 @@ EncodeCall = Callable[[list[ImageInputs]], Awaitable[tuple[list[np.ndarray], str
 
 
 async def embed_batch(
-    requests: list[list[ImageInputs]], cache: EmbeddingCache, identity: str, encode: EncodeCall
+    requests: list[list[ImageInputs]], cache: EmbeddingCache, identity: str, encode: EncodeCall,
+    cache_hits: list[int] | None = None,
 ) -> list[np.ndarray | Exception]:
     """float32 [image tokens, hidden] per request ([0, 0] without images): cached images from the
     cache, the others encoded.
 
     One encode call per request that has unseen images, all in flight together (the encoder model
     batches them); an image that several requests of the batch share is encoded once. A failed
-    call fails only the requests that needed it.
+    call fails only the requests that needed it. `cache_hits`, when given, gets each request's
+    number of images found in the cache (the others are encoded).
     """
     digests = [[image_digest(image) for image in images] for images in requests]
     found: list[list[np.ndarray | None]] = [[cache.get(identity, d) for d in ds] for ds in digests]
+    if cache_hits is not None:
+        cache_hits[:] = [sum(hit is not None for hit in hits) for hits in found]
     calls: list[list[ImageInputs]] = []
     call_digests: list[list[bytes]] = []
     owner: dict[bytes, int] = {}  # digest -> the call that encodes it

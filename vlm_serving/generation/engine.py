@@ -105,6 +105,8 @@ class RequestSink:
     send_update: Callable[[RequestUpdate], None]
     send_error: Callable[[Exception], None]
     is_cancelled: Callable[[], bool] = lambda: False
+    # The row left the waiting queue for the batch (again after a preemption): tracing's queue wait ends.
+    on_admitted: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -376,6 +378,7 @@ class InflightEngine:
                     continue
                 self._reuse_prefix(row)
                 self._prefilling.append(row)
+                row.sink.on_admitted()
         except Exception as exc:
             self._prefilling = [row for row in self._prefilling if row not in rows]
             self._prefill_failed([row for row in rows if not row.ended], exc)
