@@ -250,12 +250,14 @@ def validate(request, settings: Settings, stream: bool) -> ValidatedRequest:
     if choice is None:
         violations.append(("tool_choice.mode", f"{request.tool_choice.mode} is not a ToolChoice.Mode value"))
         choice = tools.AUTO
-    violations += tools.violations(tool_list, choice, request.tool_choice.name)
+    tool_problems = tools.violations(tool_list, choice, request.tool_choice.name)
+    violations += tool_problems
     if choice in (tools.REQUIRED, tools.NAMED):
         if params.response_format.constrained:
             violations.append(("tool_choice", f"tool_choice {choice} shapes the answer as a call; leave "
                                               "config.response_format and task unset"))
-        params = replace(params, response_format=tools.call_format(tool_list, choice, request.tool_choice.name))
+        if not tool_problems:  # the call's format is built from the tools' parameters: valid ones only
+            params = replace(params, response_format=tools.call_format(tool_list, choice, request.tool_choice.name))
     if violations:
         raise invalid_argument(violations)
     return ValidatedRequest(

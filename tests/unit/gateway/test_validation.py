@@ -218,3 +218,16 @@ def test_unset_max_tokens_is_the_deployments_default_or_until_the_context_ends()
     settings = Settings(api_keys=frozenset({"k"}), default_max_tokens=100)
     assert validate(request(text("x")), settings, stream=False).params.max_tokens == 100
     assert validate(request(text("x"), max_tokens=7), settings, stream=False).params.max_tokens == 7
+
+
+@pytest.mark.parametrize("mode", [vlm_pb2.ToolChoice.TOOL_CHOICE_REQUIRED, vlm_pb2.ToolChoice.TOOL_CHOICE_NAMED])
+def test_a_call_asked_of_a_tool_whose_parameters_are_not_json_is_refused_naming_them(mode):
+    """Found by the gRPC fuzzing (tests/integration/test_grpc_fuzz.py): the call's format was built from the
+    parameters before their violation was reported, and their JSON error became INTERNAL."""
+    asked = request(vlm_pb2.Part(text="hi"))
+    asked.tools.add(name="zoom", parameters="{")
+    asked.tool_choice.mode, asked.tool_choice.name = mode, "zoom" if mode == vlm_pb2.ToolChoice.TOOL_CHOICE_NAMED else ""
+    with pytest.raises(ApiError) as refused:
+        validate(asked, SETTINGS, stream=False)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in refused.value.violations] == ["tools[0].parameters"], refused.value.violations
