@@ -2,6 +2,7 @@
 // protos/vlm/v1/vlm.proto that the gateway serves (no hand-written message types).
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -16,9 +17,28 @@ function deadline(ms) {
   return new Date(Date.now() + ms);
 }
 
-/** A client for `address` (host:port) that sends `apiKey` as a bearer token on every call. */
-function createClient(address, apiKey, { timeoutMs = 60000 } = {}) {
-  const stub = new vlm.VisionLanguageService(address, grpc.credentials.createInsecure());
+/**
+ * The channel's credentials: TLS when `caFile` (the authority that signed the gateway's certificate,
+ * PEM; default $VLM_CA_FILE) or `certFile` is set, trusting Node's authorities where `caFile` is not;
+ * `certFile` with its `keyFile` (default $VLM_CERT_FILE, $VLM_KEY_FILE) for mutual TLS. Otherwise plain text.
+ */
+function channelCredentials({ caFile = process.env.VLM_CA_FILE, certFile = process.env.VLM_CERT_FILE,
+  keyFile = process.env.VLM_KEY_FILE } = {}) {
+  if (Boolean(certFile) !== Boolean(keyFile)) {
+    throw new Error('certFile and keyFile ($VLM_CERT_FILE, $VLM_KEY_FILE) go together: a client certificate '
+      + 'needs its private key');
+  }
+  if (!caFile && !certFile) return grpc.credentials.createInsecure();
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  return grpc.credentials.createSsl(read(caFile), read(keyFile), read(certFile));
+}
+
+/**
+ * A client for `address` (host:port) that sends `apiKey` as a bearer token on every call; `caFile`,
+ * `certFile` and `keyFile` for TLS (see channelCredentials).
+ */
+function createClient(address, apiKey, { timeoutMs = 60000, ...tls } = {}) {
+  const stub = new vlm.VisionLanguageService(address, channelCredentials(tls));
   const metadata = () => {
     const md = new grpc.Metadata();
     if (apiKey) md.set('authorization', `Bearer ${apiKey}`);
@@ -76,4 +96,4 @@ function userRequest(model, prompt, images = [], config = {}, videos = []) {
   return { model, messages: [{ role: 'user', parts }], config };
 }
 
-module.exports = { createClient, userRequest, video, status: grpc.status };
+module.exports = { createClient, channelCredentials, userRequest, video, status: grpc.status };

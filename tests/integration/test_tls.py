@@ -163,3 +163,27 @@ def test_plain_text_stays_the_default(gateway):
     assert health(gateway.address, None) == health_pb2.HealthCheckResponse.SERVING
     with openai.OpenAI(base_url=f"http://{gateway.http_address}/v1", api_key=KEY, max_retries=0, timeout=60) as plain:
         assert plain.chat.completions.create(**ASK).usage.completion_tokens > 0
+
+
+def test_the_web_ui_passes_its_tls_flags_to_its_client(tls_gateway, pki, monkeypatch):
+    from vlm_client.webui import app
+
+    built = []
+
+    class Page:  # the page itself is not served here: its client is what the flags reach
+        def queue(self, **_):
+            pass
+
+        def launch(self, **_):
+            pass
+
+    monkeypatch.setattr(app, "build", lambda ui: built.append(ui) or Page())
+    monkeypatch.setenv("VLM_API_KEY", KEY)
+    assert app.main(["--address", tls_gateway.address, "--ca-file", str(pki["server_ca"].path),
+                     "--cert-file", str(pki["client_cert"]), "--key-file", str(pki["client_key"])]) == 0
+    [ui] = built
+    try:
+        menu, note = ui.models()  # the note says why when the gateway could not be reached
+        assert note == "" and "qwen2.5-vl" in menu["choices"]
+    finally:
+        ui.client.close()

@@ -90,9 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="answers streaming at once across all visitors; more wait in line (default: %(default)s)")
+    parser.add_argument("--ca-file", help="TLS to the gateway: the authority that signed its certificate, PEM "
+                                          "(default: $VLM_CA_FILE; plain text unless this or --cert-file is set)")
+    parser.add_argument("--cert-file", help="mutual TLS: the UI's client certificate, PEM (default: $VLM_CERT_FILE)")
+    parser.add_argument("--key-file", help="mutual TLS: that certificate's private key (default: $VLM_KEY_FILE)")
     args = parser.parse_args(argv)
     # A long deadline for an answer; a gateway that cannot be reached is said within connect_timeout.
-    client = VLMClient(args.address, timeout=600.0)  # the API key: VLM_API_KEY
+    try:  # the API key: VLM_API_KEY
+        client = VLMClient(args.address, timeout=600.0, ca_file=args.ca_file, cert_file=args.cert_file,
+                           key_file=args.key_file)
+    except ValueError as error:  # a TLS file that cannot be read, named
+        parser.error(str(error))
     page = build(WebUI(client))
     page.queue(default_concurrency_limit=args.concurrency)
     print(f"web UI on http://{args.host}:{args.port} (gateway {client.address})", file=sys.stderr, flush=True)
