@@ -6,10 +6,13 @@ costs no message buffer, whatever it sends. Keys, their names and scopes: gatewa
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from gateway.keys import KeyRing, caller_var
 
+audit_log = logging.getLogger("gateway.audit")
 PUBLIC_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
@@ -41,6 +44,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                             "missing or unknown API key; send metadata 'authorization: Bearer <key>'")
         caller_var.set(entry)
         if details.method in self.admin_methods and not entry.admin:
+            # Audited as the admin calls that ran are (gateway/admin.py), before the request is read.
+            audit_log.info("admin call", extra={"fields": {"key": entry.name, "rpc": details.method.rsplit("/", 1)[-1],
+                                                           "model": "", "result": "PERMISSION_DENIED"}})
             return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
                             f"{details.method} needs an admin-scoped API key (key {entry.name!r} is {entry.scope})")
         return handler

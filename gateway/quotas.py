@@ -92,6 +92,10 @@ class Quotas:
             requests = TokenBucket(rate, limits.burst or max(1.0, rate), now) if rate else None
             per_minute = limits.tokens_per_minute
             tokens = TokenBucket(per_minute / 60, per_minute, now) if per_minute else None
+            if usage is not None:  # what was used stays used (two keys of a name with other limits gain nothing)
+                for new, old in ((requests, usage.requests), (tokens, usage.tokens)):
+                    if new is not None and old is not None:
+                        new.level = min(new.size, old.level)
             usage = KeyUsage(limits, requests, tokens, usage.in_flight if usage else 0)
             self.usage[entry.name] = usage
         return usage

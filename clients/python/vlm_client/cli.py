@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     add = key_commands.add_parser("add", help="create a key: prints it once, appends its hashed entry to the file")
     add.add_argument("name", help="the key's name in logs and metrics (letters, digits, '.', '_', '-'); a rotation's "
-                     "new key may take the old one's name (they share its limits)")
+                     "new key takes the old one's name, and its limits unless limits are given")
     add.add_argument("--scope", choices=("user", "admin"), default="user", help="admin: may also load and unload "
                      "models (default: %(default)s)")
     add.add_argument("--requests-per-second", type=float, help="sustained request rate (default: unlimited)")
@@ -184,12 +184,15 @@ def _keys(args) -> int:
                                   if getattr(entry.limits, name) is not None)
                 print(f"{entry.name}\tscope={entry.scope}\tid={entry.key_id}\t{limits or 'unlimited'}")
             return 0
+        # Never append to a file the gateway would refuse.
+        entries = keys.load_key_file(path) if os.path.exists(path) else []
         key_id, key = keys.new_key()
         limits = keys.Limits(args.requests_per_second, args.burst, args.max_concurrent, args.tokens_per_minute)
+        same_name = [entry for entry in entries if entry.name == args.name]
+        if same_name and limits == keys.Limits():  # a rotation: the new key keeps the name's limits
+            limits = same_name[-1].limits
         line = keys.entry_line(keys.KeyEntry(args.name, args.scope, limits, key_id, keys.hash_key(key)))
         keys.parse_entry(line, "the new entry")  # the checks the gateway makes, before the file is touched
-        if os.path.exists(path):
-            keys.load_key_file(path)  # never append to a file the gateway would refuse
         with open(path, "a", encoding="utf-8") as file:
             os.chmod(path, 0o600)
             file.write(line + "\n")

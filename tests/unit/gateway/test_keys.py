@@ -90,11 +90,12 @@ def test_keys_added_rotated_and_revoked_without_a_restart(tmp_path):
     path.write_text("")
     clock = Clock()
     ring = KeyRing({}, str(path), clock=clock)
-    first = add_key(path, "ci-bot")
-    assert identify(ring, first).name == "ci-bot"  # an unknown id looks at the file at once
-    # Rotation: a new key under the same name, then the old line deleted.
+    assert identify(ring, add_key(path, "new")).name == "new"  # an unknown id looks at the file at once
+    # Rotation: a new key under the same name (it keeps the name's limits), then the old line deleted.
+    first = add_key(path, "ci-bot", "--max-concurrent", "3")
+    assert identify(ring, first).limits.max_concurrent == 3
     second = add_key(path, "ci-bot")
-    assert identify(ring, second).name == "ci-bot"
+    assert identify(ring, second).limits == identify(ring, first).limits
     old_id = first.split("_")[1]
     path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if old_id not in line))
     assert identify(ring, first).name == "ci-bot"  # until the next look at the file
@@ -203,6 +204,7 @@ def test_names_not_keys_in_log_lines_and_metrics_and_scopes_enforced(tmp_path, c
 def test_load_model_writes_an_audit_line_who_what_result(tmp_path, caplog):
     path = tmp_path / "keys.jsonl"
     admin = add_key(path, "ops", "--scope", "admin")
+    user = add_key(path, "ci-bot")
 
     async def test(stub, backend, gw, channel):
         loads = []
@@ -217,9 +219,14 @@ def test_load_model_writes_an_audit_line_who_what_result(tmp_path, caplog):
         assert loads
         with pytest.raises(grpc.aio.AioRpcError):
             await admin_stub.LoadModel(vlm_pb2.LoadModelRequest(model="gpt-4o"), metadata=key)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await admin_stub.LoadModel(vlm_pb2.LoadModelRequest(model="pixtral"),
+                                       metadata=(("authorization", f"Bearer {user}"),))
+        assert loads == ["pixtral_preprocess", "pixtral_encoder", "pixtral_embed", "pixtral_generate", "pixtral"]
 
     with caplog.at_level(logging.INFO, "gateway.audit"):
         run(test, api_keys_file=str(path))
     audit = [record.fields for record in caplog.records if record.name == "gateway.audit"]
     assert audit == [{"key": "ops", "rpc": "LoadModel", "model": "pixtral", "result": "OK"},
-                     {"key": "ops", "rpc": "LoadModel", "model": "gpt-4o", "result": "NOT_FOUND"}]
+                     {"key": "ops", "rpc": "LoadModel", "model": "gpt-4o", "result": "NOT_FOUND"},
+                     {"key": "ci-bot", "rpc": "LoadModel", "model": "", "result": "PERMISSION_DENIED"}]

@@ -97,6 +97,9 @@ def test_quota_limits_follow_the_key_file_by_name():
     assert quotas.admit(key(max_concurrent=1), "m") is None
     assert quotas.admit(key(max_concurrent=1), "m").limit == "max_concurrent"
     assert quotas.admit(key(max_concurrent=2), "m") is None  # the file raised the limit: in flight is kept
+    old, new = key(requests_per_second=1, burst=2), key(requests_per_second=1, burst=3)
+    assert quotas.admit(old, "m") is None and quotas.admit(old, "m") is None
+    assert quotas.admit(new, "m").limit == "requests_per_second"  # a rotation's other limits refill nothing
 
 
 def quota_details(error):
