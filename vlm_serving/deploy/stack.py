@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         http_port=int(os.environ.get("TRITON_HTTP_PORT", 8000)),
         grpc_port=int(os.environ.get("TRITON_GRPC_PORT", 8001)),
         metrics_port=int(os.environ.get("TRITON_METRICS_PORT", 8002)),
+        # The gateway reads the same variable from the environment it inherits (gateway/tracing.py).
+        otlp_endpoint=os.environ.get("VLM_OTLP_ENDPOINT") or None,
     )
     gateway = GatewayProcess(
         triton_url=triton.grpc_url,
