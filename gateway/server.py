@@ -123,13 +123,13 @@ class HttpServer:
     def __init__(self, app, address: str, tls: CertificateFiles | None = None):
         host, _, port = address.rpartition(":")
         # httptools: the C HTTP parser (h11, the pure-Python one, cost a tenth of the throughput).
-        protocol, tls_context = HttpToolsProtocol, None
-        if tls is not None:
+        protocol, tls_options = HttpToolsProtocol, {}
+        if tls is not None:  # a context that follows the files (uvicorn's own would load them once)
             reloading = tls.ssl_context()
-            protocol, tls_context = reloading.protocol(HttpToolsProtocol), reloading.context
+            protocol = reloading.protocol(HttpToolsProtocol)
+            tls_options["ssl_context_factory"] = lambda config, default: reloading.context
         self.config = uvicorn.Config(app, host=host or "localhost", port=int(port), log_level="warning",
-                                     lifespan="off", access_log=False, http=protocol,
-                                     ssl_context_factory=tls_context and (lambda config, default: tls_context))
+                                     lifespan="off", access_log=False, http=protocol, **tls_options)
         self.server = _UvicornServer(self.config)
         self.task: asyncio.Task | None = None
 

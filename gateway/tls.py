@@ -11,12 +11,24 @@ import logging
 import os
 import ssl
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
+
+from gateway.settings import SettingsError
 
 log = logging.getLogger("gateway.tls")
 # How long closing an HTTPS connection waits for the client's TLS close_notify before it is dropped.
 TLS_CLOSE_WAIT_S = 2.0
+
+
+class Certificates(NamedTuple):
+    """What the files held when read, and their `signature` then."""
+
+    signature: tuple
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
 
 
 class CertificateFiles:
@@ -34,45 +46,54 @@ class CertificateFiles:
         stats = [os.stat(path) for path in self._paths]
         return tuple((stat.st_ino, stat.st_mtime_ns, stat.st_size) for stat in stats)
 
-    def _read(self) -> tuple[tuple, bytes, bytes, bytes | None] | None:
-        """The files' bytes, once they form a usable pair; None while they do not, e.g. between the
-        writes of the certificate and the key of a rotation (the previous ones keep being served)."""
+    def read(self) -> Certificates:
+        """The files, once they hold a certificate chain and its key; SettingsError naming them otherwise,
+        e.g. between the writes of the certificate and of the key in a rotation."""
         try:
             before = self.signature()
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
             contents = [Path(path).read_bytes() for path in self._paths]
-            if self.signature() != before:  # replaced while being read: read them again next time
-                return None
-        except (OSError, ssl.SSLError) as exc:
-            log.warning("TLS files not usable: keeping the previous certificate", extra={"fields": {
-                "cert_file": self.cert_file, "key_file": self.key_file, "error": str(exc)}})
-            return None
+            if self.signature() != before:
+                raise ValueError("replaced while being read")
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise SettingsError(f"VLM_TLS_CERT_FILE={self.cert_file} and VLM_TLS_KEY_FILE={self.key_file} are not "
+                             f"a PEM certificate chain and its private key: {exc}") from None
         cert, key, *client_ca = contents
-        return before, cert, key, (client_ca[0] if client_ca else None)
+        return Certificates(before, cert, key, client_ca[0] if client_ca else None)
+
+    def reread(self, current: Certificates | None, listener: str) -> Certificates | None:
+        """The files read again if they changed since `current`; None while they did not, or while
+        they are not usable (the previous certificate keeps being served, and the next connection
+        tries again)."""
+        try:
+            if current is not None and self.signature() == current.signature:
+                return None
+            fresh = self.read()
+        except (OSError, ValueError) as exc:  # a file missing or half-written for a moment
+            log.warning("TLS files not usable: keeping the previous certificate", extra={"fields": {
+                "listener": listener, "error": str(exc)}})
+            return None
+        if current is not None:
+            log.info("TLS certificate reloaded", extra={"fields": {"listener": listener, "cert_file": self.cert_file}})
+        return fresh
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """Server credentials whose certificate gRPC asks for again before each new connection's handshake."""
-        first = self._read()
-        if first is None:
-            raise ValueError(f"VLM_TLS_CERT_FILE={self.cert_file} and VLM_TLS_KEY_FILE={self.key_file} "
-                             "are not a readable PEM certificate chain and its private key")
-        current = first[0]
+        current = self.read()
 
-        def configuration(cert: bytes, key: bytes, client_ca: bytes | None):
-            return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+        def configuration(files: Certificates):
+            return grpc.ssl_server_certificate_configuration([(files.key, files.cert)],
+                                                             root_certificates=files.client_ca)
 
         def fetch():  # None: keep the current configuration
             nonlocal current
-            if self.signature() == current:
-                return None
-            fresh = self._read()
+            fresh = self.reread(current, "grpc")
             if fresh is None:
                 return None
-            current = fresh[0]
-            log.info("TLS certificate reloaded", extra={"fields": {"listener": "grpc", "cert_file": self.cert_file}})
-            return configuration(*fresh[1:])
+            current = fresh
+            return configuration(fresh)
 
-        return grpc.dynamic_ssl_server_credentials(configuration(*first[1:]), fetch,
+        return grpc.dynamic_ssl_server_credentials(configuration(current), fetch,
                                                    require_client_authentication=self.client_ca_file is not None)
 
     def ssl_context(self) -> "ReloadingContext":
@@ -90,34 +111,26 @@ class ReloadingContext:
         self.context.set_alpn_protocols(["http/1.1"])
         if files.client_ca_file:
             self.context.verify_mode = ssl.CERT_REQUIRED
-        self.current = None
-        if not self.refresh():
-            raise ValueError(f"VLM_TLS_CERT_FILE={files.cert_file} and VLM_TLS_KEY_FILE={files.key_file} "
-                             "are not a readable PEM certificate chain and its private key")
+        self.current: Certificates | None = None
+        self._load(files.read())
 
-    def refresh(self) -> bool:
-        """Load the files again if they changed; whether the context has a certificate."""
-        try:
-            if self.files.signature() == self.current:
-                return True
-        except OSError:  # a file missing for a moment during a rotation: keep what is loaded
-            return self.current is not None
-        fresh = self.files._read()
-        if fresh is None:
-            return self.current is not None
+    def refresh(self) -> None:
+        """Load the files again if they changed (and are usable)."""
+        fresh = self.files.reread(self.current, "http")
+        if fresh is not None:
+            try:
+                self._load(fresh)
+            except (OSError, ssl.SSLError) as exc:  # replaced again since it was read: the next connection retries
+                log.warning("TLS files not usable: keeping the previous certificate", extra={"fields": {
+                    "listener": "http", "error": str(exc)}})
+
+    def _load(self, files: Certificates) -> None:
         # Loaded into the same context: connections accepted from now on get the new certificate,
         # those already open keep theirs. (The client authority is added to, never replaced.)
-        try:
-            self.context.load_cert_chain(self.files.cert_file, self.files.key_file)
-        except (OSError, ssl.SSLError):  # replaced again since it was read: the next connection retries
-            return self.current is not None
-        if self.files.client_ca_file:
-            self.context.load_verify_locations(cadata=fresh[3].decode())
-        if self.current is not None:
-            log.info("TLS certificate reloaded", extra={"fields": {"listener": "http",
-                                                                   "cert_file": self.files.cert_file}})
-        self.current = fresh[0]
-        return True
+        self.context.load_cert_chain(self.files.cert_file, self.files.key_file)
+        if files.client_ca:
+            self.context.load_verify_locations(cadata=files.client_ca.decode())
+        self.current = files
 
     def protocol(self, protocol_class: type) -> type:
         """`protocol_class` (uvicorn's HTTP protocol) that refreshes the certificate for each new connection:

@@ -9,6 +9,8 @@ import ssl
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -107,10 +109,23 @@ def test_the_http_context_reloads_a_replaced_certificate_and_requires_client_cer
     assert reloading.context.verify_mode == ssl.CERT_REQUIRED
     first = reloading.context.get_ca_certs()
     authority.issue("server-2", cert, key)
-    assert reloading.refresh()
-    assert reloading.current == reloading.files.signature()
+    reloading.refresh()
+    assert reloading.current.signature == reloading.files.signature()
+    assert common_name_of(reloading.current.cert) == "server-2"
     assert reloading.context.get_ca_certs() == first  # the client authority is unchanged
     assert CertificateFiles(str(cert), str(key)).ssl_context().context.verify_mode == ssl.CERT_NONE
+
+
+def test_files_that_are_no_certificate_and_key_stop_the_start_naming_them(pki):
+    authority, cert, key = pki
+    with pytest.raises(SettingsError, match="VLM_TLS_CERT_FILE=.* and VLM_TLS_KEY_FILE=.* are not a PEM"):
+        CertificateFiles(str(authority.path), str(key)).grpc_credentials()  # another certificate than the key's
+    with pytest.raises(SettingsError, match="VLM_TLS_CERT_FILE"):
+        CertificateFiles(str(cert), str(cert)).ssl_context()
+
+
+def common_name_of(pem: bytes) -> str:
+    return common_name(x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER))
 
 
 def test_the_gateway_reaches_a_triton_that_serves_tls_with_the_authority_set(pki):
