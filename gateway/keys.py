@@ -85,11 +85,11 @@ def new_key() -> tuple[str, str]:
     return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
 
 
-def hash_key(key: str, salt: bytes | None = None) -> str:
-    salt = os.urandom(16) if salt is None else salt
+def hash_key(key: str) -> str:
+    """`scrypt$N$r$p$<salt>$<digest>` (base64) of `key` under a fresh random salt."""
+    salt = os.urandom(16)
     digest = hashlib.scrypt(key.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
-    encode = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${encode(salt)}${encode(digest)}"
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def verify_key(key: str, stored: str) -> bool:
@@ -127,8 +127,10 @@ def parse_entry(line: str, where: str) -> KeyEntry:
         raise KeyFileError(f"{where}: id {key_id!r} must be the 8-32 lowercase letters or digits after 'vlm_' in the key")
     stored = data.get("hash")
     parts = stored.split("$") if isinstance(stored, str) else []
-    if len(parts) != 6 or parts[0] != "scrypt" or not all(p.isdigit() for p in parts[1:4]):
-        raise KeyFileError(f"{where}: hash must be 'scrypt$N$r$p$<salt>$<digest>' as `vlm keys add` writes it")
+    if len(parts) != 6 or parts[0] != "scrypt" or not all(p.isdigit() for p in parts[1:4]) or not all(
+            _is_base64(p) for p in parts[4:]):
+        raise KeyFileError(f"{where}: hash must be 'scrypt$N$r$p$<salt>$<digest>' (base64 salt and digest) as "
+                           "`vlm keys add` writes it")
     limits = {}
     for limit in LIMITS:
         value = data.get(limit)
@@ -140,6 +142,13 @@ def parse_entry(line: str, where: str) -> KeyEntry:
     if limits["burst"] is not None and limits["requests_per_second"] is None:
         raise KeyFileError(f"{where}: burst needs requests_per_second (the rate the bucket refills at)")
     return KeyEntry(name, data.get("scope", "user"), Limits(**limits), key_id, stored)
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        return bool(base64.b64decode(text, validate=True))
+    except ValueError:
+        return False
 
 
 def load_key_file(path: str) -> list[KeyEntry]:
@@ -214,7 +223,7 @@ class KeyRing:
             self.file_state = state  # logged once per change, not once a request
             log.error("key file not reloaded; the previous keys stay valid", extra={"fields": {"error": str(exc)}})
 
-    def cached(self, presented: str) -> tuple[bytes, KeyEntry | None]:
+    def _cached(self, presented: str) -> tuple[bytes, KeyEntry | None]:
         """(digest, entry) when the key is known without hashing, else (digest, None)."""
         if self.path and self.clock() - self.checked >= self.poll_s:
             self.reload_if_changed()
@@ -225,7 +234,7 @@ class KeyRing:
         """The entry whose key `presented` is, or None."""
         if presented is None:
             return None
-        digest, entry = self.cached(presented)
+        digest, entry = self._cached(presented)
         if entry is not None or not self.path or digest in self.misses:
             return entry
         match = _KEY.match(presented)

@@ -152,7 +152,7 @@ ERRORS = {
     401: "missing or unknown API key",
     404: "the model is not served here",
     413: "the body is over the size limit",
-    429: "the model is at capacity; retry after `retry-after-ms`",
+    429: "the model is at capacity, or the key is over a quota or its fair share; retry after `retry-after-ms`",
     499: "the client went away before the answer",
     500: "the service failed (`x-should-retry` says whether a retry may repeat work)",
     503: "no inference server can take the model now; retry with backoff",

@@ -48,7 +48,7 @@ def test_the_file_holds_a_salted_scrypt_hash_and_only_the_right_key_matches(tmp_
                   "--tokens-per-minute", "20000")
     other = add_key(path, "other")
     text = path.read_text()
-    assert key not in text and key.split("_")[-1] not in text  # no key, nor its secret part
+    assert key not in text and key.split("_", 2)[2] not in text  # no key, nor its secret part
     [entry, _] = [json.loads(line) for line in text.splitlines()]
     assert entry["hash"].startswith("scrypt$16384$8$1$") and entry["name"] == "ci-bot"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
@@ -124,15 +124,16 @@ def test_a_bad_file_on_reload_keeps_the_last_good_keys_and_says_why(tmp_path, ca
 BAD_FILES = [
     ("{not json", "not a JSON object"),
     ('["a list"]', "not a JSON object"),
-    ('{"name": "a b", "id": "0123456789", "hash": "scrypt$1$1$1$x$y"}', "name 'a b'"),
-    ('{"name": "a", "scope": "root", "id": "0123456789", "hash": "scrypt$1$1$1$x$y"}', "scope 'root' must be one of user, admin"),
+    ('{"name": "a b", "id": "0123456789", "hash": "scrypt$1$1$1$eA==$eQ=="}', "name 'a b'"),
+    ('{"name": "a", "scope": "root", "id": "0123456789", "hash": "scrypt$1$1$1$eA==$eQ=="}', "scope 'root' must be one of user, admin"),
     ('{"name": "a", "id": "0123456789", "hash": "plain"}', "hash must be 'scrypt$N$r$p$<salt>$<digest>'"),
-    ('{"name": "a", "id": "X", "hash": "scrypt$1$1$1$x$y"}', "id 'X'"),
-    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$x$y", "max_concurrent": 0}', "max_concurrent must be a positive"),
-    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$x$y", "burst": 3}', "burst needs requests_per_second"),
-    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$x$y", "rps": 3}', "unknown field 'rps'"),
-    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$x$y"}\n{"name": "b", "id": "0123456789", '
-     '"hash": "scrypt$1$1$1$x$y"}', "id 0123456789 is used twice"),
+    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$%%%$eQ=="}', "hash must be 'scrypt$N$r$p$<salt>$<digest>' (base64 salt and digest)"),
+    ('{"name": "a", "id": "X", "hash": "scrypt$1$1$1$eA==$eQ=="}', "id 'X'"),
+    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$eA==$eQ==", "max_concurrent": 0}', "max_concurrent must be a positive"),
+    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$eA==$eQ==", "burst": 3}', "burst needs requests_per_second"),
+    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$eA==$eQ==", "rps": 3}', "unknown field 'rps'"),
+    ('{"name": "a", "id": "0123456789", "hash": "scrypt$1$1$1$eA==$eQ=="}\n{"name": "b", "id": "0123456789", '
+     '"hash": "scrypt$1$1$1$eA==$eQ=="}', "id 0123456789 is used twice"),
 ]
 
 

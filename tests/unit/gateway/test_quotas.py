@@ -130,7 +130,7 @@ def test_over_the_rate_grpc_answers_resource_exhausted_with_retry_info_and_quota
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "API key 'ci-bot'" in caught.value.details()
         retry, failures = quota_details(caught.value)
-        assert 99 < retry <= 100  # one request's worth at 0.01 a second
+        assert 95 < retry <= 100  # one request's worth at 0.01 a second, less the time since the last
         assert failures == [("ci-bot", "requests_per_second: over 0.01 requests per second (burst 2)")]
         assert len(backend.calls) == 2  # the refused request never reached the model
         sample = gw.metrics.registry.get_sample_value
@@ -199,7 +199,7 @@ def test_over_a_limit_http_answers_429_with_retry_after_in_openai_shape(tmp_path
         with pytest.raises(openai.RateLimitError) as caught:
             await client.chat.completions.create(model="pixtral", messages=ask)
         assert caught.value.status_code == 429
-        assert caught.value.response.headers["retry-after"] == "100"
+        assert 95 <= int(caught.value.response.headers["retry-after"]) <= 100  # 100 s a request, less the time since
         assert caught.value.code == "resource_exhausted" and caught.value.type == "rate_limit_error"
         assert "API key 'ci-bot'" in caught.value.message and "requests per second" in caught.value.message
         with pytest.raises(openai.AuthenticationError):  # a wrong key is still 401
