@@ -44,6 +44,9 @@ _MEDIA_ERROR = re.compile(r"(image|video) (\d+): (.*)", re.S)
 _TRITON_MODEL_NOT_READY = re.compile(r"^Request for unknown model: '[^']*' (is not found|has no available versions"
                                      r"|version \S+ is not (found|at ready state))")
 _TRITON_QUEUE_FULL = re.compile(r"^Exceeds maximum queue size")
+# A Python model's stub process died (killed, out of memory). Triton 2.51 does not start a new one and
+# keeps the model READY: every request to it fails so until the model is unloaded and loaded again.
+_DEAD_STUB = re.compile(r"Stub process '(?P<model>\w+?)_\d+_\d+' is not healthy")
 # What Triton core puts in front of a message: the request's id, the ensemble whose step failed.
 _TRITON_PREFIXES = re.compile(r"^(\[request id: [^\]]*\] |in ensemble '[^']*', )+")
 
@@ -123,6 +126,13 @@ def to_api_error(exc: InferenceServerException, model: str, image_fields: list[s
         return invalid_argument([("messages", text)])
     if kind is TritonError.INTERNAL:
         return ApiError(grpc.StatusCode.INTERNAL, f"inference failed: {text}")
+    dead_stub = _DEAD_STUB.search(text)
+    if dead_stub:
+        step = dead_stub.group("model")
+        return ApiError(grpc.StatusCode.UNAVAILABLE,
+                        f"model {model!r} is unavailable: the process of its step {step!r} on the inference server died "
+                        f"({text}); retry with backoff. Operators: reload the step (unload and load {step}, or "
+                        "restart Triton); Triton does not restart it")
     if kind is TritonError.TRANSPORT:
         return ApiError(grpc.StatusCode.UNAVAILABLE,
                         f"the inference server is unavailable ({exc.message() or exc}); retry with backoff")

@@ -43,6 +43,9 @@ def test_invalid_argument_carries_bad_request_details():
         # Not retryable because a word appears in the text: only Triton's own anchored messages are.
         ("in ensemble 'pixtral', INTERNAL: checkpoint file not found", None, grpc.StatusCode.INTERNAL, "file not found"),
         ("in ensemble 'pixtral', Stub process 'x' is unavailable", None, grpc.StatusCode.INTERNAL, "unavailable"),
+        # A Python model's process died: Triton does not restart it (tests/integration/test_stub_chaos.py).
+        ("in ensemble 'pixtral', Stub process 'pixtral_preprocess_0_1' is not healthy.", None, grpc.StatusCode.UNAVAILABLE,
+         "unload and load pixtral_preprocess"),
         ("Request for unknown model: 'pixtral' has no available versions", None, grpc.StatusCode.UNAVAILABLE, "not ready"),
         ("in ensemble 'pixtral', Request for unknown model: 'pixtral_generate' version 2 is not at ready state", None,
          grpc.StatusCode.UNAVAILABLE, "not ready"),
