@@ -39,6 +39,13 @@ def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Wait for `condition()` to hold (the requests under test have arrived), at most `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def hold_generation(backend) -> asyncio.Event:
     """Make every generation wait for the returned event: its request stays in flight, holding its images."""
     released = asyncio.Event()
@@ -105,8 +112,9 @@ def test_concurrent_large_grpc_requests_beyond_the_budget_are_refused_with_retry
     """Today's defect: nothing bounds the images held by requests in flight together."""
     async def test(stub, backend, gw, channel):
         released = hold_generation(backend)
-        calls = [stub.Generate(with_image(), metadata=KEY, timeout=30) for _ in range(5)]
-        await asyncio.sleep(0.5)  # all five have arrived: three are held, two were refused
+        calls = [asyncio.ensure_future(stub.Generate(with_image(), metadata=KEY, timeout=30)) for _ in range(5)]
+        await until(lambda: sum(call.done() for call in calls) == 2)  # two refused while three are held
+        assert gw.servicer.media.held == 3 * len(IMAGE)
         released.set()
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
@@ -127,9 +135,8 @@ def test_fetched_image_urls_count_as_they_arrive():
     with http_host(serving_file(big)) as host:
         async def test(stub, backend, gw, channel):
             released = hold_generation(backend)
-            first = stub.Generate(with_image(url=f"http://{host}/a.png"), metadata=KEY, timeout=30)
-            await asyncio.sleep(0.5)
-            assert gw.servicer.media.held == len(big)
+            first = asyncio.ensure_future(stub.Generate(with_image(url=f"http://{host}/a.png"), metadata=KEY, timeout=30))
+            await until(lambda: gw.servicer.media.held == len(big))  # fetched and held
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Generate(with_image(url=f"http://{host}/b.png"), metadata=KEY, timeout=30)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -152,8 +159,7 @@ def test_an_http_body_is_reserved_from_its_content_length_and_refused_with_429()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}", timeout=30,
                                      headers={"authorization": "Bearer secret"}) as client:
             first = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
-            await asyncio.sleep(0.5)
-            assert gw.servicer.media.held >= len(data_url), "the body's Content-Length is held"
+            await until(lambda: gw.servicer.media.held >= len(data_url))  # the body's Content-Length is held
             refused = await client.post("/v1/chat/completions", json=body)
             assert refused.status_code == 429, refused.text
             assert "VLM_MAX_INFLIGHT_MEDIA_BYTES" in refused.json()["error"]["message"]
