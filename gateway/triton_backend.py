@@ -23,7 +23,7 @@ from contextlib import aclosing
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import KeepAliveOptions, service_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.grpc._infer_result import InferResult
 from tritonclient.grpc._utils import _get_inference_request
@@ -273,9 +273,6 @@ class TritonBackend:
         self.large_request_bytes = large_request_bytes
         self.max_stream_backlog = max_stream_backlog
         keepalive_ms = int(keepalive_s * 1000)
-        self.client = triton_aio.InferenceServerClient(url, keepalive_options=KeepAliveOptions(
-            keepalive_time_ms=keepalive_ms, keepalive_timeout_ms=keepalive_ms,
-            keepalive_permit_without_calls=True, http2_max_pings_without_data=0), creds=credentials)
         options = [
             ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
@@ -289,6 +286,9 @@ class TritonBackend:
             # Without it, channels with equal arguments share one connection (gRPC's global pool).
             ("grpc.use_local_subchannel_pool", 1),
         ]
+        # The health probes' and admin calls' client reconnects as fast as the requests' channels: with
+        # gRPC's default backoff (up to 120 s) a Triton back after an outage stayed "not serving" for seconds.
+        self.client = triton_aio.InferenceServerClient(url, creds=credentials, channel_args=options)
         def channel() -> grpc.aio.Channel:
             if credentials is None:
                 return grpc.aio.insecure_channel(url, options=options)
