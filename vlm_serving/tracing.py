@@ -56,8 +56,11 @@ class ModelTracing:
         self.tracer = self.provider.get_tracer("vlm_serving")
         self.propagator = TraceContextTextMapPropagator()
 
-    def parent(self, request):
-        """The request's trace context from Triton (None: Triton does not trace this request)."""
+    def context(self, request):
+        """The request's trace context from Triton (None: tracing is off or Triton does not trace the
+        request). Read it while `execute` runs: after it returns Triton may have released the request."""
+        if not self.enabled:
+            return None
         trace = request.trace()
         text = trace.get_context() if trace is not None else None
         if not text:
@@ -68,15 +71,15 @@ class ModelTracing:
         """A context manager: the span (or a no-op one) around work done for `request` in this thread."""
         if not self.enabled:
             return _NO_SPAN
-        return self.tracer.start_as_current_span(name, context=self.parent(request),
+        return self.tracer.start_as_current_span(name, context=self.context(request),
                                                  attributes=self._attributes(request_id, attributes))
 
-    def start(self, name: str, request, request_id: str = "", **attributes) -> Span:
-        """A span ended by the caller, possibly in another thread (the engine's)."""
+    def start(self, name: str, context, request_id: str = "", **attributes) -> Span:
+        """A span under `context` (from `context(request)`) that the caller ends, possibly in another
+        thread (the engine's)."""
         if not self.enabled:
             return INVALID_SPAN
-        return self.tracer.start_span(name, context=self.parent(request),
-                                      attributes=self._attributes(request_id, attributes))
+        return self.tracer.start_span(name, context=context, attributes=self._attributes(request_id, attributes))
 
     @staticmethod
     def _attributes(request_id: str, attributes: dict) -> dict:
@@ -94,8 +97,8 @@ class GenerationSpans:
     Called from the engine's thread; a row admitted again after preemption keeps its first spans."""
 
     def __init__(self, tracing: ModelTracing, request, request_id: str):
-        self.tracing, self.request, self.request_id = tracing, request, request_id
-        self.queue_wait = tracing.start("queue wait", request, request_id)
+        self.tracing, self.context, self.request_id = tracing, tracing.context(request), request_id
+        self.queue_wait = tracing.start("queue wait", self.context, request_id)
         self.generate: Span | None = None
         self.first_token = False
         self.lock = threading.Lock()
@@ -104,7 +107,7 @@ class GenerationSpans:
         with self.lock:
             if self.generate is None:
                 self.queue_wait.end()
-                self.generate = self.tracing.start("generate", self.request, self.request_id)
+                self.generate = self.tracing.start("generate", self.context, self.request_id)
 
     def update(self, update) -> None:
         self.admitted()  # the static scheduler answers without admitting

@@ -71,8 +71,9 @@ class TritonPythonModel:
                 indices.append(index)
             except (ValueError, IndexError) as exc:
                 responses[index] = error_response(exc)
-        spans = [self.tracing.start("encoder cache", requests[index], read_request_id(requests[index]),
-                                    **{"vlm.images": len(images)}) for index, images in zip(indices, batch)]
+        spans = [self.tracing.start("encoder cache", self.tracing.context(requests[index]),
+                                    read_request_id(requests[index]), **{"vlm.images": len(images)})
+                 for index, images in zip(indices, batch)]
         hits: list[int] = []
         answers = await embed_batch(batch, self.cache, self.identity, self._encode, hits)
         for span, images, found in zip(spans, batch, hits):

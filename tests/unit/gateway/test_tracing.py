@@ -46,7 +46,7 @@ def test_without_an_endpoint_a_request_pays_next_to_nothing():
         tracing.trace_headers()
         with model.span("preprocess", None, "r"):
             pass
-        model.start("encoder cache", None, "r").end()
+        model.start("encoder cache", model.context(None), "r").end()
     per_request = (time.perf_counter() - started) / rounds
     # About 1.4 µs here; the OpenTelemetry API's own no-op tracer (what an always-installed
     # instrumentation costs without an SDK) took 20 µs for the same spans.
@@ -80,6 +80,7 @@ def test_model_spans_join_the_trace_triton_hands_over():
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     request = FakeRequest(json.dumps({"traceparent": parent}))
     spans = GenerationSpans(model, request, f"my-request.{'a' * 32}")
+    request._trace = None  # released by Triton once `execute` returned: the spans read it before
     spans.admitted()
     spans.admitted()  # admitted again after a preemption: one queue wait, one generation
     update = type("Update", (), dict(completion_tokens=1, finished=False, prompt_tokens=9, cached_tokens=0,
