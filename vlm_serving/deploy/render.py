@@ -56,6 +56,8 @@ LANGUAGE_IMAGE_TENSORS = {
                    ("SECOND_PER_GRID_TS", "TYPE_FP32", "-1")],
     "pixtral": [],
 }
+# Optional for the generate model: a direct call without clips (perf_analyzer, a caller of the step) leaves them out.
+CLIP_TENSORS = ("VIDEO_GRID_THW", "SECOND_PER_GRID_TS")
 IMAGE_EMBEDS = [("IMAGE_EMBEDS", "TYPE_FP32", "-1, -1")]
 # Which encoder computed the embeddings (model/version/variant/weights mtime), for the cache.
 ENCODER_IDENTITY = [("ENCODER_IDENTITY", "TYPE_STRING", "1")]
@@ -293,7 +295,9 @@ def render_family(family: str, profile: Profile) -> dict[str, str]:
         "generate.pbtxt",
         name=f"{family}_generate",
         max_batch_size=profile.generate_batching.max_batch_size,
-        image_tensors=_tensors(IMAGE_EMBEDS + language_tensors, ragged=True) + ",",
+        image_tensors=",\n".join(filter(None, [
+            _tensors(IMAGE_EMBEDS + [t for t in language_tensors if t[0] not in CLIP_TENSORS], ragged=True),
+            _tensors([t for t in language_tensors if t[0] in CLIP_TENSORS], optional=True, ragged=True)])) + ",",
         request_parameters=_tensors(REQUEST_PARAMETERS, optional=True, ragged=True),
         response_tensors=_tensors(RESPONSE_TENSORS),
         quantization=profile.quantization,
