@@ -42,6 +42,9 @@ class GenerationRequest:
     # image_grid_thw, video_grid_thw and second_per_grid_ts; a request with no clip may leave out the last two).
     language_tensors: dict[str, np.ndarray] = field(default_factory=dict)
     image_tokens: int = 0
+    # The answer's first tokens, delivered to the caller already by another server that then
+    # failed (stream migration, gateway/migration.py): the request goes on after them (`RowProgress.resume`).
+    continuation: tuple[int, ...] = ()
 
 
 @dataclass
@@ -87,11 +90,29 @@ class RowProgress:
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[dict] = []
         self.finish_reason = ""
+        # Tokens of the answer delivered before this server took it over (`resume`).
+        self.continued = 0
 
     @property
     def answer_ids(self) -> list[int]:
         """The tokens generated so far (the end-of-sequence token ends the row, so never among them)."""
         return self.text.token_ids
+
+    def resume(self, tokens: tuple[int, ...]) -> None:
+        """Take the answer's first tokens, delivered already by another server: their text counts as
+        sent (the assembler, fed the same tokens, holds back exactly what that server held back), so
+        the next delta starts where the caller's text ends; they count in completion_tokens and
+        max_tokens, not in the confidence (their log-probabilities are not known here). Raises
+        ParameterError when they already end the answer."""
+        for token in tokens:
+            self.text.add(token)
+        self.continued = len(tokens)
+        if self.text.stopped:
+            raise ParameterError("CONTINUATION holds a stop sequence: the answer ended there; there is nothing "
+                                 "to continue")
+        if self.request.params.max_tokens is not None and self.continued >= self.request.params.max_tokens:
+            raise ParameterError(f"CONTINUATION holds {self.continued} tokens, max_tokens "
+                                 f"{self.request.params.max_tokens} leaves none to generate")
 
     def advance(self, token: int, logprob: float, is_cancelled: Callable[[], bool],
                 alternatives: list[tuple[int, float]] = (), chosen_logprob: float | None = None) -> RequestUpdate | None:
@@ -113,7 +134,7 @@ class RowProgress:
             delta = self.text.add(token)
             if self.text.stopped:
                 self.finish_reason = FINISH_STOP
-            elif len(self.chosen_logprobs) >= params.max_tokens:
+            elif self.continued + len(self.chosen_logprobs) >= params.max_tokens:
                 self.finish_reason = FINISH_LENGTH
             elif is_cancelled():
                 self.finish_reason = FINISH_CANCELLED
@@ -141,7 +162,7 @@ class RowProgress:
             finished=True,
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.request.input_ids),
-            completion_tokens=len(self.chosen_logprobs),
+            completion_tokens=self.continued + len(self.chosen_logprobs),
             image_tokens=self.request.image_tokens,
             confidence=float(np.mean(self.chosen_logprobs)) if self.chosen_logprobs else 0.0,
             # Streaming: those since the last update; else every one (none was sent before).
@@ -405,6 +426,7 @@ class BatchGenerator:
             raise ValueError(f"INPUT_IDS[{at}] = {int(ids[at])} is outside this model's vocabulary (ids 0 to "
                              f"{self.vocab_size - 1}); tokenize with the model's own tokenizer")
         request.params.validate(self.max_tokens_limit or self.max_context)
+        self._check_continuation(request)
         max_tokens = request.params.max_tokens
         if max_tokens is None and len(ids) >= self.max_context:
             raise ParameterError(f"prompt of {len(ids)} tokens leaves no room for an answer in the model's context of "
@@ -418,6 +440,22 @@ class BatchGenerator:
             for kind in (IMAGE, VIDEO):
                 self._check_grid(token_types, kind, request.language_tensors.get(_GRIDS[kind][0]))
             self._check_seconds_per_patch(token_types, request.language_tensors.get("second_per_grid_ts"))
+
+    def _check_continuation(self, request: GenerationRequest) -> None:
+        """A continuation (the answer's tokens another server delivered) must be tokens of this
+        model's vocabulary that do not end the answer, of a streamed request (a whole answer has
+        nothing delivered to continue)."""
+        if not request.continuation:
+            return
+        if not request.params.stream:
+            raise ParameterError("CONTINUATION continues a streamed answer: set STREAM true")
+        for at, token in enumerate(request.continuation):
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"CONTINUATION[{at}] = {token} is outside this model's vocabulary (ids 0 to "
+                                 f"{self.vocab_size - 1}); send the token ids the answer's responses carried")
+            if token in self.eos_ids:
+                raise ParameterError(f"CONTINUATION[{at}] = {token} is the end-of-sequence token: the answer "
+                                     "ended there; there is nothing to continue")
 
     def token_types(self, ids: np.ndarray) -> np.ndarray:
         """Each prompt token's modality (TEXT, IMAGE or VIDEO): Qwen2.5-VL's `mm_token_type_ids`."""

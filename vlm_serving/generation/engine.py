@@ -217,16 +217,25 @@ class InflightEngine:
             )
         # Checked now (a bad format never takes a row) and compiled on the compiler's thread: the
         # row waits in the queue until its grammar is ready, and wakes the loop when it is.
-        grammar = self.formats.row(request.params.response_format) if request.params.response_format.constrained else None
+        grammar = (self.formats.row(request.params.response_format, request.continuation)
+                   if request.params.response_format.constrained else None)
         seed = request.params.seed
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         progress = RowProgress(request, self.generator.tokenizer, self.generator.eos_ids, self.generator.token_bytes)
+        # A continued request (stream migration) stands where its delivered tokens left it, as a
+        # preempted row does: they are prefilled after the prompt, count in its answer (penalties,
+        # max_tokens, usage), and a sampling row's generator makes the draws it made for them
+        # (`choose_tokens` draws one number per token), so a seeded sample goes on as it would have.
+        progress.resume(request.continuation)
+        if request.params.temperature > 0.0:
+            for _ in request.continuation:
+                torch.rand(1, generator=generator)
         positions = self._prompt_positions(request)
         # Hashed here, on the caller's thread: an image's or clip's rows are read once per request.
         media = media_digests(self.generator.media_runs(request), request.image_embeds)
-        row = _Row(request, sink, progress, generator, request.input_ids.tolist(), positions, grammar,
-                   next_position=int(positions.max()) + 1, media=media)
+        row = _Row(request, sink, progress, generator, request.input_ids.tolist() + list(request.continuation),
+                   positions, grammar, next_position=int(positions.max()) + 1, media=media)
         with self._lock:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise EngineFull(

@@ -127,18 +127,20 @@ class FormatCompiler:
             raise ParameterError(f"response_format {response_format.type}: not supported ({_first_line(exc)})") from None
         raise ParameterError(f"response_format type {response_format.type!r} cannot be compiled")
 
-    def row(self, response_format: ResponseFormat) -> "RowGrammar | None":
-        """A grammar for one row (None for free text); usable once `ready`."""
+    def row(self, response_format: ResponseFormat, continuation: Sequence[int] = ()) -> "RowGrammar | None":
+        """A grammar for one row (None for free text); usable once `ready`. `continuation`: the
+        answer's tokens delivered already (stream migration), which the row's matcher accepts first."""
         if not response_format.constrained:
             return None
-        return RowGrammar(self.compile_later(response_format))
+        return RowGrammar(self.compile_later(response_format), continuation)
 
 
 class RowGrammar:
     """Where one row stands in its grammar, once its format is compiled."""
 
-    def __init__(self, compiled: "Future[xgr.CompiledGrammar]"):
+    def __init__(self, compiled: "Future[xgr.CompiledGrammar]", continuation: Sequence[int] = ()):
         self._compiled = compiled
+        self._continuation = continuation
         self._matcher: xgr.GrammarMatcher | None = None
 
     @property
@@ -151,9 +153,15 @@ class RowGrammar:
 
     @property
     def matcher(self) -> xgr.GrammarMatcher:
-        """The row's matcher (waits for the compile; raises its ParameterError if it failed)."""
+        """The row's matcher (waits for the compile; raises its ParameterError if it failed), advanced
+        over the row's continuation (ParameterError naming the first token the format refuses)."""
         if self._matcher is None:
-            self._matcher = xgr.GrammarMatcher(self._compiled.result())
+            matcher = xgr.GrammarMatcher(self._compiled.result())
+            for at, token in enumerate(self._continuation):
+                if not matcher.accept_token(token):
+                    raise ParameterError(f"CONTINUATION[{at}] = {token} does not follow the response_format after "
+                                         "the tokens before it; send the token ids the answer's responses carried")
+            self._matcher = matcher
         return self._matcher
 
     def accept(self, token: int) -> None:
