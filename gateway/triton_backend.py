@@ -364,9 +364,11 @@ class TritonBackend:
         task: str | None = None,
         tools: str = "",
         videos: list[bytes] = (),
+        continuation: list[int] = (),
     ) -> AsyncIterator[ResponseChunk]:
         """The ensemble's responses as chunks (`routing`: model "auto"'s confidence_threshold and
-        fallback; `videos`: the encoded clips of the messages' video parts, in their order).
+        fallback; `videos`: the encoded clips of the messages' video parts, in their order;
+        `continuation`: the answer's token ids another server delivered, see gateway/migration.py).
 
         A consumer that stops early (client cancel, deadline) puts the request on the
         cancellation board, which frees its row in the running batch.
@@ -379,6 +381,7 @@ class TritonBackend:
             messages,
             images,
             videos=list(videos),
+            continuation=list(continuation),
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,

@@ -123,6 +123,10 @@ def build_inputs(messages: list[dict[str, Any]], images: list[bytes], videos: li
     stop = params.pop("stop", None)
     if stop:
         inputs.append(tensor("STOP", "BYTES", np.array([[s.encode() for s in stop]], dtype=np.object_)))
+    # Stream migration: the answer's token ids delivered already (another server's responses' TOKEN_IDS).
+    continuation = params.pop("continuation", None)
+    if continuation:
+        inputs.append(tensor("CONTINUATION", "INT64", np.array([list(continuation)], dtype=np.int64)))
     for key, value in params.items():
         if value is None or value == "" or (key in _DEFAULTS and value == _DEFAULTS[key]):
             continue

@@ -30,14 +30,14 @@ import triton_python_backend_utils as pb_utils
 
 from vlm_serving.backend.common import model_parameters, optional_input
 from vlm_serving.generation.cancellation import CancellationBoard, subrequest_id
-from vlm_serving.deploy.render import REQUEST_PARAMETERS, RESPONSE_TENSORS
+from vlm_serving.deploy.render import RESPONSE_TENSORS, ROUTER_PARAMETERS
 from vlm_serving.errors import CALLER_ERROR_PREFIX
 from vlm_serving.preprocessing.image_kind import classify
 from vlm_serving.preprocessing.images import ImageError, decode_image
 from vlm_serving.routing import CallerGone, Reply, Route, RoutingOptions, route
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-FORWARDED_INPUTS = ["MESSAGES", "IMAGES", "VIDEOS", "DETAIL", "TASK", "TOOLS"] + [name for name, _, _ in REQUEST_PARAMETERS]
+FORWARDED_INPUTS = ["MESSAGES", "IMAGES", "VIDEOS", "DETAIL", "TASK", "TOOLS"] + [name for name, _, _ in ROUTER_PARAMETERS]
 OUTPUTS = [name for name, _, _ in RESPONSE_TENSORS]
 # What Triton core puts in front of a family's message: the request's id, the ensemble whose step failed.
 _TRITON_PREFIXES = re.compile(r"^(\[request id: [^\]]*\] |in ensemble '[^']*', )+")

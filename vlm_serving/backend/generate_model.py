@@ -181,6 +181,10 @@ class TritonPythonModel:
         params = read_params(request)
         if params.response_format.constrained and self.scheduler != "inflight":
             raise ParameterError("response_format needs the in-flight scheduler (render --scheduler inflight)")
+        continuation = optional_input(request, "CONTINUATION")
+        continuation = () if continuation is None else tuple(continuation.reshape(-1).tolist())
+        if continuation and self.scheduler != "inflight":
+            raise ParameterError("CONTINUATION needs the in-flight scheduler (render --scheduler inflight)")
         # Copies: in flight, the engine reads them after `execute` has returned and Triton may have
         # released the request's input buffers.
         language_tensors = {}
@@ -194,6 +198,7 @@ class TritonPythonModel:
             image_embeds=required_input(request, "IMAGE_EMBEDS")[0].copy(),
             language_tensors=language_tensors,
             image_tokens=int(_scalar(request, "IMAGE_TOKENS", 0)),
+            continuation=continuation,
         )
         self.generator.check_request(generation_request)
         return generation_request

@@ -80,7 +80,13 @@ REQUEST_PARAMETERS = [
     ("REQUEST_ID", "TYPE_STRING", "1"),
     # The answer's shape (vlm_serving/generation/structured.py; empty or absent: free text).
     ("RESPONSE_FORMAT", "TYPE_STRING", "1"),
+    # Stream migration: the token ids of the answer that another server delivered before it failed
+    # (the TOKEN_IDS of its responses, in order); generation goes on after them, STREAM true only.
+    ("CONTINUATION", "TYPE_INT64", "-1"),
 ]
+# Model auto takes no CONTINUATION: its fallback asks two families, and a continuation is one
+# family's answer; an answer of auto's is continued on the family that gave it (its ROUTE_INFO).
+ROUTER_PARAMETERS = [tensor for tensor in REQUEST_PARAMETERS if tensor[0] != "CONTINUATION"]
 RESPONSE_TENSORS = [
     ("TEXT", "TYPE_STRING", "1"),
     ("TOKEN_IDS", "TYPE_INT64", "-1"),
@@ -350,7 +356,7 @@ def render_router(profile: Profile) -> str:
     return Template((TEMPLATES / "auto.pbtxt").read_text()).substitute(
         max_batch_size=min(profile.preprocess_batching.max_batch_size, profile.generate_batching.max_batch_size),
         version_policy=_version_policy(profile.version_policy),
-        request_parameters=_tensors(REQUEST_PARAMETERS, optional=True),
+        request_parameters=_tensors(ROUTER_PARAMETERS, optional=True),
         response_tensors=_tensors(RESPONSE_TENSORS),
         confidence_threshold=f"{profile.confidence_threshold:.6g}",
         max_concurrent_requests=profile.router_max_concurrent_requests,
