@@ -13,6 +13,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway import tracing
+from gateway.affinity import AFFINITY, LOAD, NO_KEY
 from gateway.keys import caller_var
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -110,13 +111,14 @@ def configure_logging(level: str) -> None:
 
 class PoolCollector:
     """The Triton pool's state at each scrape: `vlm_backend_healthy{backend}` (1 takes requests,
-    0 ejected or not live) and `vlm_backend_requests_in_flight{backend}`."""
+    0 ejected or not live), `vlm_backend_requests_in_flight{backend}` and
+    `vlm_routing_decisions_total{reason}` (gateway/affinity.py: affinity, load or no_key)."""
 
     def __init__(self, pool) -> None:
         self.pool = pool
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         healthy = GaugeMetricFamily("vlm_backend_healthy", "Whether the inference server takes requests",
                                     labels=["backend"])
@@ -127,3 +129,9 @@ class PoolCollector:
             in_flight.add_metric([server.address], float(server.outstanding))
         yield healthy
         yield in_flight
+        decisions = CounterMetricFamily("vlm_routing_decisions", "Requests sent to a server, by why that server "
+                                        "(affinity: it holds their keys; load: those that do were over the load "
+                                        "bound; no_key: none does)", labels=["reason"])
+        for reason in (AFFINITY, LOAD, NO_KEY):
+            decisions.add_metric([reason], self.pool.router.decisions[reason])
+        yield decisions

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway.admin import ModelAdminServicer
+from gateway.affinity import AffinityRouter
 from gateway.auth import PUBLIC_METHODS, AuthInterceptor
 from gateway.keys import KeyRing, env_entries
 from gateway.observability import Metrics, PoolCollector, configure_logging
@@ -194,7 +195,8 @@ async def start(settings: Settings) -> Gateway:
         address, keepalive_s=settings.triton_keepalive_s, large_request_bytes=settings.triton_large_request_bytes,
         max_stream_backlog=settings.max_stream_backlog, connect_timeout_s=settings.triton_connect_timeout_s,
         credentials=triton_credentials),
-        resolve_s=settings.triton_resolve_s)
+        resolve_s=settings.triton_resolve_s,
+        router=AffinityRouter(settings.routing, settings.affinity_load_factor, settings.affinity_keys))
     await backend.probe()  # know the servers' states before the first request
     metrics = Metrics()
     metrics.registry.register(PoolCollector(backend))

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
 from gateway import image_urls, media_budget, tracing
+from gateway.affinity import RequestKey
 from gateway.errors import ApiError
 from gateway.keys import caller_var
 from gateway.observability import Metrics, request_id_var
@@ -237,8 +238,11 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         routing = None
         if call.ensemble == ROUTER:
             routing = {"confidence_threshold": call.confidence_threshold, "fallback": call.fallback}
+        wire_tools = tools.to_wire(call.tools)
         chunks = self.backend.generate(call.ensemble, call.messages, images, call.params, call.request_id,
-                                       call.detail, routing, call.task, tools.to_wire(call.tools), videos)
+                                       call.detail, routing, call.task, wire_tools, videos,
+                                       affinity=RequestKey(call.ensemble, call.messages, images, videos, call.detail,
+                                                           wire_tools))
         text, outcome = [], None
         with tracing.span("triton infer") as span:
             try:

@@ -64,6 +64,13 @@ class Settings:
     # address NAME resolves to, e.g. a Kubernetes headless Service; re-resolved every triton_resolve_s).
     triton_url: str = "localhost:8001"
     triton_resolve_s: float = 10.0
+    # Which server of the pool takes a request (gateway/affinity.py): "affinity" (where its images and
+    # prompt were sent before, while that server's requests in flight stay within
+    # ceil(affinity_load_factor x the mean), else the least loaded) or "least_loaded".
+    routing: str = "affinity"
+    affinity_load_factor: float = 1.25
+    # Request keys (image hashes, prompt-prefix hashes) remembered per server, least recent out first.
+    affinity_keys: int = 4096
     # Public model name -> Triton ensemble (named after its family), or the router "auto".
     models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral",
                                                             "auto": "auto"})
@@ -169,6 +176,15 @@ class Settings:
             parse_targets(env.get("VLM_TRITON_URL", defaults.triton_url))
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        from gateway.affinity import AffinityRouter
+
+        routing = env.get("VLM_ROUTING", defaults.routing)
+        load_factor = number("VLM_AFFINITY_LOAD_FACTOR", defaults.affinity_load_factor, float)
+        affinity_keys = number("VLM_AFFINITY_KEYS", defaults.affinity_keys)
+        try:
+            AffinityRouter(routing, load_factor, affinity_keys)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         tls = _tls_files(env)
         image_budget = number("VLM_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes)
         request_bytes = number("VLM_MAX_REQUEST_BYTES", image_budget + REQUEST_TEXT_ALLOWANCE)
@@ -185,6 +201,9 @@ class Settings:
             **tls,
             triton_url=env.get("VLM_TRITON_URL", defaults.triton_url),
             triton_resolve_s=number("VLM_TRITON_RESOLVE_S", defaults.triton_resolve_s, float),
+            routing=routing,
+            affinity_load_factor=load_factor,
+            affinity_keys=affinity_keys,
             models=models,
             required_models=required,
             api_keys=api_keys | admin_keys,

@@ -1,5 +1,6 @@
-"""Many Triton servers behind one gateway: each request to the least-loaded healthy server that serves
-its model, failover for requests that produced nothing yet, model control on every server.
+"""Many Triton servers behind one gateway: each request to a healthy server that serves its model (the
+one whose caches hold its images and prompt while it carries no more than its share, else the least
+loaded: gateway/affinity.py), failover for requests that produced nothing yet, model control on every server.
 
 Why not gRPC's own load balancing: small requests share one long-lived stream per server
 (`triton_backend`), and a stream is pinned to one connection, so a channel-level policy such as
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 import grpc
 from tritonclient.utils import InferenceServerException
 
+from gateway.affinity import AffinityRouter, RequestKey, ServedKeys
 from gateway.errors import ApiError
 from gateway.triton_backend import TritonBackend, TritonError, classify, is_unloaded, pipeline_ready
 from vlm_serving.ensemble_client import ResponseChunk
@@ -96,6 +98,8 @@ class Server:
     retired: bool = False
     # A probe under way (after a failure), shared by every request that saw the failure.
     recheck: asyncio.Task | None = None
+    # The keys of the requests last sent here: what its caches may still hold (gateway/affinity.py).
+    served: ServedKeys = field(default_factory=ServedKeys)
 
     def serves(self, ensemble: str) -> bool:
         return self.healthy and not self.retired and pipeline_ready(self.index, ensemble)
@@ -105,13 +109,15 @@ class TritonPool:
     """The gateway's backend: the TritonBackend interface, over every server of the pool."""
 
     def __init__(self, url: str, backend_factory: Callable[[str], TritonBackend], resolve_s: float = 10.0,
-                 resolver: Resolver = resolve_addresses, probe_timeout_s: float = 2.0):
+                 resolver: Resolver = resolve_addresses, probe_timeout_s: float = 2.0,
+                 router: AffinityRouter | None = None):
         self.url = url
         self.targets, self.dns_name = parse_targets(url)
         self.backend_factory = backend_factory
         self.resolver = resolver
         self.resolve_s = resolve_s
         self.probe_timeout_s = probe_timeout_s
+        self.router = router or AffinityRouter()
         self.servers: dict[str, Server] = {}
         self._next_resolve = 0.0
         self._turn = itertools.count()  # rotates ties, so idle servers take turns
@@ -121,7 +127,7 @@ class TritonPool:
     # --- membership and health -------------------------------------------------------------------
 
     def _add(self, address: str) -> None:
-        self.servers[address] = Server(address, self.backend_factory(address))
+        self.servers[address] = Server(address, self.backend_factory(address), served=self.router.served_keys())
         log.info("backend added", extra={"fields": {"backend": address}})
 
     async def _resolve(self) -> None:
@@ -188,21 +194,25 @@ class TritonPool:
         """Whether some server can take the model's requests now."""
         return any(server.serves(ensemble) for server in self.servers.values())
 
-    def _choose(self, ensemble: str, tried: set[str]) -> Server | None:
+    def _choose(self, ensemble: str, tried: set[str], key: RequestKey | None = None) -> Server | None:
+        """The server for a request (`key`: what of it servers may have cached): by cache affinity
+        within the load bound, else the least loaded (`AffinityRouter`). With one server in the pool
+        there is nothing to choose, and nothing is hashed."""
         candidates = [s for s in self.servers.values() if s.serves(ensemble) and s.address not in tried]
         if not candidates:
             return None
         turn = next(self._turn) % len(candidates)
-        return min(candidates[turn:] + candidates[:turn], key=lambda s: s.outstanding)  # min keeps the first of ties
+        return self.router.choose(candidates[turn:] + candidates[:turn], key if len(self.servers) > 1 else None)
 
     # --- requests ---------------------------------------------------------------------------------
 
-    async def generate(self, ensemble: str, *args, **kwargs) -> AsyncIterator[ResponseChunk]:
-        """TritonBackend.generate on the least-loaded server that serves `ensemble`; on a server
-        failure before anything was delivered, again on the next one."""
+    async def generate(self, ensemble: str, *args, affinity: RequestKey | None = None,
+                       **kwargs) -> AsyncIterator[ResponseChunk]:
+        """TritonBackend.generate on the server `_choose` picks among those that serve `ensemble`;
+        on a server failure before anything was delivered, again on the next one."""
         tried: set[str] = set()
         while True:
-            server = self._choose(ensemble, tried)
+            server = self._choose(ensemble, tried, affinity)
             if server is None:
                 raise self._none_ready(ensemble, tried)
             tried.add(server.address)
