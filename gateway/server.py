@@ -23,6 +23,7 @@ from gateway.admin import ModelAdminServicer
 from gateway.affinity import AffinityRouter
 from gateway.auth import PUBLIC_METHODS, AuthInterceptor
 from gateway.keys import KeyRing, env_entries
+from gateway.migration import MigrationPolicy
 from gateway.observability import Metrics, PoolCollector, configure_logging
 from gateway.servicer import VisionLanguageServicer
 from gateway.settings import Settings
@@ -196,10 +197,12 @@ async def start(settings: Settings) -> Gateway:
         max_stream_backlog=settings.max_stream_backlog, connect_timeout_s=settings.triton_connect_timeout_s,
         credentials=triton_credentials),
         resolve_s=settings.triton_resolve_s,
-        router=AffinityRouter(settings.routing, settings.affinity_load_factor, settings.affinity_keys))
+        router=AffinityRouter(settings.routing, settings.affinity_load_factor, settings.affinity_keys),
+        migration=MigrationPolicy(settings.max_migrations, settings.migration_reserve_s))
     await backend.probe()  # know the servers' states before the first request
     metrics = Metrics()
     metrics.registry.register(PoolCollector(backend))
+    metrics.registry.register(backend.migration_counts)
     # The protos are the public contract: health and (by default) reflection answer without a key,
     # so `grpcurl -plaintext HOST list` works on first contact; every other RPC needs one.
     public = PUBLIC_METHODS | (REFLECTION_METHODS if settings.reflection == "public" else frozenset())

@@ -14,7 +14,7 @@ import grpc
 from tritonclient.utils import InferenceServerException
 from vlm.v1 import vlm_pb2, vlm_pb2_grpc
 
-from gateway import image_urls, media_budget, tracing
+from gateway import image_urls, media_budget, migration, tracing
 from gateway.affinity import RequestKey
 from gateway.errors import ApiError
 from gateway.keys import caller_var
@@ -222,6 +222,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
         return None
 
     async def _generate(self, call: ValidatedRequest, deliver, deadline: asyncio.Timeout) -> None:
+        migration.deadline_var.set(deadline.when())  # a stream is continued elsewhere only within it
         with tracing.span("fetch media") as span:
             span.set_attributes({"vlm.images": len(call.images), "vlm.videos": len(call.videos)})
             fetched = await image_urls.fetch_all([*call.images, *call.videos], self.settings)

@@ -71,6 +71,10 @@ class Settings:
     affinity_load_factor: float = 1.25
     # Request keys (image hashes, prompt-prefix hashes) remembered per server, least recent out first.
     affinity_keys: int = 4096
+    # A stream whose server fails after it began goes on on another server (gateway/migration.py), at
+    # most this many times per request (0: never), and only while its deadline leaves migration_reserve_s.
+    max_migrations: int = 2
+    migration_reserve_s: float = 1.0
     # Public model name -> Triton ensemble (named after its family), or the router "auto".
     models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-vl": "qwen2_5_vl", "pixtral": "pixtral",
                                                             "auto": "auto"})
@@ -185,6 +189,11 @@ class Settings:
             AffinityRouter(routing, load_factor, affinity_keys)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        max_migrations = number("VLM_MAX_MIGRATIONS", defaults.max_migrations)
+        migration_reserve_s = number("VLM_MIGRATION_RESERVE_S", defaults.migration_reserve_s, float)
+        if max_migrations < 0 or migration_reserve_s < 0:
+            raise SettingsError(f"VLM_MAX_MIGRATIONS={max_migrations} and VLM_MIGRATION_RESERVE_S={migration_reserve_s:g} "
+                                "must be 0 or more (VLM_MAX_MIGRATIONS=0 turns stream migration off)")
         tls = _tls_files(env)
         image_budget = number("VLM_MAX_REQUEST_IMAGE_BYTES", defaults.max_request_image_bytes)
         request_bytes = number("VLM_MAX_REQUEST_BYTES", image_budget + REQUEST_TEXT_ALLOWANCE)
@@ -204,6 +213,8 @@ class Settings:
             routing=routing,
             affinity_load_factor=load_factor,
             affinity_keys=affinity_keys,
+            max_migrations=max_migrations,
+            migration_reserve_s=migration_reserve_s,
             models=models,
             required_models=required,
             api_keys=api_keys | admin_keys,

@@ -14,8 +14,9 @@ and repository index. A server whose request fails on the transport (connection 
 broken, connect refused) is ejected at once and probed until it answers again (the last server for
 a model is probed at once instead, and kept if it answers); one that says the model is not ready
 there is passed over for that request. A request that had delivered nothing to its caller is then
-retried on another server; one that had (a stream producing text) fails with UNAVAILABLE, so no
-caller ever sees text twice.
+retried on another server; a stream that had delivered text is continued on another server from the
+tokens delivered (gateway/migration.py: bounded per request and by its deadline, else UNAVAILABLE), so
+no caller ever sees text twice.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.affinity import AffinityRouter, RequestKey, ServedKeys
+from gateway import migration
 from gateway.errors import ApiError
+from gateway.migration import Answer, MigrationCounts, MigrationPolicy, incomplete
 from gateway.triton_backend import TritonBackend, TritonError, classify, is_unloaded, pipeline_ready
 from vlm_serving.ensemble_client import ResponseChunk
 
@@ -110,7 +113,7 @@ class TritonPool:
 
     def __init__(self, url: str, backend_factory: Callable[[str], TritonBackend], resolve_s: float = 10.0,
                  resolver: Resolver = resolve_addresses, probe_timeout_s: float = 2.0,
-                 router: AffinityRouter | None = None):
+                 router: AffinityRouter | None = None, migration: MigrationPolicy = MigrationPolicy()):
         self.url = url
         self.targets, self.dns_name = parse_targets(url)
         self.backend_factory = backend_factory
@@ -118,6 +121,9 @@ class TritonPool:
         self.resolve_s = resolve_s
         self.probe_timeout_s = probe_timeout_s
         self.router = router or AffinityRouter()
+        # Streams whose server fails after they began: continued elsewhere within this policy (gateway/migration.py).
+        self.migration = migration
+        self.migration_counts = MigrationCounts()
         self.servers: dict[str, Server] = {}
         self._next_resolve = 0.0
         self._turn = itertools.count()  # rotates ties, so idle servers take turns
@@ -209,21 +215,32 @@ class TritonPool:
     async def generate(self, ensemble: str, *args, affinity: RequestKey | None = None,
                        **kwargs) -> AsyncIterator[ResponseChunk]:
         """TritonBackend.generate on the server `_choose` picks among those that serve `ensemble`;
-        on a server failure before anything was delivered, again on the next one."""
+        on a server failure before anything was delivered, again on the next one; after, continued
+        on the next one from what was delivered (gateway/migration.py), within `self.migration`."""
         tried: set[str] = set()
+        answer = Answer(ensemble, args, kwargs)
+        failed: tuple[str, str] | None = None  # (server, error) that ended the answer's last attempt
         while True:
             server = self._choose(ensemble, tried, affinity)
             if server is None:
-                raise self._none_ready(ensemble, tried)
+                if not answer.delivered:
+                    raise self._none_ready(ensemble, tried)
+                self.migration_counts.count(ensemble, migration.NO_SERVER)
+                raise incomplete(*failed, f"no other server can take it ({self._none_ready(ensemble, tried).states})")
+            if answer.delivered:
+                answer.migrations += 1
+                self.migration_counts.count(ensemble, migration.MIGRATED)
+                log.warning("stream migrated to another backend", extra={"fields": {
+                    "backend": server.address, "failed_backend": failed[0], "model": ensemble,
+                    "delivered_tokens": len(answer.token_ids), "migration": answer.migrations}})
             tried.add(server.address)
-            delivered = False
             server.outstanding += 1
             try:
                 # Closed with this generator: a caller who gives up cancels the request on its server now.
-                async with aclosing(server.backend.generate(ensemble, *args, **kwargs)) as chunks:
+                call = answer.continuation() if answer.delivered else answer.call
+                async with aclosing(server.backend.generate(**call)) as chunks:
                     async for chunk in chunks:
-                        delivered = True
-                        yield chunk
+                        yield answer.received(chunk)
                 return
             except (InferenceServerException, ApiError) as error:
                 failure = server_failure(error)
@@ -231,12 +248,17 @@ class TritonPool:
                     raise
                 if failure == "transport":
                     await self._on_transport_failure(server, ensemble, message_of(error))
-                if delivered:
-                    raise InferenceServerException(
-                        f"the inference server at {server.address} failed after the answer had begun "
-                        f"({message_of(error)}); the answer is incomplete", status=str(grpc.StatusCode.UNAVAILABLE)
-                    ) from None
-                log.info("retrying on another backend", extra={"fields": {"backend": server.address, "why": failure}})
+                failed = (server.address, message_of(error))
+                if not answer.delivered:
+                    log.info("retrying on another backend", extra={"fields": {"backend": server.address, "why": failure}})
+                    continue
+                refused = answer.refusal(self.migration)
+                if refused is not None:
+                    self.migration_counts.count(ensemble, refused[0])
+                    log.warning("stream not migrated", extra={"fields": {
+                        "backend": server.address, "model": ensemble, "delivered_tokens": len(answer.token_ids),
+                        "error": failed[1], "why": refused[1]}})
+                    raise incomplete(*failed, refused[1]) from None
             finally:
                 server.outstanding -= 1
 
