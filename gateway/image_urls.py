@@ -166,9 +166,14 @@ async def fetch_all(sources: list[ImageSource], settings: Settings) -> list[byte
     failure wins."""
     budget = _Budget(settings.max_request_image_bytes, 0)
     budget.spend(sum(len(source.data) for source in sources if source.data is not None))
-    tasks = [asyncio.ensure_future(fetch(source, settings, budget)) for source in sources]
+    # A task only for what must be fetched: bytes sent inline are the answer as they are.
+    tasks = {index: asyncio.ensure_future(fetch(source, settings, budget))
+             for index, source in enumerate(sources) if source.data is None}
+    if not tasks:
+        return [source.data for source in sources]
     try:
-        return list(await asyncio.gather(*tasks))
+        fetched = dict(zip(tasks, await asyncio.gather(*tasks.values())))
     finally:
-        for task in tasks:
+        for task in tasks.values():
             task.cancel()
+    return [fetched[index] if index in fetched else source.data for index, source in enumerate(sources)]

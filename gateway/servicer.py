@@ -18,7 +18,7 @@ from gateway import image_urls, media_budget, migration, tracing
 from gateway.affinity import RequestKey
 from gateway.errors import ApiError
 from gateway.keys import caller_var
-from gateway.observability import Metrics, request_id_var
+from gateway.observability import Metrics, log_after_answer, request_id_var
 from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.triton_backend import is_unloaded, pipeline_ready, to_api_error
@@ -178,7 +178,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                 if refusal is None:
                     self.quotas.release(caller, model)
             if refusal is not None:
-                self.metrics.quota_refusals.labels(caller.name, refusal.limit).inc()
+                self.metrics.child(self.metrics.quota_refusals, caller.name, refusal.limit).inc()
             if error is not None:
                 outcome["code"] = error.code
                 log.info("request refused", extra={"fields": {"model": model, "method": method,
@@ -255,7 +255,7 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                         if first is None and chunk.text:
                             first = time.perf_counter() - started
                             span.add_event("first token")
-                            self.metrics.first_token.labels(call.model).observe(first)
+                            self.metrics.child(self.metrics.first_token, call.model).observe(first)
                         if chunk.finished:
                             span.set_attributes({"vlm.completion_tokens": chunk.completion_tokens,
                                                  "vlm.finish_reason": chunk.finish_reason})
@@ -263,14 +263,14 @@ class VisionLanguageServicer(vlm_pb2_grpc.VisionLanguageServiceServicer):
                                                      chunk.image_tokens)
                             self.quotas.charge(caller_var.get(), chunk.completion_tokens)
                             for image in chunk.images:
-                                self.metrics.images.labels(call.model, image["kind"]).inc()
+                                self.metrics.child(self.metrics.images, call.model, image["kind"]).inc()
                             if chunk.route:
-                                self.metrics.routed.labels(chunk.route["reason"]).inc()
+                                self.metrics.child(self.metrics.routed, chunk.route["reason"]).inc()
                             # One line per request, at the end: enough to trace it, cheap on the hot path.
-                            log.info("done", extra={"fields": {
+                            log_after_answer(log, "done", {
                                 "model": call.model, "images": len(images), "stream": call.params.stream,
                                 "finish_reason": chunk.finish_reason, "completion_tokens": chunk.completion_tokens,
-                                "latency_s": round(time.perf_counter() - started, 4)}})
+                                "latency_s": round(time.perf_counter() - started, 4)})
                         await deliver(chunk, call, outcome)
             except InferenceServerException as exc:
                 raise to_api_error(exc, call.model, [image.field for image in call.images],

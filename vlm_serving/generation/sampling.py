@@ -126,29 +126,29 @@ class SamplingParams:
         return resolved if self.max_tokens is not None or room is None else replace(resolved, max_tokens=room)
 
     def violations(self, max_tokens_limit: int) -> list[tuple[str, str]]:
-        """(field, what is wrong) for every parameter out of bounds (unset ones are fine)."""
-        def unset_or(value, ok):
-            return value is None or ok(value)
-
-        checks = [
-            ("max_tokens", unset_or(self.max_tokens, lambda v: 1 <= v <= max_tokens_limit),
-             f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}] (unset: until the answer or the "
-             "context ends)"),
-            *((name, unset_or(getattr(self, name), bound.holds),
-               f"{name}={_g(getattr(self, name))} must be in {bound.describe()}") for name, bound in BOUNDS.items()),
-            ("top_logprobs", self.logprobs or not self.top_logprobs,
-             f"top_logprobs={self.top_logprobs} needs logprobs true (the alternatives come with each token's own)"),
-            ("stop", len(self.stop) <= MAX_STOP_SEQUENCES,
-             f"{len(self.stop)} stop sequences is over the limit of {MAX_STOP_SEQUENCES}"),
-            ("stop", all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
-             f"each stop sequence must be 1 to {MAX_STOP_CHARS} characters"),
-            # A stop sequence inside a constrained answer would end it before its format is complete.
-            ("stop", not (self.stop and self.response_format.constrained),
-             "stop sequences cannot end a constrained answer (a response_format, a task or a required tool call) "
-             "before its format is complete; leave stop unset: the format decides where the answer ends"),
-        ]
-        return [(name, message) for name, ok, message in checks if not ok] + [
-            ("response_format", message) for message in self.response_format.violations()]
+        """(field, what is wrong) for every parameter out of bounds (unset ones are fine). Every
+        request is checked: a message is built only for a check that fails."""
+        problems = []
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= max_tokens_limit:
+            problems.append(("max_tokens", f"max_tokens={self.max_tokens} must be in [1, {max_tokens_limit}] (unset: "
+                                           "until the answer or the context ends)"))
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not bound.holds(value):
+                problems.append((name, f"{name}={_g(value)} must be in {bound.describe()}"))
+        if self.top_logprobs and not self.logprobs:
+            problems.append(("top_logprobs", f"top_logprobs={self.top_logprobs} needs logprobs true (the alternatives "
+                                             "come with each token's own)"))
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            problems.append(("stop", f"{len(self.stop)} stop sequences is over the limit of {MAX_STOP_SEQUENCES}"))
+        if not all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            problems.append(("stop", f"each stop sequence must be 1 to {MAX_STOP_CHARS} characters"))
+        # A stop sequence inside a constrained answer would end it before its format is complete.
+        if self.stop and self.response_format.constrained:
+            problems.append(("stop", "stop sequences cannot end a constrained answer (a response_format, a task or a "
+                                     "required tool call) before its format is complete; leave stop unset: the "
+                                     "format decides where the answer ends"))
+        return problems + [("response_format", message) for message in self.response_format.violations()]
 
     def validate(self, max_tokens_limit: int) -> None:
         problems = self.violations(max_tokens_limit)
