@@ -64,8 +64,9 @@ class LoadResult:
 
 
 class GatewayTarget:
-    def __init__(self, address: str, api_key: str, model: str):
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, api_key: str, model: str, credentials: grpc.ChannelCredentials | None = None):
+        self.channel = (grpc.aio.secure_channel(address, credentials) if credentials
+                        else grpc.aio.insecure_channel(address))
         self.stub = vlm_pb2_grpc.VisionLanguageServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),)
         self.model = model
