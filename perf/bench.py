@@ -39,6 +39,9 @@
    (perf/scaling_row.py).
 21. video: decode + preprocessing frames/s per family, and a 10-second clip's request latency split into
    decode + preprocessing, encode and generate, on a server of its own (perf/video_row.py).
+22. cache-aware routing / least-loaded routing over three Triton servers: encoder-cache hit rate, prompt
+   tokens from the prefix cache and p99 latency, on chats about an image and five questions per document
+   (perf/affinity_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -594,6 +597,12 @@ def scaling_rows(run: Run) -> list[tuple]:
     return scaling_row.rows(run.servers, run.quick)
 
 
+def affinity_rows(run: Run) -> list[tuple]:
+    from perf import affinity_row
+
+    return affinity_row.rows(run.quick)
+
+
 def video_rows(run: Run) -> list[tuple]:
     from perf import video_row
 
@@ -605,7 +614,8 @@ def video_rows(run: Run) -> list[tuple]:
 # sides of a ratio).
 SERVED = {"2": batching_rows, "1": gateway_rows, "13": http_rows, "15": front_door_rows, "16": chaos_rows,
           "14": pool_rows, "4": first_text_rows, "8": auto_rows, "6": encoder_cache_rows,
-          "perf_analyzer": perf_analyzer_notes, "19": memory_rows, "20": scaling_rows, "21": video_rows}
+          "perf_analyzer": perf_analyzer_notes, "19": memory_rows, "20": scaling_rows, "21": video_rows,
+          "22": affinity_rows}
 IN_PROCESS = {"3": preprocessing_rows, "9": classifier_rows, "5": encoder_speed_rows, "10": scheduling_rows,
               "12": constrained_rows, "17": grammar_rows, "18": engine_scale_rows}
 # --quick: a smoke run of every kind of measure within 4 minutes on 2 cores; the groups that start
