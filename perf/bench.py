@@ -42,6 +42,9 @@
 22. cache-aware routing / least-loaded routing over three Triton servers: encoder-cache hit rate, prompt
    tokens from the prefix cache and p99 latency, on chats about an image and five questions per document
    (perf/affinity_row.py).
+23. a server lost under load: one of three Triton servers SIGKILLed under streaming load and started
+   again: requests lost (streams included), p99 during the loss / steady, time until the replacement
+   takes traffic (perf/fault_row.py).
 With perf_analyzer installed (`make perf-tools`), its throughput per ensemble is added beside.
 Every server is started here and stopped on exit (Ctrl-C included); nothing is left running.
 """
@@ -603,6 +606,12 @@ def affinity_rows(run: Run) -> list[tuple]:
     return affinity_row.rows(run.quick)
 
 
+def fault_rows(run: Run) -> list[tuple]:
+    from perf import fault_row
+
+    return fault_row.rows(run.quick)
+
+
 def video_rows(run: Run) -> list[tuple]:
     from perf import video_row
 
@@ -615,7 +624,7 @@ def video_rows(run: Run) -> list[tuple]:
 SERVED = {"2": batching_rows, "1": gateway_rows, "13": http_rows, "15": front_door_rows, "16": chaos_rows,
           "14": pool_rows, "4": first_text_rows, "8": auto_rows, "6": encoder_cache_rows,
           "perf_analyzer": perf_analyzer_notes, "19": memory_rows, "20": scaling_rows, "21": video_rows,
-          "22": affinity_rows}
+          "22": affinity_rows, "23": fault_rows}
 IN_PROCESS = {"3": preprocessing_rows, "9": classifier_rows, "5": encoder_speed_rows, "10": scheduling_rows,
               "12": constrained_rows, "17": grammar_rows, "18": engine_scale_rows}
 # --quick: a smoke run of every kind of measure within 4 minutes on 2 cores; the groups that start
