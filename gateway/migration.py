@@ -29,20 +29,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
-import inspect
 from dataclasses import dataclass
 
 import grpc
 from tritonclient.utils import InferenceServerException
 
-from gateway.triton_backend import TritonBackend
 from vlm_serving.ensemble_client import ResponseChunk
 from vlm_serving.pipelines import ROUTER
 
 # When the request being served must be answered (the event loop's clock), set where its deadline is.
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
-
-_GENERATE = inspect.signature(TritonBackend.generate)
 
 # vlm_stream_migrations_total's outcomes.
 MIGRATED = "migrated"  # continued on another server
@@ -65,9 +61,7 @@ class Answer:
     """One request's call (TritonBackend.generate's arguments) and what its caller has received."""
 
     def __init__(self, ensemble: str, args: tuple, kwargs: dict):
-        arguments = _GENERATE.bind(None, ensemble, *args, **kwargs).arguments
-        arguments.pop("self")
-        self.call = arguments
+        self.call = (ensemble, *args), kwargs  # as given: every request makes one, few migrate
         self.ensemble = ensemble
         self.token_ids: list[int] = []
         self.delivered = False
@@ -93,9 +87,10 @@ class Answer:
                                   "continuation on another server is given")
         return None
 
-    def continuation(self) -> dict:
+    def continuation(self) -> tuple[tuple, dict]:
         """TritonBackend.generate's arguments for the next server: the call, after what was delivered."""
-        return dict(self.call, continuation=list(self.token_ids))
+        args, kwargs = self.call
+        return args, {**kwargs, "continuation": list(self.token_ids)}
 
 
 def incomplete(address: str, error: str, why: str) -> InferenceServerException:

@@ -237,8 +237,8 @@ class TritonPool:
             server.outstanding += 1
             try:
                 # Closed with this generator: a caller who gives up cancels the request on its server now.
-                call = answer.continuation() if answer.delivered else answer.call
-                async with aclosing(server.backend.generate(**call)) as chunks:
+                args, kwargs = answer.continuation() if answer.delivered else answer.call
+                async with aclosing(server.backend.generate(*args, **kwargs)) as chunks:
                     async for chunk in chunks:
                         yield answer.received(chunk)
                 return
