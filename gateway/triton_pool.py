@@ -181,6 +181,7 @@ class TritonPool:
         if server.healthy:
             log.warning("backend ejected", extra={"fields": {"backend": server.address, "reason": reason}})
         server.healthy, server.last_error = False, reason
+        server.served.clear()  # it may come back restarted, its caches empty: no request is steered there for them
 
     async def _on_transport_failure(self, server: Server, ensemble: str, reason: str) -> None:
         """Eject a server whose connection failed, while others serve the model; the last one is

@@ -225,3 +225,17 @@ def test_the_pool_with_one_server_hashes_nothing():
         assert "prefixes" not in vars(key) and len(pool.servers["a:1"].served) == 0
 
     asyncio.run(main())
+
+
+def test_a_server_ejected_for_a_lost_connection_is_forgotten_as_a_cache():
+    """It may come back restarted, its caches empty: the image goes where it is sent next, not back."""
+    async def main():
+        pool, servers = pool_of("a:1", "b:1", "c:1")
+        await pool.probe()
+        assert await ask(pool, about(PHOTO)) == "Hello"
+        home = next(address for address, server in servers.items() if server.requests)
+        assert len(pool.servers[home].served) > 0
+        pool.eject(pool.servers[home], "connection refused")
+        assert len(pool.servers[home].served) == 0
+
+    asyncio.run(main())
