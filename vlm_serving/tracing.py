@@ -101,13 +101,24 @@ class GenerationSpans:
         self.queue_wait = tracing.start("queue wait", self.context, request_id)
         self.generate: Span | None = None
         self.first_token = False
+        self.refused_at_submission = False
         self.lock = threading.Lock()
 
     def admitted(self) -> None:
         with self.lock:
-            if self.generate is None:
+            if self.generate is None and not self.refused_at_submission:
                 self.queue_wait.end()
                 self.generate = self.tracing.start("generate", self.context, self.request_id)
+
+    def refused(self, exc: Exception) -> None:
+        """The request never joined the queue (the engine was full, or its parameters were refused):
+        its queue wait ends now, with the refusal as its error, and no generation follows."""
+        from opentelemetry.trace import Status, StatusCode
+
+        with self.lock:
+            self.refused_at_submission = True
+            self.queue_wait.set_status(Status(StatusCode.ERROR, str(exc)))
+            self.queue_wait.end()
 
     def update(self, update) -> None:
         self.admitted()  # the static scheduler answers without admitting

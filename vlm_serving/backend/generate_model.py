@@ -256,14 +256,16 @@ class TritonPythonModel:
             sink.send_error(exc)
 
         return RequestSink(send_update=send_update, send_error=send_error, is_cancelled=sink.is_cancelled,
-                           on_admitted=spans.admitted)
+                           on_admitted=spans.admitted, on_refused=spans.refused)
 
     def _submit(self, generation_request: GenerationRequest, sender, sink: RequestSink) -> None:
         try:
             self.engine.submit(generation_request, sink)
         except (ParameterError, ValueError) as exc:
+            sink.on_refused(exc)
             sender.send(error_response(exc), flags=FINAL)
         except EngineFull as exc:
+            sink.on_refused(exc)
             # Triton core's own queue-full message: the gateway answers RESOURCE_EXHAUSTED (retryable).
             error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
             sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)

@@ -107,6 +107,8 @@ class RequestSink:
     is_cancelled: Callable[[], bool] = lambda: False
     # The row left the waiting queue for the batch (again after a preemption): tracing's queue wait ends.
     on_admitted: Callable[[], None] = lambda: None
+    # `submit` refused the request (the caller answers it): tracing's queue wait ends with the refusal.
+    on_refused: Callable[[Exception], None] = lambda exc: None
 
 
 @dataclass

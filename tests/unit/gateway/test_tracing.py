@@ -106,3 +106,24 @@ def test_model_spans_join_the_trace_triton_hands_over():
 def test_the_gateway_request_id_is_read_from_tritons():
     assert gateway_request_id(f"abc.def.{'0' * 32}") == "abc.def"
     assert gateway_request_id("someone-elses-id") == "someone-elses-id"
+
+
+def test_a_request_refused_at_submission_ends_its_queue_wait_with_the_refusal():
+    """An engine full (or a refused parameter) answers the request before it queues: its queue wait
+    is exported, ended with the refusal, and no generation span follows."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from vlm_serving.generation.engine import EngineFull
+
+    exported = InMemorySpanExporter()
+    model = ModelTracing({"VLM_OTLP_ENDPOINT": "http://127.0.0.1:9"}, SimpleSpanProcessor(exported))
+    request = FakeRequest(json.dumps({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}))
+    spans = GenerationSpans(model, request, f"my-request.{'b' * 32}")
+    spans.refused(EngineFull("the generation queue is full"))
+    spans.admitted()  # nothing more: the request never ran
+    (queue_wait,) = exported.get_finished_spans()
+    assert queue_wait.name == "queue wait" and queue_wait.status.status_code == StatusCode.ERROR
+    assert "queue is full" in queue_wait.status.description
+    model.provider.shutdown()
