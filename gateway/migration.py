@@ -17,8 +17,10 @@ first one stopped (`vlm_serving.generation.batch.RowProgress.resume`):
 
 Bounded by `MigrationPolicy`: at most `max_migrations` per request, and none once the request's
 deadline leaves less than `reserve_s` (the continuation prefills the prompt again): then the
-caller gets UNAVAILABLE naming why, as before migration existed. Requests to model "auto" are not
-migrated (its fallback may have asked two families; the route the caller saw cannot be continued).
+caller gets UNAVAILABLE naming why, as before migration existed. Model "auto" streams only once
+its route is decided (the answering family, the reason, the attempts before it: on every response),
+so its stream goes on on another server in that family's own ensemble, and the final response gets
+the route model auto would have given, the answering family's attempt added.
 A whole (unary) answer arrives in one response: it is retried whole when its server fails, since
 nothing was delivered. Each migration decision is counted in `vlm_stream_migrations_total{model,
 outcome}` and logged.
@@ -29,13 +31,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import inspect
 from dataclasses import dataclass
 
 import grpc
 from tritonclient.utils import InferenceServerException
 
+from gateway.triton_backend import TritonBackend
 from vlm_serving.ensemble_client import ResponseChunk
 from vlm_serving.pipelines import ROUTER
+from vlm_serving.routing import Attempt, Reply
 
 # When the request being served must be answered (the event loop's clock), set where its deadline is.
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
@@ -44,7 +49,7 @@ deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("req
 MIGRATED = "migrated"  # continued on another server
 LIMIT = "refused_limit"  # the request had been migrated max_migrations times already
 DEADLINE = "refused_deadline"  # its deadline left less than reserve_s
-ROUTER_MODEL = "refused_router"  # model auto's answers are not migrated
+ROUTER_MODEL = "refused_router"  # model auto's responses did not say their route
 NO_SERVER = "no_server"  # no other server could take it
 
 
@@ -66,17 +71,43 @@ class Answer:
         self.token_ids: list[int] = []
         self.delivered = False
         self.migrations = 0
+        # Model auto: the route its responses gave (the answering family, the reason, the attempts
+        # before this family's); a continuation goes to that family's own ensemble and keeps it.
+        self.route: dict = {}
+
+    @property
+    def target(self) -> str:
+        """The ensemble that goes on with the answer: model auto's answering family once it streams."""
+        return self.route["family"] if self.ensemble == ROUTER and self.delivered and self.route else self.ensemble
 
     def received(self, chunk: ResponseChunk) -> ResponseChunk:
         """Note a chunk the caller is given."""
+        if self.ensemble == ROUTER:
+            self._keep_route(chunk)
         self.delivered = True
         self.token_ids += chunk.token_ids
         return chunk
 
+    def _keep_route(self, chunk: ResponseChunk) -> None:
+        """Model auto's chunks say their route; a family ensemble's (after a migration) get the one kept,
+        the final one with the answering family's attempt added as model auto would add it."""
+        if chunk.route:
+            self.route = chunk.route
+            return
+        if not self.route:
+            return
+        chunk.route = dict(self.route)
+        if chunk.finished:
+            answered = Attempt.of(self.route["family"], Reply(finished=True, confidence=chunk.confidence,
+                                                              completion_tokens=chunk.completion_tokens,
+                                                              model_version=chunk.model_version))
+            chunk.route["attempts"] = [*self.route.get("attempts", ()), answered.__dict__]
+
     def refusal(self, policy: MigrationPolicy) -> tuple[str, str] | None:
         """(outcome, why) when the answer may not move to another server; None when it may."""
-        if self.ensemble == ROUTER:
-            return ROUTER_MODEL, "answers of model auto are not continued on another server"
+        if self.ensemble == ROUTER and "reason" not in self.route:
+            return ROUTER_MODEL, ("model auto's responses did not say their route (a server older than this gateway): "
+                                  "its answer is not continued on another server")
         if self.migrations >= policy.max_migrations:
             return LIMIT, f"it was continued on another server {self.migrations} time(s) already, the most allowed"
         deadline = deadline_var.get()
@@ -88,9 +119,15 @@ class Answer:
         return None
 
     def continuation(self) -> tuple[tuple, dict]:
-        """TritonBackend.generate's arguments for the next server: the call, after what was delivered."""
+        """TritonBackend.generate's arguments for the next server: the call, after what was delivered
+        (model auto's: to its answering family's ensemble, which takes no routing options)."""
         args, kwargs = self.call
-        return args, {**kwargs, "continuation": list(self.token_ids)}
+        if self.ensemble != ROUTER:
+            return args, {**kwargs, "continuation": list(self.token_ids)}
+        arguments = inspect.signature(TritonBackend.generate).bind(None, *args, **kwargs).arguments
+        del arguments["self"]
+        arguments.update(ensemble=self.target, routing=None, continuation=list(self.token_ids))
+        return (), arguments
 
 
 def incomplete(address: str, error: str, why: str) -> InferenceServerException:

@@ -222,12 +222,12 @@ class TritonPool:
         answer = Answer(ensemble, args, kwargs)
         failed: tuple[str, str] | None = None  # (server, error) that ended the answer's last attempt
         while True:
-            server = self._choose(ensemble, tried, affinity)
+            server = self._choose(answer.target, tried, affinity)
             if server is None:
                 if not answer.delivered:
                     raise self._none_ready(ensemble, tried)
                 self.migration_counts.count(ensemble, migration.NO_SERVER)
-                raise incomplete(*failed, f"no other server can take it ({self._none_ready(ensemble, tried).states})")
+                raise incomplete(*failed, f"no other server can take it ({self._none_ready(answer.target, tried).states})")
             if answer.delivered:
                 answer.migrations += 1
                 self.migration_counts.count(ensemble, migration.MIGRATED)

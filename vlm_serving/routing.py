@@ -96,7 +96,8 @@ class Route:
         return {"reason": self.reason.value, "attempts": [attempt.__dict__ for attempt in self.attempts]}
 
 
-Send = Callable[[Reply, str, "Route | None"], None]
+# (reply, its family, the route: on a reply before the final one, its reason and the attempts before it)
+Send = Callable[[Reply, str, Route], None]
 Call = Callable[[str, bool], Iterable[Reply]]
 
 
@@ -156,7 +157,7 @@ def _relay(family: str, reason: RouteReason, attempts: list[Attempt], replies: I
             finished = True
             if reply.error is not None and recoverable and not forwarded:
                 return None
-        send(reply, family, answer if reply.finished else None)
+        send(reply, family, answer)  # the route so far on every reply: a stream migrated mid-answer keeps it
         forwarded = True
     if not finished:
         raise RuntimeError(f"{family} ended its responses without a final one")

@@ -1,7 +1,7 @@
 """Stream migration against real Triton servers (issue 29): a server SIGKILLed while it streams an
 answer, and the caller's text equals an uninterrupted greedy run (both families, with an image;
-a JSON Schema answer through the official `openai` SDK); a migration the deadline leaves no time
-for is refused, naming why.
+model auto, with its route; a JSON Schema answer through the official `openai` SDK); a migration
+the deadline leaves no time for is refused, naming why.
 
 Three servers with both families; the request is streamed, and once its first text arrived the
 server it is on (the gateway's ListBackends: the one with a request in flight) is killed. The
@@ -19,6 +19,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
+from vlm.v1 import vlm_pb2
 
 from tests.conftest import encode, picture
 from tests.integration.conftest import KEY, free_ports, make_repository, start_gateway
@@ -28,7 +29,7 @@ from vlm_serving.deploy.triton_server import TritonServer
 from vlm_serving.pipelines import pipeline
 
 pytestmark = pytest.mark.integration
-MODELS = "qwen2.5-vl=qwen2_5_vl,pixtral=pixtral"
+MODELS = "qwen2.5-vl=qwen2_5_vl,pixtral=pixtral,auto=auto"
 # Long enough that the answer is still streaming when its server is killed after the first text.
 MAX_TOKENS = 400
 IMAGE = encode(picture(160, 120, seed=3))
@@ -82,7 +83,7 @@ def servers(tmp_path_factory, checkpoints):
             http, grpc_port, metrics = free_ports(3)
             server = TritonServer(repository=directory, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
                                   log_path=directory.parent / "triton.log",
-                                  load_models=(*pipeline("qwen2_5_vl"), *pipeline("pixtral"), "cancel"))
+                                  load_models=(*pipeline("auto"), "cancel"))
             server.start()
             started.append(server)
         for server in started:
@@ -133,13 +134,16 @@ def migrations(gateway) -> dict[tuple[str, str], float]:
     return counts
 
 
-def stream_text(client: VLMClient, model: str, on_first_text=None, **request) -> str:
+def stream_text(client: VLMClient, model: str, on_first_text=None, route=None, **request) -> str:
+    """The streamed answer's text (`route`: a list the last message's route is put in)."""
     text = []
     for message in client.stream(model, PROMPT, images=[IMAGE], max_tokens=MAX_TOKENS,
                                  temperature=0.0, **request):
         if message.text and not text and on_first_text is not None:
             on_first_text()
         text.append(message.text)
+        if route is not None and message.HasField("route"):
+            route.append(message.route)
     return "".join(text)
 
 
@@ -155,6 +159,24 @@ def test_a_stream_whose_server_is_killed_goes_on_elsewhere_as_if_uninterrupted(s
     assert migrated == uninterrupted
     assert migrations(gateway).get((ensemble, "migrated"), 0) == before + 1
     assert f'"failed_backend": "{killed[0]}"' in gateway.log_path.read_text()
+
+
+def test_a_stream_of_model_auto_goes_on_in_its_answering_family_with_the_route_it_had(servers, gateway):
+    """Tiny Qwen2.5-VL's answer is doubtful: Pixtral answers (low confidence) and streams; killed, its
+    answer goes on in Pixtral's ensemble on another server, and the route is model auto's."""
+    servers.two_serving(gateway)
+    with VLMClient(gateway.address, api_key=KEY, retries=0, timeout=120) as client:
+        uninterrupted_route, migrated_route = [], []
+        uninterrupted = stream_text(client, "auto", route=uninterrupted_route)
+        before = migrations(gateway).get(("auto", "migrated"), 0)
+        migrated = stream_text(client, "auto", route=migrated_route,
+                               on_first_text=lambda: kill_the_server_streaming(servers, gateway))
+    assert uninterrupted_route[-1].reason == vlm_pb2.ROUTE_REASON_LOW_CONFIDENCE
+    assert migrated == uninterrupted and len(uninterrupted) > 200
+    assert migrated_route[-1].reason == uninterrupted_route[-1].reason
+    assert [a.model for a in migrated_route[-1].attempts] == [a.model for a in uninterrupted_route[-1].attempts] == [
+        "qwen2.5-vl", "pixtral"]
+    assert migrations(gateway).get(("auto", "migrated"), 0) == before + 1
 
 
 def test_a_json_schema_answer_resumes_with_its_grammar_where_the_killed_server_left_it(servers, gateway):

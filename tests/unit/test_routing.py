@@ -64,7 +64,7 @@ class Families:
 
     def send(self, reply, family, answer):
         assert reply.payload.startswith(family)
-        self.sent.append((reply.payload, None if answer is None else (answer.reason, [a.family for a in answer.attempts])))
+        self.sent.append((reply.payload, (answer.reason, [a.family for a in answer.attempts])))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -74,7 +74,9 @@ def test_a_diagram_goes_to_pixtral_at_once_and_streams(stream):
     # Qwen was asked before the images were classified (speculatively), then abandoned unread.
     assert families.events[:2] == ["call qwen2_5_vl", "classified"] and families.abandoned == ["qwen2_5_vl"]
     assert answer.reason == RouteReason.IMAGE_KIND and families.calls[1:] == [("pixtral", stream)]
-    expected_deltas = [("pixtral: delta 0", None), ("pixtral: delta 1", None)] if stream else []
+    # Every delta says the route so far (a stream migrated mid-answer keeps it).
+    expected_deltas = ([("pixtral: delta 0", (RouteReason.IMAGE_KIND, [])), ("pixtral: delta 1", (RouteReason.IMAGE_KIND, []))]
+                       if stream else [])
     assert families.sent == expected_deltas + [("pixtral: final", (RouteReason.IMAGE_KIND, ["pixtral"]))]
 
 
@@ -84,7 +86,8 @@ def test_a_video_goes_to_qwen_alone_streamed_at_once_even_beside_a_diagram_or_do
     answer = families.route([DIAGRAM], RoutingOptions(), stream, has_video=True)
     assert answer.reason == RouteReason.VIDEO and families.calls == [("qwen2_5_vl", stream)]
     assert "classified" not in families.events and families.abandoned == []
-    expected_deltas = [("qwen2_5_vl: delta 0", None), ("qwen2_5_vl: delta 1", None)] if stream else []
+    expected_deltas = ([("qwen2_5_vl: delta 0", (RouteReason.VIDEO, [])), ("qwen2_5_vl: delta 1", (RouteReason.VIDEO, []))]
+                       if stream else [])
     assert families.sent == expected_deltas + [("qwen2_5_vl: final", (RouteReason.VIDEO, ["qwen2_5_vl"]))]
 
 
@@ -106,6 +109,7 @@ def test_a_doubtful_qwen_answer_falls_back_to_pixtral_which_streams(stream):
     assert families.calls == [("qwen2_5_vl", False), ("pixtral", stream)]
     assert [(a.family, a.confidence) for a in answer.attempts] == [("qwen2_5_vl", -2.0), ("pixtral", -0.3)]
     assert families.sent[-1] == ("pixtral: final", (RouteReason.LOW_CONFIDENCE, ["qwen2_5_vl", "pixtral"]))
+    assert all(route == (RouteReason.LOW_CONFIDENCE, ["qwen2_5_vl"]) for _, route in families.sent[:-1])
     assert all(payload.startswith("pixtral") for payload, _ in families.sent), "Qwen's held answer is never sent"
 
 
@@ -161,7 +165,7 @@ def test_a_fallback_stream_that_failed_after_sending_text_fails_the_request():
     families.fail("pixtral", "INTERNAL: the generation step failed", after_deltas=1)
     families.route([PHOTO], RoutingOptions(), True)
     # Pixtral's text already reached the caller: Qwen's answer would be a second text, so the error ends it.
-    assert families.sent == [("pixtral: delta 0", None),
+    assert families.sent == [("pixtral: delta 0", (RouteReason.LOW_CONFIDENCE, ["qwen2_5_vl"])),
                              ("pixtral: error", (RouteReason.LOW_CONFIDENCE, ["qwen2_5_vl", "pixtral"]))]
 
 
@@ -176,7 +180,7 @@ def test_a_diagram_whose_pixtral_call_fails_is_answered_by_qwen(stream):
     assert answer.reason == RouteReason.SPECIALIST_FAILED
     assert [(a.family, a.error) for a in answer.attempts] == [
         ("pixtral", "Request for unknown model: 'pixtral' is not found"), ("qwen2_5_vl", "")]
-    expected_deltas = [("qwen2_5_vl: delta 0", None), ("qwen2_5_vl: delta 1", None)] if stream else []
+    expected_deltas = [(f"qwen2_5_vl: delta {i}", (RouteReason.SPECIALIST_FAILED, ["pixtral"])) for i in (0, 1)] if stream else []
     assert families.sent == expected_deltas + [
         ("qwen2_5_vl: final", (RouteReason.SPECIALIST_FAILED, ["pixtral", "qwen2_5_vl"]))]
 

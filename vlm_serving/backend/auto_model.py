@@ -122,14 +122,15 @@ class TritonPythonModel:
         self.calls.submit(replies.drain)
 
     @staticmethod
-    def _send(sender, reply: Reply, family: str, answer: Route | None) -> None:
-        """Forward a family's response, with ROUTE_INFO: the answering family on every response,
-        the reason and attempts on the final one."""
+    def _send(sender, reply: Reply, family: str, answer: Route) -> None:
+        """Forward a family's response, with ROUTE_INFO: the answering family, the reason and the
+        attempts so far on every response (the final one's include the answering family's): a gateway
+        continuing the stream on another server (gateway/migration.py) keeps the route from them."""
         if reply.error is not None:
             code = pb_utils.TritonError.INVALID_ARG if reply.error.startswith(CALLER_ERROR_PREFIX) else pb_utils.TritonError.INTERNAL
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(reply.error, code)), flags=FINAL)
             return
-        info = {"family": family} | (answer.to_dict() if answer is not None else {})
+        info = {"family": family} | answer.to_dict()
         tensors = reply.payload.output_tensors() + [
             pb_utils.Tensor("ROUTE_INFO", np.array([[json.dumps(info).encode()]], dtype=np.object_))]
         sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if reply.finished else 0)

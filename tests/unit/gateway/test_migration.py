@@ -109,13 +109,57 @@ def test_no_migration_when_the_deadline_leaves_less_than_the_reserve():
     asyncio.run(main())
 
 
-def test_answers_of_model_auto_and_answers_with_no_other_server_are_not_migrated():
+QWEN_HELD = {"family": "qwen2_5_vl", "model_version": "1", "confidence": -2.0, "completion_tokens": 4, "error": ""}
+
+
+def routed(route_on_every_chunk: bool):
+    """Model auto over Continuing's answer: Pixtral answers after Qwen's doubtful held answer, each
+    response saying the route so far (`route_on_every_chunk`; else, as servers before it, the family alone)."""
+    answer = Continuing.generate
+
+    async def generate(self, ensemble, *args, **kwargs):
+        async for chunk in answer(self, ensemble, *args, **kwargs):
+            if ensemble == "auto":
+                route = {"family": "pixtral"}
+                if route_on_every_chunk or chunk.finished:
+                    route |= {"reason": "low_confidence", "attempts": [QWEN_HELD] + (
+                        [dict(QWEN_HELD, family="pixtral", confidence=-0.5)] if chunk.finished else [])}
+                chunk = ResponseChunk(chunk.text, chunk.token_ids, chunk.finished, chunk.finish_reason,
+                                      completion_tokens=chunk.completion_tokens, route=route)
+            yield chunk
+    return generate
+
+
+def test_a_stream_of_model_auto_goes_on_in_its_answering_familys_ensemble_with_its_route(monkeypatch):
+    async def main():
+        pool, servers = pool_of("a:1", "b:1", after=2)
+        for server in servers.values():
+            server.index = [{"name": name, "version": "1", "state": "READY"}
+                            for name in {*serving_models("auto"), *serving_models("pixtral")}]
+        await pool.probe()
+        chunks = [chunk async for chunk in pool.generate("auto", [], [], None, "r", None, {"fallback": True})]
+        assert "".join(c.text for c in chunks) == "Hello world"
+        continued = next(call for s in servers.values() for call in s.calls if "continuation" in call)
+        assert continued["ensemble"] == "pixtral" and continued["continuation"] == [1, 2]
+        assert continued["routing"] is None, "a family's own ensemble takes no routing options"
+        assert all(chunk.route["family"] == "pixtral" for chunk in chunks)
+        final = chunks[-1].route
+        assert final["reason"] == "low_confidence"
+        assert [a["family"] for a in final["attempts"]] == ["qwen2_5_vl", "pixtral"]
+        assert final["attempts"][1]["completion_tokens"] == 4
+        assert pool.migration_counts.counts == {("auto", migration.MIGRATED): 1}
+
+    monkeypatch.setattr(Continuing, "generate", routed(route_on_every_chunk=True))
+    asyncio.run(main())
+
+
+def test_answers_whose_route_is_unknown_or_with_no_other_server_are_not_migrated(monkeypatch):
     async def main():
         pool, servers = pool_of("a:1", "b:1")
         for server in servers.values():
             server.index = [{"name": name, "version": "1", "state": "READY"} for name in serving_models("auto")]
         await pool.probe()
-        with pytest.raises(InferenceServerException, match="answers of model auto are not continued"):
+        with pytest.raises(InferenceServerException, match="model auto's responses did not say their route"):
             await stream(pool, "auto")
         alone, _ = pool_of("a:1")
         await alone.probe()
@@ -123,6 +167,7 @@ def test_answers_of_model_auto_and_answers_with_no_other_server_are_not_migrated
             await stream(alone)
         assert alone.migration_counts.counts == {("pixtral", migration.NO_SERVER): 1}
 
+    monkeypatch.setattr(Continuing, "generate", routed(route_on_every_chunk=False))
     asyncio.run(main())
 
 
