@@ -42,6 +42,9 @@ LOAD = "load"  # servers held its keys but all were over the load bound: the lea
 NO_KEY = "no_key"  # no server holds any of its keys (a first request, short text only): least loaded
 # Shared text shorter than this (about 128 tokens) is not worth a detour from the least-loaded server.
 MIN_TEXT_PREFIX_CHARS = 512
+# Media above this is hashed on a worker thread (BLAKE2b at about 1 GB/s releases the GIL): a 10 MB
+# picture hashed on the event loop would hold every other request for about 10 ms.
+HASH_OFF_LOOP_BYTES = 256 * 1024
 
 
 def _field(digest, value: bytes) -> None:
@@ -87,6 +90,14 @@ class RequestKey:
     @property
     def media(self) -> list[bytes]:
         return self._image_hashes + self._video_hashes
+
+    @property
+    def media_bytes(self) -> int:
+        return sum(map(len, self._images)) + sum(map(len, self._videos))
+
+    def compute(self) -> None:
+        """Every hash now (each is remembered): on a worker thread, when the media is large."""
+        self.prefixes  # the prefixes' chain hashes the media first
 
     @cached_property
     def prefixes(self) -> list[bytes]:

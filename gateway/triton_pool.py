@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import grpc
 from tritonclient.utils import InferenceServerException
 
-from gateway.affinity import AffinityRouter, RequestKey, ServedKeys
+from gateway.affinity import HASH_OFF_LOOP_BYTES, AffinityRouter, RequestKey, ServedKeys
 from gateway import migration
 from gateway.errors import ApiError
 from gateway.migration import Answer, MigrationCounts, MigrationPolicy, incomplete
@@ -220,6 +220,9 @@ class TritonPool:
         on the next one from what was delivered (gateway/migration.py), within `self.migration`."""
         tried: set[str] = set()
         answer = Answer(ensemble, args, kwargs)
+        if (affinity is not None and len(self.servers) > 1 and self.router.mode == "affinity"
+                and affinity.media_bytes > HASH_OFF_LOOP_BYTES):
+            await asyncio.to_thread(affinity.compute)
         failed: tuple[str, str] | None = None  # (server, error) that ended the answer's last attempt
         while True:
             server = self._choose(answer.target, tried, affinity)

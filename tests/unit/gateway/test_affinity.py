@@ -239,3 +239,29 @@ def test_a_server_ejected_for_a_lost_connection_is_forgotten_as_a_cache():
         assert len(pool.servers[home].served) == 0
 
     asyncio.run(main())
+
+
+def test_large_media_is_hashed_off_the_event_loop_and_small_media_on_it(monkeypatch):
+    """A large picture's hash would hold every other request on the loop: it is made on a worker thread."""
+    import threading
+
+    from gateway.affinity import HASH_OFF_LOOP_BYTES
+
+    hashed_on = []
+    media_hash = RequestKey._media_hash
+
+    def recording(self, kind, data):
+        hashed_on.append((len(data), threading.current_thread() is threading.main_thread()))
+        return media_hash(self, kind, data)
+
+    monkeypatch.setattr(RequestKey, "_media_hash", recording)
+
+    async def main():
+        pool, servers = pool_of("a:1", "b:1")
+        await pool.probe()
+        large = b"\x89PNG" + b"x" * HASH_OFF_LOOP_BYTES
+        assert await ask(pool, about(large)) == "Hello"
+        assert await ask(pool, about(PHOTO)) == "Hello"
+
+    asyncio.run(main())
+    assert hashed_on == [(len(b"\x89PNG") + HASH_OFF_LOOP_BYTES, False), (len(PHOTO), True)]
